@@ -1,0 +1,265 @@
+// fusedrnn._core: the pybind11 boundary.
+//
+// The public Python functions (python/fusedrnn/__init__.py) check and
+// normalise arguments with messages shared with the reference; this module
+// checks again, briefly, everything that memory safety depends on, so that
+// calling _core directly with bad arrays raises instead of crashing.
+// dtype is dispatched once here; compute runs without the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cblas.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "fusedrnn/rnn.h"
+
+namespace py = pybind11;
+using namespace fusedrnn;
+
+namespace {
+
+const char* cell_name(Cell c) {
+  switch (c) {
+    case Cell::RnnTanh: return "rnn_tanh";
+    case Cell::RnnRelu: return "rnn_relu";
+    case Cell::RnnSigmoid: return "rnn_sigmoid";
+    case Cell::Lstm: return "lstm";
+    case Cell::Gru: return "gru";
+  }
+  return "?";
+}
+
+Cell parse_cell(const std::string& s) {
+  for (Cell c : {Cell::RnnTanh, Cell::RnnRelu, Cell::RnnSigmoid, Cell::Lstm, Cell::Gru})
+    if (s == cell_name(c)) return c;
+  throw py::value_error("cell must be one of 'gru', 'lstm', 'rnn_relu', 'rnn_sigmoid', "
+                        "'rnn_tanh', got '" + s + "'");
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + (s.size() == 1 ? ",)" : ")");
+}
+
+std::vector<int64_t> shape_of(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+// A C-contiguous array of scalar_t with the expected shape (copied only when
+// the input is not already contiguous).
+template <typename scalar_t>
+py::array_t<scalar_t, py::array::c_style> take(const char* name, py::handle obj,
+                                               const std::vector<int64_t>& shape) {
+  py::array a = py::array::ensure(obj);
+  if (!a) throw py::type_error(std::string(name) + " must be an array");
+  if (!a.dtype().is(py::dtype::of<scalar_t>()))
+    throw py::type_error(std::string(name) + " must have dtype " +
+                         std::string(py::str(py::dtype::of<scalar_t>())) + ", got " +
+                         std::string(py::str(a.dtype())));
+  if (shape_of(a) != shape)
+    throw py::value_error(std::string(name) + " must have shape " + shape_str(shape) + ", got " +
+                          shape_str(shape_of(a)));
+  return py::array_t<scalar_t, py::array::c_style>::ensure(a);
+}
+
+template <typename scalar_t>
+py::array_t<scalar_t> new_array(const std::vector<int64_t>& shape, bool zero) {
+  py::array_t<scalar_t> a(shape);
+  if (zero && a.size()) std::memset(a.mutable_data(), 0, size_t(a.nbytes()));
+  return a;
+}
+
+constexpr int64_t kMaxDim = int64_t(1) << 30;
+
+template <typename scalar_t>
+py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle w_hh_in,
+                       py::handle b_ih_in, py::handle b_hh_in, py::handle h0_in,
+                       py::handle c0_in, py::handle lengths_in, py::handle mask_in, bool reverse,
+                       bool batch_first, bool training) {
+  if (x_in.ndim() != 3)
+    throw py::value_error("x must have 3 dimensions, got shape " + shape_str(shape_of(x_in)));
+  const int64_t G = gates_of(cell);
+  const int64_t T = batch_first ? x_in.shape(1) : x_in.shape(0);
+  const int64_t B = batch_first ? x_in.shape(0) : x_in.shape(1);
+  const int64_t I = x_in.shape(2);
+  py::array w_hh_any = py::array::ensure(w_hh_in);
+  if (!w_hh_any || w_hh_any.ndim() != 2)
+    throw py::value_error("w_hh must be a 2-dimensional array [G*H, H]");
+  const int64_t H = w_hh_any.shape(1);
+  if (I < 1 || H < 1 || I > kMaxDim || H > kMaxDim)
+    throw py::value_error("input size and hidden size must lie in [1, 2**30]");
+  const bool lstm = cell == Cell::Lstm;
+
+  auto x = take<scalar_t>("x", x_in, shape_of(x_in));
+  auto w_ih = take<scalar_t>("w_ih", w_ih_in, {G * H, I});
+  auto w_hh = take<scalar_t>("w_hh", w_hh_in, {G * H, H});
+  auto b_ih = take<scalar_t>("b_ih", b_ih_in, {G * H});
+  auto b_hh = take<scalar_t>("b_hh", b_hh_in, {G * H});
+  auto h0 = take<scalar_t>("h0", h0_in, {B, H});
+  py::array_t<scalar_t, py::array::c_style> c0;
+  if (lstm) c0 = take<scalar_t>("c0", c0_in, {B, H});
+  else if (!c0_in.is_none()) throw py::value_error("c0 is only used by cell 'lstm'");
+
+  if (!lengths_in.is_none() && !mask_in.is_none())
+    throw py::value_error("pass either lengths or mask, not both");
+  py::array_t<int64_t, py::array::c_style> lengths;
+  if (!lengths_in.is_none()) {
+    lengths = take<int64_t>("lengths", lengths_in, {B});
+    for (int64_t b = 0; b < B; ++b)
+      if (lengths.data()[b] < 0 || lengths.data()[b] > T)
+        throw py::value_error("lengths must lie in [0, T] = [0, " + std::to_string(T) +
+                              "], got " + std::to_string(lengths.data()[b]));
+  }
+  py::array_t<bool, py::array::c_style> mask;
+  if (!mask_in.is_none()) mask = take<bool>("mask", mask_in, {T, B});
+
+  const std::vector<int64_t> yshape = batch_first ? std::vector<int64_t>{B, T, H}
+                                                  : std::vector<int64_t>{T, B, H};
+  auto y = new_array<scalar_t>(yshape, !lengths_in.is_none());
+  auto h_n = new_array<scalar_t>({B, H}, false);
+  py::object c_n = py::none();
+  py::array_t<scalar_t> c_n_arr;
+  if (lstm) {
+    c_n_arr = new_array<scalar_t>({B, H}, false);
+    c_n = c_n_arr;
+  }
+
+  ForwardParams<scalar_t> p{};
+  p.cell = cell;
+  p.T = T;
+  p.B = B;
+  p.I = I;
+  p.H = H;
+  p.reverse = reverse;
+  p.batch_first = batch_first;
+  p.training = training;
+  p.x = x.data();
+  p.w_ih = w_ih.data();
+  p.w_hh = w_hh.data();
+  p.b_ih = b_ih.data();
+  p.b_hh = b_hh.data();
+  p.h0 = h0.data();
+  p.c0 = lstm ? c0.data() : nullptr;
+  p.lengths = lengths_in.is_none() ? nullptr : lengths.data();
+  p.mask = mask_in.is_none() ? nullptr : mask.data();
+  p.y = y.mutable_data();
+  p.h_n = h_n.mutable_data();
+  p.c_n = lstm ? c_n_arr.mutable_data() : nullptr;
+
+  std::shared_ptr<CacheBase> cache;
+  {
+    py::gil_scoped_release release;
+    cache = fusedrnn::forward<scalar_t>(p);
+  }
+  py::object cache_obj = cache ? py::cast(cache) : py::none();
+  return py::make_tuple(y, h_n, c_n, cache_obj);
+}
+
+py::tuple forward_py(const std::string& cell_s, py::handle x_in, py::handle w_ih,
+                     py::handle w_hh, py::handle b_ih, py::handle b_hh, py::handle h0,
+                     py::handle c0, py::handle lengths, py::handle mask, bool reverse,
+                     bool batch_first, bool training) {
+  const Cell cell = parse_cell(cell_s);
+  py::array x = py::array::ensure(x_in);
+  if (!x) throw py::type_error("x must be an array");
+  if (x.dtype().is(py::dtype::of<float>()))
+    return forward_impl<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask, reverse,
+                               batch_first, training);
+  if (x.dtype().is(py::dtype::of<double>()))
+    return forward_impl<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask, reverse,
+                                batch_first, training);
+  throw py::type_error("x must have dtype float32 or float64, got " +
+                       std::string(py::str(x.dtype())));
+}
+
+template <typename scalar_t>
+py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::handle dh_n_in,
+                        py::handle dc_n_in) {
+  const int64_t T = cache.T, B = cache.B, I = cache.I, H = cache.H, GH = cache.G * H;
+  const bool lstm = cache.cell == Cell::Lstm, bf = cache.batch_first;
+  auto dy = take<scalar_t>("dy", dy_in, bf ? std::vector<int64_t>{B, T, H}
+                                           : std::vector<int64_t>{T, B, H});
+  auto dh_n = take<scalar_t>("dh_n", dh_n_in, {B, H});
+  py::array_t<scalar_t, py::array::c_style> dc_n;
+  if (lstm) dc_n = take<scalar_t>("dc_n", dc_n_in, {B, H});
+
+  auto dx = new_array<scalar_t>(bf ? std::vector<int64_t>{B, T, I}
+                                   : std::vector<int64_t>{T, B, I},
+                                cache.has_lengths);
+  auto dh0 = new_array<scalar_t>({B, H}, false);
+  py::object dc0 = py::none();
+  py::array_t<scalar_t> dc0_arr;
+  if (lstm) {
+    dc0_arr = new_array<scalar_t>({B, H}, false);
+    dc0 = dc0_arr;
+  }
+  auto dw_ih = new_array<scalar_t>({GH, I}, false);
+  auto dw_hh = new_array<scalar_t>({GH, H}, false);
+  auto db_ih = new_array<scalar_t>({GH}, false);
+  auto db_hh = new_array<scalar_t>({GH}, false);
+
+  BackwardParams<scalar_t> p{};
+  p.dy = dy.data();
+  p.dh_n = dh_n.data();
+  p.dc_n = lstm ? dc_n.data() : nullptr;
+  p.dx = dx.mutable_data();
+  p.dh0 = dh0.mutable_data();
+  p.dc0 = lstm ? dc0_arr.mutable_data() : nullptr;
+  p.dw_ih = dw_ih.mutable_data();
+  p.dw_hh = dw_hh.mutable_data();
+  p.db_ih = db_ih.mutable_data();
+  p.db_hh = db_hh.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fusedrnn::backward<scalar_t>(cache, p);
+  }
+  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh);
+}
+
+py::tuple backward_py(const std::shared_ptr<CacheBase>& cache, py::handle dy, py::handle dh_n,
+                      py::handle dc_n) {
+  if (!cache) throw py::type_error("backward needs the cache returned by forward(training=True)");
+  if (cache->is_double())
+    return backward_impl<double>(static_cast<const Cache<double>&>(*cache), dy, dh_n, dc_n);
+  return backward_impl<float>(static_cast<const Cache<float>&>(*cache), dy, dh_n, dc_n);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fusedrnn compiled CPU kernels (private; use the fusedrnn package)";
+
+  py::class_<CacheBase, std::shared_ptr<CacheBase>>(m, "Cache",
+                                                    "What forward keeps for backward (opaque).")
+      .def_property_readonly("cell", [](const CacheBase& c) { return cell_name(c.cell); })
+      .def_property_readonly("T", [](const CacheBase& c) { return c.T; })
+      .def_property_readonly("B", [](const CacheBase& c) { return c.B; })
+      .def_property_readonly("I", [](const CacheBase& c) { return c.I; })
+      .def_property_readonly("H", [](const CacheBase& c) { return c.H; })
+      .def_property_readonly("dtype",
+                             [](const CacheBase& c) { return c.is_double() ? "float64" : "float32"; })
+      .def_property_readonly("batch_first", [](const CacheBase& c) { return c.batch_first; })
+      .def_property_readonly("reverse", [](const CacheBase& c) { return c.reverse; })
+      .def_property_readonly("nbytes", &CacheBase::nbytes,
+                             "Bytes of memory the cache holds.")
+      .def("__repr__", [](const CacheBase& c) {
+        return std::string("<fusedrnn.Cache cell=") + cell_name(c.cell) +
+               " T=" + std::to_string(c.T) + " B=" + std::to_string(c.B) +
+               " H=" + std::to_string(c.H) + " dtype=" + (c.is_double() ? "float64" : "float32") +
+               " nbytes=" + std::to_string(c.nbytes()) + ">";
+      });
+
+  m.def("forward", &forward_py, py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"),
+        py::arg("b_ih"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"),
+        py::arg("mask"), py::arg("reverse"), py::arg("batch_first"), py::arg("training"));
+  m.def("backward", &backward_py, py::arg("cache"), py::arg("dy"), py::arg("dh_n"),
+        py::arg("dc_n"));
+  m.def("set_num_threads", &fusedrnn::set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &fusedrnn::get_num_threads);
+  m.def("blas_config", []() { return std::string(scipy_openblas_get_config()); });
+}

@@ -1,0 +1,110 @@
+// fusedrnn: CPU entry points for one recurrent layer in one direction.
+//
+// Shape legend in common.h. Every pointer below is to contiguous, row-major
+// memory; sizes and flags travel in plain params structs (no Python here).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "fusedrnn/buffer.h"
+#include "fusedrnn/common.h"
+
+namespace fusedrnn {
+
+template <typename scalar_t>
+struct ForwardParams {
+  Cell cell;
+  int64_t T, B, I, H;
+  bool reverse, batch_first, training;
+  const scalar_t* x;        // [T, B, I], or [B, T, I] when batch_first
+  const scalar_t* w_ih;     // [G*H, I]
+  const scalar_t* w_hh;     // [G*H, H]
+  const scalar_t* b_ih;     // [G*H]
+  const scalar_t* b_hh;     // [G*H]
+  const scalar_t* h0;       // [B, H]
+  const scalar_t* c0;       // [B, H] (lstm), else nullptr
+  const int64_t* lengths;   // [B], values in [0, T], or nullptr
+  const bool* mask;         // [T, B] (always time-major), or nullptr
+  scalar_t* y;              // [T, B, H], or [B, T, H]; zero-filled by the caller when lengths
+  scalar_t* h_n;            // [B, H]
+  scalar_t* c_n;            // [B, H] (lstm), else nullptr
+};
+
+template <typename scalar_t>
+struct BackwardParams {
+  const scalar_t* dy;    // [T, B, H], or [B, T, H]
+  const scalar_t* dh_n;  // [B, H]
+  const scalar_t* dc_n;  // [B, H] (lstm), else nullptr
+  scalar_t* dx;          // [T, B, I], or [B, T, I]; zero-filled by the caller when lengths
+  scalar_t* dh0;         // [B, H]
+  scalar_t* dc0;         // [B, H] (lstm), else nullptr
+  scalar_t* dw_ih;       // [G*H, I]
+  scalar_t* dw_hh;       // [G*H, H]
+  scalar_t* db_ih;       // [G*H]
+  scalar_t* db_hh;       // [G*H]
+};
+
+// Which rows run at each time step. Rows are reordered by decreasing length
+// (stable), so the rows valid at time t are the prefix [0, count[t]) in both
+// directions; row-packed arrays hold count[t] rows for time t from offset[t].
+struct Schedule {
+  int64_t T = 0, B = 0, N = 0;
+  bool identity = true;          // perm is the identity and count[t] == B
+  std::vector<int64_t> perm;     // [B] packed row -> batch row
+  std::vector<int64_t> count;    // [T] rows computed at time t
+  std::vector<int64_t> offset;   // [T] first packed row of time t
+  void build(int64_t T, int64_t B, const int64_t* lengths);
+};
+
+// What forward keeps for backward (training=True). Row-packed, N rows.
+struct CacheBase {
+  Cell cell;
+  int64_t T = 0, B = 0, I = 0, H = 0, G = 0;
+  bool reverse = false, batch_first = false, has_lengths = false;
+  Schedule sched;
+  std::vector<uint8_t> mask;  // [T, B] when a mask was given, else empty
+  virtual ~CacheBase() = default;
+  virtual bool is_double() const = 0;
+  virtual std::size_t nbytes() const = 0;
+};
+
+template <typename scalar_t>
+struct Cache : CacheBase {
+  Buffer<scalar_t> x;      // [N, I] input rows
+  Buffer<scalar_t> hprev;  // [N, H] state before the step
+  Buffer<scalar_t> gates;  // [N, G*H] activated gates (rnn: h')
+  Buffer<scalar_t> extra;  // lstm: [N, 2H] (c, c'); gru: [N, H] hn = W_hn h + b_hn
+  Buffer<scalar_t> w_ih;   // [G*H, I] copy of the weights used
+  Buffer<scalar_t> w_hh;   // [G*H, H]
+  bool is_double() const override { return sizeof(scalar_t) == 8; }
+  std::size_t nbytes() const override {
+    return x.nbytes() + hprev.nbytes() + gates.nbytes() + extra.nbytes() + w_ih.nbytes() +
+           w_hh.nbytes() + mask.size() +
+           (sched.perm.size() + sched.count.size() + sched.offset.size()) * sizeof(int64_t);
+  }
+};
+
+// Runs the layer; returns the cache when p.training, else nullptr.
+template <typename scalar_t>
+std::unique_ptr<Cache<scalar_t>> forward(const ForwardParams<scalar_t>& p);
+
+template <typename scalar_t>
+void backward(const Cache<scalar_t>& cache, const BackwardParams<scalar_t>& p);
+
+// Threads used by one call (BLAS and fusedrnn's own loops).
+void set_num_threads(int n);
+int get_num_threads();
+
+// Scope of one call: BLAS runs with get_num_threads() threads.
+class BlasThreadScope {
+ public:
+  BlasThreadScope();
+  ~BlasThreadScope();
+
+ private:
+  int saved_;
+};
+
+}  // namespace fusedrnn

@@ -1,0 +1,99 @@
+"""fusedrnn: whole recurrent layers (Elman RNN, LSTM, GRU) in one fused C++ call.
+
+    y, h_n, c_n, cache = fusedrnn.forward("lstm", x, w_ih, w_hh, b_ih, b_hh)
+    grads = fusedrnn.backward(cache, dy)
+
+``fusedrnn.reference`` has the same functions in plain NumPy (the test oracle).
+Shapes, gate orders and the lengths/mask/reverse rule follow PyTorch; see the
+README for the contract in brief.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import _core, _validate, reference
+
+__all__ = ["forward", "backward", "set_num_threads", "get_num_threads", "CELLS", "Cache", "reference",
+           "__version__"]
+__version__ = "0.1.0"
+
+#: the cells fusedrnn runs, with their gate counts G
+CELLS = dict(_validate.GATES)
+Cache = _core.Cache
+
+
+def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
+            mask=None, reverse=False, batch_first=False, training=True):
+    """Run one recurrent layer over a whole sequence.
+
+    Args:
+        cell: "rnn_tanh", "rnn_relu", "rnn_sigmoid", "lstm" or "gru".
+        x: [T, B, I] input ([B, T, I] when ``batch_first``), float32 or float64.
+        w_ih: [G*H, I]; w_hh: [G*H, H]; b_ih, b_hh: [G*H] or None (zeros).
+        h0, c0: [B, H] initial state or None (zeros); c0 only for "lstm".
+        lengths: [B] integers in [0, T]; step t of row b runs when t < lengths[b],
+            outputs past a row's end are 0.
+        mask: [T, B] bool ([B, T] when ``batch_first``); a False step keeps the
+            state and outputs the carried state.
+        reverse: run t = T-1 ... 0 (with lengths, row b starts at lengths[b]-1).
+        training: keep what ``backward`` needs; False returns cache None.
+
+    Returns:
+        y [T, B, H] (or [B, T, H]), h_n [B, H], c_n [B, H] or None, cache.
+    """
+    a = _validate.forward_args(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
+                               mask=mask, reverse=reverse, batch_first=batch_first,
+                               training=training)
+    return _core.forward(a.cell, a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths,
+                         a.mask, a.reverse, a.batch_first, a.training)
+
+
+def backward(cache, dy, dh_n=None, dc_n=None):
+    """Gradients of a loss through ``forward``.
+
+    Args:
+        cache: from ``forward(..., training=True)``; may be used several times.
+        dy: gradient w.r.t. y (same shape as y), or None for zeros.
+        dh_n, dc_n: gradients w.r.t. h_n and c_n ([B, H]) or None (zeros).
+
+    Returns:
+        dict with keys x, h0, c0 (None unless lstm), w_ih, w_hh, b_ih, b_hh.
+    """
+    d = _validate.backward_args(cache, Cache, dy, dh_n, dc_n)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = _core.backward(cache, d.dy, d.dh_n, d.dc_n)
+    return {"x": dx, "h0": dh0, "c0": dc0, "w_ih": dw_ih, "w_hh": dw_hh, "b_ih": db_ih,
+            "b_hh": db_hh}
+
+
+def set_num_threads(n):
+    """Set the threads each fusedrnn call uses (default: the cores this process may use)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads():
+    """The threads each fusedrnn call uses."""
+    return _core.get_num_threads()
+
+
+def _default_threads():
+    env = os.environ.get("FUSEDRNN_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"FUSEDRNN_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"FUSEDRNN_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - platforms without affinity
+        return os.cpu_count() or 1
+
+
+_core.set_num_threads(_default_threads())

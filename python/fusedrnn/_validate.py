@@ -1,0 +1,168 @@
+"""Argument checks shared by the compiled backend and the NumPy reference.
+
+Every public entry point (``fusedrnn.forward``/``backward`` and
+``fusedrnn.reference.forward``/``backward``) passes its arguments through
+these functions first, so both raise the same errors with the same messages
+(DESIGN.md section 4).  Nothing here copies data: arrays come back as given,
+and arguments passed as ``None`` come back as zero arrays.
+
+Shape legend: T steps, B batch, I input size, H hidden size, G gates.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+#: cell name -> number of gates G
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1, "gru": 3, "lstm": 4}
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class ForwardArgs(NamedTuple):
+    cell: str
+    G: int
+    x: np.ndarray  # [T, B, I], or [B, T, I] when batch_first
+    w_ih: np.ndarray  # [G*H, I]
+    w_hh: np.ndarray  # [G*H, H]
+    b_ih: np.ndarray  # [G*H]
+    b_hh: np.ndarray  # [G*H]
+    h0: np.ndarray  # [B, H]
+    c0: Optional[np.ndarray]  # [B, H] for lstm, else None
+    lengths: Optional[np.ndarray]  # int64 [B], values in [0, T]
+    mask: Optional[np.ndarray]  # bool [T, B] (time-major, whatever batch_first)
+    reverse: bool
+    batch_first: bool
+    training: bool
+    dtype: np.dtype
+    T: int
+    B: int
+    I: int
+    H: int
+
+
+class BackwardArgs(NamedTuple):
+    dy: np.ndarray  # same shape and layout as y
+    dh_n: np.ndarray  # [B, H]
+    dc_n: Optional[np.ndarray]  # [B, H] for lstm, else None
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _array(name, value, dtype, shape, legend):
+    """Return ``value`` as an ndarray of ``dtype`` and ``shape`` (no copy)."""
+    if isinstance(value, np.ndarray):
+        a = value
+    else:
+        try:
+            a = np.asarray(value)
+        except Exception as exc:  # pragma: no cover - numpy's own message is kept
+            raise TypeError(f"{name} must be an array, got {type(value).__name__}") from exc
+    if a.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {a.dtype} but x has dtype {dtype}; "
+            f"all arrays of one call must share x's dtype (float32 or float64)"
+        )
+    if a.shape != tuple(shape):
+        raise ValueError(
+            f"{name} must have shape {legend} = {tuple(shape)}, got {a.shape}"
+        )
+    return a
+
+
+def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
+                 lengths=None, mask=None, reverse=False, batch_first=False,
+                 training=True) -> ForwardArgs:
+    if not isinstance(cell, str):
+        raise TypeError(f"cell must be a str, one of {sorted(GATES)}, got {type(cell).__name__}")
+    if cell not in GATES:
+        raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
+    G = GATES[cell]
+    reverse = _flag("reverse", reverse)
+    batch_first = _flag("batch_first", batch_first)
+    training = _flag("training", training)
+
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must have dtype float32 or float64, got {x.dtype}")
+    dtype = x.dtype
+    layout = "[B, T, I]" if batch_first else "[T, B, I]"
+    if x.ndim != 3:
+        raise ValueError(f"x must have 3 dimensions {layout}, got shape {x.shape}")
+    if batch_first:
+        B, T, I = x.shape
+    else:
+        T, B, I = x.shape
+    if I < 1:
+        raise ValueError(f"x must have input size I >= 1 (last dimension), got shape {x.shape}")
+
+    if not isinstance(w_hh, np.ndarray):
+        w_hh = np.asarray(w_hh)
+    if w_hh.ndim != 2:
+        raise ValueError(f"w_hh must have 2 dimensions [G*H, H], got shape {w_hh.shape}")
+    H = w_hh.shape[1]
+    if H < 1:
+        raise ValueError(f"w_hh must have hidden size H >= 1 (second dimension), got shape {w_hh.shape}")
+    GH = G * H
+    w_hh = _array("w_hh", w_hh, dtype, (GH, H), f"[G*H, H] with G={G} for cell {cell!r}")
+    w_ih = _array("w_ih", w_ih, dtype, (GH, I), f"[G*H, I] with G={G}, H={H}, I={I}")
+    b_ih = np.zeros(GH, dtype) if b_ih is None else _array("b_ih", b_ih, dtype, (GH,), "[G*H]")
+    b_hh = np.zeros(GH, dtype) if b_hh is None else _array("b_hh", b_hh, dtype, (GH,), "[G*H]")
+    h0 = np.zeros((B, H), dtype) if h0 is None else _array("h0", h0, dtype, (B, H), "[B, H]")
+    if cell == "lstm":
+        c0 = np.zeros((B, H), dtype) if c0 is None else _array("c0", c0, dtype, (B, H), "[B, H]")
+    elif c0 is not None:
+        raise ValueError(f"c0 is only used by cell 'lstm', got c0 for cell {cell!r}")
+
+    if lengths is not None and mask is not None:
+        raise ValueError("pass either lengths or mask, not both")
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have shape [B] = ({B},), got {lengths.shape}")
+        if B and (lengths.min() < 0 or lengths.max() > T):
+            bad = lengths[(lengths < 0) | (lengths > T)][0]
+            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got {int(bad)}")
+        lengths = lengths.astype(np.int64, copy=False)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+        mlayout, mshape = ("[B, T]", (B, T)) if batch_first else ("[T, B]", (T, B))
+        if mask.shape != mshape:
+            raise ValueError(f"mask must have shape {mlayout} = {mshape}, got {mask.shape}")
+        if batch_first:
+            mask = mask.T
+    return ForwardArgs(cell, G, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask,
+                       reverse, batch_first, training, dtype, T, B, I, H)
+
+
+def backward_args(cache, cache_type, dy, dh_n=None, dc_n=None) -> BackwardArgs:
+    """Check the arguments of ``backward`` against the cache's recorded sizes.
+
+    ``cache`` must expose ``cell``, ``T``, ``B``, ``H``, ``dtype`` and
+    ``batch_first``.
+    """
+    if cache is None:
+        raise TypeError("backward needs the cache returned by forward(..., training=True); "
+                        "got None (forward with training=False keeps no cache)")
+    if not isinstance(cache, cache_type):
+        raise TypeError(f"cache must be a {cache_type.__module__}.{cache_type.__qualname__} "
+                        f"from the same module's forward, got {type(cache).__name__}")
+    T, B, H, dtype = cache.T, cache.B, cache.H, np.dtype(cache.dtype)
+    yshape, ylegend = ((B, T, H), "[B, T, H]") if cache.batch_first else ((T, B, H), "[T, B, H]")
+    dy = np.zeros(yshape, dtype) if dy is None else _array("dy", dy, dtype, yshape, ylegend)
+    dh_n = np.zeros((B, H), dtype) if dh_n is None else _array("dh_n", dh_n, dtype, (B, H), "[B, H]")
+    if cache.cell == "lstm":
+        dc_n = np.zeros((B, H), dtype) if dc_n is None else _array("dc_n", dc_n, dtype, (B, H), "[B, H]")
+    elif dc_n is not None:
+        raise ValueError(f"dc_n is only used by cell 'lstm', got dc_n for cell {cache.cell!r}")
+    return BackwardArgs(dy, dh_n, dc_n)

@@ -1,0 +1,296 @@
+"""The public API's contract: errors, odd-but-valid inputs, threads (DESIGN.md sections 3-4)."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import reference
+
+from conftest import CELLS, GRAD_KEYS, TOL, assert_close, make_problem
+
+BACKENDS = [fusedrnn, reference]
+BACKEND_IDS = ["compiled", "reference"]
+
+
+def lstm_problem(dtype=np.float32, T=4, B=3, I=5, H=6, seed=0):
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    return dict(x=r(T, B, I), w_ih=r(4 * H, I), w_hh=r(4 * H, H), b_ih=r(4 * H), b_hh=r(4 * H),
+                h0=r(B, H), c0=r(B, H))
+
+
+def call(mod, cell="lstm", **over):
+    p = lstm_problem()
+    kw = {k: over.pop(k) for k in ("lengths", "mask", "reverse", "batch_first", "training")
+          if k in over}
+    p.update(over)
+    return mod.forward(cell, p["x"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], p["h0"],
+                       p["c0"], **kw)
+
+
+# (overrides, exception type, words the message must contain)
+BAD_FORWARD = {
+    "unknown cell": (dict(cell="lsmt"), ValueError, ["cell", "lsmt"]),
+    "cell not str": (dict(cell=3), TypeError, ["cell"]),
+    "x rank": (dict(x=np.zeros((4, 3), np.float32)), ValueError, ["x", "(4, 3)"]),
+    "x int dtype": (dict(x=np.zeros((4, 3, 5), np.int32)), TypeError, ["x", "int32"]),
+    "x float16": (dict(x=np.zeros((4, 3, 5), np.float16)), TypeError, ["x", "float16"]),
+    "input size": (dict(w_ih=np.zeros((24, 4), np.float32)), ValueError, ["w_ih", "(24, 5)", "(24, 4)"]),
+    "gate count": (dict(cell="gru"), ValueError, ["w_hh", "(18, 6)", "(24, 6)"]),
+    "w_hh rank": (dict(w_hh=np.zeros(24, np.float32)), ValueError, ["w_hh"]),
+    "mixed dtype": (dict(w_hh=np.zeros((24, 6))), TypeError, ["w_hh", "float64", "float32"]),
+    "b_ih shape": (dict(b_ih=np.zeros(23, np.float32)), ValueError, ["b_ih", "(24,)", "(23,)"]),
+    "b_hh dtype": (dict(b_hh=np.zeros(24)), TypeError, ["b_hh"]),
+    "h0 shape": (dict(h0=np.zeros((1, 3, 6), np.float32)), ValueError, ["h0", "(3, 6)", "(1, 3, 6)"]),
+    "c0 shape": (dict(c0=np.zeros((3, 5), np.float32)), ValueError, ["c0", "(3, 6)", "(3, 5)"]),
+    "c0 for rnn": (dict(cell="rnn_tanh", w_ih=np.zeros((6, 5), np.float32),
+                        w_hh=np.zeros((6, 6), np.float32), b_ih=None, b_hh=None),
+                   ValueError, ["c0", "lstm"]),
+    "lengths > T": (dict(lengths=[1, 5, 2]), ValueError, ["lengths", "5", "[0, 4]"]),
+    "lengths < 0": (dict(lengths=[1, -1, 2]), ValueError, ["lengths", "-1"]),
+    "lengths float": (dict(lengths=np.array([1.0, 2.0, 3.0])), TypeError, ["lengths", "float64"]),
+    "lengths count": (dict(lengths=[1, 2]), ValueError, ["lengths", "(3,)", "(2,)"]),
+    "mask shape": (dict(mask=np.ones((3, 4), bool)), ValueError, ["mask", "(4, 3)", "(3, 4)"]),
+    "mask dtype": (dict(mask=np.ones((4, 3), np.int8)), TypeError, ["mask", "int8"]),
+    "lengths and mask": (dict(lengths=[1, 2, 3], mask=np.ones((4, 3), bool)), ValueError,
+                         ["lengths", "mask"]),
+    "reverse not bool": (dict(reverse="yes"), TypeError, ["reverse"]),
+}
+
+
+@pytest.mark.parametrize("mod", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("case", list(BAD_FORWARD))
+def test_bad_forward_arguments(mod, case):
+    over, exc, words = BAD_FORWARD[case]
+    with pytest.raises(exc) as info:
+        call(mod, **dict(over))
+    msg = str(info.value)
+    print(f"{case}: {exc.__name__}: {msg}")
+    for w in words:
+        assert w in msg
+
+
+@pytest.mark.parametrize("mod", BACKENDS, ids=BACKEND_IDS)
+def test_bad_backward_arguments(mod):
+    y, h_n, c_n, cache = call(mod)
+    with pytest.raises(TypeError, match="cache"):
+        mod.backward(None, y)
+    with pytest.raises(TypeError, match="cache"):
+        mod.backward("not a cache", y)
+    with pytest.raises(ValueError, match=r"dy.*\(4, 3, 6\).*\(4, 3, 5\)"):
+        mod.backward(cache, y[..., :5])
+    with pytest.raises(TypeError, match="dy"):
+        mod.backward(cache, y.astype(np.float64))
+    with pytest.raises(ValueError, match="dh_n"):
+        mod.backward(cache, y, dh_n=h_n[:2])
+    with pytest.raises(ValueError, match="dc_n"):
+        mod.backward(cache, y, dc_n=c_n.T)
+    _, _, _, gru_cache = mod.forward("gru", lstm_problem()["x"], np.zeros((18, 5), np.float32),
+                                     np.zeros((18, 6), np.float32))
+    with pytest.raises(ValueError, match="dc_n"):
+        mod.backward(gru_cache, None, dc_n=c_n)
+
+
+def test_caches_are_not_interchangeable():
+    _, _, _, ref_cache = call(reference)
+    y, _, _, cache = call(fusedrnn)
+    with pytest.raises(TypeError, match="cache"):
+        fusedrnn.backward(ref_cache, y)
+    with pytest.raises(TypeError, match="cache"):
+        reference.backward(cache, y)
+
+
+def test_core_checks_shapes_itself():
+    """The private extension refuses inconsistent arrays instead of reading out of bounds."""
+    p = lstm_problem()
+    with pytest.raises(ValueError, match="w_ih"):
+        fusedrnn._core.forward("lstm", p["x"], p["w_ih"][:, :2], p["w_hh"], p["b_ih"], p["b_hh"],
+                               p["h0"], p["c0"], None, None, False, False, True)
+    with pytest.raises(ValueError, match="lengths"):
+        fusedrnn._core.forward("lstm", p["x"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"],
+                               p["h0"], p["c0"], np.array([9, 0, 0]), None, False, False, True)
+    with pytest.raises(TypeError, match="b_hh"):
+        fusedrnn._core.forward("lstm", p["x"], p["w_ih"], p["w_hh"], p["b_ih"],
+                               p["b_hh"].astype(np.float64), p["h0"], p["c0"], None, None,
+                               False, False, True)
+
+
+def test_unallocatable_sizes_raise_memory_error():
+    # A zero-stride view claims 2**44 input rows: nothing can hold the output.
+    x = np.broadcast_to(np.float32(0), (1 << 22, 1 << 22, 1))
+    w_ih, w_hh = np.zeros((4, 1), np.float32), np.zeros((4, 1), np.float32)
+    with pytest.raises(MemoryError):
+        fusedrnn.forward("lstm", x, w_ih, w_hh, training=False)
+
+
+# ------------------------------------------------------------ odd but valid inputs
+
+ODD_LAYOUTS = {
+    "fortran": lambda a: np.asfortranarray(a),
+    "strided": lambda a: np.repeat(a, 2, axis=-1)[..., ::2],
+    "read_only": lambda a: _read_only(a),
+}
+
+
+def _read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("layout", list(ODD_LAYOUTS))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_odd_memory_layouts(cell, layout, rng):
+    args, kw, dy, dh_n, dc_n = make_problem(cell, 5, 4, 3, 6, np.float64, rng, lengths=True)
+    f = ODD_LAYOUTS[layout]
+    odd = [f(a) if isinstance(a, np.ndarray) else a for a in args]
+    y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
+    y2, h_n2, c_n2, cache2 = fusedrnn.forward(*odd, **kw)
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(h_n, h_n2)
+    g = fusedrnn.backward(cache, dy, dh_n, dc_n)
+    g2 = fusedrnn.backward(cache2, f(dy), f(dh_n), None if dc_n is None else f(dc_n))
+    for k in GRAD_KEYS:
+        if g[k] is not None:
+            np.testing.assert_array_equal(g[k], g2[k])
+
+
+@pytest.mark.parametrize("mod", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("T,B", [(0, 3), (4, 0), (0, 0)])
+def test_empty_sizes(mod, T, B):
+    p = lstm_problem(np.float64, T=T, B=B)
+    y, h_n, c_n, cache = mod.forward("lstm", p["x"], p["w_ih"], p["w_hh"], h0=p["h0"], c0=p["c0"])
+    assert y.shape == (T, B, 6) and h_n.shape == (B, 6) and c_n.shape == (B, 6)
+    np.testing.assert_array_equal(h_n, p["h0"])
+    g = mod.backward(cache, np.ones_like(y), np.ones_like(h_n), np.ones_like(c_n))
+    assert g["x"].shape == p["x"].shape and not g["w_ih"].any() and not g["b_hh"].any()
+    np.testing.assert_array_equal(g["h0"], np.ones((B, 6)))
+
+
+def test_all_lengths_zero(rng):
+    args, kw, dy, dh_n, dc_n = make_problem("lstm", 4, 3, 2, 5, np.float64, rng)
+    y, h_n, c_n, cache = fusedrnn.forward(*args, lengths=np.zeros(3, np.int32))
+    assert not y.any()
+    np.testing.assert_array_equal(h_n, args[6])
+    g = fusedrnn.backward(cache, dy, dh_n, dc_n)
+    np.testing.assert_array_equal(g["h0"], dh_n)
+    np.testing.assert_array_equal(g["c0"], dc_n)
+    assert not g["x"].any() and not g["w_hh"].any()
+
+
+def test_lengths_accept_any_integer_dtype(rng):
+    args, *_ = make_problem("gru", 4, 3, 2, 5, np.float64, rng)
+    ref = fusedrnn.forward(*args, lengths=[4, 1, 2])[0]
+    for dt in (np.int8, np.uint16, np.int32, np.int64):
+        np.testing.assert_array_equal(fusedrnn.forward(*args, lengths=np.array([4, 1, 2], dt))[0], ref)
+
+
+# ------------------------------------------------------------ threads
+
+def test_num_threads_roundtrip():
+    old = fusedrnn.get_num_threads()
+    try:
+        fusedrnn.set_num_threads(1)
+        assert fusedrnn.get_num_threads() == 1
+        with pytest.raises(ValueError, match="n"):
+            fusedrnn.set_num_threads(0)
+        with pytest.raises(TypeError, match="n"):
+            fusedrnn.set_num_threads(1.5)
+    finally:
+        fusedrnn.set_num_threads(old)
+
+
+def test_num_threads_from_environment():
+    code = "import fusedrnn; print(fusedrnn.get_num_threads())"
+    env = dict(os.environ, FUSEDRNN_NUM_THREADS="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
+
+
+def test_results_identical_across_thread_counts(rng):
+    args, kw, dy, dh_n, dc_n = make_problem("lstm", 20, 16, 64, 64, np.float32, rng)
+    old = fusedrnn.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            fusedrnn.set_num_threads(n)
+            y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
+            results.append((y, fusedrnn.backward(cache, dy, dh_n, dc_n)))
+    finally:
+        fusedrnn.set_num_threads(old)
+    # Within tolerance always; bitwise where the BLAS partitions identically.
+    assert_close("y", results[1][0], results[0][0], TOL[np.float32])
+    for k in GRAD_KEYS:
+        assert_close("d" + k, results[1][1][k], results[0][1][k], TOL[np.float32])
+
+
+def test_concurrent_calls_match_serial(rng):
+    args, kw, dy, dh_n, dc_n = make_problem("gru", 30, 8, 32, 48, np.float64, rng, lengths=True)
+    y, h_n, _, cache = fusedrnn.forward(*args, **kw)
+    expected = fusedrnn.backward(cache, dy, dh_n, dc_n)
+    failures = []
+
+    def worker():
+        for _ in range(5):
+            y2, _, _, c2 = fusedrnn.forward(*args, **kw)
+            g2 = fusedrnn.backward(c2, dy, dh_n, dc_n)
+            if not (np.array_equal(y, y2) and all(np.array_equal(expected[k], g2[k])
+                                                  for k in ("x", "w_ih", "w_hh", "h0"))):
+                failures.append("mismatch")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+def test_gil_released_during_compute(rng):
+    """Another Python thread keeps running while a long call computes."""
+    args, kw, *_ = make_problem("lstm", 400, 64, 128, 128, np.float32, rng)
+    done = threading.Event()
+    ticks = []
+
+    def long_call():
+        fusedrnn.forward(*args, **kw, training=False)
+        done.set()
+
+    t = threading.Thread(target=long_call)
+    start = time.perf_counter()
+    t.start()
+    while not done.is_set():
+        ticks.append(time.perf_counter())
+        time.sleep(0.001)
+    t.join()
+    elapsed = time.perf_counter() - start
+    print(f"call took {elapsed * 1e3:.1f} ms, main thread ticked {len(ticks)} times")
+    if elapsed > 0.05:  # a call long enough to tell
+        assert len(ticks) >= 10
+
+
+def test_import_does_not_import_torch():
+    code = "import sys, fusedrnn, fusedrnn.reference; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_readme_quickstart_runs():
+    """The README's quickstart is code that works."""
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md not next to the tests")
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    quickstart = [b for b in blocks if "import fusedrnn" in b]
+    assert quickstart
+    exec(compile(quickstart[0], "README quickstart", "exec"), {})
