@@ -262,4 +262,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &fusedrnn::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fusedrnn::get_num_threads);
   m.def("blas_config", []() { return std::string(scipy_openblas_get_config()); });
+  m.def("isa", []() { return std::string(fusedrnn::isa_name()); },
+        "Instruction set of the kernels in use: avx512, avx2 or generic.");
 }

@@ -1,29 +1,29 @@
 // fusedrnn: CPU recurrence drivers (forward and backward through time).
 //
 // Included by one translation unit per dtype (rnn_f32.cpp, rnn_f64.cpp), which
-// instantiate forward<scalar_t> and backward<scalar_t>.
+// instantiate forward<scalar_t> and backward<scalar_t>. Layouts: kernels.h.
 //
-// Forward, per call:
-//   1. gather the valid input rows into row-packed order (skipped when the
-//      input is already time-major and every row is valid);
-//   2. gx[N, G*H] = x W_ihᵀ, one GEMM over all steps;
-//   3. per step t (in processing order): gh[n_t, G*H] = h W_hhᵀ for the n_t
-//      rows valid at t, then the cell's pointwise math (biases, gx add,
-//      nonlinearities, state update, mask rule) row by row;
-// Backward walks the steps in the opposite order: fused pointwise gradient,
-// then dh_prev += dgh W_hh; after the loop dW_ih, dW_hh and dx are single
-// GEMMs over all steps and the bias gradients column sums.
+// Forward, one pool job per call (threads split the time range, then the
+// hidden units):
+//   1. gather the valid input rows into row-packed order (skipped when x is
+//      time-major and every step is valid), gx[N, G*Hp] = x W_ihᵀ by a GEMM
+//      per thread over its rows, and pack each thread's unit blocks of W_hh;
+//   2. per step: the micro-kernel computes h W_hhᵀ for the step's rows and
+//      the thread's units in registers and runs the cell's pointwise math on
+//      them (kernels_impl.h); one barrier per step.
+// Backward walks the steps in reverse: pointwise gradient (dh += dy, gate
+// gradients), barrier, dh += dgh W_hh, barrier; then dW_ih, dW_hh, dx as
+// GEMMs split between threads by output rows, and bias gradients as column
+// sums (fixed order: results do not depend on the thread count).
 #pragma once
 
 #include <algorithm>
 #include <cstring>
-#include <numeric>
 
-#include "../cells/gru.h"
-#include "../cells/lstm.h"
-#include "../cells/rnn.h"
 #include "fusedrnn/blas.h"
 #include "fusedrnn/rnn.h"
+#include "kernels.h"
+#include "pool.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -36,161 +36,183 @@ inline P* row_at(P* base, bool batch_first, int64_t T, int64_t B, int64_t t, int
   return base + r * W;
 }
 
-// Calls fn(t) for every time step in processing order.
-template <typename Fn>
-inline void for_each_step(int64_t T, bool reverse, Fn&& fn) {
-  for (int64_t s = 0; s < T; ++s) fn(reverse ? T - 1 - s : s);
+// Rows of y / dy at time t: row of batch row b at base + b * stride.
+template <typename P>
+inline P* step_base(P* base, bool batch_first, int64_t T, int64_t B, int64_t t, int64_t W,
+                    int64_t* stride) {
+  *stride = batch_first ? T * W : W;
+  return base + (batch_first ? t * W : t * B * W);
 }
 
-template <typename scalar_t>
-void copy_row(scalar_t* dst, const scalar_t* src, int64_t n) {
-  std::memcpy(dst, src, size_t(n) * sizeof(scalar_t));
+template <typename S>
+inline void copy_n(S* dst, const S* src, int64_t n) {
+  if (n > 0) std::memcpy(dst, src, size_t(n) * sizeof(S));
+}
+
+// [begin, end) of part i of n equal parts of [0, total).
+inline void split(int64_t total, int parts, int i, int64_t* begin, int64_t* end) {
+  *begin = total * i / parts;
+  *end = total * (i + 1) / parts;
+}
+
+inline constexpr int gates_c(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
+
+// Threads for a layer: no more than unit blocks, and one when a step is so
+// small that a barrier would cost more than the work it shares.
+inline int choose_threads(int64_t nub, int64_t B, int64_t G, int64_t H) {
+  int64_t n = get_num_threads();
+  if (n > nub) n = nub;
+  if (B * G * H * H < (int64_t(1) << 16)) n = 1;
+  return n < 1 ? 1 : int(n);
+}
+
+// Rows of [rows, H] (user layout) into [rows, Hp] with zero padding.
+template <typename S>
+void copy_rows_padded(S* dst, int64_t Hp, const S* src, int64_t H, const int64_t* perm,
+                      int64_t rows) {
+  for (int64_t j = 0; j < rows; ++j) {
+    copy_n(dst + j * Hp, src + perm[j] * H, H);
+    std::fill(dst + j * Hp + H, dst + (j + 1) * Hp, S(0));
+  }
 }
 
 // ---------------------------------------------------------------- forward
 
-// Pointwise step for n rows. gx: [n, G*H] rows of this step (overwritten with
-// the activated gates when saving); gh: [n, G*H]; h, c: [n, H] state, updated
-// in place; extra: lstm [n, 2H] / gru [n, H] saved values (or nullptr).
-template <Cell C, typename scalar_t>
-void pointwise_forward(int64_t n, int64_t H, scalar_t* gx, const scalar_t* gh,
-                       const scalar_t* b_ih, const scalar_t* b_hh, scalar_t* h, scalar_t* c,
-                       scalar_t* extra, const uint8_t* valid, bool save) {
-  const int64_t GH = gates_of(C) * H;
-  for (int64_t j = 0; j < n; ++j) {
-    if (valid && !valid[j]) continue;  // masked step: state carried unchanged
-    scalar_t* gxr = gx + j * GH;
-    const scalar_t* ghr = gh + j * GH;
-    scalar_t* hr = h + j * H;
-    if constexpr (C == Cell::Lstm) {
-      scalar_t* cr = c + j * H;
-      scalar_t* er = save ? extra + j * 2 * H : nullptr;
-      for (int64_t k = 0; k < H; ++k) {
-        const auto q = cell::lstm_gates<scalar_t>(
-            gxr[k] + b_ih[k] + ghr[k] + b_hh[k],
-            gxr[H + k] + b_ih[H + k] + ghr[H + k] + b_hh[H + k],
-            gxr[2 * H + k] + b_ih[2 * H + k] + ghr[2 * H + k] + b_hh[2 * H + k],
-            gxr[3 * H + k] + b_ih[3 * H + k] + ghr[3 * H + k] + b_hh[3 * H + k]);
-        const scalar_t c_new = cell::lstm_forward(q, cr[k], &hr[k]);
-        if (save) {
-          gxr[k] = q.i;
-          gxr[H + k] = q.f;
-          gxr[2 * H + k] = q.g;
-          gxr[3 * H + k] = q.o;
-          er[k] = cr[k];
-          er[H + k] = c_new;
-        }
-        cr[k] = c_new;
-      }
-    } else if constexpr (C == Cell::Gru) {
-      scalar_t* er = save ? extra + j * H : nullptr;
-      for (int64_t k = 0; k < H; ++k) {
-        const scalar_t hn = ghr[2 * H + k] + b_hh[2 * H + k];
-        const auto q = cell::gru_gates<scalar_t>(
-            gxr[k] + b_ih[k], gxr[H + k] + b_ih[H + k], gxr[2 * H + k] + b_ih[2 * H + k],
-            ghr[k] + b_hh[k], ghr[H + k] + b_hh[H + k], hn);
-        hr[k] = cell::gru_forward(q, hr[k]);
-        if (save) {
-          gxr[k] = q.r;
-          gxr[H + k] = q.z;
-          gxr[2 * H + k] = q.n;
-          er[k] = hn;
-        }
-      }
-    } else {
-      for (int64_t k = 0; k < H; ++k) {
-        const scalar_t hn = cell::rnn_act<C>(gxr[k] + b_ih[k] + ghr[k] + b_hh[k]);
-        hr[k] = hn;
-        if (save) gxr[k] = hn;
-      }
-    }
-  }
-}
-
-template <Cell C, typename scalar_t>
-std::unique_ptr<Cache<scalar_t>> forward_cell(const ForwardParams<scalar_t>& p) {
-  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = gates_of(C), GH = G * H;
-  const bool lstm = C == Cell::Lstm, gru = C == Cell::Gru;
+template <Cell C, typename S>
+std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
+  const Kernels<S>& K = kernels<S>();
+  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = gates_c(C);
+  const int64_t U = K.lanes, nub = (H + U - 1) / U, Hp = nub * U, GHp = G * Hp;
+  const int64_t E = C == Cell::Lstm ? 2 * Hp : C == Cell::Gru ? Hp : 0;  // extra per row
+  const bool bf = p.batch_first;
 
   Schedule sched;
   sched.build(T, B, p.lengths);
   const int64_t N = sched.N;
-  // x can feed the input GEMM as it is when it is time-major and every step
-  // is valid; otherwise its rows are gathered, and masked-out rows zeroed so
-  // that whatever they hold (NaN for missing data) reaches no gradient.
-  const bool direct_x = sched.identity && !p.batch_first && !p.mask;
+  // x feeds the input GEMM as it is when time-major with every step valid;
+  // otherwise its rows are gathered, masked-out rows zeroed so whatever they
+  // hold (NaN for missing data) reaches no gradient.
+  const bool direct_x = sched.identity && !bf && !p.mask;
 
-  std::unique_ptr<Cache<scalar_t>> cache;
-  Buffer<scalar_t> x_tmp, gx_tmp;
-  scalar_t *xp, *gx;
+  std::unique_ptr<Cache<S>> cache;
+  Buffer<S> x_tmp, gx_tmp, w_ih_tmp;
+  S *xp = nullptr, *gx, *w_ih_pad;
   if (p.training) {
-    cache = std::make_unique<Cache<scalar_t>>();
+    cache = std::make_unique<Cache<S>>();
     cache->x.resize(checked_mul(N, I));
-    cache->hprev.resize(checked_mul(N, H));
-    cache->gates.resize(checked_mul(N, GH));
-    if (lstm) cache->extra.resize(checked_mul(N, 2 * H));
-    if (gru) cache->extra.resize(checked_mul(N, H));
-    cache->w_ih.resize(checked_mul(GH, I));
-    cache->w_hh.resize(checked_mul(GH, H));
+    cache->hprev.resize(checked_mul(N, Hp));
+    cache->gates.resize(checked_mul(N, GHp));
+    cache->extra.resize(checked_mul(N, E));
+    cache->w_ih.resize(checked_mul(GHp, I));
+    cache->w_hh.resize(checked_mul(G * H, H));
     xp = cache->x.data();
     gx = cache->gates.data();
+    w_ih_pad = cache->w_ih.data();
   } else {
     if (!direct_x) x_tmp.resize(checked_mul(N, I));
-    gx_tmp.resize(checked_mul(N, GH));
-    xp = direct_x ? const_cast<scalar_t*>(p.x) : x_tmp.data();
+    xp = direct_x ? nullptr : x_tmp.data();
+    gx_tmp.resize(checked_mul(N, GHp));
     gx = gx_tmp.data();
+    w_ih_tmp.resize(checked_mul(GHp, I));
+    w_ih_pad = w_ih_tmp.data();
   }
+  const S* x_gemm = direct_x && !p.training ? p.x : xp;
 
-  // 1. input rows in packed order
-  if (direct_x) {
-    if (p.training && N) copy_row(xp, p.x, N * I);
-  } else {
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < sched.count[t]; ++j) {
-        scalar_t* dst = xp + (sched.offset[t] + j) * I;
-        if (p.mask && !p.mask[t * B + j])
-          std::fill(dst, dst + I, scalar_t(0));
-        else
-          copy_row(dst, row_at(p.x, p.batch_first, T, B, t, sched.perm[j], I), I);
+  // W_ih with each gate block padded to Hp rows; biases in the kernels' layout.
+  for (int64_t g = 0; g < G; ++g) {
+    copy_n(w_ih_pad + g * Hp * I, p.w_ih + g * H * I, H * I);
+    std::fill(w_ih_pad + (g * Hp + H) * I, w_ih_pad + (g + 1) * Hp * I, S(0));
+  }
+  Buffer<S> bx(checked_mul(nub * G, U)), bhn(C == Cell::Gru ? checked_mul(nub, U) : 0);
+  for (int64_t u = 0; u < nub; ++u)
+    for (int64_t v = 0; v < U; ++v) {
+      const int64_t unit = u * U + v;
+      for (int64_t g = 0; g < G; ++g) {
+        const bool hh = !(C == Cell::Gru && g == 2);  // gru's b_hn stays inside r*(...)
+        bx.data()[(u * G + g) * U + v] =
+            unit < H ? p.b_ih[g * H + unit] + (hh ? p.b_hh[g * H + unit] : S(0)) : S(0);
       }
-  }
-
-  // 2. input projection of every step at once
-  gemm<scalar_t>(false, true, N, GH, I, 1, xp, I, p.w_ih, I, 0, gx, GH);
-
-  // state in packed row order
-  Buffer<scalar_t> h(checked_mul(B, H)), c(lstm ? checked_mul(B, H) : 0),
-      gh(checked_mul(B, GH));
-  for (int64_t j = 0; j < B; ++j) {
-    copy_row(h.data() + j * H, p.h0 + sched.perm[j] * H, H);
-    if (lstm) copy_row(c.data() + j * H, p.c0 + sched.perm[j] * H, H);
-  }
-  std::vector<uint8_t> valid;
-  if (p.mask) valid.resize(size_t(B));
-
-  // 3. the recurrence
-  for_each_step(T, p.reverse, [&](int64_t t) {
-    const int64_t n = sched.count[t], off = sched.offset[t];
-    if (n == 0) return;
-    if (p.training) {
-      copy_row(cache->hprev.data() + off * H, h.data(), n * H);
+      if (C == Cell::Gru) bhn.data()[u * U + v] = unit < H ? p.b_hh[2 * H + unit] : S(0);
     }
-    gemm<scalar_t>(false, true, n, GH, H, 1, h.data(), H, p.w_hh, H, 0, gh.data(), GH);
-    if (p.mask)
-      for (int64_t j = 0; j < n; ++j) valid[j] = p.mask[t * B + j];  // identity order with mask
-    scalar_t* extra = nullptr;
-    if (p.training && lstm) extra = cache->extra.data() + off * 2 * H;
-    if (p.training && gru) extra = cache->extra.data() + off * H;
-    pointwise_forward<C, scalar_t>(n, H, gx + off * GH, gh.data(), p.b_ih, p.b_hh, h.data(),
-                                   lstm ? c.data() : nullptr, extra,
-                                   p.mask ? valid.data() : nullptr, p.training);
-    for (int64_t j = 0; j < n; ++j)
-      copy_row(row_at(p.y, p.batch_first, T, B, t, sched.perm[j], H), h.data() + j * H, H);
+
+  Buffer<S> wp(checked_mul(checked_mul(nub, H), G * U));
+  Buffer<S> hA(checked_mul(B, Hp)), hB(checked_mul(B, Hp));
+  Buffer<S> c(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
+  copy_rows_padded(hA.data(), Hp, p.h0, H, sched.perm.data(), B);
+  copy_n(hB.data(), hA.data(), B * Hp);
+  if (C == Cell::Lstm) copy_rows_padded(c.data(), Hp, p.c0, H, sched.perm.data(), B);
+
+  std::vector<int64_t> steps;  // executed steps, in processing order
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = p.reverse ? T - 1 - s : s;
+    if (sched.count[t] > 0) steps.push_back(t);
+  }
+
+  ThreadPool::run(choose_threads(nub, B, G, H), [&](int tid, Team& team) {
+    const int nt = team.size();
+    int64_t ub0, ub1, t0, t1;
+    split(nub, nt, tid, &ub0, &ub1);
+    split(T, nt, tid, &t0, &t1);
+    const int64_t r0 = t0 < T ? sched.offset[t0] : N, r1 = t1 < T ? sched.offset[t1] : N;
+    // 1. input rows, input projection, this thread's part of the W_hh panel
+    if (!direct_x) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t j = 0; j < sched.count[t]; ++j) {
+          S* dst = xp + (sched.offset[t] + j) * I;
+          if (p.mask && !p.mask[t * B + j]) std::fill(dst, dst + I, S(0));
+          else copy_n(dst, row_at(p.x, bf, T, B, t, sched.perm[j], I), I);
+        }
+    } else if (p.training) {
+      copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
+    }
+    gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_pad, I, 0, gx + r0 * GHp,
+            GHp);
+    K.pack_fwd(p.w_hh, G, H, Hp, wp.data(), ub0, ub1);
+    team.barrier();
+    // 2. the recurrence
+    S* h = hA.data();
+    S* h_next = hB.data();
+    for (const int64_t t : steps) {
+      const int64_t off = sched.offset[t];
+      FwdStep<S> a;
+      a.cell = C;
+      a.H = H;
+      a.Hp = Hp;
+      a.n = sched.count[t];
+      a.wp = wp.data();
+      a.bx = bx.data();
+      a.bhn = bhn.data();
+      a.h = h;
+      a.h_next = h_next;
+      a.c = c.data();
+      a.gx = gx + off * GHp;
+      a.valid = p.mask ? reinterpret_cast<const uint8_t*>(p.mask + t * B) : nullptr;
+      a.y = step_base(p.y, bf, T, B, t, H, &a.y_stride);
+      a.perm = sched.perm.data();
+      a.save = p.training;
+      a.hprev = p.training ? cache->hprev.data() + off * Hp : nullptr;
+      a.extra = p.training ? cache->extra.data() + off * E : nullptr;
+      K.forward_step(a, ub0, ub1);
+      team.barrier();
+      std::swap(h, h_next);
+    }
   });
 
+  // Final states. Without lengths every row ran every step: the last buffer
+  // written holds them. With lengths a row's last state is its last output.
+  const S* h_last = steps.size() % 2 ? hB.data() : hA.data();
   for (int64_t j = 0; j < B; ++j) {
-    copy_row(p.h_n + sched.perm[j] * H, h.data() + j * H, H);
-    if (lstm) copy_row(p.c_n + sched.perm[j] * H, c.data() + j * H, H);
+    const int64_t b = sched.perm[j];
+    S* hn = p.h_n + b * H;
+    if (!p.lengths) {
+      copy_n(hn, h_last + j * Hp, H);
+    } else if (p.lengths[b] == 0) {
+      copy_n(hn, p.h0 + b * H, H);
+    } else {
+      const int64_t t_last = p.reverse ? 0 : p.lengths[b] - 1;
+      copy_n(hn, row_at(p.y, bf, T, B, t_last, b, H), H);
+    }
+    if (C == Cell::Lstm) copy_n(p.c_n + b * H, c.data() + j * Hp, H);
   }
 
   if (cache) {
@@ -200,12 +222,12 @@ std::unique_ptr<Cache<scalar_t>> forward_cell(const ForwardParams<scalar_t>& p) 
     cache->I = I;
     cache->H = H;
     cache->G = G;
+    cache->Hp = Hp;
     cache->reverse = p.reverse;
-    cache->batch_first = p.batch_first;
+    cache->batch_first = bf;
     cache->has_lengths = p.lengths != nullptr;
     if (p.mask) cache->mask.assign(p.mask, p.mask + T * B);
-    copy_row(cache->w_ih.data(), p.w_ih, GH * I);
-    copy_row(cache->w_hh.data(), p.w_hh, GH * H);
+    copy_n(cache->w_hh.data(), p.w_hh, G * H * H);
     cache->sched = std::move(sched);
   }
   return cache;
@@ -213,138 +235,105 @@ std::unique_ptr<Cache<scalar_t>> forward_cell(const ForwardParams<scalar_t>& p) 
 
 // ---------------------------------------------------------------- backward
 
-// Pointwise gradient for the n rows of one step. dh, dc: [n, H] gradients
-// w.r.t. the state after the step, replaced by the direct part of the
-// gradients w.r.t. the state before it (the recurrent product adds the rest).
-// dgx, dgh: [n, G*H] gradients w.r.t. the input and recurrent pre-activations
-// (the same buffer unless gru).
-template <Cell C, typename scalar_t>
-void pointwise_backward(int64_t n, int64_t H, const scalar_t* gates, const scalar_t* extra,
-                        const scalar_t* hprev, scalar_t* dh, scalar_t* dc, scalar_t* dgx,
-                        scalar_t* dgh, const uint8_t* valid) {
-  const int64_t GH = gates_of(C) * H;
-  for (int64_t j = 0; j < n; ++j) {
-    scalar_t* dgxr = dgx + j * GH;
-    scalar_t* dghr = dgh + j * GH;
-    if (valid && !valid[j]) {  // masked step: the state's gradient passes through
-      std::fill(dgxr, dgxr + GH, scalar_t(0));
-      if (dghr != dgxr) std::fill(dghr, dghr + GH, scalar_t(0));
-      continue;
-    }
-    const scalar_t* gr = gates + j * GH;
-    scalar_t* dhr = dh + j * H;
-    if constexpr (C == Cell::Lstm) {
-      const scalar_t* er = extra + j * 2 * H;
-      scalar_t* dcr = dc + j * H;
-      for (int64_t k = 0; k < H; ++k) {
-        const cell::LstmGates<scalar_t> q{gr[k], gr[H + k], gr[2 * H + k], gr[3 * H + k]};
-        cell::LstmGates<scalar_t> d;
-        dcr[k] = cell::lstm_backward(q, er[k], er[H + k], dhr[k], dcr[k], &d);
-        dgxr[k] = d.i;
-        dgxr[H + k] = d.f;
-        dgxr[2 * H + k] = d.g;
-        dgxr[3 * H + k] = d.o;
-        dhr[k] = 0;
-      }
-    } else if constexpr (C == Cell::Gru) {
-      const scalar_t* er = extra + j * H;
-      const scalar_t* hp = hprev + j * H;
-      for (int64_t k = 0; k < H; ++k) {
-        const cell::GruGates<scalar_t> q{gr[k], gr[H + k], gr[2 * H + k]};
-        cell::GruGates<scalar_t> dx, dhh;
-        dhr[k] = cell::gru_backward(q, er[k], hp[k], dhr[k], &dx, &dhh);
-        dgxr[k] = dx.r;
-        dgxr[H + k] = dx.z;
-        dgxr[2 * H + k] = dx.n;
-        dghr[k] = dhh.r;
-        dghr[H + k] = dhh.z;
-        dghr[2 * H + k] = dhh.n;
-      }
-    } else {
-      for (int64_t k = 0; k < H; ++k) {
-        dgxr[k] = cell::rnn_backward<C>(dhr[k], gr[k]);
-        dhr[k] = 0;
-      }
-    }
-  }
-}
-
-// out[W] = sum over rows of a[rows, W] (fixed order: deterministic).
-template <typename scalar_t>
-void column_sums(const scalar_t* a, int64_t rows, int64_t W, scalar_t* out) {
-  std::fill(out, out + W, scalar_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* ar = a + r * W;
-    for (int64_t k = 0; k < W; ++k) out[k] += ar[k];
-  }
-}
-
-template <Cell C, typename scalar_t>
-void backward_cell(const Cache<scalar_t>& cache, const BackwardParams<scalar_t>& p) {
-  const int64_t T = cache.T, B = cache.B, I = cache.I, H = cache.H, GH = cache.G * H;
-  const bool lstm = C == Cell::Lstm, gru = C == Cell::Gru;
+template <Cell C, typename S>
+void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
+  const Kernels<S>& K = kernels<S>();
+  const int64_t T = cache.T, B = cache.B, I = cache.I, H = cache.H, G = gates_c(C);
+  const int64_t U = K.lanes, nub = (H + U - 1) / U, Hp = cache.Hp, GHp = G * Hp;
+  const int64_t E = C == Cell::Lstm ? 2 * Hp : C == Cell::Gru ? Hp : 0;
   const Schedule& sched = cache.sched;
   const int64_t N = sched.N;
   const bool bf = cache.batch_first;
-  const bool has_mask = !cache.mask.empty();
+  if (Hp != nub * U) throw std::logic_error("fusedrnn: cache from other kernels");
 
-  Buffer<scalar_t> dgx(checked_mul(N, GH)), dgh_own(gru ? checked_mul(N, GH) : 0);
-  scalar_t* dgh = gru ? dgh_own.data() : dgx.data();
-  Buffer<scalar_t> dh(checked_mul(B, H)), dc(lstm ? checked_mul(B, H) : 0);
-  for (int64_t j = 0; j < B; ++j) {
-    copy_row(dh.data() + j * H, p.dh_n + sched.perm[j] * H, H);
-    if (lstm) copy_row(dc.data() + j * H, p.dc_n + sched.perm[j] * H, H);
+  Buffer<S> dgx(checked_mul(N, GHp)), dgh_own(C == Cell::Gru ? checked_mul(N, GHp) : 0);
+  S* dgh = C == Cell::Gru ? dgh_own.data() : dgx.data();
+  Buffer<S> dh(checked_mul(B, Hp)), dc(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
+  copy_rows_padded(dh.data(), Hp, p.dh_n, H, sched.perm.data(), B);
+  if (C == Cell::Lstm) copy_rows_padded(dc.data(), Hp, p.dc_n, H, sched.perm.data(), B);
+  Buffer<S> wb(checked_mul(checked_mul(nub, GHp), U));
+  const bool direct_dx = sched.identity && !bf;
+  Buffer<S> dxp(direct_dx ? 0 : checked_mul(N, I));
+
+  std::vector<int64_t> steps;  // executed steps, in forward processing order
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = cache.reverse ? T - 1 - s : s;
+    if (sched.count[t] > 0) steps.push_back(t);
   }
-  std::vector<int64_t> order;
-  order.reserve(size_t(T));
-  for_each_step(T, cache.reverse, [&](int64_t t) { order.push_back(t); });
 
-  for (auto it = order.rbegin(); it != order.rend(); ++it) {
-    const int64_t t = *it, n = sched.count[t], off = sched.offset[t];
-    if (n == 0) continue;
-    // y at this step is the new state (valid) or the carried one (masked):
-    // either way its gradient joins the state's.
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t* dyr = row_at(p.dy, bf, T, B, t, sched.perm[j], H);
-      scalar_t* dhr = dh.data() + j * H;
-      for (int64_t k = 0; k < H; ++k) dhr[k] += dyr[k];
+  ThreadPool::run(choose_threads(nub, B, G, H), [&](int tid, Team& team) {
+    const int nt = team.size();
+    int64_t ub0, ub1;
+    split(nub, nt, tid, &ub0, &ub1);
+    K.pack_bwd(cache.w_hh.data(), G, H, Hp, wb.data(), ub0, ub1);
+    team.barrier();
+    for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+      const int64_t t = *it, off = sched.offset[t];
+      BwdStep<S> a;
+      a.cell = C;
+      a.H = H;
+      a.Hp = Hp;
+      a.n = sched.count[t];
+      a.wb = wb.data();
+      a.gates = cache.gates.data() + off * GHp;
+      a.extra = cache.extra.data() + off * E;
+      a.hprev = cache.hprev.data() + off * Hp;
+      a.valid = cache.mask.empty() ? nullptr : cache.mask.data() + t * B;
+      a.dy = step_base(p.dy, bf, T, B, t, H, &a.dy_stride);
+      a.perm = sched.perm.data();
+      a.dh = dh.data();
+      a.dc = dc.data();
+      a.dgx = dgx.data() + off * GHp;
+      a.dgh = dgh + off * GHp;
+      K.backward_point(a, ub0, ub1);
+      team.barrier();
+      K.backward_product(a, ub0, ub1);
+      team.barrier();
     }
-    const uint8_t* valid = has_mask ? cache.mask.data() + t * B : nullptr;
-    pointwise_backward<C, scalar_t>(
-        n, H, cache.gates.data() + off * GH,
-        lstm ? cache.extra.data() + off * 2 * H : (gru ? cache.extra.data() + off * H : nullptr),
-        cache.hprev.data() + off * H, dh.data(), lstm ? dc.data() : nullptr, dgx.data() + off * GH,
-        dgh + off * GH, valid);
-    gemm<scalar_t>(false, false, n, H, GH, 1, dgh + off * GH, GH, cache.w_hh.data(), H, 1,
-                   dh.data(), H);
-  }
+    // Weight and bias gradients: this thread's rows of each gate block.
+    int64_t k0, k1;
+    split(H, nt, tid, &k0, &k1);
+    for (int64_t g = 0; g < G && k1 > k0; ++g) {
+      gemm<S>(true, false, k1 - k0, I, N, 1, dgx.data() + g * Hp + k0, GHp, cache.x.data(), I,
+              0, p.dw_ih + (g * H + k0) * I, I);
+      gemm<S>(true, false, k1 - k0, H, N, 1, dgh + g * Hp + k0, GHp, cache.hprev.data(), Hp, 0,
+              p.dw_hh + (g * H + k0) * H, H);
+      S* dbi = p.db_ih + g * H + k0;
+      S* dbh = p.db_hh + g * H + k0;
+      std::fill(dbi, dbi + (k1 - k0), S(0));
+      std::fill(dbh, dbh + (k1 - k0), S(0));
+      for (int64_t r = 0; r < N; ++r) {
+        const S* a = dgx.data() + r * GHp + g * Hp + k0;
+        const S* b = dgh + r * GHp + g * Hp + k0;
+        for (int64_t k = 0; k < k1 - k0; ++k) {
+          dbi[k] += a[k];
+          dbh[k] += b[k];
+        }
+      }
+    }
+    // Input gradient: this thread's time range.
+    int64_t t0, t1;
+    split(T, nt, tid, &t0, &t1);
+    const int64_t r0 = t0 < T ? sched.offset[t0] : N, r1 = t1 < T ? sched.offset[t1] : N;
+    S* dx_rows = direct_dx ? p.dx : dxp.data();
+    gemm<S>(false, false, r1 - r0, I, GHp, 1, dgx.data() + r0 * GHp, GHp, cache.w_ih.data(), I,
+            0, dx_rows + r0 * I, I);
+    if (!direct_dx)
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t j = 0; j < sched.count[t]; ++j)
+          copy_n(row_at(p.dx, bf, T, B, t, sched.perm[j], I),
+                 dxp.data() + (sched.offset[t] + j) * I, I);
+  });
 
   for (int64_t j = 0; j < B; ++j) {
-    copy_row(p.dh0 + sched.perm[j] * H, dh.data() + j * H, H);
-    if (lstm) copy_row(p.dc0 + sched.perm[j] * H, dc.data() + j * H, H);
-  }
-
-  // Weight, bias and input gradients over all steps at once.
-  gemm<scalar_t>(true, false, GH, I, N, 1, dgx.data(), GH, cache.x.data(), I, 0, p.dw_ih, I);
-  gemm<scalar_t>(true, false, GH, H, N, 1, dgh, GH, cache.hprev.data(), H, 0, p.dw_hh, H);
-  column_sums(dgx.data(), N, GH, p.db_ih);
-  column_sums(dgh, N, GH, p.db_hh);
-  if (sched.identity && !bf) {
-    gemm<scalar_t>(false, false, N, I, GH, 1, dgx.data(), GH, cache.w_ih.data(), I, 0, p.dx, I);
-  } else {
-    Buffer<scalar_t> dxp(checked_mul(N, I));
-    gemm<scalar_t>(false, false, N, I, GH, 1, dgx.data(), GH, cache.w_ih.data(), I, 0,
-                   dxp.data(), I);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < sched.count[t]; ++j)
-        copy_row(row_at(p.dx, bf, T, B, t, sched.perm[j], I),
-                 dxp.data() + (sched.offset[t] + j) * I, I);
+    copy_n(p.dh0 + sched.perm[j] * H, dh.data() + j * Hp, H);
+    if (C == Cell::Lstm) copy_n(p.dc0 + sched.perm[j] * H, dc.data() + j * Hp, H);
   }
 }
 
 // ---------------------------------------------------------------- dispatch
 
-template <typename scalar_t, typename Fn>
+template <typename Fn>
 auto dispatch_cell(Cell cell, Fn&& fn) {
   switch (cell) {
     case Cell::RnnTanh: return fn(std::integral_constant<Cell, Cell::RnnTanh>{});
@@ -360,16 +349,14 @@ auto dispatch_cell(Cell cell, Fn&& fn) {
 
 template <typename scalar_t>
 std::unique_ptr<Cache<scalar_t>> forward(const ForwardParams<scalar_t>& p) {
-  BlasThreadScope threads;
-  return cpu::dispatch_cell<scalar_t>(p.cell, [&](auto c) {
+  return cpu::dispatch_cell(p.cell, [&](auto c) {
     return cpu::forward_cell<decltype(c)::value, scalar_t>(p);
   });
 }
 
 template <typename scalar_t>
 void backward(const Cache<scalar_t>& cache, const BackwardParams<scalar_t>& p) {
-  BlasThreadScope threads;
-  cpu::dispatch_cell<scalar_t>(cache.cell, [&](auto c) {
+  cpu::dispatch_cell(cache.cell, [&](auto c) {
     cpu::backward_cell<decltype(c)::value, scalar_t>(cache, p);
   });
 }

@@ -58,10 +58,11 @@ struct Schedule {
   void build(int64_t T, int64_t B, const int64_t* lengths);
 };
 
-// What forward keeps for backward (training=True). Row-packed, N rows.
+// What forward keeps for backward (training=True). Row-packed, N rows; rows
+// padded to Hp = H rounded up to the kernels' SIMD width (csrc/cpu/kernels.h).
 struct CacheBase {
   Cell cell;
-  int64_t T = 0, B = 0, I = 0, H = 0, G = 0;
+  int64_t T = 0, B = 0, I = 0, H = 0, G = 0, Hp = 0;
   bool reverse = false, batch_first = false, has_lengths = false;
   Schedule sched;
   std::vector<uint8_t> mask;  // [T, B] when a mask was given, else empty
@@ -72,12 +73,12 @@ struct CacheBase {
 
 template <typename scalar_t>
 struct Cache : CacheBase {
-  Buffer<scalar_t> x;      // [N, I] input rows
-  Buffer<scalar_t> hprev;  // [N, H] state before the step
-  Buffer<scalar_t> gates;  // [N, G*H] activated gates (rnn: h')
-  Buffer<scalar_t> extra;  // lstm: [N, 2H] (c, c'); gru: [N, H] hn = W_hn h + b_hn
-  Buffer<scalar_t> w_ih;   // [G*H, I] copy of the weights used
-  Buffer<scalar_t> w_hh;   // [G*H, H]
+  Buffer<scalar_t> x;      // [N, I] input rows (masked-out rows zeroed)
+  Buffer<scalar_t> hprev;  // [N, Hp] state before the step
+  Buffer<scalar_t> gates;  // [N, G*Hp] activated gates (rnn: h')
+  Buffer<scalar_t> extra;  // lstm: [N, 2*Hp] (c, c'); gru: [N, Hp] hn = W_hn h + b_hn
+  Buffer<scalar_t> w_ih;   // [G*Hp, I] copy of W_ih, gate blocks padded to Hp rows
+  Buffer<scalar_t> w_hh;   // [G*H, H] copy of W_hh
   bool is_double() const override { return sizeof(scalar_t) == 8; }
   std::size_t nbytes() const override {
     return x.nbytes() + hprev.nbytes() + gates.nbytes() + extra.nbytes() + w_ih.nbytes() +
@@ -93,18 +94,11 @@ std::unique_ptr<Cache<scalar_t>> forward(const ForwardParams<scalar_t>& p);
 template <typename scalar_t>
 void backward(const Cache<scalar_t>& cache, const BackwardParams<scalar_t>& p);
 
-// Threads used by one call (BLAS and fusedrnn's own loops).
+// Threads used by one call (fusedrnn's pool; BLAS runs single-threaded
+// inside it).
 void set_num_threads(int n);
 int get_num_threads();
-
-// Scope of one call: BLAS runs with get_num_threads() threads.
-class BlasThreadScope {
- public:
-  BlasThreadScope();
-  ~BlasThreadScope();
-
- private:
-  int saved_;
-};
+// Name of the SIMD kernels in use: "avx512", "avx2" or "generic".
+const char* isa_name();
 
 }  // namespace fusedrnn

@@ -1,0 +1,98 @@
+// fusedrnn: the per-step CPU micro-kernels, one table per instruction set.
+//
+// Internal layout (shape legend in common.h). Hidden units are grouped in
+// blocks of U = SIMD lanes; Hp = nub * U is H rounded up to whole blocks and
+// every internal row is padded to it (padding lanes hold zeros in the weights
+// and harmless finite values in the state, and are never written to user
+// arrays):
+//   state h, c, dh, dc            [B, Hp]
+//   gx, gates, dgx, dgh           [rows, G*Hp]   gate g at columns [g*Hp, g*Hp + H)
+//   forward panel of W_hh         [nub][H][G][U]     wp[u][k][g][v] = W_hh[g*H + u*U + v, k]
+//   backward panel of W_hh        [nub][G*Hp][U]     wb[u][g*Hp + k][v] = W_hh[g*H + k, u*U + v]
+//   input-side bias bx            [nub][G][U]   b_ih + b_hh (gru's n gate: b_ih only)
+//   gru's recurrent n bias bhn    [nub][U]
+// Work is split between threads by unit blocks [ub0, ub1); a thread only
+// writes the columns of its blocks, so one barrier per step suffices.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedrnn/common.h"
+
+namespace fusedrnn {
+
+template <typename S>
+struct FwdStep {
+  Cell cell;
+  int64_t H, Hp, n;        // n: rows computed at this step (a prefix of the batch)
+  const S* wp;             // forward panel of W_hh
+  const S* bx;             // [nub][G][U]
+  const S* bhn;            // [nub][U] (gru), else nullptr
+  const S* h;              // [n, Hp] state before the step
+  S* h_next;               // [n, Hp] state after the step
+  S* c;                    // [n, Hp] lstm cell state, updated in place; else nullptr
+  S* gx;                   // [n, G*Hp] input projection; activated gates written back when save
+  const uint8_t* valid;    // [n] mask of the step, or nullptr (all valid)
+  S* y;                    // user output at this step: row j at y + perm[j] * y_stride
+  int64_t y_stride;
+  const int64_t* perm;     // [n] packed row -> batch row
+  bool save;               // training: keep what backward needs
+  S* hprev;                // [n, Hp] saved state before the step (save)
+  S* extra;                // lstm [n, 2*Hp] (c, c'); gru [n, Hp] (hn) (save)
+};
+
+template <typename S>
+struct BwdStep {
+  Cell cell;
+  int64_t H, Hp, n;
+  const S* wb;             // backward panel of W_hh
+  const S* gates;          // [n, G*Hp] saved activated gates of the step
+  const S* extra;          // saved extra values of the step
+  const S* hprev;          // [n, Hp] saved state before the step
+  const uint8_t* valid;    // [n] or nullptr
+  const S* dy;             // user dy at this step: row j at dy + perm[j] * dy_stride
+  int64_t dy_stride;
+  const int64_t* perm;
+  S* dh;                   // [n, Hp] gradient w.r.t. the state
+  S* dc;                   // [n, Hp] lstm, else nullptr
+  S* dgx;                  // [n, G*Hp] gradient w.r.t. the input-side pre-activations
+  S* dgh;                  // [n, G*Hp] w.r.t. the recurrent ones (== dgx unless gru)
+};
+
+template <typename S>
+struct Kernels {
+  const char* isa;
+  int lanes;  // U
+  // Pack unit blocks [ub0, ub1) of the forward / backward panel.
+  void (*pack_fwd)(const S* w_hh, int64_t G, int64_t H, int64_t Hp, S* wp, int64_t ub0,
+                   int64_t ub1);
+  void (*pack_bwd)(const S* w_hh, int64_t G, int64_t H, int64_t Hp, S* wb, int64_t ub0,
+                   int64_t ub1);
+  // One forward step for unit blocks [ub0, ub1): gh = h W_hhᵀ in registers,
+  // then the cell's pointwise math on the tile (biases, gx, nonlinearities,
+  // state update, mask rule, output and saved values).
+  void (*forward_step)(const FwdStep<S>& a, int64_t ub0, int64_t ub1);
+  // Backward, pointwise half: dh += dy, then the cell's gradient for the
+  // step's rows; dh becomes the direct part of the gradient w.r.t. the state
+  // before the step.
+  void (*backward_point)(const BwdStep<S>& a, int64_t ub0, int64_t ub1);
+  // Backward, product half: dh += dgh W_hh for the step's rows.
+  void (*backward_product)(const BwdStep<S>& a, int64_t ub0, int64_t ub1);
+};
+
+// The kernels for this CPU (AVX-512, AVX2/FMA or the portable build), chosen
+// once by CPU feature detection; FUSEDRNN_ISA=generic|avx2|avx512 picks a
+// lower one (for tests). isa_name() says which is in use.
+template <typename S>
+const Kernels<S>& kernels();
+const char* isa_name();
+
+// The tables of each build (nullptr for one not compiled in).
+template <typename S>
+const Kernels<S>* kernels_generic();
+template <typename S>
+const Kernels<S>* kernels_avx2();
+template <typename S>
+const Kernels<S>* kernels_avx512();
+
+}  // namespace fusedrnn

@@ -1,0 +1,351 @@
+// fusedrnn: per-step micro-kernels (see kernels.h for layouts), written once
+// with vector extensions and compiled once per instruction set by
+// kernels_generic.cpp, kernels_avx2.cpp and kernels_avx512.cpp.
+//
+// Forward tile: MR rows of h times NU unit blocks of W_hh's forward panel,
+// all G gates of those units, accumulated in MR*NU*G vector registers over
+// k = 0..H-1; then the cell's pointwise math runs on the registers (biases,
+// gx, nonlinearities, state update, mask rule) and writes h', c', y and the
+// values backward needs. Gate pre-activations never go to memory.
+#pragma once
+
+#include "kernels.h"
+#include "simd.h"
+#include "../cells/gru.h"
+#include "../cells/lstm.h"
+#include "../cells/rnn.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+// Accumulator budget: MR * NU * G vectors (<= 12 of the 16/32 registers).
+constexpr int tile_mr(int G) { return G == 4 ? 3 : G == 3 ? 4 : 6; }
+constexpr int tile_nu(int G, int mr) {
+  return 12 / (G * mr) < 1 ? 1 : 12 / (G * mr) > 8 ? 8 : 12 / (G * mr);
+}
+
+// ------------------------------------------------------------------ packing
+
+template <typename S>
+void pack_fwd(const S* w_hh, int64_t G, int64_t H, int64_t Hp, S* wp, int64_t ub0, int64_t ub1) {
+  (void)Hp;
+  constexpr int U = Vec<S>::L;
+  for (int64_t u = ub0; u < ub1; ++u)
+    for (int64_t k = 0; k < H; ++k)
+      for (int64_t g = 0; g < G; ++g) {
+        S* dst = wp + ((u * H + k) * G + g) * U;
+        for (int v = 0; v < U; ++v) {
+          const int64_t unit = u * U + v;
+          dst[v] = unit < H ? w_hh[(g * H + unit) * H + k] : S(0);
+        }
+      }
+}
+
+template <typename S>
+void pack_bwd(const S* w_hh, int64_t G, int64_t H, int64_t Hp, S* wb, int64_t ub0, int64_t ub1) {
+  constexpr int U = Vec<S>::L;
+  for (int64_t u = ub0; u < ub1; ++u)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t k = 0; k < Hp; ++k) {
+        S* dst = wb + (u * G * Hp + g * Hp + k) * U;
+        for (int v = 0; v < U; ++v) {
+          const int64_t unit = u * U + v;
+          dst[v] = (k < H && unit < H) ? w_hh[(g * H + k) * H + unit] : S(0);
+        }
+      }
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename S>
+inline void store_user(S* p, V<S> v, int lanes) {
+  if (lanes == Vec<S>::L) store(p, v);
+  else store_part(p, v, lanes);
+}
+
+// The pointwise half of a forward tile, for one row and one unit block.
+template <Cell C, typename S>
+inline void forward_epilogue(const FwdStep<S>& a, int64_t row, int64_t u, const V<S>* acc) {
+  using M = VecMath<S>;
+  using Vt = V<S>;
+  constexpr int U = Vec<S>::L;
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  const int64_t Hp = a.Hp, col = u * U;
+  const int lanes = a.H - col < U ? int(a.H - col) : U;
+  const Vt h = load(a.h + row * Hp + col);
+  S* y = a.y + a.perm[row] * a.y_stride + col;
+  if (a.save) store(a.hprev + row * Hp + col, h);
+  if (a.valid && !a.valid[row]) {  // masked step: state carried, y = carried state
+    store(a.h_next + row * Hp + col, h);
+    store_user(y, h, lanes);
+    return;
+  }
+  S* gx = a.gx + row * G * Hp + col;
+  const S* bx = a.bx + u * G * U;
+  Vt h_new;
+  if constexpr (C == Cell::Lstm) {
+    using L = cell::Lstm<M>;
+    const auto q = L::gates(acc[0] + load(gx) + load(bx), acc[1] + load(gx + Hp) + load(bx + U),
+                            acc[2] + load(gx + 2 * Hp) + load(bx + 2 * U),
+                            acc[3] + load(gx + 3 * Hp) + load(bx + 3 * U));
+    S* c = a.c + row * Hp + col;
+    const Vt c_old = load(c);
+    const Vt c_new = L::forward(q, c_old, &h_new);
+    store(c, c_new);
+    if (a.save) {
+      store(gx, q.i);
+      store(gx + Hp, q.f);
+      store(gx + 2 * Hp, q.g);
+      store(gx + 3 * Hp, q.o);
+      store(a.extra + row * 2 * Hp + col, c_old);
+      store(a.extra + row * 2 * Hp + Hp + col, c_new);
+    }
+  } else if constexpr (C == Cell::Gru) {
+    using R = cell::Gru<M>;
+    const Vt hn = acc[2] + load(a.bhn + u * U);
+    const auto q = R::gates(load(gx) + load(bx), load(gx + Hp) + load(bx + U),
+                            load(gx + 2 * Hp) + load(bx + 2 * U), acc[0], acc[1], hn);
+    h_new = R::forward(q, h);
+    if (a.save) {
+      store(gx, q.r);
+      store(gx + Hp, q.z);
+      store(gx + 2 * Hp, q.n);
+      store(a.extra + row * Hp + col, hn);
+    }
+  } else {
+    h_new = cell::Rnn<C, M>::forward(acc[0] + load(gx) + load(bx));
+    if (a.save) store(gx, h_new);
+  }
+  store(a.h_next + row * Hp + col, h_new);
+  store_user(y, h_new, lanes);
+}
+
+template <Cell C, typename S, int MR, int NU>
+void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0) {
+  using Vt = V<S>;
+  constexpr int U = Vec<S>::L;
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  const int64_t H = a.H, Hp = a.Hp, panel = H * G * U;
+  Vt acc[MR][NU][G];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NU; ++j)
+      for (int g = 0; g < G; ++g) acc[r][j][g] = Vt{};
+  const S* wp = a.wp + u0 * panel;
+  const S* h = a.h + r0 * Hp;
+  for (int64_t k = 0; k < H; ++k) {
+    Vt w[NU][G];
+    for (int j = 0; j < NU; ++j)
+      for (int g = 0; g < G; ++g) w[j][g] = load(wp + j * panel + (k * G + g) * U);
+    for (int r = 0; r < MR; ++r) {
+      const Vt hb = splat(h[r * Hp + k]);
+      for (int j = 0; j < NU; ++j)
+        for (int g = 0; g < G; ++g) acc[r][j][g] += hb * w[j][g];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NU; ++j) forward_epilogue<C, S>(a, r0 + r, u0 + j, acc[r][j]);
+}
+
+// All unit blocks [ub0, ub1) for MR rows starting at r0, NU blocks at a time.
+template <Cell C, typename S, int MR, int NU>
+void forward_rows(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1) {
+  int64_t u = ub0;
+  for (; u + NU <= ub1; u += NU) forward_tile<C, S, MR, NU>(a, r0, u);
+  for (; u < ub1; ++u) forward_tile<C, S, MR, 1>(a, r0, u);
+}
+
+template <Cell C, typename S, int MR>
+void forward_rows_mr(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1, int mr) {
+  if constexpr (MR >= 1) {
+    if (mr == MR) {
+      constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+      forward_rows<C, S, MR, tile_nu(G, MR)>(a, r0, ub0, ub1);
+      return;
+    }
+    forward_rows_mr<C, S, MR - 1>(a, r0, ub0, ub1, mr);
+  }
+}
+
+template <Cell C, typename S>
+void forward_step(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int MR = tile_mr(G), NU = tile_nu(G, MR);
+  const int64_t n = a.n;
+  if (n < MR) {  // few rows: wider tiles keep enough independent accumulators
+    forward_rows_mr<C, S, MR>(a, 0, ub0, ub1, int(n));
+    return;
+  }
+  // Unit blocks outer, rows inner: a panel is reused from L1 for every row.
+  for (int64_t u = ub0; u < ub1; u += NU) {
+    const int64_t u1 = u + NU < ub1 ? u + NU : ub1;
+    int64_t r = 0;
+    for (; r + MR <= n; r += MR) forward_rows<C, S, MR, NU>(a, r, u, u1);
+    if (r < n) forward_rows_mr<C, S, MR>(a, r, u, u1, int(n - r));
+  }
+}
+
+// ------------------------------------------------------------------ backward
+
+template <Cell C, typename S>
+void backward_point(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
+  using M = VecMath<S>;
+  using Vt = V<S>;
+  constexpr int U = Vec<S>::L;
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  const int64_t Hp = a.Hp, GHp = G * Hp;
+  for (int64_t j = 0; j < a.n; ++j) {
+    const S* dy = a.dy ? a.dy + a.perm[j] * a.dy_stride : nullptr;
+    const bool valid = !a.valid || a.valid[j];
+    for (int64_t u = ub0; u < ub1; ++u) {
+      const int64_t col = u * U;
+      const int lanes = a.H - col < U ? int(a.H - col) : U;
+      S* dhp = a.dh + j * Hp + col;
+      Vt dh = load(dhp);
+      if (dy) dh += lanes == U ? load(dy + col) : load_part(dy + col, lanes);
+      S* dgx = a.dgx + j * GHp + col;
+      S* dgh = a.dgh + j * GHp + col;
+      if (!valid) {  // masked step: the gradient passes to the carried state
+        store(dhp, dh);
+        for (int g = 0; g < G; ++g) {
+          store(dgx + g * Hp, Vt{});
+          if (dgh != dgx) store(dgh + g * Hp, Vt{});
+        }
+        continue;
+      }
+      const S* q = a.gates + j * GHp + col;
+      if constexpr (C == Cell::Lstm) {
+        using L = cell::Lstm<M>;
+        const typename L::Gates gates{load(q), load(q + Hp), load(q + 2 * Hp), load(q + 3 * Hp)};
+        const S* e = a.extra + j * 2 * Hp + col;
+        S* dcp = a.dc + j * Hp + col;
+        typename L::Gates d;
+        store(dcp, L::backward(gates, load(e), load(e + Hp), dh, load(dcp), &d));
+        store(dgx, d.i);
+        store(dgx + Hp, d.f);
+        store(dgx + 2 * Hp, d.g);
+        store(dgx + 3 * Hp, d.o);
+        store(dhp, Vt{});
+      } else if constexpr (C == Cell::Gru) {
+        using R = cell::Gru<M>;
+        const typename R::Gates gates{load(q), load(q + Hp), load(q + 2 * Hp)};
+        typename R::Gates dx, dhh;
+        const Vt direct = R::backward(gates, load(a.extra + j * Hp + col),
+                                      load(a.hprev + j * Hp + col), dh, &dx, &dhh);
+        store(dgx, dx.r);
+        store(dgx + Hp, dx.z);
+        store(dgx + 2 * Hp, dx.n);
+        store(dgh, dhh.r);
+        store(dgh + Hp, dhh.z);
+        store(dgh + 2 * Hp, dhh.n);
+        store(dhp, direct);
+      } else {
+        store(dgx, cell::Rnn<C, M>::backward(dh, load(q)));
+        store(dhp, Vt{});
+      }
+    }
+  }
+}
+
+// dh[r0 .. r0+MR, blocks u0 .. u0+NU] += dgh rows @ W_hh (backward panel).
+template <typename S, int MR, int NU>
+void backward_tile(const BwdStep<S>& a, int64_t G, int64_t r0, int64_t u0) {
+  using Vt = V<S>;
+  constexpr int U = Vec<S>::L;
+  const int64_t H = a.H, Hp = a.Hp, GHp = G * Hp, panel = GHp * U;
+  Vt acc[MR][NU];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NU; ++j) acc[r][j] = load(a.dh + (r0 + r) * Hp + (u0 + j) * U);
+  const S* wb = a.wb + u0 * panel;
+  const S* dg = a.dgh + r0 * GHp;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t k = g * Hp; k < g * Hp + H; ++k) {
+      Vt w[NU];
+      for (int j = 0; j < NU; ++j) w[j] = load(wb + j * panel + k * U);
+      for (int r = 0; r < MR; ++r) {
+        const Vt d = splat(dg[r * GHp + k]);
+        for (int j = 0; j < NU; ++j) acc[r][j] += d * w[j];
+      }
+    }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NU; ++j) store(a.dh + (r0 + r) * Hp + (u0 + j) * U, acc[r][j]);
+}
+
+template <typename S, int MR, int NU>
+void backward_rows(const BwdStep<S>& a, int64_t G, int64_t r0, int64_t ub0, int64_t ub1) {
+  int64_t u = ub0;
+  for (; u + NU <= ub1; u += NU) backward_tile<S, MR, NU>(a, G, r0, u);
+  for (; u < ub1; ++u) backward_tile<S, MR, 1>(a, G, r0, u);
+}
+
+template <typename S, int MR>
+void backward_rows_mr(const BwdStep<S>& a, int64_t G, int64_t r0, int64_t ub0, int64_t ub1,
+                      int mr) {
+  if constexpr (MR >= 1) {
+    if (mr == MR) {
+      backward_rows<S, MR, tile_nu(1, MR)>(a, G, r0, ub0, ub1);
+      return;
+    }
+    backward_rows_mr<S, MR - 1>(a, G, r0, ub0, ub1, mr);
+  }
+}
+
+template <Cell C, typename S>
+void backward_product(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int MR = tile_mr(1), NU = tile_nu(1, MR);
+  const int64_t n = a.n;
+  if (n < MR) {
+    backward_rows_mr<S, MR>(a, G, 0, ub0, ub1, int(n));
+    return;
+  }
+  for (int64_t u = ub0; u < ub1; u += NU) {
+    const int64_t u1 = u + NU < ub1 ? u + NU : ub1;
+    int64_t r = 0;
+    for (; r + MR <= n; r += MR) backward_rows<S, MR, NU>(a, G, r, u, u1);
+    if (r < n) backward_rows_mr<S, MR>(a, G, r, u, u1, int(n - r));
+  }
+}
+
+// ------------------------------------------------------------------ tables
+
+template <typename S>
+void forward_step_any(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
+  switch (a.cell) {
+    case Cell::RnnTanh: return forward_step<Cell::RnnTanh, S>(a, ub0, ub1);
+    case Cell::RnnRelu: return forward_step<Cell::RnnRelu, S>(a, ub0, ub1);
+    case Cell::RnnSigmoid: return forward_step<Cell::RnnSigmoid, S>(a, ub0, ub1);
+    case Cell::Lstm: return forward_step<Cell::Lstm, S>(a, ub0, ub1);
+    case Cell::Gru: return forward_step<Cell::Gru, S>(a, ub0, ub1);
+  }
+}
+
+template <typename S>
+void backward_point_any(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
+  switch (a.cell) {
+    case Cell::RnnTanh: return backward_point<Cell::RnnTanh, S>(a, ub0, ub1);
+    case Cell::RnnRelu: return backward_point<Cell::RnnRelu, S>(a, ub0, ub1);
+    case Cell::RnnSigmoid: return backward_point<Cell::RnnSigmoid, S>(a, ub0, ub1);
+    case Cell::Lstm: return backward_point<Cell::Lstm, S>(a, ub0, ub1);
+    case Cell::Gru: return backward_point<Cell::Gru, S>(a, ub0, ub1);
+  }
+}
+
+template <typename S>
+void backward_product_any(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
+  switch (a.cell) {
+    case Cell::Lstm: return backward_product<Cell::Lstm, S>(a, ub0, ub1);
+    case Cell::Gru: return backward_product<Cell::Gru, S>(a, ub0, ub1);
+    default: return backward_product<Cell::RnnTanh, S>(a, ub0, ub1);
+  }
+}
+
+template <typename S>
+const Kernels<S>* table() {
+  static const Kernels<S> k{FUSEDRNN_ISA_NAME, Vec<S>::L, pack_fwd<S>, pack_bwd<S>,
+                            forward_step_any<S>, backward_point_any<S>,
+                            backward_product_any<S>};
+  return &k;
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn
