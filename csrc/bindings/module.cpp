@@ -262,6 +262,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &fusedrnn::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fusedrnn::get_num_threads);
   m.def("blas_config", []() { return std::string(scipy_openblas_get_config()); });
+  m.def("workspace_cached_bytes", &fusedrnn::workspace_cached_bytes,
+        "Bytes of freed temporaries kept for reuse (at most 256 MiB).");
+  m.def("workspace_release", &fusedrnn::workspace_release,
+        "Return the kept temporaries to the system.");
   m.def("isa", []() { return std::string(fusedrnn::isa_name()); },
         "Instruction set of the kernels in use: avx512, avx2 or generic.");
 }

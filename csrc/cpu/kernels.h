@@ -39,6 +39,7 @@ struct FwdStep {
   bool save;               // training: keep what backward needs
   S* hprev;                // [n, Hp] saved state before the step (save)
   S* extra;                // lstm [n, 2*Hp] (c, c'); gru [n, Hp] (hn) (save)
+  S* scratch;              // this thread's [n, 2*G*U] partial sums (large H), or nullptr
 };
 
 template <typename S>

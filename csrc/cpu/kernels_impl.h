@@ -31,13 +31,12 @@ void pack_fwd(const S* w_hh, int64_t G, int64_t H, int64_t Hp, S* wp, int64_t ub
   (void)Hp;
   constexpr int U = Vec<S>::L;
   for (int64_t u = ub0; u < ub1; ++u)
-    for (int64_t k = 0; k < H; ++k)
-      for (int64_t g = 0; g < G; ++g) {
-        S* dst = wp + ((u * H + k) * G + g) * U;
-        for (int v = 0; v < U; ++v) {
-          const int64_t unit = u * U + v;
-          dst[v] = unit < H ? w_hh[(g * H + unit) * H + k] : S(0);
-        }
+    for (int64_t g = 0; g < G; ++g)
+      for (int v = 0; v < U; ++v) {  // one row of W_hh (contiguous over k) per lane
+        const int64_t unit = u * U + v;
+        const S* src = w_hh + (g * H + unit) * H;
+        S* dst = wp + (u * H * G + g) * U + v;
+        for (int64_t k = 0; k < H; ++k) dst[k * G * U] = unit < H ? src[k] : S(0);
       }
 }
 
@@ -120,8 +119,12 @@ inline void forward_epilogue(const FwdStep<S>& a, int64_t row, int64_t u, const 
   store_user(y, h_new, lanes);
 }
 
+// One tile over k in [k0, k1). part == nullptr: the whole k range in one
+// pass. Otherwise part holds the tile's partial sums [MR][NU][G][U] between
+// k chunks (H too large for a panel chunk to stay in L1); the epilogue runs
+// after the last chunk.
 template <Cell C, typename S, int MR, int NU>
-void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0) {
+void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0, int64_t k0, int64_t k1, S* part) {
   using Vt = V<S>;
   constexpr int U = Vec<S>::L;
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
@@ -129,10 +132,11 @@ void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0) {
   Vt acc[MR][NU][G];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NU; ++j)
-      for (int g = 0; g < G; ++g) acc[r][j][g] = Vt{};
+      for (int g = 0; g < G; ++g)
+        acc[r][j][g] = part && k0 > 0 ? load(part + ((r * NU + j) * G + g) * U) : Vt{};
   const S* wp = a.wp + u0 * panel;
   const S* h = a.h + r0 * Hp;
-  for (int64_t k = 0; k < H; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     Vt w[NU][G];
     for (int j = 0; j < NU; ++j)
       for (int g = 0; g < G; ++g) w[j][g] = load(wp + j * panel + (k * G + g) * U);
@@ -142,45 +146,69 @@ void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0) {
         for (int g = 0; g < G; ++g) acc[r][j][g] += hb * w[j][g];
     }
   }
+  if (part && k1 < H) {
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NU; ++j)
+        for (int g = 0; g < G; ++g) store(part + ((r * NU + j) * G + g) * U, acc[r][j][g]);
+    return;
+  }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NU; ++j) forward_epilogue<C, S>(a, r0 + r, u0 + j, acc[r][j]);
 }
 
-// All unit blocks [ub0, ub1) for MR rows starting at r0, NU blocks at a time.
+// Unit blocks [ub0, ub1) for MR rows starting at r0, NU blocks at a time.
 template <Cell C, typename S, int MR, int NU>
-void forward_rows(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1) {
+void forward_rows(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1, int64_t k0,
+                  int64_t k1, S* part) {
   int64_t u = ub0;
-  for (; u + NU <= ub1; u += NU) forward_tile<C, S, MR, NU>(a, r0, u);
-  for (; u < ub1; ++u) forward_tile<C, S, MR, 1>(a, r0, u);
+  for (; u + NU <= ub1; u += NU) forward_tile<C, S, MR, NU>(a, r0, u, k0, k1, part);
+  for (; u < ub1; ++u) forward_tile<C, S, MR, 1>(a, r0, u, k0, k1, part);
 }
 
-template <Cell C, typename S, int MR>
-void forward_rows_mr(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1, int mr) {
+// forward_rows with a run-time row count mr <= MR; NU = 0 picks the widest
+// tile that fits the register budget for mr rows.
+template <Cell C, typename S, int MR, int NU>
+void forward_rows_mr(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1, int mr,
+                     int64_t k0, int64_t k1, S* part) {
   if constexpr (MR >= 1) {
     if (mr == MR) {
       constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
-      forward_rows<C, S, MR, tile_nu(G, MR)>(a, r0, ub0, ub1);
+      forward_rows<C, S, MR, NU ? NU : tile_nu(G, MR)>(a, r0, ub0, ub1, k0, k1, part);
       return;
     }
-    forward_rows_mr<C, S, MR - 1>(a, r0, ub0, ub1, mr);
+    forward_rows_mr<C, S, MR - 1, NU>(a, r0, ub0, ub1, mr, k0, k1, part);
   }
 }
 
 template <Cell C, typename S>
 void forward_step(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int U = Vec<S>::L;
   constexpr int MR = tile_mr(G), NU = tile_nu(G, MR);
-  const int64_t n = a.n;
+  // k per chunk so that NU panels' chunk (kc * G * U * NU values) fits in 16 KiB of L1.
+  constexpr int64_t KC = 16384 / (G * U * NU * int64_t(sizeof(S)));
+  const int64_t n = a.n, H = a.H;
   if (n < MR) {  // few rows: wider tiles keep enough independent accumulators
-    forward_rows_mr<C, S, MR>(a, 0, ub0, ub1, int(n));
+    forward_rows_mr<C, S, MR, 0>(a, 0, ub0, ub1, int(n), 0, H, nullptr);
     return;
   }
-  // Unit blocks outer, rows inner: a panel is reused from L1 for every row.
+  // Unit blocks outer, k chunks, rows inner: a panel chunk is reused from L1
+  // for every row of the step.
+  static_assert(NU <= 2, "a tail chunk of unit blocks must be a single block");
+  const bool chunked = H > KC && a.scratch;
   for (int64_t u = ub0; u < ub1; u += NU) {
     const int64_t u1 = u + NU < ub1 ? u + NU : ub1;
-    int64_t r = 0;
-    for (; r + MR <= n; r += MR) forward_rows<C, S, MR, NU>(a, r, u, u1);
-    if (r < n) forward_rows_mr<C, S, MR>(a, r, u, u1, int(n - r));
+    const int64_t nu = u1 - u;
+    for (int64_t k0 = 0; k0 < H; k0 += chunked ? KC : H) {
+      const int64_t k1 = chunked && k0 + KC < H ? k0 + KC : H;
+      int64_t r = 0;
+      for (; r + MR <= n; r += MR)
+        forward_rows<C, S, MR, NU>(a, r, u, u1, k0, k1,
+                                   chunked ? a.scratch + r * nu * G * U : nullptr);
+      if (r < n)
+        forward_rows_mr<C, S, MR, NU>(a, r, u, u1, int(n - r), k0, k1,
+                                      chunked ? a.scratch + r * nu * G * U : nullptr);
+    }
   }
 }
 

@@ -96,7 +96,8 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
 
   std::unique_ptr<Cache<S>> cache;
   Buffer<S> x_tmp, gx_tmp, w_ih_tmp;
-  S *xp = nullptr, *gx, *w_ih_pad;
+  S *xp = nullptr, *gx;
+  S* w_ih_pad = nullptr;  // W_ih with gate blocks padded to Hp rows
   if (p.training) {
     cache = std::make_unique<Cache<S>>();
     cache->x.resize(checked_mul(N, I));
@@ -113,16 +114,21 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     xp = direct_x ? nullptr : x_tmp.data();
     gx_tmp.resize(checked_mul(N, GHp));
     gx = gx_tmp.data();
-    w_ih_tmp.resize(checked_mul(GHp, I));
-    w_ih_pad = w_ih_tmp.data();
+    if (Hp != H) {
+      w_ih_tmp.resize(checked_mul(GHp, I));
+      w_ih_pad = w_ih_tmp.data();
+    }
   }
   const S* x_gemm = direct_x && !p.training ? p.x : xp;
 
-  // W_ih with each gate block padded to Hp rows; biases in the kernels' layout.
-  for (int64_t g = 0; g < G; ++g) {
-    copy_n(w_ih_pad + g * Hp * I, p.w_ih + g * H * I, H * I);
-    std::fill(w_ih_pad + (g * Hp + H) * I, w_ih_pad + (g + 1) * Hp * I, S(0));
-  }
+  // W_ih with each gate block padded to Hp rows (kept for backward when
+  // training); biases in the kernels' layout.
+  if (w_ih_pad)
+    for (int64_t g = 0; g < G; ++g) {
+      copy_n(w_ih_pad + g * Hp * I, p.w_ih + g * H * I, H * I);
+      std::fill(w_ih_pad + (g * Hp + H) * I, w_ih_pad + (g + 1) * Hp * I, S(0));
+    }
+  const S* w_ih_gemm = w_ih_pad ? w_ih_pad : p.w_ih;
   Buffer<S> bx(checked_mul(nub * G, U)), bhn(C == Cell::Gru ? checked_mul(nub, U) : 0);
   for (int64_t u = 0; u < nub; ++u)
     for (int64_t v = 0; v < U; ++v) {
@@ -148,7 +154,11 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     if (sched.count[t] > 0) steps.push_back(t);
   }
 
-  ThreadPool::run(choose_threads(nub, B, G, H), [&](int tid, Team& team) {
+  const int threads = choose_threads(nub, B, G, H);
+  const int64_t scratch_per_thread = B * 2 * G * U;
+  Buffer<S> scratch(checked_mul(threads, scratch_per_thread));
+
+  ThreadPool::run(threads, [&](int tid, Team& team) {
     const int nt = team.size();
     int64_t ub0, ub1, t0, t1;
     split(nub, nt, tid, &ub0, &ub1);
@@ -165,7 +175,7 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     } else if (p.training) {
       copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
     }
-    gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_pad, I, 0, gx + r0 * GHp,
+    gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_gemm, I, 0, gx + r0 * GHp,
             GHp);
     K.pack_fwd(p.w_hh, G, H, Hp, wp.data(), ub0, ub1);
     team.barrier();
@@ -192,6 +202,7 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
       a.save = p.training;
       a.hprev = p.training ? cache->hprev.data() + off * Hp : nullptr;
       a.extra = p.training ? cache->extra.data() + off * E : nullptr;
+      a.scratch = scratch.data() + tid * scratch_per_thread;
       K.forward_step(a, ub0, ub1);
       team.barrier();
       std::swap(h, h_next);

@@ -62,9 +62,10 @@ template <typename S>
 inline void store_part(S* p, V<S> v, int n) {
   for (int i = 0; i < n; ++i) p[i] = v[i];
 }
+// x in every lane (x - 0 is exactly x, -0 included, so this folds to one broadcast).
 template <typename S>
 inline V<S> splat(S x) {
-  return V<S>{} + x;
+  return x - V<S>{};
 }
 
 // Vector math policy for the cell headers (see csrc/cells/activations.h).

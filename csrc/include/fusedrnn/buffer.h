@@ -1,4 +1,6 @@
-// fusedrnn: an owning, 64-byte aligned, uninitialised array of T.
+// fusedrnn: an owning, 64-byte aligned, uninitialised array of T, whose
+// memory comes from (and returns to) a small cache of large blocks
+// (csrc/cpu/workspace.cpp).
 #pragma once
 
 #include <cstdlib>
@@ -8,6 +10,11 @@
 #include "fusedrnn/common.h"
 
 namespace fusedrnn {
+
+void* workspace_alloc(std::size_t bytes);  // 64-byte aligned; throws std::bad_alloc
+void workspace_free(void* p, std::size_t bytes);
+std::size_t workspace_cached_bytes();
+void workspace_release();  // return every cached block to the system
 
 template <typename T>
 class Buffer {
@@ -22,19 +29,15 @@ class Buffer {
     std::swap(n_, o.n_);
     return *this;
   }
-  ~Buffer() { std::free(p_); }
+  ~Buffer() { workspace_free(p_, n_ * sizeof(T)); }
 
   // Drops the old contents; throws std::bad_alloc when the memory cannot be had.
   void resize(std::size_t n) {
-    std::free(p_);
+    workspace_free(p_, n_ * sizeof(T));
     p_ = nullptr;
     n_ = 0;
     if (n == 0) return;
-    std::size_t bytes = checked_mul(n, sizeof(T));
-    bytes = (bytes + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, bytes);
-    if (!p) throw std::bad_alloc();
-    p_ = static_cast<T*>(p);
+    p_ = static_cast<T*>(workspace_alloc(checked_mul(n, sizeof(T))));
     n_ = n;
   }
   void zero() {

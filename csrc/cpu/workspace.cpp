@@ -1,0 +1,102 @@
+// fusedrnn: a small cache of freed large blocks (see buffer.h).
+//
+// Every call allocates its temporaries (packed weights, gate buffers, ...)
+// and training allocates its cache. Returned to the system, such blocks come
+// back as fresh pages and each page faults again on first touch, which costs
+// as much as the math for short sequences. Freed blocks are kept here
+// instead, up to kMaxBlocks blocks and kMaxBytes in all; a request takes the
+// smallest kept block that is large enough and at most twice its size.
+#include <pthread.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#include "fusedrnn/buffer.h"
+
+namespace fusedrnn {
+
+namespace {
+
+constexpr std::size_t kMaxBytes = std::size_t(256) << 20;
+constexpr std::size_t kMaxBlocks = 16;
+constexpr std::size_t kMinCached = std::size_t(64) << 10;  // smaller: malloc is fast enough
+
+struct Block {
+  void* p;
+  std::size_t bytes;
+};
+
+std::mutex g_mu;
+std::vector<Block>* g_blocks = new std::vector<Block>;  // never destroyed: used until exit
+std::size_t g_cached = 0;
+
+// A child forked while another thread held the lock starts with a free one.
+struct ForkHook {
+  ForkHook() {
+    pthread_atfork(nullptr, nullptr, [] { new (&g_mu) std::mutex; });
+  }
+} g_fork_hook;
+
+}  // namespace
+
+void* workspace_alloc(std::size_t bytes) {
+  bytes = (bytes + 63) / 64 * 64;
+  if (bytes >= kMinCached) {
+    std::lock_guard<std::mutex> lock(g_mu);
+    std::size_t best = g_blocks->size();
+    for (std::size_t i = 0; i < g_blocks->size(); ++i) {
+      const std::size_t b = (*g_blocks)[i].bytes;
+      if (b >= bytes && b / 2 <= bytes && (best == g_blocks->size() || b < (*g_blocks)[best].bytes))
+        best = i;
+    }
+    if (best != g_blocks->size()) {
+      void* p = (*g_blocks)[best].p;
+      g_cached -= (*g_blocks)[best].bytes;
+      (*g_blocks)[best] = g_blocks->back();
+      g_blocks->pop_back();
+      return p;
+    }
+  }
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
+void workspace_free(void* p, std::size_t bytes) {
+  if (!p) return;
+  bytes = (bytes + 63) / 64 * 64;
+  if (bytes >= kMinCached && bytes <= kMaxBytes) {
+    std::lock_guard<std::mutex> lock(g_mu);
+    // Make room: drop the largest kept blocks first.
+    while (!g_blocks->empty() &&
+           (g_blocks->size() >= kMaxBlocks || g_cached + bytes > kMaxBytes)) {
+      std::size_t big = 0;
+      for (std::size_t i = 1; i < g_blocks->size(); ++i)
+        if ((*g_blocks)[i].bytes > (*g_blocks)[big].bytes) big = i;
+      std::free((*g_blocks)[big].p);
+      g_cached -= (*g_blocks)[big].bytes;
+      (*g_blocks)[big] = g_blocks->back();
+      g_blocks->pop_back();
+    }
+    g_blocks->push_back({p, bytes});
+    g_cached += bytes;
+    return;
+  }
+  std::free(p);
+}
+
+std::size_t workspace_cached_bytes() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return g_cached;
+}
+
+void workspace_release() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  for (const Block& b : *g_blocks) std::free(b.p);
+  g_blocks->clear();
+  g_cached = 0;
+}
+
+}  // namespace fusedrnn
