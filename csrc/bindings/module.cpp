@@ -67,6 +67,19 @@ py::array_t<scalar_t, py::array::c_style> take(const char* name, py::handle obj,
   return py::array_t<scalar_t, py::array::c_style>::ensure(a);
 }
 
+// An optional argument: None stands for zeros (data() == nullptr).
+template <typename scalar_t>
+struct Optional {
+  py::array_t<scalar_t, py::array::c_style> array;
+  const scalar_t* ptr = nullptr;
+  Optional(const char* name, py::handle obj, const std::vector<int64_t>& shape) {
+    if (obj.is_none()) return;
+    array = take<scalar_t>(name, obj, shape);
+    ptr = array.data();
+  }
+  const scalar_t* data() const { return ptr; }
+};
+
 template <typename scalar_t>
 py::array_t<scalar_t> new_array(const std::vector<int64_t>& shape, bool zero) {
   py::array_t<scalar_t> a(shape);
@@ -98,12 +111,10 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
   auto x = take<scalar_t>("x", x_in, shape_of(x_in));
   auto w_ih = take<scalar_t>("w_ih", w_ih_in, {G * H, I});
   auto w_hh = take<scalar_t>("w_hh", w_hh_in, {G * H, H});
-  auto b_ih = take<scalar_t>("b_ih", b_ih_in, {G * H});
-  auto b_hh = take<scalar_t>("b_hh", b_hh_in, {G * H});
-  auto h0 = take<scalar_t>("h0", h0_in, {B, H});
-  py::array_t<scalar_t, py::array::c_style> c0;
-  if (lstm) c0 = take<scalar_t>("c0", c0_in, {B, H});
-  else if (!c0_in.is_none()) throw py::value_error("c0 is only used by cell 'lstm'");
+  Optional<scalar_t> b_ih("b_ih", b_ih_in, {G * H}), b_hh("b_hh", b_hh_in, {G * H});
+  Optional<scalar_t> h0("h0", h0_in, {B, H});
+  if (!lstm && !c0_in.is_none()) throw py::value_error("c0 is only used by cell 'lstm'");
+  Optional<scalar_t> c0("c0", c0_in, {B, H});
 
   if (!lengths_in.is_none() && !mask_in.is_none())
     throw py::value_error("pass either lengths or mask, not both");
@@ -144,7 +155,7 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
   p.b_ih = b_ih.data();
   p.b_hh = b_hh.data();
   p.h0 = h0.data();
-  p.c0 = lstm ? c0.data() : nullptr;
+  p.c0 = c0.data();
   p.lengths = lengths_in.is_none() ? nullptr : lengths.data();
   p.mask = mask_in.is_none() ? nullptr : mask.data();
   p.y = y.mutable_data();
@@ -182,11 +193,11 @@ py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::hand
                         py::handle dc_n_in) {
   const int64_t T = cache.T, B = cache.B, I = cache.I, H = cache.H, GH = cache.G * H;
   const bool lstm = cache.cell == Cell::Lstm, bf = cache.batch_first;
-  auto dy = take<scalar_t>("dy", dy_in, bf ? std::vector<int64_t>{B, T, H}
-                                           : std::vector<int64_t>{T, B, H});
-  auto dh_n = take<scalar_t>("dh_n", dh_n_in, {B, H});
-  py::array_t<scalar_t, py::array::c_style> dc_n;
-  if (lstm) dc_n = take<scalar_t>("dc_n", dc_n_in, {B, H});
+  Optional<scalar_t> dy("dy", dy_in, bf ? std::vector<int64_t>{B, T, H}
+                                         : std::vector<int64_t>{T, B, H});
+  Optional<scalar_t> dh_n("dh_n", dh_n_in, {B, H});
+  if (!lstm && !dc_n_in.is_none()) throw py::value_error("dc_n is only used by cell 'lstm'");
+  Optional<scalar_t> dc_n("dc_n", dc_n_in, {B, H});
 
   auto dx = new_array<scalar_t>(bf ? std::vector<int64_t>{B, T, I}
                                    : std::vector<int64_t>{T, B, I},
@@ -206,7 +217,7 @@ py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::hand
   BackwardParams<scalar_t> p{};
   p.dy = dy.data();
   p.dh_n = dh_n.data();
-  p.dc_n = lstm ? dc_n.data() : nullptr;
+  p.dc_n = dc_n.data();
   p.dx = dx.mutable_data();
   p.dh0 = dh0.mutable_data();
   p.dc0 = lstm ? dc0_arr.mutable_data() : nullptr;

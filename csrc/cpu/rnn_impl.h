@@ -66,14 +66,24 @@ inline int choose_threads(int64_t nub, int64_t B, int64_t G, int64_t H) {
   return n < 1 ? 1 : int(n);
 }
 
-// Rows of [rows, H] (user layout) into [rows, Hp] with zero padding.
+// Rows of [rows, H] (user layout) into [rows, Hp] with zero padding; a null
+// src stands for zeros (an argument passed as None).
 template <typename S>
 void copy_rows_padded(S* dst, int64_t Hp, const S* src, int64_t H, const int64_t* perm,
                       int64_t rows) {
+  if (!src) {
+    std::fill(dst, dst + rows * Hp, S(0));
+    return;
+  }
   for (int64_t j = 0; j < rows; ++j) {
     copy_n(dst + j * Hp, src + perm[j] * H, H);
     std::fill(dst + j * Hp + H, dst + (j + 1) * Hp, S(0));
   }
+}
+
+template <typename S>
+inline S bias_at(const S* b, int64_t i) {
+  return b ? b[i] : S(0);
 }
 
 // ---------------------------------------------------------------- forward
@@ -136,9 +146,10 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
       for (int64_t g = 0; g < G; ++g) {
         const bool hh = !(C == Cell::Gru && g == 2);  // gru's b_hn stays inside r*(...)
         bx.data()[(u * G + g) * U + v] =
-            unit < H ? p.b_ih[g * H + unit] + (hh ? p.b_hh[g * H + unit] : S(0)) : S(0);
+            unit < H ? bias_at(p.b_ih, g * H + unit) + (hh ? bias_at(p.b_hh, g * H + unit) : S(0))
+                     : S(0);
       }
-      if (C == Cell::Gru) bhn.data()[u * U + v] = unit < H ? p.b_hh[2 * H + unit] : S(0);
+      if (C == Cell::Gru) bhn.data()[u * U + v] = unit < H ? bias_at(p.b_hh, 2 * H + unit) : S(0);
     }
 
   Buffer<S> wp(checked_mul(checked_mul(nub, H), G * U));
@@ -218,7 +229,8 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     if (!p.lengths) {
       copy_n(hn, h_last + j * Hp, H);
     } else if (p.lengths[b] == 0) {
-      copy_n(hn, p.h0 + b * H, H);
+      if (p.h0) copy_n(hn, p.h0 + b * H, H);
+      else std::fill(hn, hn + H, S(0));
     } else {
       const int64_t t_last = p.reverse ? 0 : p.lengths[b] - 1;
       copy_n(hn, row_at(p.y, bf, T, B, t_last, b, H), H);
@@ -290,7 +302,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       a.extra = cache.extra.data() + off * E;
       a.hprev = cache.hprev.data() + off * Hp;
       a.valid = cache.mask.empty() ? nullptr : cache.mask.data() + t * B;
-      a.dy = step_base(p.dy, bf, T, B, t, H, &a.dy_stride);
+      a.dy = p.dy ? step_base(p.dy, bf, T, B, t, H, &a.dy_stride) : nullptr;
       a.perm = sched.perm.data();
       a.dh = dh.data();
       a.dc = dc.data();

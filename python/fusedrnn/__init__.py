@@ -44,7 +44,7 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     """
     a = _validate.forward_args(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
                                mask=mask, reverse=reverse, batch_first=batch_first,
-                               training=training)
+                               training=training, zeros_for_none=False)
     return _core.forward(a.cell, a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths,
                          a.mask, a.reverse, a.batch_first, a.training)
 
@@ -60,7 +60,7 @@ def backward(cache, dy, dh_n=None, dc_n=None):
     Returns:
         dict with keys x, h0, c0 (None unless lstm), w_ih, w_hh, b_ih, b_hh.
     """
-    d = _validate.backward_args(cache, Cache, dy, dh_n, dc_n)
+    d = _validate.backward_args(cache, Cache, dy, dh_n, dc_n, zeros_for_none=False)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = _core.backward(cache, d.dy, d.dh_n, d.dc_n)
     return {"x": dx, "h0": dh0, "c0": dc0, "w_ih": dw_ih, "w_hh": dw_hh, "b_ih": db_ih,
             "b_hh": db_hh}

@@ -26,10 +26,10 @@ class ForwardArgs(NamedTuple):
     x: np.ndarray  # [T, B, I], or [B, T, I] when batch_first
     w_ih: np.ndarray  # [G*H, I]
     w_hh: np.ndarray  # [G*H, H]
-    b_ih: np.ndarray  # [G*H]
-    b_hh: np.ndarray  # [G*H]
-    h0: np.ndarray  # [B, H]
-    c0: Optional[np.ndarray]  # [B, H] for lstm, else None
+    b_ih: Optional[np.ndarray]  # [G*H] (None only when zeros_for_none=False)
+    b_hh: Optional[np.ndarray]  # [G*H] (likewise)
+    h0: Optional[np.ndarray]  # [B, H] (likewise)
+    c0: Optional[np.ndarray]  # [B, H] for lstm (likewise), else None
     lengths: Optional[np.ndarray]  # int64 [B], values in [0, T]
     mask: Optional[np.ndarray]  # bool [T, B] (time-major, whatever batch_first)
     reverse: bool
@@ -43,8 +43,8 @@ class ForwardArgs(NamedTuple):
 
 
 class BackwardArgs(NamedTuple):
-    dy: np.ndarray  # same shape and layout as y
-    dh_n: np.ndarray  # [B, H]
+    dy: Optional[np.ndarray]  # same shape and layout as y (None only when zeros_for_none=False)
+    dh_n: Optional[np.ndarray]  # [B, H] (likewise)
     dc_n: Optional[np.ndarray]  # [B, H] for lstm, else None
 
 
@@ -77,7 +77,9 @@ def _array(name, value, dtype, shape, legend):
 
 def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
                  lengths=None, mask=None, reverse=False, batch_first=False,
-                 training=True) -> ForwardArgs:
+                 training=True, zeros_for_none=True) -> ForwardArgs:
+    """Checked arguments of ``forward``; ``zeros_for_none=False`` keeps None
+    for b_ih, b_hh, h0 and c0 (the compiled backend reads None as zeros)."""
     if not isinstance(cell, str):
         raise TypeError(f"cell must be a str, one of {sorted(GATES)}, got {type(cell).__name__}")
     if cell not in GATES:
@@ -112,13 +114,25 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     GH = G * H
     w_hh = _array("w_hh", w_hh, dtype, (GH, H), f"[G*H, H] with G={G} for cell {cell!r}")
     w_ih = _array("w_ih", w_ih, dtype, (GH, I), f"[G*H, I] with G={G}, H={H}, I={I}")
-    b_ih = np.zeros(GH, dtype) if b_ih is None else _array("b_ih", b_ih, dtype, (GH,), "[G*H]")
-    b_hh = np.zeros(GH, dtype) if b_hh is None else _array("b_hh", b_hh, dtype, (GH,), "[G*H]")
-    h0 = np.zeros((B, H), dtype) if h0 is None else _array("h0", h0, dtype, (B, H), "[B, H]")
-    if cell == "lstm":
-        c0 = np.zeros((B, H), dtype) if c0 is None else _array("c0", c0, dtype, (B, H), "[B, H]")
-    elif c0 is not None:
-        raise ValueError(f"c0 is only used by cell 'lstm', got c0 for cell {cell!r}")
+    z = zeros_for_none
+    if b_ih is not None:
+        b_ih = _array("b_ih", b_ih, dtype, (GH,), "[G*H]")
+    elif z:
+        b_ih = np.zeros(GH, dtype)
+    if b_hh is not None:
+        b_hh = _array("b_hh", b_hh, dtype, (GH,), "[G*H]")
+    elif z:
+        b_hh = np.zeros(GH, dtype)
+    if h0 is not None:
+        h0 = _array("h0", h0, dtype, (B, H), "[B, H]")
+    elif z:
+        h0 = np.zeros((B, H), dtype)
+    if c0 is not None:
+        if cell != "lstm":
+            raise ValueError(f"c0 is only used by cell 'lstm', got c0 for cell {cell!r}")
+        c0 = _array("c0", c0, dtype, (B, H), "[B, H]")
+    elif z and cell == "lstm":
+        c0 = np.zeros((B, H), dtype)
 
     if lengths is not None and mask is not None:
         raise ValueError("pass either lengths or mask, not both")
@@ -145,11 +159,12 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
                        reverse, batch_first, training, dtype, T, B, I, H)
 
 
-def backward_args(cache, cache_type, dy, dh_n=None, dc_n=None) -> BackwardArgs:
+def backward_args(cache, cache_type, dy, dh_n=None, dc_n=None,
+                  zeros_for_none=True) -> BackwardArgs:
     """Check the arguments of ``backward`` against the cache's recorded sizes.
 
     ``cache`` must expose ``cell``, ``T``, ``B``, ``H``, ``dtype`` and
-    ``batch_first``.
+    ``batch_first``. ``zeros_for_none=False`` keeps None arguments as None.
     """
     if cache is None:
         raise TypeError("backward needs the cache returned by forward(..., training=True); "
@@ -159,10 +174,19 @@ def backward_args(cache, cache_type, dy, dh_n=None, dc_n=None) -> BackwardArgs:
                         f"from the same module's forward, got {type(cache).__name__}")
     T, B, H, dtype = cache.T, cache.B, cache.H, np.dtype(cache.dtype)
     yshape, ylegend = ((B, T, H), "[B, T, H]") if cache.batch_first else ((T, B, H), "[T, B, H]")
-    dy = np.zeros(yshape, dtype) if dy is None else _array("dy", dy, dtype, yshape, ylegend)
-    dh_n = np.zeros((B, H), dtype) if dh_n is None else _array("dh_n", dh_n, dtype, (B, H), "[B, H]")
-    if cache.cell == "lstm":
-        dc_n = np.zeros((B, H), dtype) if dc_n is None else _array("dc_n", dc_n, dtype, (B, H), "[B, H]")
-    elif dc_n is not None:
-        raise ValueError(f"dc_n is only used by cell 'lstm', got dc_n for cell {cache.cell!r}")
+    z = zeros_for_none
+    if dy is not None:
+        dy = _array("dy", dy, dtype, yshape, ylegend)
+    elif z:
+        dy = np.zeros(yshape, dtype)
+    if dh_n is not None:
+        dh_n = _array("dh_n", dh_n, dtype, (B, H), "[B, H]")
+    elif z:
+        dh_n = np.zeros((B, H), dtype)
+    if dc_n is not None:
+        if cache.cell != "lstm":
+            raise ValueError(f"dc_n is only used by cell 'lstm', got dc_n for cell {cache.cell!r}")
+        dc_n = _array("dc_n", dc_n, dtype, (B, H), "[B, H]")
+    elif z and cache.cell == "lstm":
+        dc_n = np.zeros((B, H), dtype)
     return BackwardArgs(dy, dh_n, dc_n)

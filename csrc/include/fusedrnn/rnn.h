@@ -21,10 +21,10 @@ struct ForwardParams {
   const scalar_t* x;        // [T, B, I], or [B, T, I] when batch_first
   const scalar_t* w_ih;     // [G*H, I]
   const scalar_t* w_hh;     // [G*H, H]
-  const scalar_t* b_ih;     // [G*H]
-  const scalar_t* b_hh;     // [G*H]
-  const scalar_t* h0;       // [B, H]
-  const scalar_t* c0;       // [B, H] (lstm), else nullptr
+  const scalar_t* b_ih;     // [G*H], or nullptr for zeros
+  const scalar_t* b_hh;     // [G*H], or nullptr for zeros
+  const scalar_t* h0;       // [B, H], or nullptr for zeros
+  const scalar_t* c0;       // [B, H] (lstm), or nullptr for zeros
   const int64_t* lengths;   // [B], values in [0, T], or nullptr
   const bool* mask;         // [T, B] (always time-major), or nullptr
   scalar_t* y;              // [T, B, H], or [B, T, H]; zero-filled by the caller when lengths
@@ -34,9 +34,9 @@ struct ForwardParams {
 
 template <typename scalar_t>
 struct BackwardParams {
-  const scalar_t* dy;    // [T, B, H], or [B, T, H]
-  const scalar_t* dh_n;  // [B, H]
-  const scalar_t* dc_n;  // [B, H] (lstm), else nullptr
+  const scalar_t* dy;    // [T, B, H], or [B, T, H]; nullptr for zeros
+  const scalar_t* dh_n;  // [B, H], or nullptr for zeros
+  const scalar_t* dc_n;  // [B, H] (lstm), or nullptr for zeros
   scalar_t* dx;          // [T, B, I], or [B, T, I]; zero-filled by the caller when lengths
   scalar_t* dh0;         // [B, H]
   scalar_t* dc0;         // [B, H] (lstm), else nullptr

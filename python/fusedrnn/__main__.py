@@ -1,0 +1,70 @@
+"""Command line of fusedrnn: ``python -m fusedrnn <command> [options]`` (or ``fusedrnn ...``).
+
+Commands:
+    bench   time fusedrnn against its NumPy reference and torch.nn (see bench/README.md)
+
+Each command is a subparser registered in ``_COMMANDS``: a function that adds the
+parser and its options, and sets ``func`` (called with the parsed arguments, it
+returns the exit status). A new command (``train``, say) is one more entry there.
+Command modules are imported only when their command is set up, so
+``import fusedrnn`` never pays for them (and never imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def _add_bench(subparsers) -> None:
+    from . import _bench
+
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark fusedrnn against the NumPy reference and torch.nn",
+        description="Time fusedrnn.forward/backward against fusedrnn.reference and torch.nn "
+                    "(if installed) over a grid of cells, shapes and passes; prints a table "
+                    "and writes a CSV. See bench/README.md.")
+    _bench.add_arguments(p)
+    p.set_defaults(func=_bench.run)
+
+
+#: the subcommands, in the order ``--help`` lists them
+_COMMANDS = (_add_bench,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fusedrnn",
+        description="fusedrnn: fused CPU kernels for Elman RNN, LSTM and GRU layers.")
+    parser.add_argument("--version", action="version", version=f"fusedrnn {__version__}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="<command>")
+    for add in _COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m fusedrnn`` and the ``fusedrnn`` script; returns the exit status.
+
+    Without a command it prints the available commands and returns 0.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # stdout piped into a reader that quit early (``| head``)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,752 @@
+"""``python -m fusedrnn bench``: time fusedrnn against its NumPy reference and torch.nn.
+
+Shape legend (shared/DESIGN.md section 2): T steps, B batch, I input size,
+H hidden size, G gates (rnn 1, gru 3, lstm 4).
+
+A *case* is one (cell, T, B, I, H, pass); every case is run by each selected
+*provider*:
+
+- ``fusedrnn``:  the compiled backend (``fusedrnn.forward`` / ``backward``);
+- ``reference``: the NumPy oracle (``fusedrnn.reference``), slow, so only on
+  shapes with T*B*H <= ``--ref-limit``;
+- ``torch``:     ``torch.nn.RNN`` (tanh/relu), ``LSTM`` or ``GRU`` on the CPU,
+  only when torch imports (it is imported here, at run time, never by
+  ``import fusedrnn``).
+
+Passes: ``forward`` is inference (``training=False``; ``torch.no_grad()``).
+``forward+backward`` is one training step of the layer: forward keeping what
+backward needs, then the gradients of ``sum(y * dy)`` with respect to x and all
+four weight/bias arrays (torch: ``torch.autograd.grad(y, [x, *params], dy)``,
+which is that gradient without materialising the product).
+
+Method (DESIGN.md section 7), so that ratios are trustworthy on a noisy machine:
+all contenders run in this one process with the same thread count; per case
+each provider runs once (its outputs are checked against fusedrnn's), once more
+to size a *sample* (enough back-to-back calls to last ``--min-sample-ms``),
+then ``--repeats`` samples are taken round-robin over the providers, so a noisy
+second hits everyone alike; the reported time per call is the median sample.
+GFLOP/s count 2*T*B*(I+H)*G*H FLOPs per forward (3x that per
+forward+backward); with ``--lengths`` T*B becomes sum(lengths), the useful work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import fusedrnn
+from . import reference
+
+__all__ = ["add_arguments", "run", "FULL_SHAPES", "QUICK_SHAPES", "CSV_COLUMNS"]
+
+FORWARD = "forward"
+FORWARD_BACKWARD = "forward+backward"
+PASSES = (FORWARD, FORWARD_BACKWARD)
+PROVIDERS = ("fusedrnn", "reference", "torch")
+DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
+
+#: default grid, (T, B, H) with I = H
+FULL_SHAPES = ((100, 1, 256), (100, 8, 256), (100, 32, 256), (100, 64, 512), (50, 128, 1024))
+#: ``--quick``: small enough for a smoke test of the whole tool in seconds
+QUICK_SHAPES = ((20, 1, 64), (20, 1, 128), (20, 8, 64), (20, 8, 128))
+
+#: the reference runs only where T*B*H is at most this (``--ref-limit``)
+DEFAULT_REF_LIMIT = 1 << 20
+
+#: fusedrnn cell -> torch.nn constructor name and keyword arguments
+TORCH_CELLS = {
+    "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
+    "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
+    "lstm": ("LSTM", {}),
+    "gru": ("GRU", {}),
+}  # rnn_sigmoid has no torch.nn equivalent
+
+#: agreement with fusedrnn, relative to the result's scale (DESIGN.md section 7)
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+
+CSV_COLUMNS = ("cell", "T", "B", "I", "H", "pass", "provider", "dtype", "threads", "lengths",
+               "ms", "ms_min", "ms_max", "calls_per_sample", "repeats", "gflops",
+               "speedup_vs_torch", "speedup_vs_reference", "max_rel_err", "check")
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to an (empty) argument parser."""
+    p.add_argument("--quick", action="store_true",
+                   help="small grid (T=20, B in {1,8}, H in {64,128}) with shorter samples: a "
+                        "smoke test of a few seconds")
+    p.add_argument("--cells", type=_csv_list(fusedrnn.CELLS), default=",".join(DEFAULT_CELLS),
+                   help="comma-separated cells (default: %(default)s; also rnn_relu, "
+                        "rnn_sigmoid)")
+    p.add_argument("--shapes", nargs="+", metavar="T,B,H[,I]",
+                   help="shapes to run, separated by spaces or ';' (I defaults to H); "
+                        "overrides the default and --quick grids")
+    p.add_argument("--passes", type=_csv_list(PASSES), default=",".join(PASSES),
+                   help="comma-separated passes (default: %(default)s)")
+    p.add_argument("--providers", type=_csv_list(PROVIDERS), default=",".join(PROVIDERS),
+                   help="comma-separated providers (default: %(default)s; torch is "
+                        "skipped when it does not import)")
+    p.add_argument("--repeats", type=_positive_int, default=5,
+                   help="timed samples per provider and case; the median is reported "
+                        "(default: %(default)s)")
+    p.add_argument("--min-sample-ms", type=float,
+                   help="calls are repeated back to back until one sample lasts at least "
+                        "this long (default 50, --quick 20)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="threads for every contender (default: fusedrnn.get_num_threads())")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="element type (default: %(default)s)")
+    p.add_argument("--lengths", action="store_true",
+                   help="variable-length rows: lengths uniform in [T/4, T] (torch via "
+                        "pack_padded_sequence(enforce_sorted=False))")
+    p.add_argument("--ref-limit", type=int, default=DEFAULT_REF_LIMIT, metavar="N",
+                   help="run the reference only where T*B*H <= N; 0 = always "
+                        "(default: %(default)s)")
+    p.add_argument("--csv", default=os.path.join("bench", "out", "bench.csv"), metavar="PATH",
+                   help="where to write the CSV (default: %(default)s; '' = none)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="also write a PNG bar chart of the speedups (needs matplotlib)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when any result disagrees with fusedrnn's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random problems")
+
+
+def _csv_list(allowed):
+    allowed = tuple(allowed)
+
+    def parse(text: str) -> List[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {', '.join(allowed)}; got {text!r}")
+        return list(dict.fromkeys(items))  # drop duplicates, keep order
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def parse_shapes(items: Sequence[str]) -> List[Tuple[int, int, int, int]]:
+    """'T,B,H' or 'T,B,H,I' items (each may hold several, ';'-separated) -> [(T, B, I, H)]."""
+    shapes = []
+    for item in items:
+        for part in item.split(";"):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                nums = [int(v) for v in part.replace("x", ",").split(",")]
+            except ValueError:
+                nums = []
+            if len(nums) not in (3, 4) or min(nums) < 1:
+                raise ValueError(f"--shapes: expected T,B,H or T,B,H,I with positive "
+                                 f"integers, got {part!r}")
+            T, B, H = nums[:3]
+            I = nums[3] if len(nums) == 4 else H
+            shapes.append((T, B, I, H))
+    if not shapes:
+        raise ValueError("--shapes: no shape given")
+    return shapes
+
+
+# --------------------------------------------------------------------------
+# Problems and providers
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    cell: str
+    T: int
+    B: int
+    I: int
+    H: int
+    pass_: str
+
+    @property
+    def G(self) -> int:
+        return fusedrnn.CELLS[self.cell]
+
+
+@dataclass
+class Problem:
+    """The arrays of one (cell, shape), shared by all providers and passes."""
+    x: np.ndarray  # [T, B, I]
+    w_ih: np.ndarray  # [G*H, I]
+    w_hh: np.ndarray  # [G*H, H]
+    b_ih: np.ndarray  # [G*H]
+    b_hh: np.ndarray  # [G*H]
+    dy: np.ndarray  # [T, B, H], gradient of the loss w.r.t. y
+    lengths: Optional[np.ndarray]  # [B] int64 in [T/4, T], or None
+
+    @property
+    def steps(self) -> int:
+        """(t, b) steps that do work: sum(lengths), or T*B."""
+        T, B = self.x.shape[:2]
+        return int(self.lengths.sum()) if self.lengths is not None else T * B
+
+
+def make_problem(cell, T, B, I, H, dtype, use_lengths, seed) -> Problem:
+    """Random inputs at torch.nn's initial scale (weights uniform in +-1/sqrt(H))."""
+    rng = np.random.default_rng([seed, T, B, I, H, fusedrnn.CELLS[cell]])
+    GH = fusedrnn.CELLS[cell] * H
+    k = 1.0 / math.sqrt(H)
+
+    def u(shape, scale):
+        return rng.uniform(-scale, scale, size=shape).astype(dtype)
+
+    lengths = None
+    if use_lengths:
+        lengths = rng.integers(max(1, -(-T // 4)), T + 1, size=B).astype(np.int64)
+    return Problem(x=u((T, B, I), 1.0), w_ih=u((GH, I), k), w_hh=u((GH, H), k),
+                   b_ih=u(GH, k), b_hh=u(GH, k), dy=u((T, B, H), 1.0), lengths=lengths)
+
+
+def flops(case: Case, prob: Problem) -> float:
+    """2*steps*(I+H)*G*H for forward, 3x that for forward+backward."""
+    f = 2.0 * prob.steps * (case.I + case.H) * case.G * case.H
+    return 3.0 * f if case.pass_ == FORWARD_BACKWARD else f
+
+
+#: a bound provider: ``call()`` does one timed call and returns its raw result;
+#: ``outputs(result)`` turns that into named NumPy arrays for the correctness check
+Bound = Tuple[Callable[[], object], Callable[[object], Dict[str, np.ndarray]]]
+
+
+def bind_numpy_api(api, case: Case, prob: Problem) -> Bound:
+    """fusedrnn or fusedrnn.reference: both share the forward/backward API."""
+    args = (case.cell, prob.x, prob.w_ih, prob.w_hh, prob.b_ih, prob.b_hh)
+    if case.pass_ == FORWARD:
+        def call():
+            return api.forward(*args, lengths=prob.lengths, training=False)
+
+        def outputs(r):
+            y, h_n, c_n, _ = r
+            return _named(y=y, h_n=h_n, c_n=c_n)
+    else:
+        def call():
+            y, h_n, c_n, cache = api.forward(*args, lengths=prob.lengths, training=True)
+            return y, h_n, c_n, api.backward(cache, prob.dy)
+
+        def outputs(r):
+            y, h_n, c_n, g = r
+            return _named(y=y, h_n=h_n, c_n=c_n, dx=g["x"], dw_ih=g["w_ih"],
+                          dw_hh=g["w_hh"], db_ih=g["b_ih"], db_hh=g["b_hh"])
+    return call, outputs
+
+
+def bind_torch(torch, case: Case, prob: Problem) -> Bound:
+    """torch.nn.RNN/LSTM/GRU with fusedrnn's weights (same layout and gate order)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    kind, kwargs = TORCH_CELLS[case.cell]
+    tdtype = torch.float64 if prob.x.dtype == np.float64 else torch.float32
+    module = getattr(torch.nn, kind)(case.I, case.H, dtype=tdtype, **kwargs)
+    params = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
+    with torch.no_grad():
+        for p, a in zip(params, (prob.w_ih, prob.w_hh, prob.b_ih, prob.b_hh)):
+            p.copy_(torch.from_numpy(a))
+    lengths = None if prob.lengths is None else torch.from_numpy(prob.lengths)
+    T = case.T
+
+    def run(x):
+        if lengths is None:
+            y, state = module(x)
+        else:  # what a torch user does with padded batches; part of the timed call
+            packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            y, state = module(packed)
+            y, _ = pad_packed_sequence(y, total_length=T)
+        h_n, c_n = state if case.cell == "lstm" else (state, None)
+        return y, h_n[0], (None if c_n is None else c_n[0])
+
+    if case.pass_ == FORWARD:
+        x = torch.from_numpy(prob.x)
+
+        def call():
+            with torch.no_grad():
+                return run(x)
+
+        def outputs(r):
+            return _named(y=r[0], h_n=r[1], c_n=r[2])
+    else:
+        x = torch.from_numpy(prob.x).requires_grad_(True)
+        dy = torch.from_numpy(prob.dy)
+        inputs = [x] + params
+
+        def call():
+            y, h_n, c_n = run(x)
+            # the gradient of sum(y * dy), without building the product
+            return y, h_n, c_n, torch.autograd.grad(y, inputs, grad_outputs=dy)
+
+        def outputs(r):
+            y, h_n, c_n, (dx, dw_ih, dw_hh, db_ih, db_hh) = r
+            return _named(y=y, h_n=h_n, c_n=c_n, dx=dx, dw_ih=dw_ih, dw_hh=dw_hh,
+                          db_ih=db_ih, db_hh=db_hh)
+    return call, outputs
+
+
+def _named(**arrays) -> Dict[str, np.ndarray]:
+    """Drop Nones; torch tensors -> NumPy."""
+    out = {}
+    for k, v in arrays.items():
+        if v is None:
+            continue
+        if hasattr(v, "detach"):
+            v = v.detach().numpy()
+        out[k] = np.asarray(v)
+    return out
+
+
+def rel_err(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> Tuple[float, str]:
+    """Worst max|a - b| / max|b| over the arrays both have, and which array it was."""
+    worst, where = 0.0, ""
+    for k in a.keys() & b.keys():
+        x = a[k].astype(np.float64)
+        y = b[k].astype(np.float64)
+        if x.shape != y.shape:
+            return math.inf, f"{k} shape {x.shape} vs {y.shape}"
+        if y.size == 0:
+            continue
+        diff = float(np.max(np.abs(x - y)))
+        scale = float(np.max(np.abs(y)))
+        e = 0.0 if diff == 0 else (diff / scale if scale > 0 else math.inf)
+        if not e <= worst:  # also catches NaN
+            worst, where = (math.inf if math.isnan(e) else e), k
+    return worst, where
+
+
+# --------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------
+
+def _time_sample(call, n: int) -> float:
+    """Seconds per call over n back-to-back calls."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        return (time.perf_counter() - t0) / n
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int,
+                     min_sample_s: float) -> Dict[str, Tuple[List[float], int]]:
+    """Per provider: (seconds per call of each sample, calls per sample).
+
+    Each provider has already run once (the check). One more call sizes its sample;
+    then the samples go round-robin, starting one provider later each round.
+    """
+    per_sample = {}
+    for name, call in calls.items():
+        t = _time_sample(call, 1)
+        per_sample[name] = max(1, min(10000, math.ceil(min_sample_s / max(t, 1e-9))))
+    samples: Dict[str, List[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].append(_time_sample(calls[name], per_sample[name]))
+    return {name: (samples[name], per_sample[name]) for name in names}
+
+
+def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """NumPy float32 n x n x n matmul rate (NumPy's own BLAS and thread count)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), np.float32)
+    np.matmul(a, b, out=out)  # warm-up
+    t = statistics.median(_time_sample(lambda: np.matmul(a, b, out=out), 1)
+                          for _ in range(repeats))
+    return 2.0 * n ** 3 / t / 1e9
+
+
+# --------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _numpy_blas() -> str:
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:  # noqa: BLE001 - older NumPy: purely informational
+        return "unknown"
+
+
+def import_torch():
+    """torch, or None when it does not import."""
+    try:
+        import torch  # noqa: PLC0415 - only the benchmark may import torch
+    except ImportError:
+        return None
+    return torch
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    case: Case
+    provider: str
+    dtype: str
+    threads: int
+    lengths: bool
+    repeats: int
+    ms: float = math.nan
+    ms_min: float = math.nan
+    ms_max: float = math.nan
+    calls_per_sample: int = 0
+    gflops: float = math.nan
+    speedup_vs_torch: float = math.nan
+    speedup_vs_reference: float = math.nan
+    max_rel_err: float = math.nan
+    check: str = "-"  # "ok", "MISMATCH(<array>)", "error: ...", or "-" (nothing to compare)
+
+    def csv_record(self) -> Dict[str, object]:
+        c = self.case
+        return {"cell": c.cell, "T": c.T, "B": c.B, "I": c.I, "H": c.H, "pass": c.pass_,
+                "provider": self.provider, "dtype": self.dtype, "threads": self.threads,
+                "lengths": int(self.lengths), "ms": _g(self.ms), "ms_min": _g(self.ms_min),
+                "ms_max": _g(self.ms_max), "calls_per_sample": self.calls_per_sample,
+                "repeats": self.repeats, "gflops": _g(self.gflops),
+                "speedup_vs_torch": _g(self.speedup_vs_torch),
+                "speedup_vs_reference": _g(self.speedup_vs_reference),
+                "max_rel_err": _g(self.max_rel_err), "check": self.check}
+
+
+def _g(v: float) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
+
+
+#: the human table: (title, width, cell formatter)
+_TABLE = (
+    ("cell", 11, lambda r: r.case.cell),
+    ("T", 4, lambda r: str(r.case.T)),
+    ("B", 4, lambda r: str(r.case.B)),
+    ("I", 5, lambda r: str(r.case.I)),
+    ("H", 5, lambda r: str(r.case.H)),
+    ("pass", 16, lambda r: r.case.pass_),
+    ("provider", 9, lambda r: r.provider),
+    ("ms", 9, lambda r: _fmt_ms(r.ms)),
+    ("spread", 6, lambda r: _fmt_spread(r)),
+    ("GFLOP/s", 7, lambda r: "-" if math.isnan(r.gflops) else f"{r.gflops:.1f}"),
+    ("speedup vs torch", 16, lambda r: _fmt_ratio(r.speedup_vs_torch)),
+    ("vs ref", 7, lambda r: _fmt_ratio(r.speedup_vs_reference)),
+    ("check", 0, lambda r: _fmt_check(r)),
+)
+_NUMERIC = {"T", "B", "I", "H", "ms", "spread", "GFLOP/s", "speedup vs torch", "vs ref"}
+
+
+def _fmt_ms(ms: float) -> str:
+    if math.isnan(ms):
+        return "-"
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
+
+
+def _fmt_spread(r: Row) -> str:
+    """(slowest - fastest sample) / median: how much noise the median had to see through."""
+    if math.isnan(r.ms) or r.repeats < 2:
+        return "-"
+    return f"{100 * (r.ms_max - r.ms_min) / r.ms:.0f}%"
+
+
+def _fmt_ratio(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.2f}x"
+
+
+def _fmt_check(r: Row) -> str:
+    if r.check in ("ok",) or r.check.startswith("MISMATCH"):
+        return f"{r.check} {r.max_rel_err:.1e}"
+    return r.check
+
+
+def _line(values: Sequence[str]) -> str:
+    parts = []
+    for (title, width, _), v in zip(_TABLE, values):
+        parts.append(v.rjust(width) if title in _NUMERIC else v.ljust(width))
+    return "  ".join(parts).rstrip()
+
+
+def table_header() -> str:
+    head = _line([t for t, _, _ in _TABLE])
+    return head + "\n" + "-" * len(head)
+
+
+def table_row(r: Row) -> str:
+    return _line([fmt(r) for _, _, fmt in _TABLE])
+
+
+def write_csv(path: str, rows: Sequence[Row]) -> None:
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r.csv_record())
+
+
+def write_plot(path: str, rows: Sequence[Row], out=sys.stdout) -> None:
+    """Bar chart: fusedrnn's speedup vs torch (else vs reference), one panel per pass."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        print(f"note: matplotlib is not installed; no plot written to {path}", file=out)
+        return
+    ours = [r for r in rows if r.provider == "fusedrnn"]
+    peer, attr = "torch", "speedup_vs_torch"
+    if all(math.isnan(r.speedup_vs_torch) for r in ours):
+        peer, attr = "reference", "speedup_vs_reference"
+    ours = [r for r in ours if not math.isnan(getattr(r, attr))]
+    if not ours:
+        print(f"note: no speedups to plot (no torch or reference rows); {path} not written",
+              file=out)
+        return
+    passes = [p for p in PASSES if any(r.case.pass_ == p for r in ours)]
+    fig, axes = plt.subplots(len(passes), 1, squeeze=False,
+                             figsize=(max(6.0, 0.45 * len(ours) / len(passes) + 2), 3.6 * len(passes)))
+    for ax, p in zip(axes[:, 0], passes):
+        sel = [r for r in ours if r.case.pass_ == p]
+        labels = [f"{r.case.cell}\n{r.case.T}x{r.case.B}x{r.case.H}" for r in sel]
+        vals = [getattr(r, attr) for r in sel]
+        colors = ["tab:green" if v >= 1 else "tab:red" for v in vals]
+        bars = ax.bar(range(len(sel)), vals, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.2g}" for v in vals], fontsize=7)
+        ax.set_yscale("log")  # ratios: 2x faster and 2x slower look alike
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(sel)))
+        ax.set_xticklabels(labels, fontsize=7, rotation=90)
+        ax.set_ylabel(f"speedup vs {peer}")
+        ax.set_title(f"fusedrnn {p} (T x B x H), {sel[0].dtype}, {sel[0].threads} threads")
+    fig.tight_layout()
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}", file=out)
+
+
+# --------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------
+
+def run(args: argparse.Namespace, out=None) -> int:
+    """Run the benchmark described by parsed ``bench`` arguments; returns the exit status."""
+    out = out or sys.stdout
+    try:
+        shapes = (parse_shapes(args.shapes) if args.shapes
+                  else [(T, B, H, H) for T, B, H in (QUICK_SHAPES if args.quick else FULL_SHAPES)])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    repeats = args.repeats
+    min_sample_s = (args.min_sample_ms if args.min_sample_ms is not None
+                    else (20.0 if args.quick else 50.0)) / 1000.0
+    dtype = np.dtype(args.dtype)
+    tol = TOLERANCE[args.dtype]
+    providers = list(args.providers)
+
+    torch, torch_info = None, "not requested"
+    if "torch" in providers:
+        torch = import_torch()
+        if torch is None:
+            providers.remove("torch")
+            torch_info = "does not import; the torch provider is skipped"
+        else:
+            torch_info = torch.__version__
+            if getattr(torch.backends, "mkldnn", None) and torch.backends.mkldnn.is_available():
+                torch_info += " (oneDNN available)"
+
+    old_threads = fusedrnn.get_num_threads()
+    threads = args.threads or old_threads
+    old_torch_threads = torch.get_num_threads() if torch is not None else None
+    fusedrnn.set_num_threads(threads)
+    if torch is not None:
+        torch.set_num_threads(threads)
+    try:
+        _print_header(out, threads, torch_info, args, repeats, min_sample_s)
+        rows = _run_grid(args.cells, shapes, args.passes, providers, dtype, tol, repeats,
+                         min_sample_s, threads, args, torch, out)
+    finally:
+        fusedrnn.set_num_threads(old_threads)
+        if torch is not None:
+            torch.set_num_threads(old_torch_threads)
+
+    _print_summary(out, rows, providers)
+    if args.csv:
+        write_csv(args.csv, rows)
+        print(f"CSV written to {args.csv}", file=out)
+    if args.plot:
+        write_plot(args.plot, rows, out)
+
+    errors = [r for r in rows if r.check.startswith("error")]
+    mismatches = [r for r in rows if r.check.startswith("MISMATCH")]
+    if mismatches:
+        print(f"WARNING: {len(mismatches)} row(s) marked MISMATCH: results differ from "
+              f"fusedrnn's by more than {tol:.0e} relative to scale, so those times "
+              f"compare different computations", file=sys.stderr)
+    if errors:
+        print(f"WARNING: {len(errors)} provider run(s) failed", file=sys.stderr)
+    return 1 if errors or (mismatches and args.strict) else 0
+
+
+def _print_header(out, threads, torch_info, args, repeats, min_sample_s):
+    """The machine and the method, above the table."""
+    print(f"fusedrnn {fusedrnn.__version__} benchmark  "
+          f"({time.strftime('%Y-%m-%d %H:%M:%S')}, Python {platform.python_version()})", file=out)
+    print(f"CPU:      {cpu_model()} ({os.cpu_count()} logical CPUs)", file=out)
+    print(f"threads:  {threads} (fusedrnn and torch; NumPy/reference use NumPy's BLAS "
+          f"default)", file=out)
+    print(f"BLAS:     fusedrnn: {fusedrnn._core.blas_config()}", file=out)
+    print(f"          numpy {np.__version__}: {_numpy_blas()}", file=out)
+    print(f"torch:    {torch_info}", file=out)
+    print(f"sgemm:    numpy float32 1024^3 matmul {sgemm_gflops():.1f} GFLOP/s "
+          f"(median of 5)", file=out)
+    mode = "lengths uniform in [T/4, T]" if args.lengths else "full length"
+    print(f"setup:    {args.dtype}, {mode}, median of {repeats} interleaved samples of "
+          f">= {min_sample_s * 1e3:g} ms; FLOPs 2*steps*(I+H)*G*H fwd, x3 fwd+bwd; "
+          f"reference only where T*B*H <= {args.ref_limit or 'inf'}", file=out)
+    print(file=out)
+    print(table_header(), file=out, flush=True)
+
+
+def _run_grid(cells, shapes, passes, providers, dtype, tol, repeats, min_sample_s, threads,
+              args, torch, out) -> List[Row]:
+    rows: List[Row] = []
+    notes_done = set()
+
+    def note(msg):
+        if msg not in notes_done:
+            notes_done.add(msg)
+            print(f"  note: {msg}", file=out)
+
+    for cell in cells:
+        for T, B, I, H in shapes:
+            prob = make_problem(cell, T, B, I, H, dtype, args.lengths, args.seed)
+            for pass_ in passes:
+                case = Case(cell, T, B, I, H, pass_)
+                active = []
+                for name in providers:
+                    if name == "reference" and args.ref_limit and T * B * H > args.ref_limit:
+                        note(f"reference skipped where T*B*H > {args.ref_limit} (--ref-limit)")
+                        continue
+                    if name == "torch" and cell not in TORCH_CELLS:
+                        note(f"torch has no {cell} cell; torch skipped for it")
+                        continue
+                    active.append(name)
+                case_rows = _run_case(case, prob, active, dtype, tol, repeats, min_sample_s,
+                                      threads, args.lengths, torch)
+                for r in case_rows:
+                    print(table_row(r), file=out, flush=True)
+                rows.extend(case_rows)
+    return rows
+
+
+def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, lengths,
+              torch) -> List[Row]:
+    """Check, then time, one case for the given providers; one Row per provider."""
+    rows = {n: Row(case, n, dtype.name, threads, lengths, repeats) for n in names}
+    calls, outputs = {}, {}
+    for n in names:
+        try:
+            if n == "torch":
+                call, to_arrays = bind_torch(torch, case, prob)
+            else:
+                call, to_arrays = bind_numpy_api(fusedrnn if n == "fusedrnn" else reference,
+                                                 case, prob)
+            outputs[n] = to_arrays(call())  # first call: the check, and a warm-up
+            calls[n] = call
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
+            rows[n].check = f"error: {type(e).__name__}: {e}".splitlines()[0][:120]
+
+    # correctness: everyone against fusedrnn (or the first provider that ran)
+    base = "fusedrnn" if "fusedrnn" in outputs else next(iter(outputs), None)
+    worst = 0.0
+    for n in outputs:
+        if n == base:
+            continue
+        err, where = rel_err(outputs[n], outputs[base])
+        rows[n].max_rel_err = err
+        rows[n].check = "ok" if err <= tol else f"MISMATCH({where})"
+        worst = max(worst, err)
+    if base is not None and len(outputs) > 1:
+        bad = [n for n in outputs if rows[n].check.startswith("MISMATCH")]
+        rows[base].max_rel_err = worst
+        rows[base].check = f"MISMATCH(vs {','.join(bad)})" if bad else "ok"
+    del outputs
+
+    work = flops(case, prob)
+    for n, (samples, k) in time_interleaved(calls, repeats, min_sample_s).items():
+        r = rows[n]
+        r.ms = 1e3 * statistics.median(samples)
+        r.ms_min, r.ms_max = 1e3 * min(samples), 1e3 * max(samples)
+        r.calls_per_sample = k
+        r.gflops = work / (r.ms * 1e-3) / 1e9
+    for r in rows.values():
+        if "torch" in rows and not math.isnan(rows["torch"].ms):
+            r.speedup_vs_torch = rows["torch"].ms / r.ms
+        if "reference" in rows and not math.isnan(rows["reference"].ms):
+            r.speedup_vs_reference = rows["reference"].ms / r.ms
+    return list(rows.values())
+
+
+def _print_summary(out, rows: Sequence[Row], providers: Sequence[str]) -> None:
+    """Geometric-mean speedups of fusedrnn, per pass."""
+    print(file=out)
+    for peer, attr in (("torch", "speedup_vs_torch"), ("reference", "speedup_vs_reference")):
+        if peer not in providers:
+            continue
+        parts = []
+        for p in PASSES:
+            vals = [getattr(r, attr) for r in rows
+                    if r.provider == "fusedrnn" and r.case.pass_ == p
+                    and not math.isnan(getattr(r, attr))]
+            if vals:
+                gm = math.exp(sum(math.log(v) for v in vals) / len(vals))
+                parts.append(f"{p} {gm:.2f}x over {len(vals)} cases")
+        if parts:
+            print(f"fusedrnn speedup vs {peer} (geometric mean): " + "; ".join(parts),
+                  file=out)

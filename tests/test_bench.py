@@ -1,0 +1,142 @@
+"""Smoke tests of the command line and the benchmark (``python -m fusedrnn bench``).
+
+They check the plumbing — subcommands, CSV columns and rows, the correctness
+flag, skipping torch when it is missing — on a tiny grid with one sample per
+provider, so they run in seconds. They say nothing about speed.
+"""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+import fusedrnn
+from fusedrnn import _bench
+from fusedrnn.__main__ import main
+
+try:
+    import torch  # noqa: F401
+    HAVE_TORCH = True
+except ImportError:
+    HAVE_TORCH = False
+
+TINY = ["bench", "--quick", "--repeats", "1", "--min-sample-ms", "0", "--shapes", "5,2,8"]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_no_command_lists_commands():
+    r = subprocess.run([sys.executable, "-m", "fusedrnn"], capture_output=True, text=True,
+                       timeout=60)
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0
+    assert "bench" in r.stdout
+
+
+def test_main_without_arguments_returns_0(capsys):
+    assert main([]) == 0
+    assert "bench" in capsys.readouterr().out
+
+
+def test_bench_writes_table_and_csv(tmp_path, capsys):
+    path = tmp_path / "out" / "b.csv"  # the directory is created
+    threads = fusedrnn.get_num_threads()
+    rc = main(TINY + ["--cells", "lstm,gru", "--csv", str(path)])
+    out = capsys.readouterr().out
+    print(out)
+    assert rc == 0
+    assert fusedrnn.get_num_threads() == threads  # restored after the run
+    for title in ("cell", "pass", "provider", "ms", "GFLOP/s", "speedup vs torch", "sgemm"):
+        assert title in out
+
+    columns, rows = read_csv(path)
+    assert tuple(columns) == _bench.CSV_COLUMNS
+    providers = ["fusedrnn", "reference"] + (["torch"] if HAVE_TORCH else [])
+    expected = {(c, p, q) for c in ("lstm", "gru") for p in _bench.PASSES for q in providers}
+    assert {(r["cell"], r["pass"], r["provider"]) for r in rows} == expected
+    assert len(rows) == len(expected)
+    for r in rows:
+        assert (r["T"], r["B"], r["I"], r["H"], r["dtype"]) == ("5", "2", "8", "8", "float32")
+        assert float(r["ms"]) > 0 and float(r["gflops"]) > 0
+        assert r["check"] == "ok", r  # every provider agrees with fusedrnn
+        if HAVE_TORCH:
+            assert float(r["speedup_vs_torch"]) > 0
+        else:
+            assert r["speedup_vs_torch"] == ""
+
+
+def test_bench_without_torch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes ``import torch`` fail
+    path = tmp_path / "b.csv"
+    rc = main(TINY + ["--cells", "rnn_tanh", "--passes", "forward", "--csv", str(path)])
+    out = capsys.readouterr().out
+    print(out)
+    assert rc == 0
+    assert "torch provider is skipped" in out
+    _, rows = read_csv(path)
+    assert [r["provider"] for r in rows] == ["fusedrnn", "reference"]
+    assert rows[0]["speedup_vs_torch"] == ""
+    assert float(rows[0]["speedup_vs_reference"]) > 0
+
+
+def test_bench_options(tmp_path, capsys):
+    """float64, variable lengths, the reference limit and a cell torch lacks."""
+    path = tmp_path / "b.csv"
+    rc = main(["bench", "--repeats", "1", "--min-sample-ms", "0", "--dtype", "float64",
+               "--lengths", "--shapes", "6,3,4,5;4,2,3", "--ref-limit", "60",
+               "--cells", "lstm,rnn_sigmoid", "--passes", "forward+backward",
+               "--csv", str(path)])
+    print(capsys.readouterr().out)
+    assert rc == 0
+    _, rows = read_csv(path)
+    got = {(r["cell"], r["T"], r["provider"]) for r in rows}
+    # 6*3*5 = 90 > 60: no reference there; rnn_sigmoid: no torch
+    assert ("lstm", "6", "reference") not in got
+    assert ("lstm", "4", "reference") in got
+    assert not any(c == "rnn_sigmoid" and p == "torch" for c, _, p in got)
+    assert ("lstm", "6", "torch") in got or not HAVE_TORCH
+    for r in rows:
+        assert r["dtype"] == "float64" and r["lengths"] == "1" and r["check"] in ("ok", "-")
+        if (r["T"], r["B"]) == ("6", "3"):
+            assert r["H"] == "4" and r["I"] == "5"  # T,B,H,I
+
+
+def test_bench_flags_wrong_results(tmp_path, monkeypatch, capsys):
+    """A provider whose results differ from fusedrnn's is flagged (and fails --strict)."""
+    real_forward = fusedrnn.reference.forward
+
+    def wrong_forward(*args, **kwargs):
+        y, h_n, c_n, cache = real_forward(*args, **kwargs)
+        return y * 1.01, h_n, c_n, cache
+
+    monkeypatch.setattr(fusedrnn.reference, "forward", wrong_forward)
+    path = tmp_path / "b.csv"
+    args = TINY + ["--cells", "gru", "--passes", "forward", "--providers",
+                   "fusedrnn,reference", "--csv", str(path)]
+    assert main(args) == 0
+    assert main(args + ["--strict"]) == 1
+    print(capsys.readouterr().out)
+    _, rows = read_csv(path)
+    check = {r["provider"]: r["check"] for r in rows}
+    assert check["reference"].startswith("MISMATCH")
+    assert check["fusedrnn"].startswith("MISMATCH")
+
+
+def test_parse_shapes():
+    assert _bench.parse_shapes(["100,8,256", "5,2,8,3;7x1x2"]) == [
+        (100, 8, 256, 256), (5, 2, 3, 8), (7, 1, 2, 2)]
+    with pytest.raises(ValueError, match="T,B,H"):
+        _bench.parse_shapes(["1,2"])
+
+
+def test_import_fusedrnn_does_not_import_torch():
+    code = ("import sys, fusedrnn, fusedrnn.__main__, fusedrnn._bench; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
