@@ -3,18 +3,20 @@
 // Included by one translation unit per dtype (rnn_f32.cpp, rnn_f64.cpp), which
 // instantiate forward<scalar_t> and backward<scalar_t>. Layouts: kernels.h.
 //
-// Forward, one pool job per call (threads split the time range, then the
-// hidden units):
+// Forward, one pool job per call (threads share fixed-size row tasks, then
+// split the hidden units):
 //   1. gather the valid input rows into row-packed order (skipped when x is
 //      time-major and every step is valid), gx[N, G*Hp] = x W_ihᵀ by a GEMM
 //      per thread over its rows, and pack each thread's unit blocks of W_hh;
 //   2. per step: the micro-kernel computes h W_hhᵀ for the step's rows and
 //      the thread's units in registers and runs the cell's pointwise math on
 //      them (kernels_impl.h); one barrier per step.
-// Backward walks the steps in reverse: pointwise gradient (dh += dy, gate
-// gradients), barrier, dh += dgh W_hh, barrier; then dW_ih, dW_hh, dx as
-// GEMMs split between threads by output rows, and bias gradients as column
-// sums (fixed order: results do not depend on the thread count).
+// Backward walks the steps in reverse: per step dh += dgh W_hh (all units'
+// gate gradients in, this thread's units out), then the pointwise gradient of
+// the step before (dh += dy, gate gradients) on the same units; one barrier
+// per step. Then dW_ih, dW_hh, dx as GEMMs split between threads by output
+// rows, and bias gradients as column sums (fixed order: results do not depend
+// on the thread count).
 #pragma once
 
 #include <algorithm>
@@ -53,6 +55,17 @@ inline void copy_n(S* dst, const S* src, int64_t n) {
 inline void split(int64_t total, int parts, int i, int64_t* begin, int64_t* end) {
   *begin = total * i / parts;
   *end = total * (i + 1) / parts;
+}
+
+// Large GEMMs are cut into tasks of fixed shape, dealt round-robin to the
+// threads: every output element is computed by the same BLAS call whatever
+// the thread count, so results do not depend on it.
+constexpr int64_t kRowTask = 256;   // rows of x / dx per task
+constexpr int64_t kWeightTask = 64; // rows of one gate block of dW per task
+
+// Time step of packed row r (the last t whose rows start at or before r).
+inline int64_t time_of_row(const Schedule& s, int64_t r) {
+  return int64_t(std::upper_bound(s.offset.begin(), s.offset.end(), r) - s.offset.begin()) - 1;
 }
 
 inline constexpr int gates_c(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
@@ -171,23 +184,26 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
 
   ThreadPool::run(threads, [&](int tid, Team& team) {
     const int nt = team.size();
-    int64_t ub0, ub1, t0, t1;
+    int64_t ub0, ub1;
     split(nub, nt, tid, &ub0, &ub1);
-    split(T, nt, tid, &t0, &t1);
-    const int64_t r0 = t0 < T ? sched.offset[t0] : N, r1 = t1 < T ? sched.offset[t1] : N;
-    // 1. input rows, input projection, this thread's part of the W_hh panel
-    if (!direct_x) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t j = 0; j < sched.count[t]; ++j) {
-          S* dst = xp + (sched.offset[t] + j) * I;
+    // 1. input rows and input projection, in row tasks
+    for (int64_t r0 = tid * kRowTask; r0 < N; r0 += nt * kRowTask) {
+      const int64_t r1 = std::min(N, r0 + kRowTask);
+      if (!direct_x) {
+        for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
+          while (r >= sched.offset[t] + sched.count[t]) ++t;
+          const int64_t j = r - sched.offset[t];
+          S* dst = xp + r * I;
           if (p.mask && !p.mask[t * B + j]) std::fill(dst, dst + I, S(0));
           else copy_n(dst, row_at(p.x, bf, T, B, t, sched.perm[j], I), I);
         }
-    } else if (p.training) {
-      copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
+      } else if (p.training) {
+        copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
+      }
+      gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_gemm, I, 0,
+              gx + r0 * GHp, GHp);
     }
-    gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_gemm, I, 0, gx + r0 * GHp,
-            GHp);
+    // this thread's part of the W_hh panel
     K.pack_fwd(p.w_hh, G, H, Hp, wp.data(), ub0, ub1);
     team.barrier();
     // 2. the recurrence
@@ -288,10 +304,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
     const int nt = team.size();
     int64_t ub0, ub1;
     split(nub, nt, tid, &ub0, &ub1);
-    K.pack_bwd(cache.w_hh.data(), G, H, Hp, wb.data(), ub0, ub1);
-    team.barrier();
-    for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
-      const int64_t t = *it, off = sched.offset[t];
+    auto step_args = [&](int64_t t) {
+      const int64_t off = sched.offset[t];
       BwdStep<S> a;
       a.cell = C;
       a.H = H;
@@ -308,15 +322,25 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       a.dc = dc.data();
       a.dgx = dgx.data() + off * GHp;
       a.dgh = dgh + off * GHp;
-      K.backward_point(a, ub0, ub1);
-      team.barrier();
-      K.backward_product(a, ub0, ub1);
+      return a;
+    };
+    // Steps in reverse. The pointwise gradient of a step touches only this
+    // thread's units; the product dh += dgh W_hh reads every unit's dgh. So
+    // each thread runs product(s) then pointwise(s-1) on its units, and one
+    // barrier per step separates them from the next product.
+    K.pack_bwd(cache.w_hh.data(), G, H, Hp, wb.data(), ub0, ub1);
+    if (!steps.empty()) K.backward_point(step_args(steps.back()), ub0, ub1);
+    team.barrier();
+    for (size_t i = steps.size(); i-- > 0;) {
+      K.backward_product(step_args(steps[i]), ub0, ub1);
+      if (i > 0) K.backward_point(step_args(steps[i - 1]), ub0, ub1);
       team.barrier();
     }
-    // Weight and bias gradients: this thread's rows of each gate block.
-    int64_t k0, k1;
-    split(H, nt, tid, &k0, &k1);
-    for (int64_t g = 0; g < G && k1 > k0; ++g) {
+    // Weight and bias gradients, in tasks of kWeightTask rows of one gate block.
+    const int64_t per_gate = (H + kWeightTask - 1) / kWeightTask;
+    for (int64_t task = tid; task < G * per_gate; task += nt) {
+      const int64_t g = task / per_gate, k0 = task % per_gate * kWeightTask;
+      const int64_t k1 = std::min(H, k0 + kWeightTask);
       gemm<S>(true, false, k1 - k0, I, N, 1, dgx.data() + g * Hp + k0, GHp, cache.x.data(), I,
               0, p.dw_ih + (g * H + k0) * I, I);
       gemm<S>(true, false, k1 - k0, H, N, 1, dgh + g * Hp + k0, GHp, cache.hprev.data(), Hp, 0,
@@ -334,18 +358,19 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         }
       }
     }
-    // Input gradient: this thread's time range.
-    int64_t t0, t1;
-    split(T, nt, tid, &t0, &t1);
-    const int64_t r0 = t0 < T ? sched.offset[t0] : N, r1 = t1 < T ? sched.offset[t1] : N;
+    // Input gradient, in row tasks.
     S* dx_rows = direct_dx ? p.dx : dxp.data();
-    gemm<S>(false, false, r1 - r0, I, GHp, 1, dgx.data() + r0 * GHp, GHp, cache.w_ih.data(), I,
-            0, dx_rows + r0 * I, I);
-    if (!direct_dx)
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t j = 0; j < sched.count[t]; ++j)
-          copy_n(row_at(p.dx, bf, T, B, t, sched.perm[j], I),
-                 dxp.data() + (sched.offset[t] + j) * I, I);
+    for (int64_t r0 = tid * kRowTask; r0 < N; r0 += nt * kRowTask) {
+      const int64_t r1 = std::min(N, r0 + kRowTask);
+      gemm<S>(false, false, r1 - r0, I, GHp, 1, dgx.data() + r0 * GHp, GHp, cache.w_ih.data(),
+              I, 0, dx_rows + r0 * I, I);
+      if (!direct_dx)
+        for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
+          while (r >= sched.offset[t] + sched.count[t]) ++t;
+          copy_n(row_at(p.dx, bf, T, B, t, sched.perm[r - sched.offset[t]], I),
+                 dxp.data() + r * I, I);
+        }
+    }
   });
 
   for (int64_t j = 0; j < B; ++j) {

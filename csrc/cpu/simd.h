@@ -13,6 +13,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #if !defined(FUSEDRNN_ISA_NS) || !defined(FUSEDRNN_VBYTES)
 #error "define FUSEDRNN_ISA_NS and FUSEDRNN_VBYTES before including simd.h"
 #endif
@@ -104,7 +108,21 @@ struct VecMath<float> {
     std::memcpy(&scale, &bits, sizeof scale);
     return p * scale;
   }
-  static inline T sigmoid(T x) { return 1.0f / (1.0f + exp(-x)); }
+  // 1/x for x in [1, 3e38]: the hardware's approximate reciprocal refined by
+  // one Newton step (relative error ~1e-7, like a division, at a third of
+  // its cost); a plain division where no such instruction is compiled in.
+  static inline T recip(T x) {
+#if FUSEDRNN_VBYTES == 64 && defined(__AVX512F__)
+    const T r = (T)_mm512_rcp14_ps((__m512)x);
+    return r * (2.0f - x * r);
+#elif FUSEDRNN_VBYTES == 32 && defined(__AVX2__)
+    const T r = (T)_mm256_rcp_ps((__m256)x);
+    return r * (2.0f - x * r);
+#else
+    return 1.0f / x;
+#endif
+  }
+  static inline T sigmoid(T x) { return recip(1.0f + exp(-x)); }
   // tanh: odd polynomial near 0 (where 1 - 2/(e^2x + 1) would cancel),
   // 1 - 2/(e^(2|x|) + 1) with the sign of x elsewhere.
   static inline T tanh(T x) {
@@ -116,7 +134,7 @@ struct VecMath<float> {
     p = p * z + 1.33314422036e-1f;
     p = p * z - 3.33332819422e-1f;
     const T small = p * z * x + x;
-    T big = 1.0f - 2.0f / (exp(ax + ax) + 1.0f);
+    T big = 1.0f - 2.0f * recip(exp(ax + ax) + 1.0f);
     big = select(x < 0.0f, -big, big);
     return select(ax < 0.625f, small, big);
   }
