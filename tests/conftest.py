@@ -10,7 +10,7 @@ import fusedrnn
 CELLS = list(fusedrnn.CELLS)
 #: DESIGN.md section 7: compiled vs reference, relative to the result's scale
 TOL = {np.float32: 1e-4, np.float64: 1e-10}
-GRAD_KEYS = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
+GRAD_KEYS = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
 
 #: the variable-length / missing-data / direction options every cell is tested with
 SEMANTICS = {
@@ -27,17 +27,23 @@ SEMANTICS = {
 
 
 def make_problem(cell, T, B, I, H, dtype, rng, lengths=False, mask=False, reverse=False,
-                 batch_first=False, no_state=False, scale=0.5):
-    """Random inputs for one call of ``forward``: (args, kwargs, dy, dh_n, dc_n)."""
+                 batch_first=False, no_state=False, scale=0.5, proj=0):
+    """Random inputs for one call of ``forward``: (args, kwargs, dy, dh_n, dc_n).
+
+    proj=P > 0 (lstm): a projection w_hr [P, H]; the state then has P values.
+    """
     G = fusedrnn.CELLS[cell]
     r = lambda *shape: (rng.standard_normal(shape) * scale).astype(dtype)  # noqa: E731
+    P = proj or H
     x = r(B, T, I) if batch_first else r(T, B, I)
-    args = [cell, x, r(G * H, I), r(G * H, H), r(G * H), r(G * H)]
+    args = [cell, x, r(G * H, I), r(G * H, P), r(G * H), r(G * H)]
     if no_state:
         args += [None, None]
     else:
-        args += [r(B, H), r(B, H) if cell == "lstm" else None]
+        args += [r(B, P), r(B, H) if cell == "lstm" else None]
     kw = {"reverse": reverse, "batch_first": batch_first}
+    if proj:
+        kw["w_hr"] = r(P, H)
     if lengths:
         lens = rng.integers(0, T + 1, size=B)
         if B >= 2:  # always include an empty and a full row
@@ -46,8 +52,8 @@ def make_problem(cell, T, B, I, H, dtype, rng, lengths=False, mask=False, revers
     if mask:
         m = rng.random((B, T) if batch_first else (T, B)) < 0.7
         kw["mask"] = m
-    dy = r(B, T, H) if batch_first else r(T, B, H)
-    return args, kw, dy, r(B, H), (r(B, H) if cell == "lstm" else None)
+    dy = r(B, T, P) if batch_first else r(T, B, P)
+    return args, kw, dy, r(B, P), (r(B, H) if cell == "lstm" else None)
 
 
 def rel_err(a, ref):

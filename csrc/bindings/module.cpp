@@ -93,7 +93,7 @@ template <typename scalar_t>
 py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle w_hh_in,
                        py::handle b_ih_in, py::handle b_hh_in, py::handle h0_in,
                        py::handle c0_in, py::handle lengths_in, py::handle mask_in, bool reverse,
-                       bool batch_first, bool training) {
+                       bool batch_first, bool training, py::handle w_hr_in) {
   if (x_in.ndim() != 3)
     throw py::value_error("x must have 3 dimensions, got shape " + shape_str(shape_of(x_in)));
   const int64_t G = gates_of(cell);
@@ -103,16 +103,27 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
   py::array w_hh_any = py::array::ensure(w_hh_in);
   if (!w_hh_any || w_hh_any.ndim() != 2)
     throw py::value_error("w_hh must be a 2-dimensional array [G*H, H]");
-  const int64_t H = w_hh_any.shape(1);
-  if (I < 1 || H < 1 || I > kMaxDim || H > kMaxDim)
-    throw py::value_error("input size and hidden size must lie in [1, 2**30]");
-  const bool lstm = cell == Cell::Lstm;
+  const bool lstm = cell == Cell::Lstm, proj = !w_hr_in.is_none();
+  if (proj && !lstm) throw py::value_error("w_hr (projection) is only used by cell 'lstm'");
+  // Hidden size H; state size P (the projection's, else H).
+  int64_t H = w_hh_any.shape(1), P = H;
+  py::array w_hr_any;
+  if (proj) {
+    w_hr_any = py::array::ensure(w_hr_in);
+    if (!w_hr_any || w_hr_any.ndim() != 2)
+      throw py::value_error("w_hr must be a 2-dimensional array [P, H]");
+    P = w_hr_any.shape(0);
+    H = w_hr_any.shape(1);
+  }
+  if (I < 1 || H < 1 || P < 1 || I > kMaxDim || H > kMaxDim || P > kMaxDim)
+    throw py::value_error("input, hidden and projection sizes must lie in [1, 2**30]");
 
   auto x = take<scalar_t>("x", x_in, shape_of(x_in));
   auto w_ih = take<scalar_t>("w_ih", w_ih_in, {G * H, I});
-  auto w_hh = take<scalar_t>("w_hh", w_hh_in, {G * H, H});
+  auto w_hh = take<scalar_t>("w_hh", w_hh_in, {G * H, P});
+  Optional<scalar_t> w_hr("w_hr", w_hr_in, {P, H});
   Optional<scalar_t> b_ih("b_ih", b_ih_in, {G * H}), b_hh("b_hh", b_hh_in, {G * H});
-  Optional<scalar_t> h0("h0", h0_in, {B, H});
+  Optional<scalar_t> h0("h0", h0_in, {B, P});
   if (!lstm && !c0_in.is_none()) throw py::value_error("c0 is only used by cell 'lstm'");
   Optional<scalar_t> c0("c0", c0_in, {B, H});
 
@@ -129,10 +140,10 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
   py::array_t<bool, py::array::c_style> mask;
   if (!mask_in.is_none()) mask = take<bool>("mask", mask_in, {T, B});
 
-  const std::vector<int64_t> yshape = batch_first ? std::vector<int64_t>{B, T, H}
-                                                  : std::vector<int64_t>{T, B, H};
+  const std::vector<int64_t> yshape = batch_first ? std::vector<int64_t>{B, T, P}
+                                                  : std::vector<int64_t>{T, B, P};
   auto y = new_array<scalar_t>(yshape, !lengths_in.is_none());
-  auto h_n = new_array<scalar_t>({B, H}, false);
+  auto h_n = new_array<scalar_t>({B, P}, false);
   py::object c_n = py::none();
   py::array_t<scalar_t> c_n_arr;
   if (lstm) {
@@ -152,6 +163,8 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
   p.x = x.data();
   p.w_ih = w_ih.data();
   p.w_hh = w_hh.data();
+  p.w_hr = w_hr.data();
+  p.P = P;
   p.b_ih = b_ih.data();
   p.b_hh = b_hh.data();
   p.h0 = h0.data();
@@ -174,16 +187,16 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
 py::tuple forward_py(const std::string& cell_s, py::handle x_in, py::handle w_ih,
                      py::handle w_hh, py::handle b_ih, py::handle b_hh, py::handle h0,
                      py::handle c0, py::handle lengths, py::handle mask, bool reverse,
-                     bool batch_first, bool training) {
+                     bool batch_first, bool training, py::handle w_hr) {
   const Cell cell = parse_cell(cell_s);
   py::array x = py::array::ensure(x_in);
   if (!x) throw py::type_error("x must be an array");
   if (x.dtype().is(py::dtype::of<float>()))
     return forward_impl<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask, reverse,
-                               batch_first, training);
+                               batch_first, training, w_hr);
   if (x.dtype().is(py::dtype::of<double>()))
     return forward_impl<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask, reverse,
-                                batch_first, training);
+                                batch_first, training, w_hr);
   throw py::type_error("x must have dtype float32 or float64, got " +
                        std::string(py::str(x.dtype())));
 }
@@ -192,17 +205,19 @@ template <typename scalar_t>
 py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::handle dh_n_in,
                         py::handle dc_n_in) {
   const int64_t T = cache.T, B = cache.B, I = cache.I, H = cache.H, GH = cache.G * H;
+  const int64_t P = cache.P;
   const bool lstm = cache.cell == Cell::Lstm, bf = cache.batch_first;
-  Optional<scalar_t> dy("dy", dy_in, bf ? std::vector<int64_t>{B, T, H}
-                                         : std::vector<int64_t>{T, B, H});
-  Optional<scalar_t> dh_n("dh_n", dh_n_in, {B, H});
+  const bool proj = cache.w_hr.size() > 0;
+  Optional<scalar_t> dy("dy", dy_in, bf ? std::vector<int64_t>{B, T, P}
+                                         : std::vector<int64_t>{T, B, P});
+  Optional<scalar_t> dh_n("dh_n", dh_n_in, {B, P});
   if (!lstm && !dc_n_in.is_none()) throw py::value_error("dc_n is only used by cell 'lstm'");
   Optional<scalar_t> dc_n("dc_n", dc_n_in, {B, H});
 
   auto dx = new_array<scalar_t>(bf ? std::vector<int64_t>{B, T, I}
                                    : std::vector<int64_t>{T, B, I},
                                 cache.has_lengths);
-  auto dh0 = new_array<scalar_t>({B, H}, false);
+  auto dh0 = new_array<scalar_t>({B, P}, false);
   py::object dc0 = py::none();
   py::array_t<scalar_t> dc0_arr;
   if (lstm) {
@@ -210,7 +225,13 @@ py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::hand
     dc0 = dc0_arr;
   }
   auto dw_ih = new_array<scalar_t>({GH, I}, false);
-  auto dw_hh = new_array<scalar_t>({GH, H}, false);
+  auto dw_hh = new_array<scalar_t>({GH, P}, false);
+  py::object dw_hr = py::none();
+  py::array_t<scalar_t> dw_hr_arr;
+  if (proj) {
+    dw_hr_arr = new_array<scalar_t>({P, H}, false);
+    dw_hr = dw_hr_arr;
+  }
   auto db_ih = new_array<scalar_t>({GH}, false);
   auto db_hh = new_array<scalar_t>({GH}, false);
 
@@ -223,13 +244,14 @@ py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::hand
   p.dc0 = lstm ? dc0_arr.mutable_data() : nullptr;
   p.dw_ih = dw_ih.mutable_data();
   p.dw_hh = dw_hh.mutable_data();
+  p.dw_hr = proj ? dw_hr_arr.mutable_data() : nullptr;
   p.db_ih = db_ih.mutable_data();
   p.db_hh = db_hh.mutable_data();
   {
     py::gil_scoped_release release;
     fusedrnn::backward<scalar_t>(cache, p);
   }
-  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh);
+  return py::make_tuple(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr);
 }
 
 py::tuple backward_py(const std::shared_ptr<CacheBase>& cache, py::handle dy, py::handle dh_n,
@@ -252,6 +274,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("B", [](const CacheBase& c) { return c.B; })
       .def_property_readonly("I", [](const CacheBase& c) { return c.I; })
       .def_property_readonly("H", [](const CacheBase& c) { return c.H; })
+      .def_property_readonly("P", [](const CacheBase& c) { return c.P; },
+                             "State size: the projection size with w_hr, else H.")
       .def_property_readonly("dtype",
                              [](const CacheBase& c) { return c.is_double() ? "float64" : "float32"; })
       .def_property_readonly("batch_first", [](const CacheBase& c) { return c.batch_first; })
@@ -267,7 +291,8 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("forward", &forward_py, py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"),
         py::arg("b_ih"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"),
-        py::arg("mask"), py::arg("reverse"), py::arg("batch_first"), py::arg("training"));
+        py::arg("mask"), py::arg("reverse"), py::arg("batch_first"), py::arg("training"),
+        py::arg("w_hr") = py::none());
   m.def("backward", &backward_py, py::arg("cache"), py::arg("dy"), py::arg("dh_n"),
         py::arg("dc_n"));
   m.def("set_num_threads", &fusedrnn::set_num_threads, py::arg("n"));

@@ -7,8 +7,11 @@
 // arrays):
 //   state h, c, dh, dc            [B, Hp]
 //   gx, gates, dgx, dgh           [rows, G*Hp]   gate g at columns [g*Hp, g*Hp + H)
-//   forward panel of W_hh         [nub][H][G][U]     wp[u][k][g][v] = W_hh[g*H + u*U + v, k]
+//   forward panel of W_hh         [nub][K][G][U]     wp[u][k][g][v] = W_hh[g*H + u*U + v, k]
 //   backward panel of W_hh        [nub][G*Hp][U]     wb[u][g*Hp + k][v] = W_hh[g*H + k, u*U + v]
+// (K = H, or the projection size P for an LSTM with projection, whose step is
+// two products: gates from h [.., P] with the cell's epilogue writing
+// m = o*tanh(c') [.., Hp], then h' = m W_hrᵀ as the internal cell Proj.)
 //   input-side bias bx            [nub][G][U]   b_ih + b_hh (gru's n gate: b_ih only)
 //   gru's recurrent n bias bhn    [nub][U]
 // Work is split between threads by unit blocks [ub0, ub1); a thread only
@@ -28,6 +31,8 @@ struct FwdStep {
   const S* wp;             // forward panel of W_hh
   const S* bx;             // [nub][G][U]
   const S* bhn;            // [nub][U] (gru), else nullptr
+  const S* in;             // [n, ld_in] rows the tile multiplies (k < K): h, or m for Proj
+  int64_t K, ld_in;
   const S* h;              // [n, Hp] state before the step
   S* h_next;               // [n, Hp] state after the step
   S* c;                    // [n, Hp] lstm cell state, updated in place; else nullptr
@@ -39,7 +44,9 @@ struct FwdStep {
   bool save;               // training: keep what backward needs
   S* hprev;                // [n, Hp] saved state before the step (save)
   S* extra;                // lstm [n, 2*Hp] (c, c'); gru [n, Hp] (hn) (save)
-  S* scratch;              // this thread's [n, 2*G*U] partial sums (large H), or nullptr
+  S* scratch;              // this thread's [n, 2*G*U] partial sums (large K), or nullptr
+  S* m;                    // lstm with projection: m = o*tanh(c') [n, Hp] is written
+                           // instead of h_next, y and hprev (Proj writes those)
 };
 
 template <typename S>
@@ -58,17 +65,23 @@ struct BwdStep {
   S* dc;                   // [n, Hp] lstm, else nullptr
   S* dgx;                  // [n, G*Hp] gradient w.r.t. the input-side pre-activations
   S* dgh;                  // [n, G*Hp] w.r.t. the recurrent ones (== dgx unless gru)
+  // The product: out[n, units] (+)= dgh[n, G*Kp] (k < K in each gate block) @ wb.
+  int64_t G, K, Kp, ld_out;
+  S* out;
+  bool accumulate;         // add to out (dh) rather than overwrite it
 };
 
 template <typename S>
 struct Kernels {
   const char* isa;
   int lanes;  // U
-  // Pack unit blocks [ub0, ub1) of the forward / backward panel.
-  void (*pack_fwd)(const S* w_hh, int64_t G, int64_t H, int64_t Hp, S* wp, int64_t ub0,
+  // Pack unit blocks [ub0, ub1) of the forward / backward panel of a weight
+  // w [G*Hr, K] (forward: output units Hr) / w [G*Hr, ncols] (backward:
+  // output units ncols, each gate's Hr rows padded to Hrp).
+  void (*pack_fwd)(const S* w, int64_t G, int64_t Hr, int64_t K, S* wp, int64_t ub0,
                    int64_t ub1);
-  void (*pack_bwd)(const S* w_hh, int64_t G, int64_t H, int64_t Hp, S* wb, int64_t ub0,
-                   int64_t ub1);
+  void (*pack_bwd)(const S* w, int64_t G, int64_t Hr, int64_t Hrp, int64_t ncols, S* wb,
+                   int64_t ub0, int64_t ub1);
   // One forward step for unit blocks [ub0, ub1): gh = h W_hhᵀ in registers,
   // then the cell's pointwise math on the tile (biases, gx, nonlinearities,
   // state update, mask rule, output and saved values).
@@ -77,7 +90,7 @@ struct Kernels {
   // step's rows; dh becomes the direct part of the gradient w.r.t. the state
   // before the step.
   void (*backward_point)(const BwdStep<S>& a, int64_t ub0, int64_t ub1);
-  // Backward, product half: dh += dgh W_hh for the step's rows.
+  // Backward, product half: out (+)= dgh W for the step's rows.
   void (*backward_product)(const BwdStep<S>& a, int64_t ub0, int64_t ub1);
 };
 

@@ -18,6 +18,8 @@
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
+constexpr int gates_c(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
+
 // Accumulator budget: MR * NU * G vectors (<= 12 of the 16/32 registers).
 constexpr int tile_mr(int G) { return G == 4 ? 3 : G == 3 ? 4 : 6; }
 constexpr int tile_nu(int G, int mr) {
@@ -27,29 +29,29 @@ constexpr int tile_nu(int G, int mr) {
 // ------------------------------------------------------------------ packing
 
 template <typename S>
-void pack_fwd(const S* w_hh, int64_t G, int64_t H, int64_t Hp, S* wp, int64_t ub0, int64_t ub1) {
-  (void)Hp;
+void pack_fwd(const S* w, int64_t G, int64_t Hr, int64_t K, S* wp, int64_t ub0, int64_t ub1) {
   constexpr int U = Vec<S>::L;
   for (int64_t u = ub0; u < ub1; ++u)
     for (int64_t g = 0; g < G; ++g)
-      for (int v = 0; v < U; ++v) {  // one row of W_hh (contiguous over k) per lane
+      for (int v = 0; v < U; ++v) {  // one row of w (contiguous over k) per lane
         const int64_t unit = u * U + v;
-        const S* src = w_hh + (g * H + unit) * H;
-        S* dst = wp + (u * H * G + g) * U + v;
-        for (int64_t k = 0; k < H; ++k) dst[k * G * U] = unit < H ? src[k] : S(0);
+        const S* src = w + (g * Hr + unit) * K;
+        S* dst = wp + (u * K * G + g) * U + v;
+        for (int64_t k = 0; k < K; ++k) dst[k * G * U] = unit < Hr ? src[k] : S(0);
       }
 }
 
 template <typename S>
-void pack_bwd(const S* w_hh, int64_t G, int64_t H, int64_t Hp, S* wb, int64_t ub0, int64_t ub1) {
+void pack_bwd(const S* w, int64_t G, int64_t Hr, int64_t Hrp, int64_t ncols, S* wb, int64_t ub0,
+              int64_t ub1) {
   constexpr int U = Vec<S>::L;
   for (int64_t u = ub0; u < ub1; ++u)
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t k = 0; k < Hp; ++k) {
-        S* dst = wb + (u * G * Hp + g * Hp + k) * U;
+      for (int64_t k = 0; k < Hrp; ++k) {
+        S* dst = wb + (u * G * Hrp + g * Hrp + k) * U;
         for (int v = 0; v < U; ++v) {
           const int64_t unit = u * U + v;
-          dst[v] = (k < H && unit < H) ? w_hh[(g * H + k) * H + unit] : S(0);
+          dst[v] = (k < Hr && unit < ncols) ? w[(g * Hr + k) * ncols + unit] : S(0);
         }
       }
 }
@@ -68,19 +70,27 @@ inline void forward_epilogue(const FwdStep<S>& a, int64_t row, int64_t u, const 
   using M = VecMath<S>;
   using Vt = V<S>;
   constexpr int U = Vec<S>::L;
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int G = gates_c(C);
   const int64_t Hp = a.Hp, col = u * U;
   const int lanes = a.H - col < U ? int(a.H - col) : U;
-  const Vt h = load(a.h + row * Hp + col);
-  S* y = a.y + a.perm[row] * a.y_stride + col;
-  if (a.save) store(a.hprev + row * Hp + col, h);
-  if (a.valid && !a.valid[row]) {  // masked step: state carried, y = carried state
-    store(a.h_next + row * Hp + col, h);
-    store_user(y, h, lanes);
-    return;
+  if (a.m) {  // lstm with projection: the state h is [.., P]; Proj handles h, y
+    if (a.valid && !a.valid[row]) {  // masked step: c carried; m = 0 reaches no gradient
+      store(a.m + row * Hp + col, Vt{});
+      return;
+    }
+  } else {
+    const Vt h = load(a.h + row * Hp + col);
+    S* y = a.y + a.perm[row] * a.y_stride + col;
+    if (a.save) store(a.hprev + row * Hp + col, h);
+    if (a.valid && !a.valid[row]) {  // masked step: state carried, y = carried state
+      store(a.h_next + row * Hp + col, h);
+      store_user(y, h, lanes);
+      return;
+    }
   }
-  S* gx = a.gx + row * G * Hp + col;
-  const S* bx = a.bx + u * G * U;
+  // (Proj has no input projection and no bias.)
+  S* gx = C == Cell::Proj ? nullptr : a.gx + row * G * Hp + col;
+  const S* bx = C == Cell::Proj ? nullptr : a.bx + u * G * U;
   Vt h_new;
   if constexpr (C == Cell::Lstm) {
     using L = cell::Lstm<M>;
@@ -99,8 +109,13 @@ inline void forward_epilogue(const FwdStep<S>& a, int64_t row, int64_t u, const 
       store(a.extra + row * 2 * Hp + col, c_old);
       store(a.extra + row * 2 * Hp + Hp + col, c_new);
     }
+    if (a.m) {
+      store(a.m + row * Hp + col, h_new);
+      return;
+    }
   } else if constexpr (C == Cell::Gru) {
     using R = cell::Gru<M>;
+    const Vt h = load(a.h + row * Hp + col);
     const Vt hn = acc[2] + load(a.bhn + u * U);
     const auto q = R::gates(load(gx) + load(bx), load(gx + Hp) + load(bx + U),
                             load(gx + 2 * Hp) + load(bx + 2 * U), acc[0], acc[1], hn);
@@ -111,12 +126,14 @@ inline void forward_epilogue(const FwdStep<S>& a, int64_t row, int64_t u, const 
       store(gx + 2 * Hp, q.n);
       store(a.extra + row * Hp + col, hn);
     }
+  } else if constexpr (C == Cell::Proj) {
+    h_new = acc[0];
   } else {
     h_new = cell::Rnn<C, M>::forward(acc[0] + load(gx) + load(bx));
     if (a.save) store(gx, h_new);
   }
   store(a.h_next + row * Hp + col, h_new);
-  store_user(y, h_new, lanes);
+  store_user(a.y + a.perm[row] * a.y_stride + col, h_new, lanes);
 }
 
 // One tile over k in [k0, k1). part == nullptr: the whole k range in one
@@ -127,26 +144,26 @@ template <Cell C, typename S, int MR, int NU>
 void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0, int64_t k0, int64_t k1, S* part) {
   using Vt = V<S>;
   constexpr int U = Vec<S>::L;
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
-  const int64_t H = a.H, Hp = a.Hp, panel = H * G * U;
+  constexpr int G = gates_c(C);
+  const int64_t K = a.K, ld = a.ld_in, panel = K * G * U;
   Vt acc[MR][NU][G];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NU; ++j)
       for (int g = 0; g < G; ++g)
         acc[r][j][g] = part && k0 > 0 ? load(part + ((r * NU + j) * G + g) * U) : Vt{};
   const S* wp = a.wp + u0 * panel;
-  const S* h = a.h + r0 * Hp;
+  const S* h = a.in + r0 * ld;
   for (int64_t k = k0; k < k1; ++k) {
     Vt w[NU][G];
     for (int j = 0; j < NU; ++j)
       for (int g = 0; g < G; ++g) w[j][g] = load(wp + j * panel + (k * G + g) * U);
     for (int r = 0; r < MR; ++r) {
-      const Vt hb = splat(h[r * Hp + k]);
+      const Vt hb = splat(h[r * ld + k]);
       for (int j = 0; j < NU; ++j)
         for (int g = 0; g < G; ++g) acc[r][j][g] += hb * w[j][g];
     }
   }
-  if (part && k1 < H) {
+  if (part && k1 < K) {
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NU; ++j)
         for (int g = 0; g < G; ++g) store(part + ((r * NU + j) * G + g) * U, acc[r][j][g]);
@@ -172,7 +189,7 @@ void forward_rows_mr(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1, 
                      int64_t k0, int64_t k1, S* part) {
   if constexpr (MR >= 1) {
     if (mr == MR) {
-      constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+      constexpr int G = gates_c(C);
       forward_rows<C, S, MR, NU ? NU : tile_nu(G, MR)>(a, r0, ub0, ub1, k0, k1, part);
       return;
     }
@@ -182,12 +199,12 @@ void forward_rows_mr(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1, 
 
 template <Cell C, typename S>
 void forward_step(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int G = gates_c(C);
   constexpr int U = Vec<S>::L;
   constexpr int MR = tile_mr(G), NU = tile_nu(G, MR);
   // k per chunk so that NU panels' chunk (kc * G * U * NU values) fits in 16 KiB of L1.
   constexpr int64_t KC = 16384 / (G * U * NU * int64_t(sizeof(S)));
-  const int64_t n = a.n, H = a.H;
+  const int64_t n = a.n, H = a.K;  // H: the length of the product's k loop
   if (n < MR) {  // few rows: wider tiles keep enough independent accumulators
     forward_rows_mr<C, S, MR, 0>(a, 0, ub0, ub1, int(n), 0, H, nullptr);
     return;
@@ -219,7 +236,7 @@ void backward_point(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
   using M = VecMath<S>;
   using Vt = V<S>;
   constexpr int U = Vec<S>::L;
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int G = gates_c(C);
   const int64_t Hp = a.Hp, GHp = G * Hp;
   for (int64_t j = 0; j < a.n; ++j) {
     const S* dy = a.dy ? a.dy + a.perm[j] * a.dy_stride : nullptr;
@@ -240,7 +257,7 @@ void backward_point(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
         }
         continue;
       }
-      const S* q = a.gates + j * GHp + col;
+      const S* q = C == Cell::Proj ? nullptr : a.gates + j * GHp + col;
       if constexpr (C == Cell::Lstm) {
         using L = cell::Lstm<M>;
         const typename L::Gates gates{load(q), load(q + Hp), load(q + 2 * Hp), load(q + 3 * Hp)};
@@ -266,6 +283,9 @@ void backward_point(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
         store(dgh + Hp, dhh.z);
         store(dgh + 2 * Hp, dhh.n);
         store(dhp, direct);
+      } else if constexpr (C == Cell::Proj) {  // h' = W_hr m: dgx is dh' itself
+        store(dgx, dh);
+        store(dhp, Vt{});
       } else {
         store(dgx, cell::Rnn<C, M>::backward(dh, load(q)));
         store(dhp, Vt{});
@@ -274,28 +294,29 @@ void backward_point(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
   }
 }
 
-// dh[r0 .. r0+MR, blocks u0 .. u0+NU] += dgh rows @ W_hh (backward panel).
+// out[r0 .. r0+MR, blocks u0 .. u0+NU] (+)= dgh rows @ W (backward panel).
 template <typename S, int MR, int NU>
 void backward_tile(const BwdStep<S>& a, int64_t G, int64_t r0, int64_t u0) {
   using Vt = V<S>;
   constexpr int U = Vec<S>::L;
-  const int64_t H = a.H, Hp = a.Hp, GHp = G * Hp, panel = GHp * U;
+  const int64_t K = a.K, Kp = a.Kp, GKp = G * Kp, panel = GKp * U, ld = a.ld_out;
   Vt acc[MR][NU];
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NU; ++j) acc[r][j] = load(a.dh + (r0 + r) * Hp + (u0 + j) * U);
+    for (int j = 0; j < NU; ++j)
+      acc[r][j] = a.accumulate ? load(a.out + (r0 + r) * ld + (u0 + j) * U) : Vt{};
   const S* wb = a.wb + u0 * panel;
-  const S* dg = a.dgh + r0 * GHp;
+  const S* dg = a.dgh + r0 * GKp;
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t k = g * Hp; k < g * Hp + H; ++k) {
+    for (int64_t k = g * Kp; k < g * Kp + K; ++k) {
       Vt w[NU];
       for (int j = 0; j < NU; ++j) w[j] = load(wb + j * panel + k * U);
       for (int r = 0; r < MR; ++r) {
-        const Vt d = splat(dg[r * GHp + k]);
+        const Vt d = splat(dg[r * GKp + k]);
         for (int j = 0; j < NU; ++j) acc[r][j] += d * w[j];
       }
     }
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NU; ++j) store(a.dh + (r0 + r) * Hp + (u0 + j) * U, acc[r][j]);
+    for (int j = 0; j < NU; ++j) store(a.out + (r0 + r) * ld + (u0 + j) * U, acc[r][j]);
 }
 
 template <typename S, int MR, int NU>
@@ -317,9 +338,9 @@ void backward_rows_mr(const BwdStep<S>& a, int64_t G, int64_t r0, int64_t ub0, i
   }
 }
 
-template <Cell C, typename S>
+template <typename S>
 void backward_product(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  const int64_t G = a.G;
   constexpr int MR = tile_mr(1), NU = tile_nu(1, MR);
   const int64_t n = a.n;
   if (n < MR) {
@@ -344,6 +365,7 @@ void forward_step_any(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
     case Cell::RnnSigmoid: return forward_step<Cell::RnnSigmoid, S>(a, ub0, ub1);
     case Cell::Lstm: return forward_step<Cell::Lstm, S>(a, ub0, ub1);
     case Cell::Gru: return forward_step<Cell::Gru, S>(a, ub0, ub1);
+    case Cell::Proj: return forward_step<Cell::Proj, S>(a, ub0, ub1);
   }
 }
 
@@ -355,23 +377,14 @@ void backward_point_any(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
     case Cell::RnnSigmoid: return backward_point<Cell::RnnSigmoid, S>(a, ub0, ub1);
     case Cell::Lstm: return backward_point<Cell::Lstm, S>(a, ub0, ub1);
     case Cell::Gru: return backward_point<Cell::Gru, S>(a, ub0, ub1);
-  }
-}
-
-template <typename S>
-void backward_product_any(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
-  switch (a.cell) {
-    case Cell::Lstm: return backward_product<Cell::Lstm, S>(a, ub0, ub1);
-    case Cell::Gru: return backward_product<Cell::Gru, S>(a, ub0, ub1);
-    default: return backward_product<Cell::RnnTanh, S>(a, ub0, ub1);
+    case Cell::Proj: return backward_point<Cell::Proj, S>(a, ub0, ub1);
   }
 }
 
 template <typename S>
 const Kernels<S>* table() {
   static const Kernels<S> k{FUSEDRNN_ISA_NAME, Vec<S>::L, pack_fwd<S>, pack_bwd<S>,
-                            forward_step_any<S>, backward_point_any<S>,
-                            backward_product_any<S>};
+                            forward_step_any<S>, backward_point_any<S>, backward_product<S>};
   return &k;
 }
 

@@ -108,6 +108,9 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   const int64_t U = K.lanes, nub = (H + U - 1) / U, Hp = nub * U, GHp = G * Hp;
   const int64_t E = C == Cell::Lstm ? 2 * Hp : C == Cell::Gru ? Hp : 0;  // extra per row
   const bool bf = p.batch_first;
+  // LSTM with projection: the state h has P values (padded to Pp), c has H.
+  const bool proj = C == Cell::Lstm && p.w_hr;
+  const int64_t P = proj ? p.P : H, nubP = (P + U - 1) / U, Pp = nubP * U;
 
   Schedule sched;
   sched.build(T, B, p.lengths);
@@ -124,11 +127,15 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   if (p.training) {
     cache = std::make_unique<Cache<S>>();
     cache->x.resize(checked_mul(N, I));
-    cache->hprev.resize(checked_mul(N, Hp));
+    cache->hprev.resize(checked_mul(N, Pp));
     cache->gates.resize(checked_mul(N, GHp));
     cache->extra.resize(checked_mul(N, E));
     cache->w_ih.resize(checked_mul(GHp, I));
-    cache->w_hh.resize(checked_mul(G * H, H));
+    cache->w_hh.resize(checked_mul(G * H, P));
+    if (proj) {
+      cache->m.resize(checked_mul(N, Hp));
+      cache->w_hr.resize(checked_mul(P, H));
+    }
     xp = cache->x.data();
     gx = cache->gates.data();
     w_ih_pad = cache->w_ih.data();
@@ -165,11 +172,14 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
       if (C == Cell::Gru) bhn.data()[u * U + v] = unit < H ? bias_at(p.b_hh, 2 * H + unit) : S(0);
     }
 
-  Buffer<S> wp(checked_mul(checked_mul(nub, H), G * U));
-  Buffer<S> hA(checked_mul(B, Hp)), hB(checked_mul(B, Hp));
+  Buffer<S> wp(checked_mul(checked_mul(nub, P), G * U));
+  Buffer<S> hA(checked_mul(B, Pp)), hB(checked_mul(B, Pp));
   Buffer<S> c(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
-  copy_rows_padded(hA.data(), Hp, p.h0, H, sched.perm.data(), B);
-  copy_n(hB.data(), hA.data(), B * Hp);
+  copy_rows_padded(hA.data(), Pp, p.h0, P, sched.perm.data(), B);
+  copy_n(hB.data(), hA.data(), B * Pp);
+  // projection: its forward panel, and m = o*tanh(c') of a step when not training
+  Buffer<S> wr(proj ? checked_mul(checked_mul(nubP, H), U) : 0);
+  Buffer<S> m_step(proj && !p.training ? checked_mul(B, Hp) : 0);
   if (C == Cell::Lstm) copy_rows_padded(c.data(), Hp, p.c0, H, sched.perm.data(), B);
 
   std::vector<int64_t> steps;  // executed steps, in processing order
@@ -178,14 +188,15 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     if (sched.count[t] > 0) steps.push_back(t);
   }
 
-  const int threads = choose_threads(nub, B, G, H);
+  const int threads = choose_threads(std::max(nub, nubP), B, G, H);
   const int64_t scratch_per_thread = B * 2 * G * U;
   Buffer<S> scratch(checked_mul(threads, scratch_per_thread));
 
   ThreadPool::run(threads, [&](int tid, Team& team) {
     const int nt = team.size();
-    int64_t ub0, ub1;
+    int64_t ub0, ub1, pb0, pb1;
     split(nub, nt, tid, &ub0, &ub1);
+    split(nubP, nt, tid, &pb0, &pb1);
     // 1. input rows and input projection, in row tasks
     for (int64_t r0 = tid * kRowTask; r0 < N; r0 += nt * kRowTask) {
       const int64_t r1 = std::min(N, r0 + kRowTask);
@@ -203,8 +214,9 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
       gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_gemm, I, 0,
               gx + r0 * GHp, GHp);
     }
-    // this thread's part of the W_hh panel
-    K.pack_fwd(p.w_hh, G, H, Hp, wp.data(), ub0, ub1);
+    // this thread's part of the W_hh (and W_hr) panels
+    K.pack_fwd(p.w_hh, G, H, P, wp.data(), ub0, ub1);
+    if (proj) K.pack_fwd(p.w_hr, 1, P, H, wr.data(), pb0, pb1);
     team.barrier();
     // 2. the recurrence
     S* h = hA.data();
@@ -219,19 +231,37 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
       a.wp = wp.data();
       a.bx = bx.data();
       a.bhn = bhn.data();
+      a.in = h;
+      a.K = P;
+      a.ld_in = Pp;
       a.h = h;
       a.h_next = h_next;
       a.c = c.data();
       a.gx = gx + off * GHp;
       a.valid = p.mask ? reinterpret_cast<const uint8_t*>(p.mask + t * B) : nullptr;
-      a.y = step_base(p.y, bf, T, B, t, H, &a.y_stride);
+      a.y = step_base(p.y, bf, T, B, t, P, &a.y_stride);
       a.perm = sched.perm.data();
       a.save = p.training;
-      a.hprev = p.training ? cache->hprev.data() + off * Hp : nullptr;
+      a.hprev = p.training ? cache->hprev.data() + off * Pp : nullptr;
       a.extra = p.training ? cache->extra.data() + off * E : nullptr;
       a.scratch = scratch.data() + tid * scratch_per_thread;
+      a.m = !proj ? nullptr : p.training ? cache->m.data() + off * Hp : m_step.data();
       K.forward_step(a, ub0, ub1);
       team.barrier();
+      if (proj) {  // h' = W_hr m, over the P units
+        FwdStep<S> b = a;
+        b.cell = Cell::Proj;
+        b.H = P;
+        b.Hp = Pp;
+        b.wp = wr.data();
+        b.bx = b.bhn = nullptr;
+        b.in = a.m;
+        b.K = H;
+        b.ld_in = Hp;
+        b.c = b.gx = b.extra = b.m = nullptr;
+        K.forward_step(b, pb0, pb1);
+        team.barrier();
+      }
       std::swap(h, h_next);
     }
   });
@@ -241,15 +271,15 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   const S* h_last = steps.size() % 2 ? hB.data() : hA.data();
   for (int64_t j = 0; j < B; ++j) {
     const int64_t b = sched.perm[j];
-    S* hn = p.h_n + b * H;
+    S* hn = p.h_n + b * P;
     if (!p.lengths) {
-      copy_n(hn, h_last + j * Hp, H);
+      copy_n(hn, h_last + j * Pp, P);
     } else if (p.lengths[b] == 0) {
-      if (p.h0) copy_n(hn, p.h0 + b * H, H);
-      else std::fill(hn, hn + H, S(0));
+      if (p.h0) copy_n(hn, p.h0 + b * P, P);
+      else std::fill(hn, hn + P, S(0));
     } else {
       const int64_t t_last = p.reverse ? 0 : p.lengths[b] - 1;
-      copy_n(hn, row_at(p.y, bf, T, B, t_last, b, H), H);
+      copy_n(hn, row_at(p.y, bf, T, B, t_last, b, P), P);
     }
     if (C == Cell::Lstm) copy_n(p.c_n + b * H, c.data() + j * Hp, H);
   }
@@ -262,11 +292,14 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     cache->H = H;
     cache->G = G;
     cache->Hp = Hp;
+    cache->P = P;
+    cache->Pp = Pp;
     cache->reverse = p.reverse;
     cache->batch_first = bf;
     cache->has_lengths = p.lengths != nullptr;
     if (p.mask) cache->mask.assign(p.mask, p.mask + T * B);
-    copy_n(cache->w_hh.data(), p.w_hh, G * H * H);
+    copy_n(cache->w_hh.data(), p.w_hh, G * H * P);
+    if (proj) copy_n(cache->w_hr.data(), p.w_hr, P * H);
     cache->sched = std::move(sched);
   }
   return cache;
@@ -283,14 +316,20 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   const Schedule& sched = cache.sched;
   const int64_t N = sched.N;
   const bool bf = cache.batch_first;
-  if (Hp != nub * U) throw std::logic_error("fusedrnn: cache from other kernels");
+  const bool proj = C == Cell::Lstm && cache.w_hr.size() > 0;
+  const int64_t P = cache.P, nubP = (P + U - 1) / U, Pp = cache.Pp;
+  if (Hp != nub * U || Pp != nubP * U) throw std::logic_error("fusedrnn: cache from other kernels");
 
   Buffer<S> dgx(checked_mul(N, GHp)), dgh_own(C == Cell::Gru ? checked_mul(N, GHp) : 0);
   S* dgh = C == Cell::Gru ? dgh_own.data() : dgx.data();
-  Buffer<S> dh(checked_mul(B, Hp)), dc(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
-  copy_rows_padded(dh.data(), Hp, p.dh_n, H, sched.perm.data(), B);
+  Buffer<S> dh(checked_mul(B, Pp)), dc(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
+  copy_rows_padded(dh.data(), Pp, p.dh_n, P, sched.perm.data(), B);
   if (C == Cell::Lstm) copy_rows_padded(dc.data(), Hp, p.dc_n, H, sched.perm.data(), B);
-  Buffer<S> wb(checked_mul(checked_mul(nub, GHp), U));
+  // W_hh's backward panel: output units are the state's (P of them)
+  Buffer<S> wb(checked_mul(checked_mul(nubP, GHp), U));
+  // projection: W_hr's backward panel, dL/dh' of every step, dL/dm of a step
+  Buffer<S> wrb(proj ? checked_mul(checked_mul(nub, Pp), U) : 0);
+  Buffer<S> dproj(proj ? checked_mul(N, Pp) : 0), dm(proj ? checked_mul(B, Hp) : 0);
   const bool direct_dx = sched.identity && !bf;
   Buffer<S> dxp(direct_dx ? 0 : checked_mul(N, I));
 
@@ -300,10 +339,11 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
     if (sched.count[t] > 0) steps.push_back(t);
   }
 
-  ThreadPool::run(choose_threads(nub, B, G, H), [&](int tid, Team& team) {
+  ThreadPool::run(choose_threads(std::max(nub, nubP), B, G, H), [&](int tid, Team& team) {
     const int nt = team.size();
-    int64_t ub0, ub1;
+    int64_t ub0, ub1, pb0, pb1;
     split(nub, nt, tid, &ub0, &ub1);
+    split(nubP, nt, tid, &pb0, &pb1);
     auto step_args = [&](int64_t t) {
       const int64_t off = sched.offset[t];
       BwdStep<S> a;
@@ -322,19 +362,69 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       a.dc = dc.data();
       a.dgx = dgx.data() + off * GHp;
       a.dgh = dgh + off * GHp;
+      a.G = G;
+      a.K = H;
+      a.Kp = Hp;
+      a.out = dh.data();
+      a.ld_out = Pp;
+      a.accumulate = true;
+      if (proj) {  // the cell's point gradient starts from dL/dm, not from dh and dy
+        a.dy = nullptr;
+        a.dh = dm.data();
+      }
+      return a;
+    };
+    // projection h' = W_hr m: the point gradient is dh' (+ dy); the product
+    // dm = dh' W_hr
+    auto proj_args = [&](int64_t t) {
+      const int64_t off = sched.offset[t];
+      BwdStep<S> a{};
+      a.cell = Cell::Proj;
+      a.H = P;
+      a.Hp = Pp;
+      a.n = sched.count[t];
+      a.wb = wrb.data();
+      a.valid = cache.mask.empty() ? nullptr : cache.mask.data() + t * B;
+      a.dy = p.dy ? step_base(p.dy, bf, T, B, t, P, &a.dy_stride) : nullptr;
+      a.perm = sched.perm.data();
+      a.dh = dh.data();
+      a.dgx = a.dgh = dproj.data() + off * Pp;
+      a.G = 1;
+      a.K = P;
+      a.Kp = Pp;
+      a.out = dm.data();
+      a.ld_out = Hp;
+      a.accumulate = false;
       return a;
     };
     // Steps in reverse. The pointwise gradient of a step touches only this
     // thread's units; the product dh += dgh W_hh reads every unit's dgh. So
     // each thread runs product(s) then pointwise(s-1) on its units, and one
     // barrier per step separates them from the next product.
-    K.pack_bwd(cache.w_hh.data(), G, H, Hp, wb.data(), ub0, ub1);
-    if (!steps.empty()) K.backward_point(step_args(steps.back()), ub0, ub1);
-    team.barrier();
-    for (size_t i = steps.size(); i-- > 0;) {
-      K.backward_product(step_args(steps[i]), ub0, ub1);
-      if (i > 0) K.backward_point(step_args(steps[i - 1]), ub0, ub1);
+    K.pack_bwd(cache.w_hh.data(), G, H, Hp, P, wb.data(), pb0, pb1);
+    if (!proj) {
+      if (!steps.empty()) K.backward_point(step_args(steps.back()), ub0, ub1);
       team.barrier();
+      for (size_t i = steps.size(); i-- > 0;) {
+        K.backward_product(step_args(steps[i]), ub0, ub1);
+        if (i > 0) K.backward_point(step_args(steps[i - 1]), ub0, ub1);
+        team.barrier();
+      }
+    } else {
+      // Per step: dh' (P units) | barrier | dm = dh' W_hr and the cell's point
+      // gradient (H units) | barrier | dh = dgates W_hh (P units), then dh'
+      // of the step before on the same units.
+      K.pack_bwd(cache.w_hr.data(), 1, P, Pp, H, wrb.data(), ub0, ub1);
+      if (!steps.empty()) K.backward_point(proj_args(steps.back()), pb0, pb1);
+      team.barrier();
+      for (size_t i = steps.size(); i-- > 0;) {
+        K.backward_product(proj_args(steps[i]), ub0, ub1);
+        K.backward_point(step_args(steps[i]), ub0, ub1);
+        team.barrier();
+        K.backward_product(step_args(steps[i]), pb0, pb1);
+        if (i > 0) K.backward_point(proj_args(steps[i - 1]), pb0, pb1);
+        team.barrier();
+      }
     }
     // Weight and bias gradients, in tasks of kWeightTask rows of one gate block.
     const int64_t per_gate = (H + kWeightTask - 1) / kWeightTask;
@@ -343,8 +433,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       const int64_t k1 = std::min(H, k0 + kWeightTask);
       gemm<S>(true, false, k1 - k0, I, N, 1, dgx.data() + g * Hp + k0, GHp, cache.x.data(), I,
               0, p.dw_ih + (g * H + k0) * I, I);
-      gemm<S>(true, false, k1 - k0, H, N, 1, dgh + g * Hp + k0, GHp, cache.hprev.data(), Hp, 0,
-              p.dw_hh + (g * H + k0) * H, H);
+      gemm<S>(true, false, k1 - k0, P, N, 1, dgh + g * Hp + k0, GHp, cache.hprev.data(), Pp, 0,
+              p.dw_hh + (g * H + k0) * P, P);
       S* dbi = p.db_ih + g * H + k0;
       S* dbh = p.db_hh + g * H + k0;
       std::fill(dbi, dbi + (k1 - k0), S(0));
@@ -358,6 +448,13 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         }
       }
     }
+    // Projection weights: dW_hr = Σ dh'ᵀ m, in tasks of rows of W_hr.
+    if (proj)
+      for (int64_t k0 = tid * kWeightTask; k0 < P; k0 += nt * kWeightTask) {
+        const int64_t k1 = std::min(P, k0 + kWeightTask);
+        gemm<S>(true, false, k1 - k0, H, N, 1, dproj.data() + k0, Pp, cache.m.data(), Hp, 0,
+                p.dw_hr + k0 * H, H);
+      }
     // Input gradient, in row tasks.
     S* dx_rows = direct_dx ? p.dx : dxp.data();
     for (int64_t r0 = tid * kRowTask; r0 < N; r0 += nt * kRowTask) {
@@ -374,7 +471,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   });
 
   for (int64_t j = 0; j < B; ++j) {
-    copy_n(p.dh0 + sched.perm[j] * H, dh.data() + j * Hp, H);
+    copy_n(p.dh0 + sched.perm[j] * P, dh.data() + j * Pp, P);
     if (C == Cell::Lstm) copy_n(p.dc0 + sched.perm[j] * H, dc.data() + j * Hp, H);
   }
 }
@@ -389,6 +486,7 @@ auto dispatch_cell(Cell cell, Fn&& fn) {
     case Cell::RnnSigmoid: return fn(std::integral_constant<Cell, Cell::RnnSigmoid>{});
     case Cell::Lstm: return fn(std::integral_constant<Cell, Cell::Lstm>{});
     case Cell::Gru: return fn(std::integral_constant<Cell, Cell::Gru>{});
+    case Cell::Proj: break;
   }
   throw std::invalid_argument("unknown cell");
 }

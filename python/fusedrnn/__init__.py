@@ -24,7 +24,7 @@ Cache = _core.Cache
 
 
 def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-            mask=None, reverse=False, batch_first=False, training=True):
+            mask=None, reverse=False, batch_first=False, training=True, w_hr=None):
     """Run one recurrent layer over a whole sequence.
 
     Args:
@@ -38,15 +38,18 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
             state and outputs the carried state.
         reverse: run t = T-1 ... 0 (with lengths, row b starts at lengths[b]-1).
         training: keep what ``backward`` needs; False returns cache None.
+        w_hr: [P, H], lstm only: projection (torch.nn.LSTM's proj_size); the
+            state becomes h' = W_hr (o * tanh(c')) with P values, w_hh is
+            [4*H, P], and h0, h_n, y hold P values (c0, c_n keep H).
 
     Returns:
         y [T, B, H] (or [B, T, H]), h_n [B, H], c_n [B, H] or None, cache.
     """
     a = _validate.forward_args(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
                                mask=mask, reverse=reverse, batch_first=batch_first,
-                               training=training, zeros_for_none=False)
+                               training=training, w_hr=w_hr, zeros_for_none=False)
     return _core.forward(a.cell, a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths,
-                         a.mask, a.reverse, a.batch_first, a.training)
+                         a.mask, a.reverse, a.batch_first, a.training, a.w_hr)
 
 
 def backward(cache, dy, dh_n=None, dc_n=None):
@@ -58,12 +61,13 @@ def backward(cache, dy, dh_n=None, dc_n=None):
         dh_n, dc_n: gradients w.r.t. h_n and c_n ([B, H]) or None (zeros).
 
     Returns:
-        dict with keys x, h0, c0 (None unless lstm), w_ih, w_hh, b_ih, b_hh.
+        dict with keys x, h0, c0 (None unless lstm), w_ih, w_hh, b_ih, b_hh,
+        w_hr (None unless forward had a projection).
     """
     d = _validate.backward_args(cache, Cache, dy, dh_n, dc_n, zeros_for_none=False)
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh = _core.backward(cache, d.dy, d.dh_n, d.dc_n)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _core.backward(cache, d.dy, d.dh_n, d.dc_n)
     return {"x": dx, "h0": dh0, "c0": dc0, "w_ih": dw_ih, "w_hh": dw_hh, "b_ih": db_ih,
-            "b_hh": db_hh}
+            "b_hh": db_hh, "w_hr": dw_hr}
 
 
 def set_num_threads(n):

@@ -40,6 +40,8 @@ class ForwardArgs(NamedTuple):
     B: int
     I: int
     H: int
+    P: int  # state size: the projection size with w_hr, else H
+    w_hr: Optional[np.ndarray]  # [P, H] (lstm with projection), else None
 
 
 class BackwardArgs(NamedTuple):
@@ -77,7 +79,7 @@ def _array(name, value, dtype, shape, legend):
 
 def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
                  lengths=None, mask=None, reverse=False, batch_first=False,
-                 training=True, zeros_for_none=True) -> ForwardArgs:
+                 training=True, w_hr=None, zeros_for_none=True) -> ForwardArgs:
     """Checked arguments of ``forward``; ``zeros_for_none=False`` keeps None
     for b_ih, b_hh, h0 and c0 (the compiled backend reads None as zeros)."""
     if not isinstance(cell, str):
@@ -108,11 +110,26 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         w_hh = np.asarray(w_hh)
     if w_hh.ndim != 2:
         raise ValueError(f"w_hh must have 2 dimensions [G*H, H], got shape {w_hh.shape}")
-    H = w_hh.shape[1]
-    if H < 1:
-        raise ValueError(f"w_hh must have hidden size H >= 1 (second dimension), got shape {w_hh.shape}")
+    if w_hr is None:
+        H = P = w_hh.shape[1]
+        if H < 1:
+            raise ValueError(f"w_hh must have hidden size H >= 1 (second dimension), got shape {w_hh.shape}")
+        w_hh = _array("w_hh", w_hh, dtype, (G * H, H), f"[G*H, H] with G={G} for cell {cell!r}")
+    else:
+        # LSTM with projection: the state h has P values, the cell c has H.
+        if cell != "lstm":
+            raise ValueError(f"w_hr (projection) is only used by cell 'lstm', got cell {cell!r}")
+        if not isinstance(w_hr, np.ndarray):
+            w_hr = np.asarray(w_hr)
+        if w_hr.dtype != dtype:
+            raise TypeError(f"w_hr has dtype {w_hr.dtype} but x has dtype {dtype}; "
+                            f"all arrays of one call must share x's dtype (float32 or float64)")
+        if w_hr.ndim != 2 or min(w_hr.shape) < 1:
+            raise ValueError(f"w_hr must have shape [P, H] with P, H >= 1, got {w_hr.shape}")
+        P, H = w_hr.shape
+        w_hh = _array("w_hh", w_hh, dtype, (G * H, P),
+                      f"[4*H, P] with H={H}, P={P} (from w_hr [P, H])")
     GH = G * H
-    w_hh = _array("w_hh", w_hh, dtype, (GH, H), f"[G*H, H] with G={G} for cell {cell!r}")
     w_ih = _array("w_ih", w_ih, dtype, (GH, I), f"[G*H, I] with G={G}, H={H}, I={I}")
     z = zeros_for_none
     if b_ih is not None:
@@ -124,9 +141,9 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     elif z:
         b_hh = np.zeros(GH, dtype)
     if h0 is not None:
-        h0 = _array("h0", h0, dtype, (B, H), "[B, H]")
+        h0 = _array("h0", h0, dtype, (B, P), "[B, P]" if w_hr is not None else "[B, H]")
     elif z:
-        h0 = np.zeros((B, H), dtype)
+        h0 = np.zeros((B, P), dtype)
     if c0 is not None:
         if cell != "lstm":
             raise ValueError(f"c0 is only used by cell 'lstm', got c0 for cell {cell!r}")
@@ -156,14 +173,14 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         if batch_first:
             mask = mask.T
     return ForwardArgs(cell, G, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask,
-                       reverse, batch_first, training, dtype, T, B, I, H)
+                       reverse, batch_first, training, dtype, T, B, I, H, P, w_hr)
 
 
 def backward_args(cache, cache_type, dy, dh_n=None, dc_n=None,
                   zeros_for_none=True) -> BackwardArgs:
     """Check the arguments of ``backward`` against the cache's recorded sizes.
 
-    ``cache`` must expose ``cell``, ``T``, ``B``, ``H``, ``dtype`` and
+    ``cache`` must expose ``cell``, ``T``, ``B``, ``H``, ``P``, ``dtype`` and
     ``batch_first``. ``zeros_for_none=False`` keeps None arguments as None.
     """
     if cache is None:
@@ -172,17 +189,18 @@ def backward_args(cache, cache_type, dy, dh_n=None, dc_n=None,
     if not isinstance(cache, cache_type):
         raise TypeError(f"cache must be a {cache_type.__module__}.{cache_type.__qualname__} "
                         f"from the same module's forward, got {type(cache).__name__}")
-    T, B, H, dtype = cache.T, cache.B, cache.H, np.dtype(cache.dtype)
-    yshape, ylegend = ((B, T, H), "[B, T, H]") if cache.batch_first else ((T, B, H), "[T, B, H]")
+    T, B, H, P, dtype = cache.T, cache.B, cache.H, cache.P, np.dtype(cache.dtype)
+    n = "P" if P != H else "H"  # the state's size: P with a projection
+    yshape, ylegend = ((B, T, P), f"[B, T, {n}]") if cache.batch_first else ((T, B, P), f"[T, B, {n}]")
     z = zeros_for_none
     if dy is not None:
         dy = _array("dy", dy, dtype, yshape, ylegend)
     elif z:
         dy = np.zeros(yshape, dtype)
     if dh_n is not None:
-        dh_n = _array("dh_n", dh_n, dtype, (B, H), "[B, H]")
+        dh_n = _array("dh_n", dh_n, dtype, (B, P), f"[B, {n}]")
     elif z:
-        dh_n = np.zeros((B, H), dtype)
+        dh_n = np.zeros((B, P), dtype)
     if dc_n is not None:
         if cache.cell != "lstm":
             raise ValueError(f"dc_n is only used by cell 'lstm', got dc_n for cell {cache.cell!r}")

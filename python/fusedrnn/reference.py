@@ -180,9 +180,12 @@ class ReferenceCache:
     number of times.  ``nbytes`` is the total size of the arrays held.
     """
 
-    def __init__(self, cell, T, B, I, H, dtype, batch_first, padded, x, w_ih, w_hh, steps):
+    def __init__(self, cell, T, B, I, H, dtype, batch_first, padded, x, w_ih, w_hh, steps,
+                 w_hr=None):
         self.cell = cell
         self.T, self.B, self.I, self.H = T, B, I, H
+        self.P = H if w_hr is None else w_hr.shape[0]  # state size (projection size)
+        self.w_hr = w_hr  # [P, H] copy (lstm with projection), else None
         self.dtype = np.dtype(dtype)
         self.batch_first = batch_first
         self.padded = padded  # lengths were given: dy at invalid steps is ignored
@@ -193,7 +196,7 @@ class ReferenceCache:
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.x, self.w_ih, self.w_hh]
+        arrays = [self.x, self.w_ih, self.w_hh] + ([] if self.w_hr is None else [self.w_hr])
         for s in self.steps:
             arrays += [s.rows, s.h, *s.saved.values()]
             if s.c is not None:
@@ -210,7 +213,7 @@ class ReferenceCache:
 # --------------------------------------------------------------------------
 
 def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-            mask=None, reverse=False, batch_first=False, training=True):
+            mask=None, reverse=False, batch_first=False, training=True, w_hr=None):
     """Run a whole recurrent layer forward.
 
     Arguments (shapes as in the module docstring; None means zeros):
@@ -223,6 +226,9 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
             batch_first).  At most one of them; see the validity rule above.
         reverse: run t = T-1 .. 0.
         training: keep a cache for ``backward``.
+        w_hr: [P, H], lstm only: projection (as torch.nn.LSTM's proj_size).
+            The state becomes h' = W_hr (o * tanh(c')) with P values; then
+            w_hh is [4*H, P], h0, h_n and y hold P values, c0 and c_n H.
 
     Returns ``(y, h_n, c_n, cache)``: y [T, B, H] ([B, T, H] with
     batch_first), h_n [B, H] the state after each row's last valid step,
@@ -231,8 +237,8 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     """
     a = _validate.forward_args(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
                                mask=mask, reverse=reverse, batch_first=batch_first,
-                               training=training)
-    T, B, H = a.T, a.B, a.H
+                               training=training, w_hr=w_hr)
+    T, B, H, P = a.T, a.B, a.H, a.P
     step_forward, _ = _CELLS[a.cell]
     is_lstm = a.cell == "lstm"
 
@@ -242,7 +248,7 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
 
     h = a.h0.copy()  # [B, H] running state
     c = a.c0.copy() if is_lstm else None
-    y = np.zeros((T, B, H), a.dtype)
+    y = np.zeros((T, B, P), a.dtype)
     steps = []
     for t in _time_order(T, a.reverse):
         rows = np.flatnonzero(valid[t])  # valid rows of this step
@@ -251,6 +257,9 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
         gx = xt[t, rows] @ a.w_ih.T + a.b_ih  # [R, G*H]
         gh = h_prev @ a.w_hh.T + a.b_hh  # [R, G*H]
         h_new, c_new, saved = step_forward(a.cell, gx, gh, h_prev, c_prev)
+        if a.w_hr is not None:  # projection: h' = W_hr m with m = o * tanh(c')
+            saved["m"] = h_new
+            h_new = h_new @ a.w_hr.T
         h[rows] = h_new  # invalid rows keep their state
         if is_lstm:
             c[rows] = c_new
@@ -266,7 +275,8 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     cache = None
     if a.training:
         cache = ReferenceCache(a.cell, T, B, a.I, H, a.dtype, a.batch_first, padded,
-                               np.array(xt), a.w_ih.copy(), a.w_hh.copy(), tuple(steps))
+                               np.array(xt), a.w_ih.copy(), a.w_hh.copy(), tuple(steps),
+                               None if a.w_hr is None else a.w_hr.copy())
     return y, h, c, cache
 
 
@@ -305,6 +315,7 @@ def backward(cache, dy, dh_n=None, dc_n=None):
     dw_hh = np.zeros_like(cache.w_hh)
     db_ih = np.zeros(cache.w_ih.shape[0], dtype)
     db_hh = np.zeros(cache.w_hh.shape[0], dtype)
+    dw_hr = None if cache.w_hr is None else np.zeros_like(cache.w_hr)
 
     for s in reversed(cache.steps):
         rows = s.rows
@@ -314,6 +325,9 @@ def backward(cache, dy, dh_n=None, dc_n=None):
             dh += dyt[s.t]  # masked rows: y is the carried state
         dh_new = dh[rows]
         dc_new = dc[rows] if is_lstm else None
+        if cache.w_hr is not None:  # through the projection h' = W_hr m
+            dw_hr += dh_new.T @ s.saved["m"]
+            dh_new = dh_new @ cache.w_hr  # gradient w.r.t. m
         dgx, dgh, dh_direct, dc_prev = step_backward(cache.cell, s.saved, s.h, s.c,
                                                      dh_new, dc_new)
         x_t = cache.x[s.t, rows]  # [R, I]
@@ -329,7 +343,7 @@ def backward(cache, dy, dh_n=None, dc_n=None):
     if cache.batch_first:
         dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
     return {"x": dx, "h0": dh, "c0": dc, "w_ih": dw_ih, "w_hh": dw_hh,
-            "b_ih": db_ih, "b_hh": db_hh}
+            "b_ih": db_ih, "b_hh": db_hh, "w_hr": dw_hr}
 
 
 # --------------------------------------------------------------------------

@@ -20,7 +20,9 @@
 
 namespace fusedrnn {
 
-enum class Cell : int { RnnTanh = 0, RnnRelu = 1, RnnSigmoid = 2, Lstm = 3, Gru = 4 };
+// Proj is internal: the linear map h' = W_hr m of an LSTM with projection,
+// run by the kernels as a cell of one gate with no bias or nonlinearity.
+enum class Cell : int { RnnTanh = 0, RnnRelu = 1, RnnSigmoid = 2, Lstm = 3, Gru = 4, Proj = 5 };
 
 inline int gates_of(Cell cell) {
   switch (cell) {

@@ -20,28 +20,31 @@ struct ForwardParams {
   bool reverse, batch_first, training;
   const scalar_t* x;        // [T, B, I], or [B, T, I] when batch_first
   const scalar_t* w_ih;     // [G*H, I]
-  const scalar_t* w_hh;     // [G*H, H]
+  const scalar_t* w_hh;     // [G*H, H], or [4*H, P] with a projection
+  const scalar_t* w_hr;     // [P, H]: lstm with projection (h' = W_hr (o*tanh c')), or nullptr
+  int64_t P;                // projection size (with w_hr)
   const scalar_t* b_ih;     // [G*H], or nullptr for zeros
   const scalar_t* b_hh;     // [G*H], or nullptr for zeros
-  const scalar_t* h0;       // [B, H], or nullptr for zeros
+  const scalar_t* h0;       // [B, P], or nullptr for zeros
   const scalar_t* c0;       // [B, H] (lstm), or nullptr for zeros
   const int64_t* lengths;   // [B], values in [0, T], or nullptr
   const bool* mask;         // [T, B] (always time-major), or nullptr
-  scalar_t* y;              // [T, B, H], or [B, T, H]; zero-filled by the caller when lengths
-  scalar_t* h_n;            // [B, H]
+  scalar_t* y;              // [T, B, P], or [B, T, P]; zero-filled by the caller when lengths
+  scalar_t* h_n;            // [B, P]   (P = H unless projected)
   scalar_t* c_n;            // [B, H] (lstm), else nullptr
 };
 
 template <typename scalar_t>
 struct BackwardParams {
-  const scalar_t* dy;    // [T, B, H], or [B, T, H]; nullptr for zeros
-  const scalar_t* dh_n;  // [B, H], or nullptr for zeros
+  const scalar_t* dy;    // [T, B, P], or [B, T, P]; nullptr for zeros
+  const scalar_t* dh_n;  // [B, P], or nullptr for zeros
   const scalar_t* dc_n;  // [B, H] (lstm), or nullptr for zeros
   scalar_t* dx;          // [T, B, I], or [B, T, I]; zero-filled by the caller when lengths
-  scalar_t* dh0;         // [B, H]
+  scalar_t* dh0;         // [B, P]
   scalar_t* dc0;         // [B, H] (lstm), else nullptr
   scalar_t* dw_ih;       // [G*H, I]
-  scalar_t* dw_hh;       // [G*H, H]
+  scalar_t* dw_hh;       // [G*H, P]
+  scalar_t* dw_hr;       // [P, H] with a projection, else nullptr
   scalar_t* db_ih;       // [G*H]
   scalar_t* db_hh;       // [G*H]
 };
@@ -63,6 +66,7 @@ struct Schedule {
 struct CacheBase {
   Cell cell;
   int64_t T = 0, B = 0, I = 0, H = 0, G = 0, Hp = 0;
+  int64_t P = 0, Pp = 0;  // state size (H, or the projection size) and its padding
   bool reverse = false, batch_first = false, has_lengths = false;
   Schedule sched;
   std::vector<uint8_t> mask;  // [T, B] when a mask was given, else empty
@@ -74,15 +78,17 @@ struct CacheBase {
 template <typename scalar_t>
 struct Cache : CacheBase {
   Buffer<scalar_t> x;      // [N, I] input rows (masked-out rows zeroed)
-  Buffer<scalar_t> hprev;  // [N, Hp] state before the step
+  Buffer<scalar_t> hprev;  // [N, Pp] state before the step
   Buffer<scalar_t> gates;  // [N, G*Hp] activated gates (rnn: h')
   Buffer<scalar_t> extra;  // lstm: [N, 2*Hp] (c, c'); gru: [N, Hp] hn = W_hn h + b_hn
   Buffer<scalar_t> w_ih;   // [G*Hp, I] copy of W_ih, gate blocks padded to Hp rows
-  Buffer<scalar_t> w_hh;   // [G*H, H] copy of W_hh
+  Buffer<scalar_t> w_hh;   // [G*H, P] copy of W_hh
+  Buffer<scalar_t> m;      // projection: [N, Hp] m = o*tanh(c')
+  Buffer<scalar_t> w_hr;   // projection: [P, H] copy of W_hr
   bool is_double() const override { return sizeof(scalar_t) == 8; }
   std::size_t nbytes() const override {
     return x.nbytes() + hprev.nbytes() + gates.nbytes() + extra.nbytes() + w_ih.nbytes() +
-           w_hh.nbytes() + mask.size() +
+           w_hh.nbytes() + m.nbytes() + w_hr.nbytes() + mask.size() +
            (sched.perm.size() + sched.count.size() + sched.offset.size()) * sizeof(int64_t);
   }
 };
