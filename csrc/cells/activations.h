@@ -27,7 +27,7 @@ struct ScalarMath {
     return e / (T(1) + e);
   }
   static FUSEDRNN_HD T tanh(T x) { return std::tanh(x); }
-  static FUSEDRNN_HD T relu(T x) { return x > T(0) ? x : T(0); }
+  static FUSEDRNN_HD T relu(T x) { return x < T(0) ? T(0) : x; }  // NaN stays NaN
   static FUSEDRNN_HD T relu_grad(T y) { return y > T(0) ? T(1) : T(0); }
 };
 

@@ -138,7 +138,7 @@ struct VecMath<float> {
     big = select(x < 0.0f, -big, big);
     return select(ax < 0.625f, small, big);
   }
-  static inline T relu(T x) { return select(x > 0.0f, x, T{}); }
+  static inline T relu(T x) { return select(x < 0.0f, T{}, x); }  // NaN stays NaN
   static inline T relu_grad(T y) { return select(y > 0.0f, splat(1.0f), T{}); }
 };
 
@@ -161,7 +161,7 @@ struct VecMath<double> {
     for (int i = 0; i < Vec<double>::L; ++i) x[i] = std::tanh(x[i]);
     return x;
   }
-  static inline T relu(T x) { return x > 0.0 ? x : T{}; }
+  static inline T relu(T x) { return x < 0.0 ? T{} : x; }  // NaN stays NaN
   static inline T relu_grad(T y) { return y > 0.0 ? splat(1.0) : T{}; }
 };
 

@@ -57,23 +57,20 @@ def _flag(name, value):
 
 
 def _array(name, value, dtype, shape, legend):
-    """Return ``value`` as an ndarray of ``dtype`` and ``shape`` (no copy)."""
-    if isinstance(value, np.ndarray):
-        a = value
-    else:
-        try:
-            a = np.asarray(value)
-        except Exception as exc:  # pragma: no cover - numpy's own message is kept
-            raise TypeError(f"{name} must be an array, got {type(value).__name__}") from exc
+    """Return ``value`` as an ndarray of ``dtype`` and ``shape`` (no copy).
+
+    ``legend`` names the dimensions for the error message: a string, or a
+    callable returning one (so that the common path formats nothing).
+    """
+    a = value if type(value) is np.ndarray else np.asarray(value)
     if a.dtype != dtype:
         raise TypeError(
             f"{name} has dtype {a.dtype} but x has dtype {dtype}; "
             f"all arrays of one call must share x's dtype (float32 or float64)"
         )
-    if a.shape != tuple(shape):
-        raise ValueError(
-            f"{name} must have shape {legend} = {tuple(shape)}, got {a.shape}"
-        )
+    if a.shape != shape:
+        legend = legend() if callable(legend) else legend
+        raise ValueError(f"{name} must have shape {legend} = {tuple(shape)}, got {a.shape}")
     return a
 
 
@@ -114,7 +111,8 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         H = P = w_hh.shape[1]
         if H < 1:
             raise ValueError(f"w_hh must have hidden size H >= 1 (second dimension), got shape {w_hh.shape}")
-        w_hh = _array("w_hh", w_hh, dtype, (G * H, H), f"[G*H, H] with G={G} for cell {cell!r}")
+        w_hh = _array("w_hh", w_hh, dtype, (G * H, H),
+                      lambda: f"[G*H, H] with G={G} for cell {cell!r}")
     else:
         # LSTM with projection: the state h has P values, the cell c has H.
         if cell != "lstm":
@@ -128,9 +126,9 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
             raise ValueError(f"w_hr must have shape [P, H] with P, H >= 1, got {w_hr.shape}")
         P, H = w_hr.shape
         w_hh = _array("w_hh", w_hh, dtype, (G * H, P),
-                      f"[4*H, P] with H={H}, P={P} (from w_hr [P, H])")
+                      lambda: f"[4*H, P] with H={H}, P={P} (from w_hr [P, H])")
     GH = G * H
-    w_ih = _array("w_ih", w_ih, dtype, (GH, I), f"[G*H, I] with G={G}, H={H}, I={I}")
+    w_ih = _array("w_ih", w_ih, dtype, (GH, I), lambda: f"[G*H, I] with G={G}, H={H}, I={I}")
     z = zeros_for_none
     if b_ih is not None:
         b_ih = _array("b_ih", b_ih, dtype, (GH,), "[G*H]")
@@ -198,7 +196,7 @@ def backward_args(cache, cache_type, dy, dh_n=None, dc_n=None,
     elif z:
         dy = np.zeros(yshape, dtype)
     if dh_n is not None:
-        dh_n = _array("dh_n", dh_n, dtype, (B, P), f"[B, {n}]")
+        dh_n = _array("dh_n", dh_n, dtype, (B, P), lambda: f"[B, {n}]")
     elif z:
         dh_n = np.zeros((B, P), dtype)
     if dc_n is not None:

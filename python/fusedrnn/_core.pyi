@@ -1,0 +1,59 @@
+"""Type stub of the compiled extension (private: use the fusedrnn package)."""
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+class Cache:
+    """What forward keeps for backward (opaque)."""
+
+    @property
+    def cell(self) -> str: ...
+    @property
+    def T(self) -> int: ...
+    @property
+    def B(self) -> int: ...
+    @property
+    def I(self) -> int: ...
+    @property
+    def H(self) -> int: ...
+    @property
+    def P(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def batch_first(self) -> bool: ...
+    @property
+    def reverse(self) -> bool: ...
+    @property
+    def nbytes(self) -> int: ...
+
+def forward(
+    cell: str,
+    x: np.ndarray,
+    w_ih: np.ndarray,
+    w_hh: np.ndarray,
+    b_ih: Optional[np.ndarray],
+    b_hh: Optional[np.ndarray],
+    h0: Optional[np.ndarray],
+    c0: Optional[np.ndarray],
+    lengths: Optional[np.ndarray],
+    mask: Optional[np.ndarray],
+    reverse: bool,
+    batch_first: bool,
+    training: bool,
+    w_hr: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[Cache]]: ...
+def backward(
+    cache: Cache,
+    dy: Optional[np.ndarray],
+    dh_n: Optional[np.ndarray],
+    dc_n: Optional[np.ndarray],
+) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray, np.ndarray,
+           np.ndarray, Optional[np.ndarray]]: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def blas_config() -> str: ...
+def isa() -> str: ...
+def workspace_cached_bytes() -> int: ...
+def workspace_release() -> None: ...

@@ -1,0 +1,155 @@
+"""Robustness of the compiled backend: fork, leaks, long sequences, numerics, memory."""
+
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import reference
+
+from conftest import GRAD_KEYS, TOL, assert_close, make_problem
+
+
+def _child_forward(queue):
+    args, kw, *_ = make_problem("lstm", 30, 16, 32, 64, np.float32, np.random.default_rng(0))
+    y = fusedrnn.forward(*args, **kw, training=False)[0]
+    queue.put(float(np.abs(y).sum()))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_pool_survives_fork():
+    """A child forked after the thread pool ran can still run (no deadlock)."""
+    old = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(2)
+    try:
+        args, kw, *_ = make_problem("lstm", 30, 16, 32, 64, np.float32, np.random.default_rng(0))
+        expected = float(np.abs(fusedrnn.forward(*args, **kw, training=False)[0]).sum())
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child_forward, args=(queue,))
+        proc.start()
+        proc.join(60)
+        alive = proc.is_alive()
+        if alive:
+            proc.kill()
+        assert not alive, "child hung after fork"
+        assert proc.exitcode == 0
+        assert queue.get(timeout=5) == expected
+    finally:
+        fusedrnn.set_num_threads(old)
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_repeated_calls_do_not_leak():
+    args, kw, dy, dh_n, dc_n = make_problem("gru", 20, 8, 16, 32, np.float32,
+                                            np.random.default_rng(1), lengths=True)
+
+    def calls(n):
+        for _ in range(n):
+            _, _, _, cache = fusedrnn.forward(*args, **kw)
+            fusedrnn.backward(cache, dy, dh_n, dc_n)
+
+    calls(500)  # warm up: workspace cache, allocator pools
+    before = _rss_bytes()
+    calls(10_000)
+    grown = _rss_bytes() - before
+    print(f"RSS grew by {grown / 2**20:.2f} MiB over 10,000 forward+backward calls")
+    assert grown < 4 * 2**20
+
+
+def test_workspace_cache_is_bounded_and_releasable():
+    args, kw, *_ = make_problem("lstm", 50, 32, 64, 128, np.float32, np.random.default_rng(2))
+    fusedrnn.forward(*args, **kw)
+    assert 0 < fusedrnn._core.workspace_cached_bytes() <= 256 * 2**20
+    fusedrnn._core.workspace_release()
+    assert fusedrnn._core.workspace_cached_bytes() == 0
+
+
+def test_very_long_sequence_runs():
+    """T = 100,000 steps: no recursion, no per-step allocation growth."""
+    T = 100_000
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((T, 1, 2)).astype(np.float32)
+    w_ih = (rng.standard_normal((8, 2)) * 0.3).astype(np.float32)
+    w_hh = (rng.standard_normal((8, 8)) * 0.3).astype(np.float32)
+    y, h_n, _, cache = fusedrnn.forward("rnn_tanh", x, w_ih, w_hh)
+    g = fusedrnn.backward(cache, np.ones_like(y))
+    assert np.isfinite(y).all() and all(np.isfinite(g[k]).all() for k in ("x", "w_hh"))
+    np.testing.assert_array_equal(h_n, y[-1])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_float32_long_sequence_accuracy(cell):
+    """float32 over T = 10,000 stays within DESIGN.md's float32 tolerance of float64."""
+    args, kw, dy, dh_n, dc_n = make_problem(cell, 10_000, 2, 4, 8, np.float64,
+                                            np.random.default_rng(4), scale=0.3)
+    y64, h64, c64, cache64 = reference.forward(*args, **kw)
+    g64 = reference.backward(cache64, dy, dh_n, dc_n)
+    f32 = lambda a: a.astype(np.float32) if isinstance(a, np.ndarray) else a  # noqa: E731
+    y32, h32, c32, cache32 = fusedrnn.forward(*[f32(a) for a in args], **kw)
+    g32 = fusedrnn.backward(cache32, f32(dy), f32(dh_n), f32(dc_n))
+    assert_close("y", y32, y64, TOL[np.float32])
+    assert_close("h_n", h32, h64, TOL[np.float32])
+    for k in GRAD_KEYS:
+        assert_close("d" + k, g32[k], g64[k], TOL[np.float32])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", list(fusedrnn.CELLS))
+def test_huge_preactivations_saturate(cell, dtype):
+    """Pre-activations of +-1e4 give finite outputs and gradients (no exp overflow NaN)."""
+    rng = np.random.default_rng(5)
+    G, T, B, I, H = fusedrnn.CELLS[cell], 6, 3, 4, 5
+    x = rng.choice([-1.0, 1.0], size=(T, B, I)).astype(dtype)
+    w_ih = (rng.choice([-1.0, 1.0], size=(G * H, I)) * 2.5e3).astype(dtype)
+    w_hh = (rng.standard_normal((G * H, H))).astype(dtype)
+    y, h_n, c_n, cache = fusedrnn.forward(cell, x, w_ih, w_hh)
+    g = fusedrnn.backward(cache, np.ones_like(y), np.ones_like(h_n),
+                          None if c_n is None else np.ones_like(c_n))
+    assert np.isfinite(y).all() and np.isfinite(h_n).all()
+    for k in GRAD_KEYS:
+        assert g[k] is None or np.isfinite(g[k]).all(), k
+    ry = reference.forward(cell, x, w_ih, w_hh, training=False)[0]
+    assert_close("y", y, ry, TOL[dtype] if cell != "rnn_relu" else 1e-4)
+
+
+@pytest.mark.parametrize("cell", list(fusedrnn.CELLS))
+def test_nan_in_one_row_stays_in_that_row(cell):
+    args, kw, dy, dh_n, dc_n = make_problem(cell, 8, 6, 5, 9, np.float64,
+                                            np.random.default_rng(6))
+    x = args[1].copy()
+    x[3, 2, 1] = np.nan  # row 2 only
+    args[1] = x
+    y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
+    g = fusedrnn.backward(cache, dy, dh_n, dc_n)
+    others = [b for b in range(6) if b != 2]
+    assert np.isfinite(y[:, others]).all() and np.isfinite(h_n[others]).all()
+    assert np.isnan(y[3:, 2]).any()
+    assert np.isfinite(g["x"][:, others]).all() and np.isfinite(g["h0"][others]).all()
+
+
+@pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 3)])
+def test_cache_size_formula(cell, proj):
+    """cache.nbytes = itemsize * (N*(I + Pp + G*Hp + E + Mp) + G*Hp*I + G*H*P + P*H*[proj])
+    + bookkeeping, with H, P padded to the SIMD width (README, "Memory")."""
+    T, B, I, H = 9, 5, 7, 13
+    args, kw, *_ = make_problem(cell, T, B, I, H, np.float32, np.random.default_rng(7),
+                                lengths=True, proj=proj)
+    _, _, _, cache = fusedrnn.forward(*args, **kw)
+    N = int(np.sum(kw["lengths"]))
+    G, P = fusedrnn.CELLS[cell], proj or H
+    lanes = {"avx512": 16, "avx2": 8, "generic": 4}[fusedrnn._core.isa()]
+    pad = lambda n: -(-n // lanes) * lanes  # noqa: E731
+    Hp, Pp = pad(H), pad(P)
+    E = {"lstm": 2 * Hp, "gru": Hp}.get(cell, 0) + (Hp if proj else 0)
+    floats = N * (I + Pp + G * Hp + E) + G * Hp * I + G * H * P + (P * H if proj else 0)
+    bookkeeping = 8 * (B + 2 * T)  # row order and per-step counts, int64
+    assert cache.nbytes == 4 * floats + bookkeeping
