@@ -1,6 +1,7 @@
 """Command line of fusedrnn: ``python -m fusedrnn <command> [options]`` (or ``fusedrnn ...``).
 
 Commands:
+    train   train an RNN/LSTM/GRU model on a synthetic task (docs/training.md)
     bench   time fusedrnn against its NumPy reference and torch.nn (see bench/README.md)
 
 Each command is a subparser registered in ``_COMMANDS``: a function that adds the
@@ -31,8 +32,23 @@ def _add_bench(subparsers) -> None:
     p.set_defaults(func=_bench.run)
 
 
+def _add_train(subparsers) -> None:
+    from . import train
+
+    p = subparsers.add_parser(
+        "train",
+        help="train an RNN/LSTM/GRU model on a synthetic task (default: the classic Elman "
+             "RNN on sine waves)",
+        description="Train a recurrent model (stacked, optionally bidirectional, with a dense "
+                    "output layer) on NumPy arrays with fusedrnn's kernels: sine-wave regression "
+                    "(default), the adding problem or the copy-memory task. Prints the loss per "
+                    "epoch, the throughput and the final loss. See docs/training.md.")
+    train.add_arguments(p)
+    p.set_defaults(func=train.run)
+
+
 #: the subcommands, in the order ``--help`` lists them
-_COMMANDS = (_add_bench,)
+_COMMANDS = (_add_train, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
