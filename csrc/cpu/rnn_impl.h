@@ -60,8 +60,15 @@ inline void split(int64_t total, int parts, int i, int64_t* begin, int64_t* end)
 // Large GEMMs are cut into tasks of fixed shape, dealt round-robin to the
 // threads: every output element is computed by the same BLAS call whatever
 // the thread count, so results do not depend on it.
-constexpr int64_t kRowTask = 256;   // rows of x / dx per task
-constexpr int64_t kWeightTask = 64; // rows of one gate block of dW per task
+// Task sizes depend on the problem's shape only: big enough that BLAS's
+// repacking of the shared operand (W_ih for row tasks, x or h for weight
+// tasks) stays small against the product, small enough for about 8 tasks.
+inline int64_t task_size(int64_t total, int64_t lo, int64_t hi) {
+  const int64_t t = (total / 8 + 63) / 64 * 64;
+  return t < lo ? lo : t > hi ? hi : t;
+}
+inline int64_t row_task(int64_t N) { return task_size(N, 256, 1024); }           // rows of x, dx
+inline int64_t weight_task(int64_t G, int64_t H) { return task_size(G * H, 64, 256); }  // of dW
 
 // Time step of packed row r (the last t whose rows start at or before r).
 inline int64_t time_of_row(const Schedule& s, int64_t r) {
@@ -198,8 +205,9 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     split(nub, nt, tid, &ub0, &ub1);
     split(nubP, nt, tid, &pb0, &pb1);
     // 1. input rows and input projection, in row tasks
-    for (int64_t r0 = tid * kRowTask; r0 < N; r0 += nt * kRowTask) {
-      const int64_t r1 = std::min(N, r0 + kRowTask);
+    const int64_t rt = row_task(N);
+    for (int64_t r0 = tid * rt; r0 < N; r0 += nt * rt) {
+      const int64_t r1 = std::min(N, r0 + rt);
       if (!direct_x) {
         for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
           while (r >= sched.offset[t] + sched.count[t]) ++t;
@@ -426,39 +434,37 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         team.barrier();
       }
     }
-    // Weight and bias gradients, in tasks of kWeightTask rows of one gate block.
-    const int64_t per_gate = (H + kWeightTask - 1) / kWeightTask;
-    for (int64_t task = tid; task < G * per_gate; task += nt) {
-      const int64_t g = task / per_gate, k0 = task % per_gate * kWeightTask;
-      const int64_t k1 = std::min(H, k0 + kWeightTask);
-      gemm<S>(true, false, k1 - k0, I, N, 1, dgx.data() + g * Hp + k0, GHp, cache.x.data(), I,
-              0, p.dw_ih + (g * H + k0) * I, I);
-      gemm<S>(true, false, k1 - k0, P, N, 1, dgh + g * Hp + k0, GHp, cache.hprev.data(), Pp, 0,
-              p.dw_hh + (g * H + k0) * P, P);
-      S* dbi = p.db_ih + g * H + k0;
-      S* dbh = p.db_hh + g * H + k0;
-      std::fill(dbi, dbi + (k1 - k0), S(0));
-      std::fill(dbh, dbh + (k1 - k0), S(0));
-      for (int64_t r = 0; r < N; ++r) {
-        const S* a = dgx.data() + r * GHp + g * Hp + k0;
-        const S* b = dgh + r * GHp + g * Hp + k0;
-        for (int64_t k = 0; k < k1 - k0; ++k) {
-          dbi[k] += a[k];
-          dbh[k] += b[k];
-        }
-      }
+    // Weight and bias gradients, in tasks of wt rows of one gate block of
+    // dW_ih or of dW_hh (with that block's bias gradient).
+    const int64_t wt = weight_task(G, H), per_gate = (H + wt - 1) / wt;
+    for (int64_t task = tid; task < 2 * G * per_gate; task += nt) {
+      const bool hh = task >= G * per_gate;
+      const int64_t g = task % (G * per_gate) / per_gate, k0 = task % per_gate * wt;
+      const int64_t k1 = std::min(H, k0 + wt);
+      const S* dg = (hh ? dgh : dgx.data()) + g * Hp + k0;
+      if (hh)
+        gemm<S>(true, false, k1 - k0, P, N, 1, dg, GHp, cache.hprev.data(), Pp, 0,
+                p.dw_hh + (g * H + k0) * P, P);
+      else
+        gemm<S>(true, false, k1 - k0, I, N, 1, dg, GHp, cache.x.data(), I, 0,
+                p.dw_ih + (g * H + k0) * I, I);
+      S* db = (hh ? p.db_hh : p.db_ih) + g * H + k0;
+      std::fill(db, db + (k1 - k0), S(0));
+      for (int64_t r = 0; r < N; ++r)
+        for (int64_t k = 0; k < k1 - k0; ++k) db[k] += dg[r * GHp + k];
     }
     // Projection weights: dW_hr = Σ dh'ᵀ m, in tasks of rows of W_hr.
     if (proj)
-      for (int64_t k0 = tid * kWeightTask; k0 < P; k0 += nt * kWeightTask) {
-        const int64_t k1 = std::min(P, k0 + kWeightTask);
+      for (int64_t k0 = tid * wt; k0 < P; k0 += nt * wt) {
+        const int64_t k1 = std::min(P, k0 + wt);
         gemm<S>(true, false, k1 - k0, H, N, 1, dproj.data() + k0, Pp, cache.m.data(), Hp, 0,
                 p.dw_hr + k0 * H, H);
       }
     // Input gradient, in row tasks.
+    const int64_t rt = row_task(N);
     S* dx_rows = direct_dx ? p.dx : dxp.data();
-    for (int64_t r0 = tid * kRowTask; r0 < N; r0 += nt * kRowTask) {
-      const int64_t r1 = std::min(N, r0 + kRowTask);
+    for (int64_t r0 = tid * rt; r0 < N; r0 += nt * rt) {
+      const int64_t r1 = std::min(N, r0 + rt);
       gemm<S>(false, false, r1 - r0, I, GHp, 1, dgx.data() + r0 * GHp, GHp, cache.w_ih.data(),
               I, 0, dx_rows + r0 * I, I);
       if (!direct_dx)
