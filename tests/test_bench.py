@@ -56,7 +56,7 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
 
     columns, rows = read_csv(path)
     assert tuple(columns) == _bench.CSV_COLUMNS
-    providers = ["fusedrnn", "reference"] + (["torch"] if HAVE_TORCH else [])
+    providers = ["fusedrnn", "reference"] + (["torch", "fusedrnn.torch"] if HAVE_TORCH else [])
     expected = {(c, p, q) for c in ("lstm", "gru") for p in _bench.PASSES for q in providers}
     assert {(r["cell"], r["pass"], r["provider"]) for r in rows} == expected
     assert len(rows) == len(expected)
@@ -77,7 +77,7 @@ def test_bench_without_torch(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     print(out)
     assert rc == 0
-    assert "torch provider is skipped" in out
+    assert "torch providers are skipped" in out
     _, rows = read_csv(path)
     assert [r["provider"] for r in rows] == ["fusedrnn", "reference"]
     assert rows[0]["speedup_vs_torch"] == ""

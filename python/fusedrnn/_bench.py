@@ -53,7 +53,8 @@ __all__ = ["add_arguments", "run", "FULL_SHAPES", "QUICK_SHAPES", "CSV_COLUMNS"]
 FORWARD = "forward"
 FORWARD_BACKWARD = "forward+backward"
 PASSES = (FORWARD, FORWARD_BACKWARD)
-PROVIDERS = ("fusedrnn", "reference", "torch")
+#: ``fusedrnn.torch``: the PyTorch drop-in modules (fusedrnn/torch.py) on the same problem
+PROVIDERS = ("fusedrnn", "reference", "torch", "fusedrnn.torch")
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
 
 #: default grid, (T, B, H) with I = H
@@ -465,7 +466,7 @@ _TABLE = (
     ("I", 5, lambda r: str(r.case.I)),
     ("H", 5, lambda r: str(r.case.H)),
     ("pass", 16, lambda r: r.case.pass_),
-    ("provider", 9, lambda r: r.provider),
+    ("provider", 14, lambda r: r.provider),
     ("ms", 9, lambda r: _fmt_ms(r.ms)),
     ("spread", 6, lambda r: _fmt_spread(r)),
     ("GFLOP/s", 7, lambda r: "-" if math.isnan(r.gflops) else f"{r.gflops:.1f}"),
@@ -590,11 +591,11 @@ def run(args: argparse.Namespace, out=None) -> int:
     providers = list(args.providers)
 
     torch, torch_info = None, "not requested"
-    if "torch" in providers:
+    if "torch" in providers or "fusedrnn.torch" in providers:
         torch = import_torch()
         if torch is None:
-            providers.remove("torch")
-            torch_info = "does not import; the torch provider is skipped"
+            providers = [n for n in providers if n not in ("torch", "fusedrnn.torch")]
+            torch_info = "does not import; the torch providers are skipped"
         else:
             torch_info = torch.__version__
             if getattr(torch.backends, "mkldnn", None) and torch.backends.mkldnn.is_available():
@@ -673,8 +674,8 @@ def _run_grid(cells, shapes, passes, providers, dtype, tol, repeats, min_sample_
                     if name == "reference" and args.ref_limit and T * B * H > args.ref_limit:
                         note(f"reference skipped where T*B*H > {args.ref_limit} (--ref-limit)")
                         continue
-                    if name == "torch" and cell not in TORCH_CELLS:
-                        note(f"torch has no {cell} cell; torch skipped for it")
+                    if name in ("torch", "fusedrnn.torch") and cell not in TORCH_CELLS:
+                        note(f"torch has no {cell} cell; {name} skipped for it")
                         continue
                     active.append(name)
                 case_rows = _run_case(case, prob, active, dtype, tol, repeats, min_sample_s,
@@ -694,6 +695,10 @@ def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, len
         try:
             if n == "torch":
                 call, to_arrays = bind_torch(torch, case, prob)
+            elif n == "fusedrnn.torch":
+                from . import torch as fusedrnn_torch  # noqa: PLC0415 - imports torch
+
+                call, to_arrays = fusedrnn_torch.bench_bind(case, prob)
             else:
                 call, to_arrays = bind_numpy_api(fusedrnn if n == "fusedrnn" else reference,
                                                  case, prob)

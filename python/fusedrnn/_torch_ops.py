@@ -1,0 +1,293 @@
+"""fusedrnn's kernels as PyTorch custom operators (``torch.library``): glue, no math.
+
+Imported by ``fusedrnn.torch`` (never by ``import fusedrnn``). Two operators run one
+recurrent layer in one direction over a whole sequence:
+
+    torch.ops.fusedrnn.layer_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths,
+                                     cell, reverse, batch_first, training)
+        -> (y, h_n, c_n, handle)
+    torch.ops.fusedrnn.layer_backward(handle, dy, dh_n, dc_n, cell, batch_first, x_size,
+                                      w_ih_size, w_hh_size, w_hr_size, dtype)
+        -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
+
+Shape legend (shared/DESIGN.md section 2): T steps, B batch, I input size, H hidden
+size, G gates, P projection size (H when there is no projection). x [T, B, I] (or
+[B, T, I] with batch_first), w_ih [G*H, I], w_hh [G*H, P], b_ih, b_hh [G*H],
+h0 [B, P], c0 [B, H], w_hr [P, H], lengths int64 [B]; y [T, B, P] (or [B, T, P]),
+h_n [B, P], c_n [B, H] for lstm and an empty [0] tensor for the other cells.
+
+How backward finds what forward kept
+------------------------------------
+``fusedrnn.forward`` returns an opaque ``Cache``; custom ops may only return tensors.
+``layer_forward`` therefore returns a *handle*: a one-element int64 tensor whose
+storage is a NumPy array (``_CacheHolder``) that owns the cache. The cache lives
+exactly as long as the handle's storage (autograd or AOTAutograd keep it as a saved
+tensor); ``layer_backward`` finds the cache from the handle's data pointer in a
+registry of weak references, which the holder removes itself from when freed. The
+handle's *value* is always 0, so outputs of two identical calls compare equal. A
+copied handle (a different storage) is not found and raises a clear error instead of
+computing anything wrong. Forward runs once; backward never recomputes it.
+
+The autograd formula (``register_autograd``) calls ``layer_backward``, so eager
+autograd and ``torch.compile`` (which traces the formula into its backward graph)
+take the same path. ``layer_backward`` has an autograd formula that raises: double
+backward is not supported. The fake (meta) implementations only compute shapes.
+
+Projection (LSTM ``proj_size``, argument ``w_hr``) is plumbed through both ops; it is
+enabled when ``fusedrnn.forward`` accepts ``w_hr`` (``HAS_PROJECTION``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import weakref
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import fusedrnn
+
+__all__ = ["layer_forward", "layer_backward", "run_layer", "HAS_PROJECTION", "check_device"]
+
+#: gates per cell (same table as fusedrnn.CELLS)
+GATES = dict(fusedrnn.CELLS)
+
+#: True once the compiled kernels take an LSTM projection (``w_hr=``); until then
+#: modules with proj_size > 0 raise NotImplementedError (see fusedrnn.torch)
+HAS_PROJECTION = "w_hr" in inspect.signature(fusedrnn.forward).parameters
+
+_NO_PROJECTION_MSG = (
+    "fusedrnn: LSTM projections (proj_size > 0, weight w_hr) need projection support in "
+    "fusedrnn's kernels, which this version does not have yet; use torch.nn.LSTM for "
+    "projected LSTMs")
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def check_device(t: Tensor, name: str = "input") -> None:
+    """Raise a clear error for tensors fusedrnn cannot run (only CPU tensors for now).
+
+    A CUDA backend would be dispatched here, by device, before any NumPy conversion.
+    """
+    if t.device.type == "cpu":
+        return
+    if t.device.type == "cuda":
+        raise RuntimeError(
+            f"fusedrnn: {name} is on {t.device}, but this build of fusedrnn has no CUDA "
+            f"backend (only the CPU kernels were compiled). Fix: move the module and its "
+            f"inputs to the CPU (module.cpu(), x.cpu()), or use torch.nn's RNN/LSTM/GRU "
+            f"(cuDNN) for CUDA tensors, or install a fusedrnn built with CUDA.")
+    raise RuntimeError(
+        f"fusedrnn: {name} is on device {t.device}; fusedrnn runs CPU tensors "
+        f"(float32/float64). Move the module and its inputs to the CPU.")
+
+
+# --------------------------------------------------------------------------
+# Cache handles
+# --------------------------------------------------------------------------
+
+class _CacheHolder(np.ndarray):
+    """A one-element int64 array that owns a fusedrnn Cache (``.cache``).
+
+    ``torch.from_numpy(holder)`` gives a tensor whose storage keeps the holder, and so
+    the cache, alive.
+    """
+
+
+_registry: "dict[int, weakref.ref]" = {}  # data pointer of a live holder -> weakref to it
+_registry_lock = threading.Lock()
+
+
+def _make_handle(cache) -> Tensor:
+    holder = np.zeros(1, np.int64).view(_CacheHolder)
+    holder.cache = cache
+    key = holder.ctypes.data
+
+    def _forget(_ref, key=key):
+        with _registry_lock:
+            if _registry.get(key) is _ref:
+                del _registry[key]
+
+    with _registry_lock:
+        _registry[key] = weakref.ref(holder, _forget)
+    return torch.from_numpy(holder)
+
+
+def _find_cache(handle: Tensor):
+    if handle.numel() == 0:
+        raise RuntimeError(
+            "fusedrnn: backward through a layer whose forward kept no cache "
+            "(layer_forward was called with training=False)")
+    with _registry_lock:
+        ref = _registry.get(handle.data_ptr())
+    holder = None if ref is None else ref()
+    if holder is None:
+        raise RuntimeError(
+            "fusedrnn: the cache of this layer's forward is gone: the handle tensor passed "
+            "to layer_backward is not the one layer_forward returned (was it copied?)")
+    return holder.cache
+
+
+def live_caches() -> int:
+    """How many forward caches are alive (for tests: they must not leak)."""
+    with _registry_lock:
+        return sum(1 for r in _registry.values() if r() is not None)
+
+
+# --------------------------------------------------------------------------
+# layer_forward
+# --------------------------------------------------------------------------
+
+def _np(t: Optional[Tensor]):
+    """A CPU tensor as a NumPy array without copying (None stays None)."""
+    return None if t is None else t.detach().numpy()
+
+
+def _hidden_sizes(cell: str, w_hh_size, w_hr_size) -> Tuple[object, object]:
+    """(H, P): cell hidden size and output size (P = H without projection)."""
+    H = w_hh_size[0] // GATES[cell]
+    P = w_hr_size[0] if w_hr_size is not None else H
+    return H, P
+
+
+@torch.library.custom_op("fusedrnn::layer_forward", mutates_args=())
+def layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                  b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
+                  w_hr: Optional[Tensor], lengths: Optional[Tensor], cell: str,
+                  reverse: bool, batch_first: bool,
+                  training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer, one direction: fusedrnn.forward on tensors; returns (y, h_n, c_n, handle)."""
+    check_device(x, "x")
+    kw = {}
+    if w_hr is not None:
+        if not HAS_PROJECTION:
+            raise NotImplementedError(_NO_PROJECTION_MSG)
+        kw["w_hr"] = _np(w_hr)
+    y, h_n, c_n, cache = fusedrnn.forward(
+        cell, _np(x), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), _np(h0), _np(c0),
+        lengths=_np(lengths), reverse=reverse, batch_first=batch_first, training=training,
+        **kw)
+    c_n = x.new_empty(0) if c_n is None else torch.from_numpy(c_n)
+    handle = _make_handle(cache) if training else torch.empty(0, dtype=torch.int64)
+    return torch.from_numpy(y), torch.from_numpy(h_n), c_n, handle
+
+
+@layer_forward.register_fake
+def _layer_forward_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse,
+                        batch_first, training):
+    if batch_first:
+        B, T = x.shape[0], x.shape[1]
+    else:
+        T, B = x.shape[0], x.shape[1]
+    H, P = _hidden_sizes(cell, w_hh.shape, None if w_hr is None else w_hr.shape)
+    y = x.new_empty((B, T, P) if batch_first else (T, B, P))
+    h_n = x.new_empty((B, P))
+    c_n = x.new_empty((B, H)) if cell == "lstm" else x.new_empty(0)
+    handle = x.new_empty(1 if training else 0, dtype=torch.int64)
+    return y, h_n, c_n, handle
+
+
+def _forward_setup_context(ctx, inputs, output):
+    x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first, training = inputs
+    ctx.save_for_backward(output[3])
+    ctx.cell = cell
+    ctx.training = training
+    ctx.batch_first = batch_first
+    ctx.sizes = (list(x.shape), list(w_ih.shape), list(w_hh.shape),
+                 None if w_hr is None else list(w_hr.shape))
+    ctx.dtype = x.dtype
+    ctx.given = tuple(t is not None for t in (b_ih, b_hh, h0, c0, w_hr))
+    ctx.set_materialize_grads(False)  # unused outputs -> None -> zeros inside the kernel
+
+
+def _forward_backward(ctx, dy, dh_n, dc_n, _dhandle):
+    if not ctx.training:
+        raise RuntimeError("fusedrnn: backward through layer_forward(..., training=False); "
+                           "call it with training=True to differentiate it")
+    if torch.is_grad_enabled():
+        # backward(create_graph=True) in eager mode: the gradients would have to be
+        # differentiable, and fusedrnn's are not; refuse rather than return gradients
+        # that silently act as constants. (AOTAutograd traces this with grad disabled;
+        # a compiled graph refuses double backward itself.)
+        _no_double_backward(ctx)
+    (handle,) = ctx.saved_tensors
+    x_size, w_ih_size, w_hh_size, w_hr_size = ctx.sizes
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = torch.ops.fusedrnn.layer_backward(
+        handle, dy, dh_n, dc_n if ctx.cell == "lstm" else None, ctx.cell, ctx.batch_first,
+        x_size, w_ih_size, w_hh_size, w_hr_size, ctx.dtype)
+    has_b_ih, has_b_hh, has_h0, has_c0, has_w_hr = ctx.given
+    return (dx, dw_ih, dw_hh, db_ih if has_b_ih else None, db_hh if has_b_hh else None,
+            dh0 if has_h0 else None, dc0 if has_c0 else None, dw_hr if has_w_hr else None,
+            None, None, None, None, None)
+
+
+layer_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+
+
+# --------------------------------------------------------------------------
+# layer_backward
+# --------------------------------------------------------------------------
+
+@torch.library.custom_op("fusedrnn::layer_backward", mutates_args=())
+def layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor],
+                   dc_n: Optional[Tensor], cell: str, batch_first: bool, x_size: List[int],
+                   w_ih_size: List[int], w_hh_size: List[int], w_hr_size: Optional[List[int]],
+                   dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                Tensor, Tensor, Tensor]:
+    """fusedrnn.backward on the cache behind ``handle``; returns
+    (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr); dc0 and dw_hr are empty [0]
+    tensors when the layer has no cell state / no projection."""
+    cache = _find_cache(handle)
+    g = fusedrnn.backward(cache, _np(dy), _np(dh_n), _np(dc_n))
+    empty = torch.empty(0, dtype=dtype)
+    t = torch.from_numpy
+    dc0 = empty if g["c0"] is None else t(g["c0"])
+    dw_hr = t(g["w_hr"]) if g.get("w_hr") is not None else empty.clone()
+    return (t(g["x"]), t(g["h0"]), dc0, t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]), t(g["b_hh"]),
+            dw_hr)
+
+
+@layer_backward.register_fake
+def _layer_backward_fake(handle, dy, dh_n, dc_n, cell, batch_first, x_size, w_ih_size,
+                         w_hh_size, w_hr_size, dtype):
+    new = lambda *shape: handle.new_empty(shape, dtype=dtype)  # noqa: E731
+    B = x_size[0] if batch_first else x_size[1]
+    H, P = _hidden_sizes(cell, w_hh_size, w_hr_size)
+    return (new(*x_size), new(B, P), new(B, H) if cell == "lstm" else new(0),
+            new(*w_ih_size), new(*w_hh_size), new(w_hh_size[0]), new(w_hh_size[0]),
+            new(*w_hr_size) if w_hr_size is not None else new(0))
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fusedrnn: double backward is not supported: the gradients of a fusedrnn layer are "
+        "not differentiable, so backward/autograd.grad with create_graph=True (gradients of "
+        "gradients, gradient penalties, Hessians) cannot pass through it; use torch.nn's "
+        "RNN/LSTM/GRU where higher-order derivatives are needed")
+
+
+layer_backward.register_autograd(_no_double_backward,
+                                 setup_context=lambda ctx, inputs, output: None)
+
+
+# --------------------------------------------------------------------------
+# The call the modules make
+# --------------------------------------------------------------------------
+
+def run_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+              b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
+              w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
+              batch_first: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer, one direction, differentiable: (y, h_n, c_n or None).
+
+    The cache for backward is kept only when autograd will need it (grad mode on and
+    some input requires grad).
+    """
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr))
+    y, h_n, c_n, _ = torch.ops.fusedrnn.layer_forward(
+        x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first, training)
+    return y, h_n, (c_n if cell == "lstm" else None)

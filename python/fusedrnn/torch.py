@@ -1,0 +1,465 @@
+"""PyTorch drop-in: ``fusedrnn.torch.RNN``, ``GRU`` and ``LSTM`` behave like ``torch.nn``'s.
+
+    import fusedrnn.torch as frnn
+    lstm = frnn.LSTM(input_size, hidden_size, num_layers=2, bidirectional=True)
+    model = frnn.convert(model)          # or swap every torch.nn RNN/GRU/LSTM in a model
+
+Same constructor, validation, parameter names, shapes, order and initialisation as
+torch.nn (the modules derive from ``torch.nn.RNNBase``, whose constructor they use), so
+``load_state_dict(strict=True)`` works both ways; the same forward (batched and unbatched
+input, ``batch_first``, h0 or (h0, c0), PackedSequence in -> PackedSequence out,
+inter-layer dropout in training mode). The work is done by fusedrnn's fused kernels, one
+call per layer and direction, registered as torch custom operators (``fusedrnn._torch_ops``)
+so autograd and ``torch.compile(fullgraph=True)`` see them. No equations here: glue only.
+
+This module imports torch; ``import fusedrnn`` never imports it. See docs/torch.md.
+
+Shape legend (shared/DESIGN.md section 2): T steps, B batch, I input size, H hidden size,
+P output size of a layer (proj_size, or H), D directions (1 or 2), L num_layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _torch_ops
+from ._torch_ops import check_device, run_layer
+
+__all__ = ["RNN", "GRU", "LSTM", "convert", "bench_bind"]
+
+#: torch.nn mode -> fusedrnn cell
+_CELLS = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru", "LSTM": "lstm"}
+_DTYPES = (torch.float32, torch.float64)
+
+
+class _FusedRNNBase(torch.nn.RNNBase):
+    """torch.nn.RNNBase (constructor, parameters, init, state dict) with a fused forward.
+
+    Not a subclass of torch.nn.RNN/GRU/LSTM on purpose: torch.compile graph-breaks on
+    those classes (torch._dynamo.config.allow_rnn), and traces these.
+    """
+
+    def __init__(self, mode, *args, **kwargs):
+        super().__init__(mode, *args, **kwargs)
+        if self.proj_size > 0 and not _torch_ops.HAS_PROJECTION:
+            raise NotImplementedError(_torch_ops._NO_PROJECTION_MSG)
+
+    # ----------------------------------------------------------------- checks
+
+    def _weight(self, name: str) -> Tensor:
+        return getattr(self, name)
+
+    def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        """torch.nn's checks (same exception types), plus what fusedrnn can run."""
+        w = self._weight(self._flat_weights_names[0])
+        if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
+                f"Convert input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
+        expected_input_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_input_dim:
+            raise RuntimeError(
+                f"input must have {expected_input_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                f"got {input.size(-1)}")
+        if input.device != w.device:
+            raise RuntimeError(
+                f"Input and parameter tensors are not at the same device, found input "
+                f"tensor at {input.device} and parameter tensor at {w.device}")
+        check_device(input)
+        if w.dtype not in _DTYPES:
+            raise TypeError(
+                f"fusedrnn.torch.{type(self).__name__} runs float32 and float64 weights, got "
+                f"{w.dtype}; convert the module (module.float()) or use torch.nn for {w.dtype}")
+
+    def _check_hidden(self, hx: Tensor, input: Tensor, expected, msg: str) -> None:
+        if tuple(hx.shape) != tuple(expected):
+            raise RuntimeError(msg.format(tuple(expected), list(hx.size())))
+        if hx.dtype != input.dtype:
+            raise RuntimeError(
+                f"Expected the hidden state to have the input's dtype {input.dtype}, "
+                f"got {hx.dtype}")
+        if hx.device != input.device:
+            raise RuntimeError(
+                f"Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {hx.device}")
+
+    def _expected_sizes(self, B) -> Tuple[tuple, tuple]:
+        """Shapes of h0 and c0: (L*D, B, P) and (L*D, B, H)."""
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (LD, B, P), (LD, B, self.hidden_size)
+
+    # ---------------------------------------------------------------- forward
+
+    def _forward(self, input, hx=None):
+        """torch.nn's forward: argument handling mirrors torch.nn.RNN/GRU/LSTM.forward."""
+        lstm = self.mode == "LSTM"
+        name = {"LSTM": "LSTM", "GRU": "GRU"}.get(self.mode, "RNN")
+        packed = isinstance(input, PackedSequence)
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        sorted_indices = unsorted_indices = None
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self.check_input(data, batch_sizes)
+            if sorted_indices is not None:
+                B = sorted_indices.numel()
+            elif hx is not None:
+                B = (hx[0] if lstm else hx).shape[1]
+            else:
+                B = int(batch_sizes[0])
+            if hx is not None:
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                tail = "tensor instead" if name == "RNN" else "instead"
+                raise ValueError(
+                    f"{name}: Expected input to be 2D or 3D, got {input.dim()}D {tail}")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                want = 3 if is_batched else 2
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                if lstm:
+                    if hx[0].dim() != want or hx[1].dim() != want:
+                        raise RuntimeError(
+                            f"For {kind} input, hx and cx should also be {want}-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    if not is_batched:
+                        hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+                else:
+                    if hx.dim() != want:
+                        raise RuntimeError(
+                            f"For {kind} input, hx should also be {want}-D but got "
+                            f"{hx.dim()}-D tensor")
+                    if not is_batched:
+                        hx = hx.unsqueeze(1)
+            self.check_input(input, None)
+            B = input.size(0) if self.batch_first else input.size(1)
+        x = data if packed else input  # [N, I] packed rows, or [T, B, I] / [B, T, I]
+        if hx is not None:
+            h_size, c_size = self._expected_sizes(B)
+            if lstm:
+                self._check_hidden(hx[0], x, h_size, "Expected hidden[0] size {}, got {}")
+                self._check_hidden(hx[1], x, c_size, "Expected hidden[1] size {}, got {}")
+            else:
+                self._check_hidden(hx, x, h_size, "Expected hidden size {}, got {}")
+        h0, c0 = (hx if lstm else (hx, None)) if hx is not None else (None, None)
+        w_dtype = self._weight(self._flat_weights_names[0]).dtype
+        if x.dtype != w_dtype:  # only under autocast (see check_input): run in the weights' dtype
+            x = x.to(w_dtype)
+            h0, c0 = (None if t is None else t.to(w_dtype) for t in (h0, c0))
+
+        if packed:
+            x, lengths, pad_index, pack_index = _packed_to_padded(x, batch_sizes, B)
+            y, h_n, c_n = self._run_stack(x, h0, c0, lengths, batch_first=False)
+            y = _PaddingGather.apply(y.reshape(-1, y.shape[-1]), pack_index, pad_index)
+            out = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
+        else:
+            T = x.size(1) if self.batch_first else x.size(0)
+            if T == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            out, h_n, c_n = self._run_stack(x, h0, c0, None, self.batch_first)
+            if not is_batched:
+                out = out.squeeze(batch_dim)
+                h_n = h_n.squeeze(1)
+                c_n = None if c_n is None else c_n.squeeze(1)
+        hidden = (h_n, c_n) if lstm else h_n
+        return out, self.permute_hidden(hidden, unsorted_indices)
+
+    def _layer_weights(self, layer: int, direction: int):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; None where absent."""
+        sfx = "_reverse" if direction == 1 else ""
+        w = lambda kind: self._weight(f"{kind}_l{layer}{sfx}")  # noqa: E731
+        b_ih, b_hh = (w("bias_ih"), w("bias_hh")) if self.bias else (None, None)
+        w_hr = w("weight_hr") if self.proj_size > 0 else None
+        return w("weight_ih"), w("weight_hh"), b_ih, b_hh, w_hr
+
+    def _run_stack(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
+                   lengths: Optional[Tensor], batch_first: bool):
+        """All layers and directions: x [T, B, I] (or [B, T, I]) -> (y [T, B, D*P],
+        h_n [L*D, B, P], c_n [L*D, B, H] or None). One fused call per layer and direction."""
+        cell = _CELLS[self.mode]
+        D = 2 if self.bidirectional else 1
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
+        for layer in range(self.num_layers):
+            ys = []
+            for d in range(D):
+                k = layer * D + d
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, d)
+                y, h, c = run_layer(cell, x, w_ih, w_hh, b_ih, b_hh,
+                                    None if h0 is None else h0[k],
+                                    None if c0 is None else c0[k],
+                                    w_hr, lengths, d == 1, batch_first)
+                ys.append(y)
+                h_n.append(h)
+                if c is not None:
+                    c_n.append(c)
+            x = ys[0] if D == 1 else torch.cat(ys, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, p=self.dropout, training=True)
+        return x, torch.stack(h_n), (torch.stack(c_n) if c_n else None)
+
+
+class _PaddingGather(torch.autograd.Function):
+    """rows = src.index_select(0, index), for the packed <-> padded conversions only.
+
+    The two index maps are inverse to each other on the *valid* positions (t < lengths[b])
+    and the rows at padded positions are only ever read by fusedrnn's kernels, which
+    ignore padded inputs (their input gradient there is 0) and padded output gradients.
+    So the backward is a gather too, ``grad.index_select(0, back_index)``, instead of the
+    zero-fill + scatter-add of index_select's own backward: exact for this use, and
+    several times cheaper. Not a general-purpose op.
+    """
+
+    @staticmethod
+    def forward(ctx, src: Tensor, index: Tensor, back_index: Tensor) -> Tensor:
+        ctx.save_for_backward(back_index)
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (back_index,) = ctx.saved_tensors
+        return grad.index_select(0, back_index), None, None
+
+
+def _packed_to_padded(data: Tensor, batch_sizes: Tensor, B: int):
+    """Packed rows -> (x [T, B, I] time-major, lengths [B] int64, pad_index [T*B],
+    pack_index [N]).
+
+    Rows of a PackedSequence are in sorted order: packed row start[t] + b holds step t
+    of sequence b, for b < batch_sizes[t]. ``pad_index[t*B + b]`` is that packed row
+    (row 0 at padded positions, which the kernels never read); ``pack_index[n]`` is the
+    position t*B + b of packed row n in a flattened [T*B] padded tensor. All shapes are
+    static (T, B, N), so this traces under torch.compile.
+    """
+    T, N = batch_sizes.shape[0], data.shape[0]
+    dev = data.device
+    bs = batch_sizes.to(device=dev, dtype=torch.int64)            # [T]
+    b = torch.arange(B, device=dev)                                # [B]
+    valid = b[None, :] < bs[:, None]                               # [T, B]
+    lengths = valid.sum(0)                                         # [B]
+    end = torch.cumsum(bs, 0)                                      # [T]
+    start = end - bs                                               # [T]
+    pad_index = torch.where(valid, start[:, None] + b[None, :], 0).reshape(-1)  # [T*B]
+    n = torch.arange(N, device=dev)                                # [N]
+    t = torch.searchsorted(end, n, right=True)                     # [N] step of row n
+    pack_index = t * B + (n - start[t])                            # [N]
+    x = _PaddingGather.apply(data, pad_index, pack_index).view(T, B, data.shape[1])
+    return x, lengths, pad_index, pack_index
+
+
+class RNN(_FusedRNNBase):
+    r"""Elman RNN (tanh or relu), like :class:`torch.nn.RNN`, run by fusedrnn.
+
+    ``RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None)``;
+    ``forward(input, hx=None) -> (output, h_n)``. See torch.nn.RNN for the shapes.
+    """
+
+    def __init__(self, *args, **kwargs):
+        # argument handling copied from torch.nn.RNN.__init__ (same errors)
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+    def forward(self, input, hx: Optional[Tensor] = None):
+        """input [T, B, I] / [B, T, I] / [T, I] / PackedSequence; hx [L*D, B, H] or
+        [L*D, H] -> (output [T, B, D*H] (or like input), h_n [L*D, B, H])."""
+        return self._forward(input, hx)
+
+
+class GRU(_FusedRNNBase):
+    r"""GRU, like :class:`torch.nn.GRU`, run by fusedrnn.
+
+    ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, device=None, dtype=None)``;
+    ``forward(input, hx=None) -> (output, h_n)``. See torch.nn.GRU for the shapes.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def forward(self, input, hx: Optional[Tensor] = None):
+        """input [T, B, I] / [B, T, I] / [T, I] / PackedSequence; hx [L*D, B, H] or
+        [L*D, H] -> (output [T, B, D*H] (or like input), h_n [L*D, B, H])."""
+        return self._forward(input, hx)
+
+
+class LSTM(_FusedRNNBase):
+    r"""LSTM, like :class:`torch.nn.LSTM`, run by fusedrnn.
+
+    ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None)``;
+    ``forward(input, hx=None) -> (output, (h_n, c_n))``. See torch.nn.LSTM for the shapes.
+    ``proj_size > 0`` is validated like torch.nn, then raises NotImplementedError until
+    fusedrnn's kernels support projections.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def permute_hidden(self, hx, permutation: Optional[Tensor]):
+        if permutation is None:
+            return hx
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
+
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        """input [T, B, I] / [B, T, I] / [T, I] / PackedSequence; hx (h0 [L*D, B, P],
+        c0 [L*D, B, H]) or unbatched -> (output [T, B, D*P], (h_n, c_n))."""
+        return self._forward(input, hx)
+
+
+# --------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------
+
+_FUSED = {torch.nn.RNN: RNN, torch.nn.GRU: GRU, torch.nn.LSTM: LSTM}
+
+
+def _fused_copy(m: torch.nn.RNNBase) -> _FusedRNNBase:
+    """A fusedrnn module with m's hyperparameters that shares m's Parameter objects."""
+    kwargs = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
+                  dropout=m.dropout, bidirectional=m.bidirectional, device="meta")
+    if type(m) is torch.nn.LSTM:
+        kwargs["proj_size"] = m.proj_size
+    if type(m) is torch.nn.RNN:
+        kwargs["nonlinearity"] = m.nonlinearity
+    with warnings.catch_warnings():  # torch's dropout-with-one-layer warning came already
+        warnings.simplefilter("ignore", UserWarning)
+        new = _FUSED[type(m)](m.input_size, m.hidden_size, **kwargs)
+    for name in m._flat_weights_names:  # the same Parameter objects: optimizers keep working
+        setattr(new, name, getattr(m, name))
+    new._init_flat_weights()
+    new.train(m.training)
+    for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
+                  "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        getattr(new, hooks).update(getattr(m, hooks))
+    return new
+
+
+def convert(model: torch.nn.Module, *, skip_unsupported: bool = False) -> torch.nn.Module:
+    """Replace every torch.nn.RNN, GRU and LSTM inside ``model`` by its fusedrnn equivalent.
+
+    The replacement shares the original's Parameter objects (same weights, no copy; an
+    optimizer built before ``convert`` keeps training them), hyperparameters, training
+    mode and hooks. Works in place and returns ``model``, or the new module when
+    ``model`` itself is an RNN/GRU/LSTM. Only those exact classes are converted:
+    subclasses may override ``forward`` and are left alone, as are modules fusedrnn
+    cannot run yet (LSTM with ``proj_size > 0``), which raise NotImplementedError
+    unless ``skip_unsupported=True`` (then they stay torch.nn modules, with a warning).
+    """
+    def swap(m):
+        if type(m) in _FUSED:
+            if getattr(m, "proj_size", 0) > 0 and not _torch_ops.HAS_PROJECTION:
+                if skip_unsupported:
+                    warnings.warn(f"fusedrnn.torch.convert: kept {m!r} as torch.nn "
+                                  f"(proj_size > 0 is not supported yet)", stacklevel=3)
+                    return m
+                raise NotImplementedError(_torch_ops._NO_PROJECTION_MSG)
+            return _fused_copy(m)
+        return m
+
+    new = swap(model)
+    if new is not model:
+        return new
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            replacement = swap(child)
+            if replacement is not child:
+                setattr(parent, name, replacement)
+    return model
+
+
+# --------------------------------------------------------------------------
+# Benchmark provider (wired into ``python -m fusedrnn bench`` by _bench.py)
+# --------------------------------------------------------------------------
+
+_MODULES = {"rnn_tanh": (RNN, {"nonlinearity": "tanh"}),
+            "rnn_relu": (RNN, {"nonlinearity": "relu"}),
+            "gru": (GRU, {}), "lstm": (LSTM, {})}
+
+
+def bench_bind(case, prob):
+    """A ``python -m fusedrnn bench`` provider: this module's RNN/GRU/LSTM on the problem.
+
+    ``case`` has ``cell, T, I, H, pass_`` ('forward' or 'forward+backward'); ``prob`` has
+    NumPy arrays ``x [T, B, I], w_ih, w_hh, b_ih, b_hh, dy [T, B, H]`` and ``lengths``
+    ([B] or None). Mirrors _bench.bind_torch: with lengths, the timed call packs the
+    padded batch (pack_padded_sequence, enforce_sorted=False), runs the module and pads
+    the result, as a torch user would. Returns (call, outputs) like the other providers.
+    """
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    if case.cell not in _MODULES:
+        raise ValueError(f"fusedrnn.torch has no module for cell {case.cell!r}")
+    cls, kwargs = _MODULES[case.cell]
+    dtype = torch.float64 if prob.x.dtype.itemsize == 8 else torch.float32
+    module = cls(case.I, case.H, dtype=dtype, **kwargs)
+    params = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
+    with torch.no_grad():
+        for p, a in zip(params, (prob.w_ih, prob.w_hh, prob.b_ih, prob.b_hh)):
+            p.copy_(torch.from_numpy(a))
+    lengths = None if prob.lengths is None else torch.from_numpy(prob.lengths)
+    T = case.T
+
+    def run(x):
+        if lengths is None:
+            y, state = module(x)
+        else:
+            y, state = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+            y, _ = pad_packed_sequence(y, total_length=T)
+        h_n, c_n = state if case.cell == "lstm" else (state, None)
+        return y, h_n[0], (None if c_n is None else c_n[0])
+
+    def named(**arrays):
+        return {k: v.detach().numpy() for k, v in arrays.items() if v is not None}
+
+    if case.pass_ == "forward":
+        x = torch.from_numpy(prob.x)
+
+        def call():
+            with torch.no_grad():
+                return run(x)
+
+        def outputs(r):
+            return named(y=r[0], h_n=r[1], c_n=r[2])
+    else:
+        x = torch.from_numpy(prob.x).requires_grad_(True)
+        dy = torch.from_numpy(prob.dy)
+        inputs = [x] + params
+
+        def call():
+            y, h_n, c_n = run(x)
+            return y, h_n, c_n, torch.autograd.grad(y, inputs, grad_outputs=dy)
+
+        def outputs(r):
+            y, h_n, c_n, (dx, dw_ih, dw_hh, db_ih, db_hh) = r
+            return named(y=y, h_n=h_n, c_n=c_n, dx=dx, dw_ih=dw_ih, dw_hh=dw_hh,
+                         db_ih=db_ih, db_hh=db_hh)
+    return call, outputs

@@ -1,0 +1,667 @@
+"""fusedrnn.torch: the PyTorch drop-in (RNN, GRU, LSTM, convert, custom ops).
+
+Parity with torch.nn on identical weights (load_state_dict from one into the other):
+outputs, final states and the gradients of a random weighted sum of them with respect
+to the input, h0/c0 and every parameter; float64 to 1e-10 and float32 to 1e-4, both
+relative to the scale of torch's result (conftest.rel_err).
+
+The option matrix is cell x num_layers 1-3 x bidirectional x batch_first x bias x
+proj_size x input (padded / packed / unbatched) x h0 given or not x float32/float64.
+Each pytest case is one (cell, input, dtype); inside it, by default, a pairwise
+covering subset of the other options runs (every pair of values of any two options
+appears at least once: 6 of the 48 combinations). FUSEDRNN_TORCH_MATRIX=full runs all
+48 (1440 comparisons; about 80 s more on a 2-core machine). proj_size > 0 runs once the kernels
+support projections (fusedrnn._torch_ops.HAS_PROJECTION), else it is skipped.
+
+Dropout: parity runs use dropout=0 (or eval mode) because fusedrnn draws its
+inter-layer dropout mask with torch.nn.functional.dropout, not with torch.nn's
+internal generator calls; test_dropout_* check what training-mode dropout does.
+"""
+
+import itertools
+import os
+import subprocess
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch.nn.utils.rnn import (  # noqa: E402
+    PackedSequence, pack_padded_sequence, pad_packed_sequence)
+
+import fusedrnn  # noqa: E402
+import fusedrnn.torch as frnn  # noqa: E402
+from fusedrnn import _torch_ops  # noqa: E402
+
+from conftest import rel_err  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+#: fusedrnn cell -> (torch.nn class name, constructor kwargs)
+CELLS = {"rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
+         "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
+         "gru": ("GRU", {}), "lstm": ("LSTM", {})}
+INPUTS = ("padded", "packed", "unbatched")
+T, B, I, H, P = 5, 3, 3, 4, 2  # steps, batch, input size, hidden size, projection size
+
+#: the options varied inside one (cell, input, dtype) case
+OPTIONS = {"num_layers": (1, 2, 3), "bidirectional": (False, True), "batch_first": (False, True),
+           "bias": (True, False), "h0": (True, False)}
+
+
+def pairwise(options):
+    """A small list of option dicts in which every pair of values of any two options
+    occurs (greedy covering array; deterministic)."""
+    names = list(options)
+    uncovered = {(a, va, b, vb) for a, b in itertools.combinations(names, 2)
+                 for va in options[a] for vb in options[b]}
+    rows = []
+    all_rows = [dict(zip(names, vals)) for vals in itertools.product(*options.values())]
+    while uncovered:
+        def gain(r):
+            return sum((a, r[a], b, r[b]) in uncovered for a, b in itertools.combinations(names, 2))
+        best = max(all_rows, key=gain)
+        rows.append(best)
+        uncovered -= {(a, best[a], b, best[b]) for a, b in itertools.combinations(names, 2)}
+    return rows
+
+
+FULL = os.environ.get("FUSEDRNN_TORCH_MATRIX", "") == "full"
+COMBOS = ([dict(zip(OPTIONS, v)) for v in itertools.product(*OPTIONS.values())] if FULL
+          else pairwise(OPTIONS))
+
+
+def make_pair(cell, dtype, proj_size=0, **kw):
+    """(torch.nn module, fusedrnn.torch module) with identical weights."""
+    name, extra = CELLS[cell]
+    kw = dict(kw, **extra, dtype=dtype)
+    if proj_size:
+        kw["proj_size"] = proj_size
+    ref = getattr(torch.nn, name)(I, H, **kw)
+    ours = getattr(frnn, name)(I, H, **kw)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+def run(module, cell, x, hx, input_kind, lengths, batch_first):
+    """Forward; returns (output as a padded tensor, h_n, c_n or None)."""
+    if input_kind == "packed":
+        xin = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+    else:
+        xin = x
+    out, state = module(xin) if hx is None else module(xin, hx)
+    if input_kind == "packed":
+        assert isinstance(out, PackedSequence)
+        out, out_lengths = pad_packed_sequence(out, batch_first=batch_first, total_length=T)
+        assert torch.equal(out_lengths, lengths)
+    h_n, c_n = state if cell == "lstm" else (state, None)
+    return out, h_n, c_n
+
+
+def compare(cell, dtype, input_kind, num_layers=1, bidirectional=False, batch_first=False,
+            bias=True, h0=True, proj_size=0, seed=0):
+    """Run both modules on the same problem; assert outputs, states and gradients agree."""
+    gen = torch.Generator().manual_seed(seed)
+    ref, ours = make_pair(cell, dtype, proj_size, num_layers=num_layers,
+                          bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    D = 2 if bidirectional else 1
+    Hout = proj_size or H
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
+    if input_kind == "unbatched":
+        x = randn(T, I)
+        hshape, cshape = (num_layers * D, Hout), (num_layers * D, H)
+    else:
+        x = randn(B, T, I) if batch_first else randn(T, B, I)
+        hshape, cshape = (num_layers * D, B, Hout), (num_layers * D, B, H)
+    lengths = torch.tensor([T, 2, 4][:B])  # unsorted, one full row
+    hx = None
+    if h0:
+        hx = (randn(*hshape), randn(*cshape)) if cell == "lstm" else randn(*hshape)
+
+    results = []
+    for m in (ref, ours):
+        xg = x.clone().requires_grad_(True)
+        hxg = None
+        if hx is not None:
+            hxg = tuple(h.clone().requires_grad_(True) for h in hx) if cell == "lstm" \
+                else hx.clone().requires_grad_(True)
+        out, h_n, c_n = run(m, cell, xg, hxg, input_kind, lengths, batch_first)
+        g = torch.Generator().manual_seed(seed + 1)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=dtype)).sum() \
+            + (h_n * torch.randn(h_n.shape, generator=g, dtype=dtype)).sum()
+        if c_n is not None:
+            loss = loss + (c_n * torch.randn(c_n.shape, generator=g, dtype=dtype)).sum()
+        inputs = [xg] + list(m.parameters())
+        if hxg is not None:
+            inputs += list(hxg) if cell == "lstm" else [hxg]
+        grads = torch.autograd.grad(loss, inputs)
+        named = {"y": out, "h_n": h_n, "c_n": c_n, "dx": grads[0]}
+        names = [n for n, _ in m.named_parameters()]
+        named.update({f"d{n}": gr for n, gr in zip(names, grads[1:1 + len(names)])})
+        named.update({f"dhx{i}": gr for i, gr in enumerate(grads[1 + len(names):])})
+        results.append(named)
+    want, got = results
+    assert want.keys() == got.keys()
+    tol = TOL[dtype]
+    worst = 0.0
+    for k in want:
+        if want[k] is None:
+            assert got[k] is None, k
+            continue
+        assert got[k].shape == want[k].shape, (k, got[k].shape, want[k].shape)
+        assert got[k].dtype == want[k].dtype, (k, got[k].dtype, want[k].dtype)
+        e = rel_err(got[k].detach().numpy(), want[k].detach().numpy())
+        worst = max(worst, e)
+        assert e <= tol, f"{k}: relative error {e:.3e} > {tol:.0e}"
+    return worst
+
+
+# --------------------------------------------------------------------------
+# Parity with torch.nn
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("input_kind", INPUTS)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_parity_with_torch_nn(cell, input_kind, dtype):
+    worst = 0.0
+    for i, combo in enumerate(COMBOS):
+        try:
+            worst = max(worst, compare(cell, dtype, input_kind, seed=i, **combo))
+        except AssertionError as e:
+            raise AssertionError(f"{cell} {input_kind} {dtype} {combo}: {e}") from None
+    print(f"{cell} {input_kind} {dtype}: {len(COMBOS)} option combinations, "
+          f"worst relative error {worst:.2e}")
+
+
+@pytest.mark.parametrize("input_kind", INPUTS)
+def test_parity_lstm_projection(input_kind):
+    if not _torch_ops.HAS_PROJECTION:
+        pytest.skip("LSTM projections need kernel support (fusedrnn.forward(..., w_hr=))")
+    for i, combo in enumerate(COMBOS):
+        for dtype in (torch.float32, torch.float64):
+            compare("lstm", dtype, input_kind, proj_size=P, seed=i, **combo)
+
+
+def test_packed_sorted_and_unsorted_hidden_order():
+    """enforce_sorted=True (no sorted_indices) and pack_sequence; h0 follows the user's order."""
+    ref, ours = make_pair("gru", torch.float64, num_layers=2, bidirectional=True)
+    seqs = [torch.randn(n, I, dtype=torch.float64) for n in (5, 4, 2)]
+    h0 = torch.randn(4, 3, H, dtype=torch.float64)
+    for enforce_sorted in (True, False):
+        order = [0, 1, 2] if enforce_sorted else [1, 2, 0]
+        packed = torch.nn.utils.rnn.pack_sequence([seqs[k] for k in order],
+                                                  enforce_sorted=enforce_sorted)
+        (ya, ha), (yb, hb) = ref(packed, h0), ours(packed, h0)
+        assert torch.equal(ya.batch_sizes, yb.batch_sizes)
+        assert (ya.sorted_indices is None) == (yb.sorted_indices is None)
+        assert rel_err(yb.data.detach().numpy(), ya.data.detach().numpy()) <= 1e-10
+        assert rel_err(hb.detach().numpy(), ha.detach().numpy()) <= 1e-10
+
+
+def test_same_parameters_and_initialisation():
+    for cell, (name, extra) in CELLS.items():
+        kw = dict(extra, num_layers=2, bidirectional=True)
+        torch.manual_seed(3)
+        ref = getattr(torch.nn, name)(I, H, **kw)
+        torch.manual_seed(3)
+        ours = getattr(frnn, name)(I, H, **kw)
+        ref_params, our_params = list(ref.named_parameters()), list(ours.named_parameters())
+        assert [n for n, _ in our_params] == [n for n, _ in ref_params]
+        for (n, a), (_, b) in zip(ref_params, our_params):
+            assert torch.equal(a, b), n
+        assert repr(ours) == repr(ref)
+        # strict loading in both directions
+        ref.load_state_dict(ours.state_dict(), strict=True)
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        assert not isinstance(ours, (torch.nn.RNN, torch.nn.GRU, torch.nn.LSTM))
+        assert isinstance(ours, torch.nn.RNNBase)
+
+
+def test_no_bias_parameters():
+    ref, ours = make_pair("lstm", torch.float32, bias=False, num_layers=2)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert not any("bias" in n for n, _ in ours.named_parameters())
+
+
+# --------------------------------------------------------------------------
+# Dropout
+# --------------------------------------------------------------------------
+
+def test_dropout_eval_mode_matches_torch():
+    ref, ours = make_pair("lstm", torch.float64, num_layers=3, dropout=0.5)
+    ref.eval(), ours.eval()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    (ya, _), (yb, _) = ref(x), ours(x)
+    assert rel_err(yb.detach().numpy(), ya.detach().numpy()) <= 1e-10
+
+
+def test_dropout_training_mode_drops_between_layers():
+    """Layer 2 sees dropout(layer 1's output): ~p zeros, the rest scaled by 1/(1-p);
+    reproducible with torch.manual_seed; no dropout after the last layer."""
+    p = 0.4
+    ours = frnn.GRU(I, H, num_layers=2, dropout=p, dtype=torch.float64)
+    ours.train()
+    x = torch.randn(40, 25, I, dtype=torch.float64)
+    torch.manual_seed(123)
+    y, h_n = ours(x)
+    # the same computation by hand, from single-layer modules with the same weights
+    l0, l1 = frnn.GRU(I, H, dtype=torch.float64), frnn.GRU(H, H, dtype=torch.float64)
+    sd = ours.state_dict()
+    l0.load_state_dict({k: v for k, v in sd.items() if k.endswith("_l0")})
+    l1.load_state_dict({k.replace("_l1", "_l0"): v for k, v in sd.items() if k.endswith("_l1")})
+    y0, h0 = l0(x)
+    torch.manual_seed(123)
+    mask_src = torch.nn.functional.dropout(torch.ones_like(y0), p=p, training=True)
+    zeros = float((mask_src == 0).double().mean())
+    print(f"dropped fraction {zeros:.3f} (p = {p})")
+    assert abs(zeros - p) < 0.03
+    assert torch.allclose(mask_src[mask_src != 0], torch.tensor(1 / (1 - p), dtype=torch.float64))
+    y1, h1 = l1(y0 * mask_src)
+    assert rel_err(y.detach().numpy(), y1.detach().numpy()) <= 1e-12
+    assert rel_err(h_n[0].detach().numpy(), h0[0].detach().numpy()) <= 1e-12
+    assert rel_err(h_n[1].detach().numpy(), h1[0].detach().numpy()) <= 1e-12
+    # gradients flow through the dropout mask
+    y.sum().backward()
+    assert ours.weight_ih_l0.grad is not None and torch.isfinite(ours.weight_ih_l0.grad).all()
+
+
+def test_dropout_single_layer_warns_like_torch():
+    with pytest.warns(UserWarning, match="dropout"):
+        frnn.LSTM(I, H, dropout=0.2)
+
+
+# --------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_gradcheck(cell):
+    """torch.autograd.gradcheck in float64, bidirectional 2-layer, packed and padded
+    (fast_mode: checks random projections of the Jacobian; the parity tests compare
+    every gradient with torch.nn's)."""
+    name, extra = CELLS[cell]
+    m = getattr(frnn, name)(2, 3, num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    with torch.no_grad():  # keep relu away from its kink
+        for prm in m.parameters():
+            prm.mul_(0.7)
+    params = list(m.parameters())
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 1, 3])
+
+    def f(x, h0, c0, *ps):
+        fn = lambda *a: torch.func.functional_call(m, dict(zip(names, ps)), a)  # noqa: E731
+        outs = []
+        for packed in (False, True):
+            inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+            out, st = fn(inp, (h0, c0)) if cell == "lstm" else fn(inp, h0)
+            outs += [out.data if packed else out] + (list(st) if cell == "lstm" else [st])
+        return tuple(outs)
+
+    args = (x, h0, c0 if cell == "lstm" else c0.detach(), *params)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_double_backward_raises_clear_error():
+    m = frnn.LSTM(I, H, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    y, _ = m(x)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    # an ordinary backward still works afterwards, and twice with retain_graph
+    y, _ = m(x)
+    g1, = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    g2, = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g1, g2)
+
+
+def test_caches_are_freed_and_not_kept_without_grad():
+    import gc
+    gc.collect()
+    base = _torch_ops.live_caches()
+    m = frnn.GRU(I, H, num_layers=2, bidirectional=True)
+    x = torch.randn(T, B, I)
+    y, _ = m(x)
+    assert _torch_ops.live_caches() == base + 4  # one per layer and direction
+    y.sum().backward()
+    del y
+    gc.collect()
+    assert _torch_ops.live_caches() == base
+    with torch.no_grad():
+        m(x)
+    x2 = torch.randn(T, B, I)
+    for prm in m.parameters():
+        prm.requires_grad_(False)
+    m(x2)  # nothing requires grad: no cache either
+    assert _torch_ops.live_caches() == base
+
+
+def test_grad_wrt_input_only_and_states_only():
+    m = frnn.LSTM(I, H, dtype=torch.float64).requires_grad_(False)
+    ref = torch.nn.LSTM(I, H, dtype=torch.float64).requires_grad_(False)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0 = torch.randn(1, B, H, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, B, H, dtype=torch.float64, requires_grad=True)
+    ga = torch.autograd.grad(m(x, (h0, c0))[1][1].sum(), [h0, c0])
+    gb = torch.autograd.grad(ref(x, (h0, c0))[1][1].sum(), [h0, c0])
+    for a, b in zip(ga, gb):
+        assert rel_err(a.numpy(), b.numpy()) <= 1e-10
+
+
+def test_custom_op_opcheck():
+    """torch.library.opcheck: schema, autograd registration, fake tensor, AOT dispatch."""
+    g = torch.Generator().manual_seed(0)
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+
+    args = (r(T, B, I), r(4 * H, I), r(4 * H, H), r(4 * H), None, r(B, H), r(B, H), None,
+            torch.tensor([T, 2, 0]), "lstm", True, False, True)
+    result = torch.library.opcheck(torch.ops.fusedrnn.layer_forward.default, args)
+    print(result)
+    assert set(result.values()) == {"SUCCESS"}
+
+
+# --------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = frnn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = frnn.GRU(2 * H, H)
+        self.rnn = frnn.RNN(H, H, nonlinearity="relu", bias=False)
+        self.head = torch.nn.Linear(H, 1)
+
+    def forward(self, x, h0):
+        y, (h, c) = self.lstm(x)
+        z, hg = self.gru(y.transpose(0, 1), h0)
+        w, hr = self.rnn(z)
+        return self.head(w).sum() + h.sum() + c.sum() + hg.sum() + hr.sum()
+
+
+def _compiled_matches_eager(model, args, backend, **compile_kw):
+    compiled = torch.compile(model, fullgraph=True, backend=backend, **compile_kw)
+    params = list(model.parameters())
+    for a in args:
+        inputs = [t for t in a if t.requires_grad]
+        want = model(*a)
+        gw = torch.autograd.grad(want, inputs + params)
+        got = compiled(*a)
+        gg = torch.autograd.grad(got, inputs + params)
+        assert rel_err(got.detach().numpy(), want.detach().numpy()) <= 1e-6
+        for u, v in zip(gg, gw):
+            assert rel_err(u.numpy(), v.numpy()) <= 1e-6
+        with torch.no_grad():
+            assert rel_err(compiled(*a).numpy(), want.detach().numpy()) <= 1e-6
+
+
+def test_compile_fullgraph_aot_eager():
+    """Dynamo traces the modules without graph breaks (fullgraph) and AOTAutograd uses
+    the custom ops' fake implementations and autograd formulas."""
+    torch.manual_seed(0)
+    model = _Model()
+    x = torch.randn(B, T, I, requires_grad=True)
+    h0 = torch.randn(1, B, H, requires_grad=True)
+    _compiled_matches_eager(model, [(x, h0)], "aot_eager")
+
+
+def test_compile_fullgraph_dynamic_shapes():
+    torch.manual_seed(1)
+    model = _Model()
+    args = [(torch.randn(b, t, I, requires_grad=True), torch.randn(1, b, H)) for b, t in
+            ((2, 3), (4, 6))]
+    _compiled_matches_eager(model, args, "aot_eager", dynamic=True)
+
+
+def test_compile_fullgraph_inductor():
+    """The default backend (inductor) on a small GRU, forward and backward. The graph
+    holds little besides the custom ops, so inductor has (almost) no C++ to compile."""
+    torch._dynamo.reset()
+    m = frnn.GRU(I, H)
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.randn(T, B, I, requires_grad=True)
+    h0 = torch.randn(1, B, H, requires_grad=True)
+    gy, gh = torch.randn(T, B, H), torch.randn(1, B, H)
+    inputs = [x, h0] + list(m.parameters())
+    results = []
+    for fn in (m, compiled):
+        y, h = fn(x, h0)
+        results.append([y, h, *torch.autograd.grad((y, h), inputs, (gy, gh))])
+    for a, b in zip(*results):
+        assert rel_err(b.detach().numpy(), a.detach().numpy()) <= 1e-6
+
+
+def test_compile_packed_input_with_sorted_indices():
+    """A PackedSequence built outside the compiled function (enforce_sorted=False)."""
+    m = frnn.LSTM(I, H, bidirectional=True, dtype=torch.float64)
+
+    def f(packed):
+        out, (h, c) = m(packed)
+        return out.data, h, c
+
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([T, 2, 4]), enforce_sorted=False)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(packed), f(packed)):
+        assert rel_err(a.detach().numpy(), b.detach().numpy()) <= 1e-12
+
+
+# --------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------
+
+def test_convert_replaces_modules_and_keeps_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.ModuleDict({"enc": torch.nn.LSTM(I, H, num_layers=2, bidirectional=True)}),
+        torch.nn.ModuleList([torch.nn.GRU(I, H, batch_first=True),
+                             torch.nn.RNN(I, H, nonlinearity="relu", bias=False)]),
+    )
+    model.eval()
+    x = torch.randn(T, B, I)
+    before = [model[0]["enc"](x), model[1][0](x), model[1][1](x)]
+    params_before = list(model.parameters())
+    out = frnn.convert(model)
+    assert out is model
+    assert type(model[0]["enc"]) is frnn.LSTM
+    assert type(model[1][0]) is frnn.GRU
+    assert type(model[1][1]) is frnn.RNN and model[1][1].nonlinearity == "relu"
+    assert model[1][0].batch_first and not model[1][1].bias
+    assert not model[0]["enc"].training  # training mode kept
+    params_after = list(model.parameters())
+    assert len(params_after) == len(params_before)
+    assert all(a is b for a, b in zip(params_after, params_before))  # the same Parameters
+    after = [model[0]["enc"](x), model[1][0](x), model[1][1](x)]
+    flat = lambda r: [r[0]] + (list(r[1]) if isinstance(r[1], tuple) else [r[1]])  # noqa: E731
+    for a, b in zip(before, after):
+        for u, v in zip(flat(a), flat(b)):
+            assert rel_err(v.detach().numpy(), u.detach().numpy()) <= 1e-4
+
+
+def test_convert_module_itself_and_optimizer_keeps_working():
+    lstm = torch.nn.LSTM(I, H)
+    opt = torch.optim.SGD(lstm.parameters(), lr=0.1)
+    new = frnn.convert(lstm)
+    assert type(new) is frnn.LSTM
+    before = new.weight_ih_l0.detach().clone()
+    new(torch.randn(T, B, I))[0].sum().backward()
+    opt.step()
+    assert not torch.equal(before, lstm.weight_ih_l0)  # the optimizer updated the shared weight
+    assert new.weight_ih_l0 is lstm.weight_ih_l0
+
+
+def test_convert_leaves_subclasses_and_unsupported(monkeypatch):
+    class MyLSTM(torch.nn.LSTM):
+        pass
+
+    model = torch.nn.Sequential(MyLSTM(I, H))
+    frnn.convert(model)
+    assert type(model[0]) is MyLSTM
+    # as long as the kernels have no projections (simulated when they have them)
+    monkeypatch.setattr(_torch_ops, "HAS_PROJECTION", False)
+    proj = torch.nn.Sequential(torch.nn.LSTM(I, H, proj_size=2))
+    with pytest.raises(NotImplementedError, match="proj"):
+        frnn.convert(proj)
+    with pytest.warns(UserWarning, match="proj_size"):
+        frnn.convert(proj, skip_unsupported=True)
+    assert type(proj[0]) is torch.nn.LSTM
+
+
+def test_convert_projected_lstm_when_supported():
+    if not _torch_ops.HAS_PROJECTION:
+        pytest.skip("LSTM projections need kernel support (fusedrnn.forward(..., w_hr=))")
+    model = torch.nn.Sequential(torch.nn.LSTM(I, H, proj_size=2, num_layers=2))
+    x = torch.randn(T, B, I)
+    want = model[0](x)[0]
+    frnn.convert(model)
+    assert type(model[0]) is frnn.LSTM and model[0].proj_size == 2
+    assert rel_err(model[0](x)[0].detach().numpy(), want.detach().numpy()) <= 1e-4
+
+
+# --------------------------------------------------------------------------
+# Errors: the same exception types as torch.nn
+# --------------------------------------------------------------------------
+
+CTOR_CASES = [
+    ("LSTM", (I, 0), {}),
+    ("LSTM", (I, -1), {}),
+    ("GRU", (0, H), {}),
+    ("GRU", (I, 2.5), {}),
+    ("GRU", ("3", H), {}),
+    ("RNN", (I, H), {"bias": 1}),
+    ("RNN", (I, H), {"batch_first": "yes"}),
+    ("LSTM", (I, H), {"num_layers": 0}),
+    ("LSTM", (I, H), {"dropout": 1.5}),
+    ("LSTM", (I, H), {"dropout": True}),
+    ("RNN", (I, H), {"nonlinearity": "sigmoid"}),
+    ("RNN", (I, H, 1, "gelu"), {}),
+    ("RNN", (I, H), {"proj_size": 2}),
+    ("GRU", (I, H), {"proj_size": 2}),
+    ("LSTM", (I, H), {"proj_size": -1}),
+    ("LSTM", (I, H), {"proj_size": H}),
+]
+
+
+@pytest.mark.parametrize("name,args,kwargs", CTOR_CASES)
+def test_constructor_errors_match_torch(name, args, kwargs):
+    with pytest.raises(Exception) as want:
+        getattr(torch.nn, name)(*args, **kwargs)
+    with pytest.raises(Exception) as got:
+        getattr(frnn, name)(*args, **kwargs)
+    print(f"torch.nn: {want.type.__name__}: {want.value}\n"
+          f"fusedrnn: {got.type.__name__}: {got.value}")
+    assert got.type is want.type
+
+
+def test_projection_not_implemented_without_kernel_support(monkeypatch):
+    """Until the kernels take w_hr, proj_size > 0 is validated like torch.nn, then refused
+    (simulated when they do take it)."""
+    monkeypatch.setattr(_torch_ops, "HAS_PROJECTION", False)
+    torch.nn.LSTM(I, H, proj_size=2)  # valid for torch.nn ...
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        frnn.LSTM(I, H, proj_size=2)  # ... and validated, then refused, by fusedrnn
+    with pytest.raises(ValueError):
+        frnn.LSTM(I, H, proj_size=H)  # torch's validation comes first
+    w = torch.randn(4 * H, 2)
+    with pytest.raises(NotImplementedError, match="proj_size"):  # the op refuses too
+        torch.ops.fusedrnn.layer_forward(torch.randn(T, B, I), torch.randn(4 * H, I), w,
+                                         None, None, None, None, torch.randn(2, H), None,
+                                         "lstm", False, False, False)
+
+
+def _forward_cases():
+    x = torch.randn(T, B, I)
+    return [
+        ("dtype", "LSTM", x.double(), None),
+        ("4-D input", "GRU", torch.randn(1, T, B, I), None),
+        ("1-D input", "RNN", torch.randn(I), None),
+        ("input size", "LSTM", torch.randn(T, B, I + 1), None),
+        ("h0 shape", "GRU", x, torch.randn(1, B + 1, H)),
+        ("h0 rank", "RNN", x, torch.randn(B, H)),
+        ("unbatched h0 rank", "GRU", torch.randn(T, I), torch.randn(1, 1, H)),
+        ("lstm h0 shape", "LSTM", x, (torch.randn(1, B, H), torch.randn(2, B, H))),
+        ("lstm h0 rank", "LSTM", x, (torch.randn(B, H), torch.randn(B, H))),
+        ("empty sequence", "GRU", torch.randn(0, B, I), None),
+    ]
+
+
+@pytest.mark.parametrize("case", _forward_cases(), ids=lambda c: c[0])
+def test_forward_errors_match_torch(case):
+    _, name, x, hx = case
+    ref, ours = getattr(torch.nn, name)(I, H), getattr(frnn, name)(I, H)
+    with pytest.raises(Exception) as want:
+        ref(x) if hx is None else ref(x, hx)
+    with pytest.raises(Exception) as got:
+        ours(x) if hx is None else ours(x, hx)
+    print(f"torch.nn: {want.type.__name__}: {want.value}\n"
+          f"fusedrnn: {got.type.__name__}: {got.value}")
+    assert got.type is want.type
+
+
+def test_hidden_dtype_mismatch_is_a_clear_error():
+    m = frnn.GRU(I, H)
+    with pytest.raises(RuntimeError, match="dtype"):
+        m(torch.randn(T, B, I), torch.randn(1, B, H, dtype=torch.float64))
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    m = frnn.LSTM(I, H, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        m(torch.randn(T, B, I, dtype=torch.bfloat16))
+
+
+def test_cuda_tensors_without_cuda_backend_name_the_fix():
+    fake = types.SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match="no CUDA backend") as e:
+        _torch_ops.check_device(fake, "x")
+    assert "cpu()" in str(e.value)
+    with pytest.raises(RuntimeError, match="CPU"):
+        _torch_ops.check_device(types.SimpleNamespace(device=torch.device("meta")), "x")
+
+
+def test_meta_module_runs_shapes_only():
+    """On the meta device the fake implementations give shapes (no kernels run)."""
+    m = frnn.LSTM(I, H, num_layers=2, bidirectional=True, device="meta")
+    y, h, c = m._run_stack(torch.empty(T, B, I, device="meta"), None, None, None, False)
+    assert y.shape == (T, B, 2 * H) and h.shape == (4, B, H) and c.shape == (4, B, H)
+
+
+# --------------------------------------------------------------------------
+# Packaging
+# --------------------------------------------------------------------------
+
+def test_import_fusedrnn_does_not_import_the_adapter():
+    code = ("import sys, fusedrnn; "
+            "assert 'torch' not in sys.modules and 'fusedrnn.torch' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_bench_provider_matches_torch_nn():
+    """bench_bind: the provider ``python -m fusedrnn bench`` times for fusedrnn.torch."""
+    rng = np.random.default_rng(0)
+    for cell, use_lengths, pass_ in (("lstm", False, "forward+backward"), ("gru", True, "forward"),
+                                     ("rnn_tanh", True, "forward+backward")):
+        G = fusedrnn.CELLS[cell]
+        u = lambda *s: rng.uniform(-0.5, 0.5, size=s).astype(np.float64)  # noqa: E731
+        prob = types.SimpleNamespace(x=u(T, B, I), w_ih=u(G * H, I), w_hh=u(G * H, H),
+                                     b_ih=u(G * H), b_hh=u(G * H), dy=u(T, B, H),
+                                     lengths=np.array([T, 2, 4]) if use_lengths else None)
+        case = types.SimpleNamespace(cell=cell, T=T, B=B, I=I, H=H, pass_=pass_)
+        call, outputs = frnn.bench_bind(case, prob)
+        got = outputs(call())
+        y, h_n, c_n, cache = fusedrnn.forward(cell, prob.x, prob.w_ih, prob.w_hh, prob.b_ih,
+                                              prob.b_hh, lengths=prob.lengths)
+        assert rel_err(got["y"], y) <= 1e-12 and rel_err(got["h_n"], h_n) <= 1e-12
+        if pass_ != "forward":
+            grads = fusedrnn.backward(cache, prob.dy)
+            assert rel_err(got["dx"], grads["x"]) <= 1e-12
+            assert rel_err(got["dw_hh"], grads["w_hh"]) <= 1e-12
