@@ -646,7 +646,9 @@ def test_import_fusedrnn_does_not_import_the_adapter():
 
 
 def test_bench_provider_matches_torch_nn():
-    """bench_bind: the provider ``python -m fusedrnn bench`` times for fusedrnn.torch."""
+    """The provider ``python -m fusedrnn bench`` times for fusedrnn.torch."""
+    from fusedrnn import _bench
+
     rng = np.random.default_rng(0)
     for cell, use_lengths, pass_ in (("lstm", False, "forward+backward"), ("gru", True, "forward"),
                                      ("rnn_tanh", True, "forward+backward")):
@@ -656,7 +658,7 @@ def test_bench_provider_matches_torch_nn():
                                      b_ih=u(G * H), b_hh=u(G * H), dy=u(T, B, H),
                                      lengths=np.array([T, 2, 4]) if use_lengths else None)
         case = types.SimpleNamespace(cell=cell, T=T, B=B, I=I, H=H, pass_=pass_)
-        call, outputs = frnn.bench_bind(case, prob)
+        call, outputs = _bench.bind_torch(torch, case, prob, frnn)
         got = outputs(call())
         y, h_n, c_n, cache = fusedrnn.forward(cell, prob.x, prob.w_ih, prob.w_hh, prob.b_ih,
                                               prob.b_hh, lengths=prob.lengths)

@@ -258,13 +258,17 @@ def bind_numpy_api(api, case: Case, prob: Problem) -> Bound:
     return call, outputs
 
 
-def bind_torch(torch, case: Case, prob: Problem) -> Bound:
-    """torch.nn.RNN/LSTM/GRU with fusedrnn's weights (same layout and gate order)."""
+def bind_torch(torch, case: Case, prob: Problem, modules=None) -> Bound:
+    """torch.nn.RNN/LSTM/GRU with fusedrnn's weights (same layout and gate order).
+
+    ``modules``: where the RNN/LSTM/GRU classes come from, torch.nn by default;
+    ``fusedrnn.torch`` times the drop-in modules exactly as a torch user runs them.
+    """
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     kind, kwargs = TORCH_CELLS[case.cell]
     tdtype = torch.float64 if prob.x.dtype == np.float64 else torch.float32
-    module = getattr(torch.nn, kind)(case.I, case.H, dtype=tdtype, **kwargs)
+    module = getattr(modules or torch.nn, kind)(case.I, case.H, dtype=tdtype, **kwargs)
     params = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
     with torch.no_grad():
         for p, a in zip(params, (prob.w_ih, prob.w_hh, prob.b_ih, prob.b_hh)):
@@ -698,7 +702,7 @@ def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, len
             elif n == "fusedrnn.torch":
                 from . import torch as fusedrnn_torch  # noqa: PLC0415 - imports torch
 
-                call, to_arrays = fusedrnn_torch.bench_bind(case, prob)
+                call, to_arrays = bind_torch(torch, case, prob, fusedrnn_torch)
             else:
                 call, to_arrays = bind_numpy_api(fusedrnn if n == "fusedrnn" else reference,
                                                  case, prob)

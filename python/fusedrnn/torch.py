@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import _torch_ops
 from ._torch_ops import check_device, run_layer
 
-__all__ = ["RNN", "GRU", "LSTM", "convert", "bench_bind"]
+__all__ = ["RNN", "GRU", "LSTM", "convert"]
 
 #: torch.nn mode -> fusedrnn cell
 _CELLS = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru", "LSTM": "lstm"}
@@ -394,72 +394,3 @@ def convert(model: torch.nn.Module, *, skip_unsupported: bool = False) -> torch.
             if replacement is not child:
                 setattr(parent, name, replacement)
     return model
-
-
-# --------------------------------------------------------------------------
-# Benchmark provider (wired into ``python -m fusedrnn bench`` by _bench.py)
-# --------------------------------------------------------------------------
-
-_MODULES = {"rnn_tanh": (RNN, {"nonlinearity": "tanh"}),
-            "rnn_relu": (RNN, {"nonlinearity": "relu"}),
-            "gru": (GRU, {}), "lstm": (LSTM, {})}
-
-
-def bench_bind(case, prob):
-    """A ``python -m fusedrnn bench`` provider: this module's RNN/GRU/LSTM on the problem.
-
-    ``case`` has ``cell, T, I, H, pass_`` ('forward' or 'forward+backward'); ``prob`` has
-    NumPy arrays ``x [T, B, I], w_ih, w_hh, b_ih, b_hh, dy [T, B, H]`` and ``lengths``
-    ([B] or None). Mirrors _bench.bind_torch: with lengths, the timed call packs the
-    padded batch (pack_padded_sequence, enforce_sorted=False), runs the module and pads
-    the result, as a torch user would. Returns (call, outputs) like the other providers.
-    """
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-    if case.cell not in _MODULES:
-        raise ValueError(f"fusedrnn.torch has no module for cell {case.cell!r}")
-    cls, kwargs = _MODULES[case.cell]
-    dtype = torch.float64 if prob.x.dtype.itemsize == 8 else torch.float32
-    module = cls(case.I, case.H, dtype=dtype, **kwargs)
-    params = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
-    with torch.no_grad():
-        for p, a in zip(params, (prob.w_ih, prob.w_hh, prob.b_ih, prob.b_hh)):
-            p.copy_(torch.from_numpy(a))
-    lengths = None if prob.lengths is None else torch.from_numpy(prob.lengths)
-    T = case.T
-
-    def run(x):
-        if lengths is None:
-            y, state = module(x)
-        else:
-            y, state = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
-            y, _ = pad_packed_sequence(y, total_length=T)
-        h_n, c_n = state if case.cell == "lstm" else (state, None)
-        return y, h_n[0], (None if c_n is None else c_n[0])
-
-    def named(**arrays):
-        return {k: v.detach().numpy() for k, v in arrays.items() if v is not None}
-
-    if case.pass_ == "forward":
-        x = torch.from_numpy(prob.x)
-
-        def call():
-            with torch.no_grad():
-                return run(x)
-
-        def outputs(r):
-            return named(y=r[0], h_n=r[1], c_n=r[2])
-    else:
-        x = torch.from_numpy(prob.x).requires_grad_(True)
-        dy = torch.from_numpy(prob.dy)
-        inputs = [x] + params
-
-        def call():
-            y, h_n, c_n = run(x)
-            return y, h_n, c_n, torch.autograd.grad(y, inputs, grad_outputs=dy)
-
-        def outputs(r):
-            y, h_n, c_n, (dx, dw_ih, dw_hh, db_ih, db_hh) = r
-            return named(y=y, h_n=h_n, c_n=c_n, dx=dx, dw_ih=dw_ih, dw_hh=dw_hh,
-                         db_ih=db_ih, db_hh=db_hh)
-    return call, outputs
