@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import fusedrnn
-from . import reference
+from . import _cli, reference
 
 __all__ = ["add_arguments", "run", "FULL_SHAPES", "QUICK_SHAPES", "CSV_COLUMNS"]
 
@@ -140,14 +140,7 @@ def _csv_list(allowed):
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+_positive_int = _cli.positive_int
 
 
 def parse_shapes(items: Sequence[str]) -> List[Tuple[int, int, int, int]]:

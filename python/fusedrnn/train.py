@@ -37,7 +37,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 import fusedrnn
-from . import models, optim
+from . import _cli, models, optim
 
 __all__ = ["add_arguments", "run", "TASKS", "Task", "Trainer"]
 
@@ -313,44 +313,8 @@ class Trainer:
 # Command line
 # --------------------------------------------------------------------------
 
-def _positive_int(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
-
-
-def _nonneg_int(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return n
-
-
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
-def _nonneg_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
+_positive_int, _nonneg_int = _cli.positive_int, _cli.nonneg_int
+_positive_float, _nonneg_float = _cli.positive_float, _cli.nonneg_float
 
 
 def _dropout(text):
