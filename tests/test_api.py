@@ -289,6 +289,7 @@ def test_import_does_not_import_torch():
 
 def test_readme_examples_run(tmp_path):
     """The README's examples are code that works."""
+    import importlib.util
     import pathlib
     import re
 
@@ -302,6 +303,8 @@ def test_readme_examples_run(tmp_path):
     os.chdir(tmp_path)  # examples may write files
     try:
         for i, code in enumerate(examples):
+            if "import torch" in code and importlib.util.find_spec("torch") is None:
+                continue  # the PyTorch drop-in's example needs torch
             exec(compile(code, f"README example {i}", "exec"), {})
     finally:
         os.chdir(cwd)
