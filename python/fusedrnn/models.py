@@ -114,6 +114,16 @@ def _input_arg(name, x, dtype, ndim, layout):
     return x
 
 
+def _cache_arg(cache, cache_type, owner):
+    """``cache`` must be a ``cache_type`` made by ``owner``'s forward."""
+    if cache is None:
+        raise TypeError("backward needs the cache returned by forward(..., training=True); "
+                        "got None")
+    if not isinstance(cache, cache_type) or cache.owner is not owner:
+        raise TypeError(f"cache must come from this model's forward, got "
+                        f"{type(cache).__name__}")
+
+
 def _seed_sequences(seed, n):
     """``n`` independent seed sequences from an int, a SeedSequence or None (fresh entropy)."""
     if isinstance(seed, np.random.SeedSequence):
@@ -335,12 +345,7 @@ class RNN:
             (grads, dinputs): grads maps every name of ``params`` to its gradient;
             dinputs has "x", "h0" [L*D, B, H] and "c0" ([L*D, B, H] or None).
         """
-        if cache is None:
-            raise TypeError("backward needs the cache returned by forward(..., training=True); "
-                            "got None")
-        if not isinstance(cache, _StackCache) or cache.owner is not self:
-            raise TypeError(f"cache must come from this model's forward, got "
-                            f"{type(cache).__name__}")
+        _cache_arg(cache, _StackCache, self)
         L, D, H, B = self.num_layers, self.D, self.hidden_size, cache.B
         if dy is not None:
             yshape = cache.x_shape[:2] + (D * H,)
@@ -560,12 +565,7 @@ class RNNModel:
     def backward(self, cache, dout=None, dh_n=None, dc_n=None):
         """Gradients through ``forward``: dout like out (or None), dh_n/dc_n
         [L*D, B, H] (or None).  Returns (grads, dinputs) as ``RNN.backward``."""
-        if cache is None:
-            raise TypeError("backward needs the cache returned by forward(..., training=True); "
-                            "got None")
-        if not isinstance(cache, _ModelCache) or cache.owner is not self:
-            raise TypeError(f"cache must come from this model's forward, got "
-                            f"{type(cache).__name__}")
+        _cache_arg(cache, _ModelCache, self)
         rnn = self.rnn
         grads: Dict[str, np.ndarray] = {}
         dy = None

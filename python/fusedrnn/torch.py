@@ -317,8 +317,7 @@ class LSTM(_FusedRNNBase):
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
     dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None)``;
     ``forward(input, hx=None) -> (output, (h_n, c_n))``. See torch.nn.LSTM for the shapes.
-    ``proj_size > 0`` is validated like torch.nn, then raises NotImplementedError until
-    fusedrnn's kernels support projections.
+    ``proj_size > 0`` runs on the kernels' LSTM projection (``fusedrnn.forward(..., w_hr=)``).
     """
 
     def __init__(self, *args, **kwargs):
