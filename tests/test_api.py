@@ -27,8 +27,8 @@ def lstm_problem(dtype=np.float32, T=4, B=3, I=5, H=6, seed=0):
 
 def call(mod, cell="lstm", **over):
     p = lstm_problem()
-    kw = {k: over.pop(k) for k in ("lengths", "mask", "reverse", "batch_first", "training")
-          if k in over}
+    kw = {k: over.pop(k) for k in ("lengths", "mask", "reverse", "batch_first", "training",
+                                   "checkpoint") if k in over}
     p.update(over)
     return mod.forward(cell, p["x"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], p["h0"],
                        p["c0"], **kw)
@@ -61,6 +61,8 @@ BAD_FORWARD = {
     "lengths and mask": (dict(lengths=[1, 2, 3], mask=np.ones((4, 3), bool)), ValueError,
                          ["lengths", "mask"]),
     "reverse not bool": (dict(reverse="yes"), TypeError, ["reverse"]),
+    "checkpoint 0": (dict(checkpoint=0), ValueError, ["checkpoint", "0"]),
+    "checkpoint float": (dict(checkpoint=2.5), TypeError, ["checkpoint", "float"]),
 }
 
 

@@ -58,6 +58,8 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
     assert tuple(columns) == _bench.CSV_COLUMNS
     providers = ["fusedrnn", "reference"] + (["torch", "fusedrnn.torch"] if HAVE_TORCH else [])
     expected = {(c, p, q) for c in ("lstm", "gru") for p in _bench.PASSES for q in providers}
+    # the checkpointed cache only in training
+    expected |= {(c, "forward+backward", "fusedrnn.ckpt") for c in ("lstm", "gru")}
     assert {(r["cell"], r["pass"], r["provider"]) for r in rows} == expected
     assert len(rows) == len(expected)
     for r in rows:
@@ -68,6 +70,11 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
             assert float(r["speedup_vs_torch"]) > 0
         else:
             assert r["speedup_vs_torch"] == ""
+        # memory of fusedrnn's training runs: the peak holds at least the cache
+        if r["pass"] == "forward+backward" and r["provider"] in ("fusedrnn", "fusedrnn.ckpt"):
+            assert 0 < float(r["cache_mib"]) <= float(r["peak_mib"])
+        else:
+            assert r["cache_mib"] == r["peak_mib"] == ""
 
 
 def test_bench_without_torch(tmp_path, monkeypatch, capsys):

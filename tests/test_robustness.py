@@ -139,7 +139,7 @@ def test_nan_in_one_row_stays_in_that_row(cell):
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 3)])
 def test_cache_size_formula(cell, proj):
     """cache.nbytes = itemsize * (N*(I + Pp + G*Hp + E + Mp) + G*Hp*I + G*H*P + P*H*[proj])
-    + bookkeeping, with H, P padded to the SIMD width (README, "Memory")."""
+    + bookkeeping, with H, P padded to the SIMD width (docs/memory.md)."""
     T, B, I, H = 9, 5, 7, 13
     args, kw, *_ = make_problem(cell, T, B, I, H, np.float32, np.random.default_rng(7),
                                 lengths=True, proj=proj)

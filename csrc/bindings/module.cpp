@@ -93,7 +93,7 @@ template <typename scalar_t>
 py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle w_hh_in,
                        py::handle b_ih_in, py::handle b_hh_in, py::handle h0_in,
                        py::handle c0_in, py::handle lengths_in, py::handle mask_in, bool reverse,
-                       bool batch_first, bool training, py::handle w_hr_in) {
+                       bool batch_first, bool training, py::handle w_hr_in, int64_t checkpoint) {
   if (x_in.ndim() != 3)
     throw py::value_error("x must have 3 dimensions, got shape " + shape_str(shape_of(x_in)));
   const int64_t G = gates_of(cell);
@@ -160,6 +160,8 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
   p.reverse = reverse;
   p.batch_first = batch_first;
   p.training = training;
+  if (checkpoint < 0) throw py::value_error("checkpoint must be 0 (off) or a positive int");
+  p.checkpoint = checkpoint;
   p.x = x.data();
   p.w_ih = w_ih.data();
   p.w_hh = w_hh.data();
@@ -187,16 +189,16 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
 py::tuple forward_py(const std::string& cell_s, py::handle x_in, py::handle w_ih,
                      py::handle w_hh, py::handle b_ih, py::handle b_hh, py::handle h0,
                      py::handle c0, py::handle lengths, py::handle mask, bool reverse,
-                     bool batch_first, bool training, py::handle w_hr) {
+                     bool batch_first, bool training, py::handle w_hr, int64_t checkpoint) {
   const Cell cell = parse_cell(cell_s);
   py::array x = py::array::ensure(x_in);
   if (!x) throw py::type_error("x must be an array");
   if (x.dtype().is(py::dtype::of<float>()))
     return forward_impl<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask, reverse,
-                               batch_first, training, w_hr);
+                               batch_first, training, w_hr, checkpoint);
   if (x.dtype().is(py::dtype::of<double>()))
     return forward_impl<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask, reverse,
-                                batch_first, training, w_hr);
+                                batch_first, training, w_hr, checkpoint);
   throw py::type_error("x must have dtype float32 or float64, got " +
                        std::string(py::str(x.dtype())));
 }
@@ -280,6 +282,9 @@ PYBIND11_MODULE(_core, m) {
                              [](const CacheBase& c) { return c.is_double() ? "float64" : "float32"; })
       .def_property_readonly("batch_first", [](const CacheBase& c) { return c.batch_first; })
       .def_property_readonly("reverse", [](const CacheBase& c) { return c.reverse; })
+      .def_property_readonly("checkpoint", [](const CacheBase& c) { return c.checkpoint; },
+                             "k > 0: states kept every k steps, the rest recomputed by "
+                             "backward; 0: every step kept.")
       .def_property_readonly("nbytes", &CacheBase::nbytes,
                              "Bytes of memory the cache holds.")
       .def("__repr__", [](const CacheBase& c) {
@@ -292,7 +297,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("forward", &forward_py, py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"),
         py::arg("b_ih"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"),
         py::arg("mask"), py::arg("reverse"), py::arg("batch_first"), py::arg("training"),
-        py::arg("w_hr") = py::none());
+        py::arg("w_hr") = py::none(), py::arg("checkpoint") = 0);
   m.def("backward", &backward_py, py::arg("cache"), py::arg("dy"), py::arg("dh_n"),
         py::arg("dc_n"));
   m.def("set_num_threads", &fusedrnn::set_num_threads, py::arg("n"));
@@ -302,6 +307,12 @@ PYBIND11_MODULE(_core, m) {
         "Bytes of freed temporaries kept for reuse (at most 256 MiB).");
   m.def("workspace_release", &fusedrnn::workspace_release,
         "Return the kept temporaries to the system.");
+  m.def("workspace_in_use_bytes", &fusedrnn::workspace_in_use_bytes,
+        "Bytes of fusedrnn's working memory alive now (training caches included).");
+  m.def("workspace_peak_bytes", &fusedrnn::workspace_peak_bytes,
+        "The most bytes of working memory alive at once since workspace_reset_peak().");
+  m.def("workspace_reset_peak", &fusedrnn::workspace_reset_peak,
+        "Start a new peak measurement from the bytes alive now.");
   m.def("isa", []() { return std::string(fusedrnn::isa_name()); },
         "Instruction set of the kernels in use: avx512, avx2 or generic.");
 }

@@ -106,6 +106,147 @@ inline S bias_at(const S* b, int64_t i) {
   return b ? b[i] : S(0);
 }
 
+// Executed steps, in forward processing order (steps where no row is valid are
+// skipped).
+inline std::vector<int64_t> executed_steps(const Schedule& s, bool reverse) {
+  std::vector<int64_t> steps;
+  for (int64_t i = 0; i < s.T; ++i) {
+    const int64_t t = reverse ? s.T - 1 - i : i;
+    if (s.count[t] > 0) steps.push_back(t);
+  }
+  return steps;
+}
+
+// A run of consecutive executed steps, steps[s0, s1), and the packed rows they
+// compute, [r0, r1) (rows of consecutive times are contiguous). The full
+// cache is one segment; a checkpointed cache cuts the steps every k.
+struct Segment {
+  size_t s0, s1;
+  int64_t r0, r1;
+};
+
+inline std::vector<Segment> segments_of(const Schedule& s, const std::vector<int64_t>& steps,
+                                        int64_t k) {
+  std::vector<Segment> v;
+  const size_t n = steps.size(), len = k > 0 ? size_t(k) : std::max<size_t>(n, 1);
+  for (size_t s0 = 0; s0 < n; s0 += len) {
+    const size_t s1 = std::min(n, s0 + len);
+    const int64_t a = steps[s0], b = steps[s1 - 1];
+    v.push_back({s0, s1, std::min(s.offset[a], s.offset[b]),
+                 std::max(s.offset[a] + s.count[a], s.offset[b] + s.count[b])});
+  }
+  return v;
+}
+
+inline int64_t max_rows(const std::vector<Segment>& segs) {
+  int64_t m = 0;
+  for (const Segment& g : segs) m = std::max(m, g.r1 - g.r0);
+  return m;
+}
+
+// Biases in the kernels' layout: bx [nub][G][U] = b_ih + b_hh (gru's n gate:
+// b_ih only) and gru's bhn [nub][U] = b_hn.
+template <Cell C, typename S>
+void pack_biases(const S* b_ih, const S* b_hh, int64_t H, int64_t nub, int64_t U, Buffer<S>* bx,
+                 Buffer<S>* bhn) {
+  const int64_t G = gates_c(C);
+  bx->resize(checked_mul(nub * G, U));
+  bhn->resize(C == Cell::Gru ? checked_mul(nub, U) : 0);
+  for (int64_t u = 0; u < nub; ++u)
+    for (int64_t v = 0; v < U; ++v) {
+      const int64_t unit = u * U + v;
+      for (int64_t g = 0; g < G; ++g) {
+        const bool hh = !(C == Cell::Gru && g == 2);  // gru's b_hn stays inside r*(...)
+        bx->data()[(u * G + g) * U + v] =
+            unit < H ? bias_at(b_ih, g * H + unit) + (hh ? bias_at(b_hh, g * H + unit) : S(0))
+                     : S(0);
+      }
+      if (C == Cell::Gru) bhn->data()[u * U + v] = unit < H ? bias_at(b_hh, 2 * H + unit) : S(0);
+    }
+}
+
+// Forward steps of one thread, shared by forward and by the recomputation in
+// a checkpointed backward. Rows of gx and of the saved values are counted
+// from the segment's first row r0.
+template <Cell C, typename S>
+struct Stepper {
+  const Kernels<S>& K;
+  const Schedule& sched;
+  int64_t T, B, H, Hp, P, Pp, E;
+  bool proj, batch_first;
+  const S *wp, *wr, *bx, *bhn;
+  const uint8_t* mask;   // [T, B] or nullptr
+  S* y;                  // user output [T, B, P] (or [B, T, P]), or a [B, P] scratch row
+  bool y_scratch;        // y is the scratch: every step writes it
+  S* c;                  // [B, Hp] lstm cell state
+  S *gx, *hprev, *extra, *m;  // segment-relative rows; hprev/extra null: nothing saved
+  S* m_step;             // projection without saving: m of one step [B, Hp]
+  S* scratch;            // this thread's partial sums
+  int64_t ub0, ub1, pb0, pb1;
+
+  // One step; h, h_next: [B, Pp] state before / after. Ends with a barrier.
+  void step(Team& team, int64_t t, int64_t r0, const S* h, S* h_next) const {
+    const int64_t off = sched.offset[t], rel = off - r0, G = gates_c(C), GHp = G * Hp;
+    const bool save = hprev != nullptr;
+    FwdStep<S> a;
+    a.cell = C;
+    a.H = H;
+    a.Hp = Hp;
+    a.n = sched.count[t];
+    a.wp = wp;
+    a.bx = bx;
+    a.bhn = bhn;
+    a.in = h;
+    a.K = P;
+    a.ld_in = Pp;
+    a.h = h;
+    a.h_next = h_next;
+    a.c = c;
+    a.gx = gx + rel * GHp;
+    a.valid = mask ? mask + t * B : nullptr;
+    if (y_scratch) {
+      a.y = y;
+      a.y_stride = P;
+    } else {
+      a.y = step_base(y, batch_first, T, B, t, P, &a.y_stride);
+    }
+    a.perm = sched.perm.data();
+    a.save = save;
+    a.hprev = save ? hprev + rel * Pp : nullptr;
+    a.extra = save ? extra + rel * E : nullptr;
+    a.scratch = scratch;
+    a.m = !proj ? nullptr : save ? m + rel * Hp : m_step;
+    K.forward_step(a, ub0, ub1);
+    team.barrier();
+    if (proj) {  // h' = W_hr m, over the P units
+      FwdStep<S> b = a;
+      b.cell = Cell::Proj;
+      b.H = P;
+      b.Hp = Pp;
+      b.wp = wr;
+      b.bx = b.bhn = nullptr;
+      b.in = a.m;
+      b.K = H;
+      b.ld_in = Hp;
+      b.c = b.gx = b.extra = b.m = nullptr;
+      K.forward_step(b, pb0, pb1);
+      team.barrier();
+    }
+  }
+};
+
+// gx rows [r0, r1) = x rows W_ihᵀ, in row tasks (fixed by the segment's size,
+// so a recomputation repeats the same BLAS calls). gx is segment-relative.
+template <typename S>
+void input_gemm(int tid, int nt, int64_t r0, int64_t r1, const S* x, int64_t I, const S* w_ih,
+                S* gx, int64_t GHp) {
+  const int64_t rt = row_task(r1 - r0);
+  for (int64_t a = r0 + tid * rt; a < r1; a += nt * rt) {
+    const int64_t b = std::min(r1, a + rt);
+    gemm<S>(false, true, b - a, GHp, I, 1, x + a * I, I, w_ih, I, 0, gx + (a - r0) * GHp, GHp);
+  }
+}
+
 // ---------------------------------------------------------------- forward
 
 template <Cell C, typename S>
@@ -126,6 +267,12 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   // otherwise its rows are gathered, masked-out rows zeroed so whatever they
   // hold (NaN for missing data) reaches no gradient.
   const bool direct_x = sched.identity && !bf && !p.mask;
+  const std::vector<int64_t> steps = executed_steps(sched, p.reverse);
+  // Full cache: one segment, saving every step. Checkpointed: the state at
+  // the start of every k-step segment, nothing else.
+  const int64_t ck = p.training ? p.checkpoint : 0;
+  const std::vector<Segment> segs = segments_of(sched, steps, ck);
+  const bool save = p.training && ck == 0;
 
   std::unique_ptr<Cache<S>> cache;
   Buffer<S> x_tmp, gx_tmp, w_ih_tmp;
@@ -134,27 +281,33 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   if (p.training) {
     cache = std::make_unique<Cache<S>>();
     cache->x.resize(checked_mul(N, I));
-    cache->hprev.resize(checked_mul(N, Pp));
-    cache->gates.resize(checked_mul(N, GHp));
-    cache->extra.resize(checked_mul(N, E));
     cache->w_ih.resize(checked_mul(GHp, I));
     cache->w_hh.resize(checked_mul(G * H, P));
-    if (proj) {
-      cache->m.resize(checked_mul(N, Hp));
-      cache->w_hr.resize(checked_mul(P, H));
-    }
+    if (proj) cache->w_hr.resize(checked_mul(P, H));
     xp = cache->x.data();
-    gx = cache->gates.data();
     w_ih_pad = cache->w_ih.data();
+    if (save) {
+      cache->hprev.resize(checked_mul(N, Pp));
+      cache->gates.resize(checked_mul(N, GHp));
+      cache->extra.resize(checked_mul(N, E));
+      if (proj) cache->m.resize(checked_mul(N, Hp));
+    } else {
+      cache->ck_h.resize(checked_mul(checked_mul(int64_t(segs.size()), B), Pp));
+      if (C == Cell::Lstm) cache->ck_c.resize(checked_mul(checked_mul(int64_t(segs.size()), B), Hp));
+    }
   } else {
     if (!direct_x) x_tmp.resize(checked_mul(N, I));
     xp = direct_x ? nullptr : x_tmp.data();
-    gx_tmp.resize(checked_mul(N, GHp));
-    gx = gx_tmp.data();
     if (Hp != H) {
       w_ih_tmp.resize(checked_mul(GHp, I));
       w_ih_pad = w_ih_tmp.data();
     }
+  }
+  if (save) {
+    gx = cache->gates.data();
+  } else {
+    gx_tmp.resize(checked_mul(max_rows(segs), GHp));
+    gx = gx_tmp.data();
   }
   const S* x_gemm = direct_x && !p.training ? p.x : xp;
 
@@ -166,34 +319,18 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
       std::fill(w_ih_pad + (g * Hp + H) * I, w_ih_pad + (g + 1) * Hp * I, S(0));
     }
   const S* w_ih_gemm = w_ih_pad ? w_ih_pad : p.w_ih;
-  Buffer<S> bx(checked_mul(nub * G, U)), bhn(C == Cell::Gru ? checked_mul(nub, U) : 0);
-  for (int64_t u = 0; u < nub; ++u)
-    for (int64_t v = 0; v < U; ++v) {
-      const int64_t unit = u * U + v;
-      for (int64_t g = 0; g < G; ++g) {
-        const bool hh = !(C == Cell::Gru && g == 2);  // gru's b_hn stays inside r*(...)
-        bx.data()[(u * G + g) * U + v] =
-            unit < H ? bias_at(p.b_ih, g * H + unit) + (hh ? bias_at(p.b_hh, g * H + unit) : S(0))
-                     : S(0);
-      }
-      if (C == Cell::Gru) bhn.data()[u * U + v] = unit < H ? bias_at(p.b_hh, 2 * H + unit) : S(0);
-    }
+  Buffer<S> bx, bhn;
+  pack_biases<C, S>(p.b_ih, p.b_hh, H, nub, U, &bx, &bhn);
 
   Buffer<S> wp(checked_mul(checked_mul(nub, P), G * U));
   Buffer<S> hA(checked_mul(B, Pp)), hB(checked_mul(B, Pp));
   Buffer<S> c(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
   copy_rows_padded(hA.data(), Pp, p.h0, P, sched.perm.data(), B);
   copy_n(hB.data(), hA.data(), B * Pp);
-  // projection: its forward panel, and m = o*tanh(c') of a step when not training
+  // projection: its forward panel, and m = o*tanh(c') of a step when not saving
   Buffer<S> wr(proj ? checked_mul(checked_mul(nubP, H), U) : 0);
-  Buffer<S> m_step(proj && !p.training ? checked_mul(B, Hp) : 0);
+  Buffer<S> m_step(proj && !save ? checked_mul(B, Hp) : 0);
   if (C == Cell::Lstm) copy_rows_padded(c.data(), Hp, p.c0, H, sched.perm.data(), B);
-
-  std::vector<int64_t> steps;  // executed steps, in processing order
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = p.reverse ? T - 1 - s : s;
-    if (sched.count[t] > 0) steps.push_back(t);
-  }
 
   const int threads = choose_threads(std::max(nub, nubP), B, G, H);
   const int64_t scratch_per_thread = B * 2 * G * U;
@@ -201,76 +338,58 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
 
   ThreadPool::run(threads, [&](int tid, Team& team) {
     const int nt = team.size();
-    int64_t ub0, ub1, pb0, pb1;
-    split(nub, nt, tid, &ub0, &ub1);
-    split(nubP, nt, tid, &pb0, &pb1);
-    // 1. input rows and input projection, in row tasks
-    const int64_t rt = row_task(N);
-    for (int64_t r0 = tid * rt; r0 < N; r0 += nt * rt) {
-      const int64_t r1 = std::min(N, r0 + rt);
-      if (!direct_x) {
-        for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
-          while (r >= sched.offset[t] + sched.count[t]) ++t;
-          const int64_t j = r - sched.offset[t];
-          S* dst = xp + r * I;
-          if (p.mask && !p.mask[t * B + j]) std::fill(dst, dst + I, S(0));
-          else copy_n(dst, row_at(p.x, bf, T, B, t, sched.perm[j], I), I);
-        }
-      } else if (p.training) {
-        copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
-      }
-      gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_gemm, I, 0,
-              gx + r0 * GHp, GHp);
-    }
+    Stepper<C, S> st{K, sched, T, B, H, Hp, P, Pp, E, proj, bf};
+    st.wp = wp.data();
+    st.wr = wr.data();
+    st.bx = bx.data();
+    st.bhn = bhn.data();
+    st.mask = reinterpret_cast<const uint8_t*>(p.mask);
+    st.y = p.y;
+    st.y_scratch = false;
+    st.c = c.data();
+    st.gx = gx;
+    st.hprev = save ? cache->hprev.data() : nullptr;
+    st.extra = save ? cache->extra.data() : nullptr;
+    st.m = save && proj ? cache->m.data() : nullptr;
+    st.m_step = m_step.data();
+    st.scratch = scratch.data() + tid * scratch_per_thread;
+    split(nub, nt, tid, &st.ub0, &st.ub1);
+    split(nubP, nt, tid, &st.pb0, &st.pb1);
     // this thread's part of the W_hh (and W_hr) panels
-    K.pack_fwd(p.w_hh, G, H, P, wp.data(), ub0, ub1);
-    if (proj) K.pack_fwd(p.w_hr, 1, P, H, wr.data(), pb0, pb1);
-    team.barrier();
-    // 2. the recurrence
+    K.pack_fwd(p.w_hh, G, H, P, wp.data(), st.ub0, st.ub1);
+    if (proj) K.pack_fwd(p.w_hr, 1, P, H, wr.data(), st.pb0, st.pb1);
     S* h = hA.data();
     S* h_next = hB.data();
-    for (const int64_t t : steps) {
-      const int64_t off = sched.offset[t];
-      FwdStep<S> a;
-      a.cell = C;
-      a.H = H;
-      a.Hp = Hp;
-      a.n = sched.count[t];
-      a.wp = wp.data();
-      a.bx = bx.data();
-      a.bhn = bhn.data();
-      a.in = h;
-      a.K = P;
-      a.ld_in = Pp;
-      a.h = h;
-      a.h_next = h_next;
-      a.c = c.data();
-      a.gx = gx + off * GHp;
-      a.valid = p.mask ? reinterpret_cast<const uint8_t*>(p.mask + t * B) : nullptr;
-      a.y = step_base(p.y, bf, T, B, t, P, &a.y_stride);
-      a.perm = sched.perm.data();
-      a.save = p.training;
-      a.hprev = p.training ? cache->hprev.data() + off * Pp : nullptr;
-      a.extra = p.training ? cache->extra.data() + off * E : nullptr;
-      a.scratch = scratch.data() + tid * scratch_per_thread;
-      a.m = !proj ? nullptr : p.training ? cache->m.data() + off * Hp : m_step.data();
-      K.forward_step(a, ub0, ub1);
-      team.barrier();
-      if (proj) {  // h' = W_hr m, over the P units
-        FwdStep<S> b = a;
-        b.cell = Cell::Proj;
-        b.H = P;
-        b.Hp = Pp;
-        b.wp = wr.data();
-        b.bx = b.bhn = nullptr;
-        b.in = a.m;
-        b.K = H;
-        b.ld_in = Hp;
-        b.c = b.gx = b.extra = b.m = nullptr;
-        K.forward_step(b, pb0, pb1);
-        team.barrier();
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const Segment& sg = segs[i];
+      if (ck && tid == 0) {  // the checkpoint: state before the segment
+        copy_n(cache->ck_h.data() + i * B * Pp, h, B * Pp);
+        if (C == Cell::Lstm) copy_n(cache->ck_c.data() + i * B * Hp, c.data(), B * Hp);
       }
-      std::swap(h, h_next);
+      // 1. input rows and input projection, in row tasks
+      const int64_t rt = row_task(sg.r1 - sg.r0);
+      for (int64_t r0 = sg.r0 + tid * rt; r0 < sg.r1; r0 += nt * rt) {
+        const int64_t r1 = std::min(sg.r1, r0 + rt);
+        if (!direct_x) {
+          for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
+            while (r >= sched.offset[t] + sched.count[t]) ++t;
+            const int64_t j = r - sched.offset[t];
+            S* dst = xp + r * I;
+            if (p.mask && !p.mask[t * B + j]) std::fill(dst, dst + I, S(0));
+            else copy_n(dst, row_at(p.x, bf, T, B, t, sched.perm[j], I), I);
+          }
+        } else if (p.training) {
+          copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
+        }
+        gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_gemm, I, 0,
+                gx + (r0 - sg.r0) * GHp, GHp);
+      }
+      team.barrier();
+      // 2. the recurrence
+      for (size_t s = sg.s0; s < sg.s1; ++s) {
+        st.step(team, steps[s], sg.r0, h, h_next);
+        std::swap(h, h_next);
+      }
     }
   });
 
@@ -305,9 +424,14 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     cache->reverse = p.reverse;
     cache->batch_first = bf;
     cache->has_lengths = p.lengths != nullptr;
+    cache->checkpoint = ck;
     if (p.mask) cache->mask.assign(p.mask, p.mask + T * B);
     copy_n(cache->w_hh.data(), p.w_hh, G * H * P);
     if (proj) copy_n(cache->w_hr.data(), p.w_hr, P * H);
+    if (ck) {
+      cache->bx = std::move(bx);
+      cache->bhn = std::move(bhn);
+    }
     cache->sched = std::move(sched);
   }
   return cache;
@@ -322,13 +446,17 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   const int64_t U = K.lanes, nub = (H + U - 1) / U, Hp = cache.Hp, GHp = G * Hp;
   const int64_t E = C == Cell::Lstm ? 2 * Hp : C == Cell::Gru ? Hp : 0;
   const Schedule& sched = cache.sched;
-  const int64_t N = sched.N;
   const bool bf = cache.batch_first;
   const bool proj = C == Cell::Lstm && cache.w_hr.size() > 0;
   const int64_t P = cache.P, nubP = (P + U - 1) / U, Pp = cache.Pp;
   if (Hp != nub * U || Pp != nubP * U) throw std::logic_error("fusedrnn: cache from other kernels");
+  const std::vector<int64_t> steps = executed_steps(sched, cache.reverse);
+  const int64_t ck = cache.checkpoint;
+  const std::vector<Segment> segs = segments_of(sched, steps, ck);
+  const int64_t R = max_rows(segs);  // rows of the largest segment (N for the full cache)
 
-  Buffer<S> dgx(checked_mul(N, GHp)), dgh_own(C == Cell::Gru ? checked_mul(N, GHp) : 0);
+  // Gate gradients of a segment's rows; the weight gradients sum over segments.
+  Buffer<S> dgx(checked_mul(R, GHp)), dgh_own(C == Cell::Gru ? checked_mul(R, GHp) : 0);
   S* dgh = C == Cell::Gru ? dgh_own.data() : dgx.data();
   Buffer<S> dh(checked_mul(B, Pp)), dc(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
   copy_rows_padded(dh.data(), Pp, p.dh_n, P, sched.perm.data(), B);
@@ -337,39 +465,60 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   Buffer<S> wb(checked_mul(checked_mul(nubP, GHp), U));
   // projection: W_hr's backward panel, dL/dh' of every step, dL/dm of a step
   Buffer<S> wrb(proj ? checked_mul(checked_mul(nub, Pp), U) : 0);
-  Buffer<S> dproj(proj ? checked_mul(N, Pp) : 0), dm(proj ? checked_mul(B, Hp) : 0);
+  Buffer<S> dproj(proj ? checked_mul(R, Pp) : 0), dm(proj ? checked_mul(B, Hp) : 0);
   const bool direct_dx = sched.identity && !bf;
-  Buffer<S> dxp(direct_dx ? 0 : checked_mul(N, I));
+  Buffer<S> dxp(direct_dx ? 0 : checked_mul(R, I));
 
-  std::vector<int64_t> steps;  // executed steps, in forward processing order
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = cache.reverse ? T - 1 - s : s;
-    if (sched.count[t] > 0) steps.push_back(t);
+  // Checkpointed: each segment's saved values are recomputed from its
+  // checkpoint before its backward steps.
+  const bool recompute = ck > 0;
+  Buffer<S> wp, wr, hA, hB, c, hprev_r, gates_r, extra_r, m_r, y_r;
+  const int threads = choose_threads(std::max(nub, nubP), B, G, H);
+  const int64_t scratch_per_thread = B * 2 * G * U;
+  Buffer<S> scratch;
+  if (recompute) {
+    wp.resize(checked_mul(checked_mul(nub, P), G * U));
+    if (proj) wr.resize(checked_mul(checked_mul(nubP, H), U));
+    hA.resize(checked_mul(B, Pp));
+    hB.resize(checked_mul(B, Pp));
+    if (C == Cell::Lstm) c.resize(checked_mul(B, Hp));
+    hprev_r.resize(checked_mul(R, Pp));
+    gates_r.resize(checked_mul(R, GHp));
+    extra_r.resize(checked_mul(R, E));
+    if (proj) m_r.resize(checked_mul(R, Hp));
+    y_r.resize(checked_mul(B, P));
+    scratch.resize(checked_mul(threads, scratch_per_thread));
   }
+  // What backward reads of the segment starting at row r0: the cache's rows
+  // from r0, or the segment's recomputed rows.
+  auto saved = [&](const Buffer<S>& full, const Buffer<S>& rec, int64_t width, int64_t r0) {
+    return recompute ? rec.data() : full.data() + r0 * width;
+  };
 
-  ThreadPool::run(choose_threads(std::max(nub, nubP), B, G, H), [&](int tid, Team& team) {
+  ThreadPool::run(threads, [&](int tid, Team& team) {
     const int nt = team.size();
     int64_t ub0, ub1, pb0, pb1;
     split(nub, nt, tid, &ub0, &ub1);
     split(nubP, nt, tid, &pb0, &pb1);
-    auto step_args = [&](int64_t t) {
-      const int64_t off = sched.offset[t];
+    // Rows of a step relative to its segment's first row r0.
+    auto step_args = [&](int64_t t, int64_t r0) {
+      const int64_t rel = sched.offset[t] - r0;
       BwdStep<S> a;
       a.cell = C;
       a.H = H;
       a.Hp = Hp;
       a.n = sched.count[t];
       a.wb = wb.data();
-      a.gates = cache.gates.data() + off * GHp;
-      a.extra = cache.extra.data() + off * E;
-      a.hprev = cache.hprev.data() + off * Hp;
+      a.gates = saved(cache.gates, gates_r, GHp, r0) + rel * GHp;
+      a.extra = saved(cache.extra, extra_r, E, r0) + rel * E;
+      a.hprev = saved(cache.hprev, hprev_r, Pp, r0) + rel * Pp;
       a.valid = cache.mask.empty() ? nullptr : cache.mask.data() + t * B;
       a.dy = p.dy ? step_base(p.dy, bf, T, B, t, H, &a.dy_stride) : nullptr;
       a.perm = sched.perm.data();
       a.dh = dh.data();
       a.dc = dc.data();
-      a.dgx = dgx.data() + off * GHp;
-      a.dgh = dgh + off * GHp;
+      a.dgx = dgx.data() + rel * GHp;
+      a.dgh = dgh + rel * GHp;
       a.G = G;
       a.K = H;
       a.Kp = Hp;
@@ -384,8 +533,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
     };
     // projection h' = W_hr m: the point gradient is dh' (+ dy); the product
     // dm = dh' W_hr
-    auto proj_args = [&](int64_t t) {
-      const int64_t off = sched.offset[t];
+    auto proj_args = [&](int64_t t, int64_t r0) {
+      const int64_t rel = sched.offset[t] - r0;
       BwdStep<S> a{};
       a.cell = Cell::Proj;
       a.H = P;
@@ -396,7 +545,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       a.dy = p.dy ? step_base(p.dy, bf, T, B, t, P, &a.dy_stride) : nullptr;
       a.perm = sched.perm.data();
       a.dh = dh.data();
-      a.dgx = a.dgh = dproj.data() + off * Pp;
+      a.dgx = a.dgh = dproj.data() + rel * Pp;
       a.G = 1;
       a.K = P;
       a.Kp = Pp;
@@ -405,77 +554,135 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       a.accumulate = false;
       return a;
     };
-    // Steps in reverse. The pointwise gradient of a step touches only this
-    // thread's units; the product dh += dgh W_hh reads every unit's dgh. So
-    // each thread runs product(s) then pointwise(s-1) on its units, and one
-    // barrier per step separates them from the next product.
+    Stepper<C, S> st{K, sched, T, B, H, Hp, P, Pp, E, proj, bf};
+    if (recompute) {
+      st.wp = wp.data();
+      st.wr = wr.data();
+      st.bx = cache.bx.data();
+      st.bhn = cache.bhn.data();
+      st.mask = cache.mask.empty() ? nullptr : cache.mask.data();
+      st.y = y_r.data();
+      st.y_scratch = true;
+      st.c = c.data();
+      st.gx = gates_r.data();
+      st.hprev = hprev_r.data();
+      st.extra = extra_r.data();
+      st.m = m_r.data();
+      st.m_step = nullptr;
+      st.scratch = scratch.data() + tid * scratch_per_thread;
+      st.ub0 = ub0;
+      st.ub1 = ub1;
+      st.pb0 = pb0;
+      st.pb1 = pb1;
+      K.pack_fwd(cache.w_hh.data(), G, H, P, wp.data(), ub0, ub1);
+      if (proj) K.pack_fwd(cache.w_hr.data(), 1, P, H, wr.data(), pb0, pb1);
+    }
     K.pack_bwd(cache.w_hh.data(), G, H, Hp, P, wb.data(), pb0, pb1);
-    if (!proj) {
-      if (!steps.empty()) K.backward_point(step_args(steps.back()), ub0, ub1);
-      team.barrier();
-      for (size_t i = steps.size(); i-- > 0;) {
-        K.backward_product(step_args(steps[i]), ub0, ub1);
-        if (i > 0) K.backward_point(step_args(steps[i - 1]), ub0, ub1);
-        team.barrier();
-      }
-    } else {
-      // Per step: dh' (P units) | barrier | dm = dh' W_hr and the cell's point
-      // gradient (H units) | barrier | dh = dgates W_hh (P units), then dh'
-      // of the step before on the same units.
-      K.pack_bwd(cache.w_hr.data(), 1, P, Pp, H, wrb.data(), ub0, ub1);
-      if (!steps.empty()) K.backward_point(proj_args(steps.back()), pb0, pb1);
-      team.barrier();
-      for (size_t i = steps.size(); i-- > 0;) {
-        K.backward_product(proj_args(steps[i]), ub0, ub1);
-        K.backward_point(step_args(steps[i]), ub0, ub1);
-        team.barrier();
-        K.backward_product(step_args(steps[i]), pb0, pb1);
-        if (i > 0) K.backward_point(proj_args(steps[i - 1]), pb0, pb1);
-        team.barrier();
-      }
-    }
-    // Weight and bias gradients, in tasks of wt rows of one gate block of
-    // dW_ih or of dW_hh (with that block's bias gradient).
+    if (proj) K.pack_bwd(cache.w_hr.data(), 1, P, Pp, H, wrb.data(), ub0, ub1);
     const int64_t wt = weight_task(G, H), per_gate = (H + wt - 1) / wt;
-    for (int64_t task = tid; task < 2 * G * per_gate; task += nt) {
-      const bool hh = task >= G * per_gate;
-      const int64_t g = task % (G * per_gate) / per_gate, k0 = task % per_gate * wt;
-      const int64_t k1 = std::min(H, k0 + wt);
-      const S* dg = (hh ? dgh : dgx.data()) + g * Hp + k0;
-      if (hh)
-        gemm<S>(true, false, k1 - k0, P, N, 1, dg, GHp, cache.hprev.data(), Pp, 0,
-                p.dw_hh + (g * H + k0) * P, P);
-      else
-        gemm<S>(true, false, k1 - k0, I, N, 1, dg, GHp, cache.x.data(), I, 0,
-                p.dw_ih + (g * H + k0) * I, I);
-      S* db = (hh ? p.db_hh : p.db_ih) + g * H + k0;
-      std::fill(db, db + (k1 - k0), S(0));
-      for (int64_t r = 0; r < N; ++r)
-        for (int64_t k = 0; k < k1 - k0; ++k) db[k] += dg[r * GHp + k];
-    }
-    // Projection weights: dW_hr = Σ dh'ᵀ m, in tasks of rows of W_hr.
-    if (proj)
-      for (int64_t k0 = tid * wt; k0 < P; k0 += nt * wt) {
-        const int64_t k1 = std::min(P, k0 + wt);
-        gemm<S>(true, false, k1 - k0, H, N, 1, dproj.data() + k0, Pp, cache.m.data(), Hp, 0,
-                p.dw_hr + k0 * H, H);
-      }
-    // Input gradient, in row tasks.
-    const int64_t rt = row_task(N);
-    S* dx_rows = direct_dx ? p.dx : dxp.data();
-    for (int64_t r0 = tid * rt; r0 < N; r0 += nt * rt) {
-      const int64_t r1 = std::min(N, r0 + rt);
-      gemm<S>(false, false, r1 - r0, I, GHp, 1, dgx.data() + r0 * GHp, GHp, cache.w_ih.data(),
-              I, 0, dx_rows + r0 * I, I);
-      if (!direct_dx)
-        for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
-          while (r >= sched.offset[t] + sched.count[t]) ++t;
-          copy_n(row_at(p.dx, bf, T, B, t, sched.perm[r - sched.offset[t]], I),
-                 dxp.data() + r * I, I);
+    for (size_t i = segs.size(); i-- > 0;) {
+      const Segment& sg = segs[i];
+      const int64_t r0 = sg.r0, rows = sg.r1 - sg.r0;
+      const S zero_or_add = i + 1 == segs.size() ? S(0) : S(1);  // the first one sets
+      if (recompute) {
+        if (tid == 0) {
+          // both state buffers: rows that start later in the segment (reverse
+          // with lengths) read whichever one is current then
+          copy_n(hA.data(), cache.ck_h.data() + i * B * Pp, B * Pp);
+          copy_n(hB.data(), hA.data(), B * Pp);
+          if (C == Cell::Lstm) copy_n(c.data(), cache.ck_c.data() + i * B * Hp, B * Hp);
         }
+        input_gemm<S>(tid, nt, sg.r0, sg.r1, cache.x.data(), I, cache.w_ih.data(),
+                      gates_r.data(), GHp);
+        team.barrier();
+        S* h = hA.data();
+        S* h_next = hB.data();
+        for (size_t s = sg.s0; s < sg.s1; ++s) {
+          st.step(team, steps[s], r0, h, h_next);
+          std::swap(h, h_next);
+        }
+      }
+      // Steps in reverse. The pointwise gradient of a step touches only this
+      // thread's units; the product dh += dgh W_hh reads every unit's dgh. So
+      // each thread runs product(s) then pointwise(s-1) on its units, and one
+      // barrier per step separates them from the next product.
+      if (!proj) {
+        K.backward_point(step_args(steps[sg.s1 - 1], r0), ub0, ub1);
+        team.barrier();
+        for (size_t s = sg.s1; s-- > sg.s0;) {
+          K.backward_product(step_args(steps[s], r0), ub0, ub1);
+          if (s > sg.s0) K.backward_point(step_args(steps[s - 1], r0), ub0, ub1);
+          team.barrier();
+        }
+      } else {
+        // Per step: dh' (P units) | barrier | dm = dh' W_hr and the cell's point
+        // gradient (H units) | barrier | dh = dgates W_hh (P units), then dh'
+        // of the step before on the same units.
+        K.backward_point(proj_args(steps[sg.s1 - 1], r0), pb0, pb1);
+        team.barrier();
+        for (size_t s = sg.s1; s-- > sg.s0;) {
+          K.backward_product(proj_args(steps[s], r0), ub0, ub1);
+          K.backward_point(step_args(steps[s], r0), ub0, ub1);
+          team.barrier();
+          K.backward_product(step_args(steps[s], r0), pb0, pb1);
+          if (s > sg.s0) K.backward_point(proj_args(steps[s - 1], r0), pb0, pb1);
+          team.barrier();
+        }
+      }
+      // Weight and bias gradients of the segment's rows, in tasks of wt rows
+      // of one gate block of dW_ih or of dW_hh (with that block's bias
+      // gradient); added to the sums of the later segments.
+      for (int64_t task = tid; task < 2 * G * per_gate; task += nt) {
+        const bool hh = task >= G * per_gate;
+        const int64_t g = task % (G * per_gate) / per_gate, k0 = task % per_gate * wt;
+        const int64_t k1 = std::min(H, k0 + wt);
+        const S* dg = (hh ? dgh : dgx.data()) + g * Hp + k0;
+        if (hh)
+          gemm<S>(true, false, k1 - k0, P, rows, 1, dg, GHp, saved(cache.hprev, hprev_r, Pp, r0),
+                  Pp, zero_or_add,
+                  p.dw_hh + (g * H + k0) * P, P);
+        else
+          gemm<S>(true, false, k1 - k0, I, rows, 1, dg, GHp, cache.x.data() + r0 * I, I,
+                  zero_or_add, p.dw_ih + (g * H + k0) * I, I);
+        S* db = (hh ? p.db_hh : p.db_ih) + g * H + k0;
+        if (zero_or_add == S(0)) std::fill(db, db + (k1 - k0), S(0));
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t k = 0; k < k1 - k0; ++k) db[k] += dg[r * GHp + k];
+      }
+      // Projection weights: dW_hr = Σ dh'ᵀ m, in tasks of rows of W_hr.
+      if (proj)
+        for (int64_t k0 = tid * wt; k0 < P; k0 += nt * wt) {
+          const int64_t k1 = std::min(P, k0 + wt);
+          gemm<S>(true, false, k1 - k0, H, rows, 1, dproj.data() + k0, Pp,
+                  saved(cache.m, m_r, Hp, r0), Hp, zero_or_add,
+                  p.dw_hr + k0 * H, H);
+        }
+      // Input gradient of the segment's rows, in row tasks.
+      const int64_t rt = row_task(rows);
+      S* dx_rows = direct_dx ? p.dx + r0 * I : dxp.data();
+      for (int64_t a = tid * rt; a < rows; a += nt * rt) {
+        const int64_t b = std::min(rows, a + rt);
+        gemm<S>(false, false, b - a, I, GHp, 1, dgx.data() + a * GHp, GHp, cache.w_ih.data(), I,
+                0, dx_rows + a * I, I);
+        if (!direct_dx)
+          for (int64_t r = r0 + a, t = time_of_row(sched, r0 + a); r < r0 + b; ++r) {
+            while (r >= sched.offset[t] + sched.count[t]) ++t;
+            copy_n(row_at(p.dx, bf, T, B, t, sched.perm[r - sched.offset[t]], I),
+                   dxp.data() + (r - r0) * I, I);
+          }
+      }
+      // The next segment overwrites the gate gradients and recomputed values.
+      if (i > 0) team.barrier();
     }
   });
 
+  if (segs.empty()) {  // no step ran: the weights have no gradient
+    std::fill(p.dw_ih, p.dw_ih + G * H * I, S(0));
+    std::fill(p.dw_hh, p.dw_hh + G * H * P, S(0));
+    std::fill(p.db_ih, p.db_ih + G * H, S(0));
+    std::fill(p.db_hh, p.db_hh + G * H, S(0));
+    if (proj) std::fill(p.dw_hr, p.dw_hr + P * H, S(0));
+  }
   for (int64_t j = 0; j < B; ++j) {
     copy_n(p.dh0 + sched.perm[j] * P, dh.data() + j * Pp, P);
     if (C == Cell::Lstm) copy_n(p.dc0 + sched.perm[j] * H, dc.data() + j * Hp, H);

@@ -8,6 +8,7 @@
 // smallest kept block that is large enough and at most twice its size.
 #include <pthread.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <new>
@@ -27,6 +28,18 @@ struct Block {
   void* p;
   std::size_t bytes;
 };
+
+// Bytes handed out and not yet returned (by every thread), and their
+// highest value since the last reset: the working memory that tests and the
+// benchmark report.
+std::atomic<std::size_t> g_in_use{0}, g_peak{0};
+
+void count_alloc(std::size_t bytes) {
+  const std::size_t now = g_in_use.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+  std::size_t peak = g_peak.load(std::memory_order_relaxed);
+  while (now > peak && !g_peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+  }
+}
 
 std::mutex g_mu;
 std::vector<Block>* g_blocks = new std::vector<Block>;  // never destroyed: used until exit
@@ -56,17 +69,20 @@ void* workspace_alloc(std::size_t bytes) {
       g_cached -= (*g_blocks)[best].bytes;
       (*g_blocks)[best] = g_blocks->back();
       g_blocks->pop_back();
+      count_alloc(bytes);
       return p;
     }
   }
   void* p = std::aligned_alloc(64, bytes);
   if (!p) throw std::bad_alloc();
+  count_alloc(bytes);
   return p;
 }
 
 void workspace_free(void* p, std::size_t bytes) {
   if (!p) return;
   bytes = (bytes + 63) / 64 * 64;
+  g_in_use.fetch_sub(bytes, std::memory_order_relaxed);
   if (bytes >= kMinCached && bytes <= kMaxBytes) {
     std::lock_guard<std::mutex> lock(g_mu);
     // Make room: drop the largest kept blocks first.
@@ -98,5 +114,13 @@ void workspace_release() {
   g_blocks->clear();
   g_cached = 0;
 }
+
+}  // namespace fusedrnn
+
+namespace fusedrnn {
+
+std::size_t workspace_in_use_bytes() { return g_in_use.load(std::memory_order_relaxed); }
+std::size_t workspace_peak_bytes() { return g_peak.load(std::memory_order_relaxed); }
+void workspace_reset_peak() { g_peak.store(g_in_use.load(std::memory_order_relaxed)); }
 
 }  // namespace fusedrnn

@@ -24,7 +24,8 @@ Cache = _core.Cache
 
 
 def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-            mask=None, reverse=False, batch_first=False, training=True, w_hr=None):
+            mask=None, reverse=False, batch_first=False, training=True, w_hr=None,
+            checkpoint=False):
     """Run one recurrent layer over a whole sequence.
 
     Args:
@@ -41,15 +42,21 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
         w_hr: [P, H], lstm only: projection (torch.nn.LSTM's proj_size); the
             state becomes h' = W_hr (o * tanh(c')) with P values, w_hh is
             [4*H, P], and h0, h_n, y hold P values (c0, c_n keep H).
+        checkpoint: memory-saving cache for training. False keeps every
+            step's state and gates; True keeps only the state every
+            ceil(sqrt(T)) steps, an int k every k steps, and ``backward``
+            recomputes the steps in between (one more forward pass, same
+            gradients up to rounding). See docs/memory.md.
 
     Returns:
         y [T, B, H] (or [B, T, H]), h_n [B, H], c_n [B, H] or None, cache.
     """
     a = _validate.forward_args(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
                                mask=mask, reverse=reverse, batch_first=batch_first,
-                               training=training, w_hr=w_hr, zeros_for_none=False)
+                               training=training, w_hr=w_hr, checkpoint=checkpoint,
+                               zeros_for_none=False)
     return _core.forward(a.cell, a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths,
-                         a.mask, a.reverse, a.batch_first, a.training, a.w_hr)
+                         a.mask, a.reverse, a.batch_first, a.training, a.w_hr, a.checkpoint)
 
 
 def backward(cache, dy, dh_n=None, dc_n=None):

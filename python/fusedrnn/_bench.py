@@ -11,7 +11,16 @@ A *case* is one (cell, T, B, I, H, pass); every case is run by each selected
   shapes with T*B*H <= ``--ref-limit``;
 - ``torch``:     ``torch.nn.RNN`` (tanh/relu), ``LSTM`` or ``GRU`` on the CPU,
   only when torch imports (it is imported here, at run time, never by
-  ``import fusedrnn``).
+  ``import fusedrnn``);
+- ``fusedrnn.torch``: the PyTorch drop-in modules on the same problem;
+- ``fusedrnn.ckpt``: fusedrnn with the memory-saving cache
+  (``forward(..., checkpoint=True)``: states every ceil(sqrt(T)) steps, backward
+  recomputes the rest); forward+backward only.
+
+Memory: for fusedrnn and fusedrnn.ckpt in forward+backward, one extra untimed
+run reports the training cache (``cache.nbytes``) and the peak of fusedrnn's
+working memory over forward and backward (cache included; outputs and
+gradients, which are NumPy arrays, excluded), in MiB.
 
 Passes: ``forward`` is inference (``training=False``; ``torch.no_grad()``).
 ``forward+backward`` is one training step of the layer: forward keeping what
@@ -54,7 +63,7 @@ FORWARD = "forward"
 FORWARD_BACKWARD = "forward+backward"
 PASSES = (FORWARD, FORWARD_BACKWARD)
 #: ``fusedrnn.torch``: the PyTorch drop-in modules (fusedrnn/torch.py) on the same problem
-PROVIDERS = ("fusedrnn", "reference", "torch", "fusedrnn.torch")
+PROVIDERS = ("fusedrnn", "reference", "torch", "fusedrnn.torch", "fusedrnn.ckpt")
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
 
 #: default grid, (T, B, H) with I = H
@@ -78,7 +87,8 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 
 CSV_COLUMNS = ("cell", "T", "B", "I", "H", "pass", "provider", "dtype", "threads", "lengths",
                "ms", "ms_min", "ms_max", "calls_per_sample", "repeats", "gflops",
-               "speedup_vs_torch", "speedup_vs_reference", "max_rel_err", "check")
+               "speedup_vs_torch", "speedup_vs_reference", "max_rel_err", "check", "cache_mib",
+               "peak_mib")
 
 
 # --------------------------------------------------------------------------
@@ -229,7 +239,7 @@ def flops(case: Case, prob: Problem) -> float:
 Bound = Tuple[Callable[[], object], Callable[[object], Dict[str, np.ndarray]]]
 
 
-def bind_numpy_api(api, case: Case, prob: Problem) -> Bound:
+def bind_numpy_api(api, case: Case, prob: Problem, checkpoint=False) -> Bound:
     """fusedrnn or fusedrnn.reference: both share the forward/backward API."""
     args = (case.cell, prob.x, prob.w_ih, prob.w_hh, prob.b_ih, prob.b_hh)
     if case.pass_ == FORWARD:
@@ -241,7 +251,8 @@ def bind_numpy_api(api, case: Case, prob: Problem) -> Bound:
             return _named(y=y, h_n=h_n, c_n=c_n)
     else:
         def call():
-            y, h_n, c_n, cache = api.forward(*args, lengths=prob.lengths, training=True)
+            y, h_n, c_n, cache = api.forward(*args, lengths=prob.lengths, training=True,
+                                             checkpoint=checkpoint)
             return y, h_n, c_n, api.backward(cache, prob.dy)
 
         def outputs(r):
@@ -303,6 +314,22 @@ def bind_torch(torch, case: Case, prob: Problem, modules=None) -> Bound:
             return _named(y=y, h_n=h_n, c_n=c_n, dx=dx, dw_ih=dw_ih, dw_hh=dw_hh,
                           db_ih=db_ih, db_hh=db_hh)
     return call, outputs
+
+
+def measure_memory(case: Case, prob: Problem, checkpoint) -> Tuple[float, float]:
+    """(cache MiB, peak MiB) of one fusedrnn forward+backward: the training cache, and
+    the most of fusedrnn's working memory alive at once (cache included)."""
+    core = fusedrnn._core
+    gc.collect()
+    base = core.workspace_in_use_bytes()
+    core.workspace_reset_peak()
+    y, h_n, c_n, cache = fusedrnn.forward(case.cell, prob.x, prob.w_ih, prob.w_hh, prob.b_ih,
+                                          prob.b_hh, lengths=prob.lengths, checkpoint=checkpoint)
+    nbytes = cache.nbytes
+    fusedrnn.backward(cache, prob.dy)
+    peak = core.workspace_peak_bytes() - base
+    del cache
+    return nbytes / 2**20, peak / 2**20
 
 
 def _named(**arrays) -> Dict[str, np.ndarray]:
@@ -438,6 +465,8 @@ class Row:
     speedup_vs_reference: float = math.nan
     max_rel_err: float = math.nan
     check: str = "-"  # "ok", "MISMATCH(<array>)", "error: ...", or "-" (nothing to compare)
+    cache_mib: float = math.nan  # fusedrnn providers, forward+backward: cache.nbytes
+    peak_mib: float = math.nan  # and the peak of working memory
 
     def csv_record(self) -> Dict[str, object]:
         c = self.case
@@ -448,7 +477,8 @@ class Row:
                 "repeats": self.repeats, "gflops": _g(self.gflops),
                 "speedup_vs_torch": _g(self.speedup_vs_torch),
                 "speedup_vs_reference": _g(self.speedup_vs_reference),
-                "max_rel_err": _g(self.max_rel_err), "check": self.check}
+                "max_rel_err": _g(self.max_rel_err), "check": self.check,
+                "cache_mib": _g(self.cache_mib), "peak_mib": _g(self.peak_mib)}
 
 
 def _g(v: float) -> str:
@@ -469,9 +499,11 @@ _TABLE = (
     ("GFLOP/s", 7, lambda r: "-" if math.isnan(r.gflops) else f"{r.gflops:.1f}"),
     ("speedup vs torch", 16, lambda r: _fmt_ratio(r.speedup_vs_torch)),
     ("vs ref", 7, lambda r: _fmt_ratio(r.speedup_vs_reference)),
+    ("MiB cache/peak", 14, lambda r: _fmt_mib(r)),
     ("check", 0, lambda r: _fmt_check(r)),
 )
-_NUMERIC = {"T", "B", "I", "H", "ms", "spread", "GFLOP/s", "speedup vs torch", "vs ref"}
+_NUMERIC = {"T", "B", "I", "H", "ms", "spread", "GFLOP/s", "speedup vs torch", "vs ref",
+            "MiB cache/peak"}
 
 
 def _fmt_ms(ms: float) -> str:
@@ -485,6 +517,12 @@ def _fmt_spread(r: Row) -> str:
     if math.isnan(r.ms) or r.repeats < 2:
         return "-"
     return f"{100 * (r.ms_max - r.ms_min) / r.ms:.0f}%"
+
+
+def _fmt_mib(r: Row) -> str:
+    if math.isnan(r.cache_mib):
+        return "-"
+    return f"{r.cache_mib:.3g}/{r.peak_mib:.3g}"
 
 
 def _fmt_ratio(v: float) -> str:
@@ -674,6 +712,8 @@ def _run_grid(cells, shapes, passes, providers, dtype, tol, repeats, min_sample_
                     if name in ("torch", "fusedrnn.torch") and cell not in TORCH_CELLS:
                         note(f"torch has no {cell} cell; {name} skipped for it")
                         continue
+                    if name == "fusedrnn.ckpt" and pass_ == FORWARD:
+                        continue  # inference keeps no cache: the same call as fusedrnn
                     active.append(name)
                 case_rows = _run_case(case, prob, active, dtype, tol, repeats, min_sample_s,
                                       threads, args.lengths, torch)
@@ -697,9 +737,12 @@ def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, len
 
                 call, to_arrays = bind_torch(torch, case, prob, fusedrnn_torch)
             else:
-                call, to_arrays = bind_numpy_api(fusedrnn if n == "fusedrnn" else reference,
-                                                 case, prob)
+                call, to_arrays = bind_numpy_api(reference if n == "reference" else fusedrnn,
+                                                 case, prob, checkpoint=n == "fusedrnn.ckpt")
             outputs[n] = to_arrays(call())  # first call: the check, and a warm-up
+            if n in ("fusedrnn", "fusedrnn.ckpt") and case.pass_ == FORWARD_BACKWARD:
+                rows[n].cache_mib, rows[n].peak_mib = measure_memory(
+                    case, prob, checkpoint=n == "fusedrnn.ckpt")
             calls[n] = call
         except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
             rows[n].check = f"error: {type(e).__name__}: {e}".splitlines()[0][:120]

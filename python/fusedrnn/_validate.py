@@ -11,6 +11,7 @@ Shape legend: T steps, B batch, I input size, H hidden size, G gates.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -42,6 +43,7 @@ class ForwardArgs(NamedTuple):
     H: int
     P: int  # state size: the projection size with w_hr, else H
     w_hr: Optional[np.ndarray]  # [P, H] (lstm with projection), else None
+    checkpoint: int  # 0: the cache keeps every step; k > 0: the state every k steps
 
 
 class BackwardArgs(NamedTuple):
@@ -74,9 +76,24 @@ def _array(name, value, dtype, shape, legend):
     return a
 
 
+def _checkpoint(value, T):
+    """The checkpoint interval k (0: off) of ``forward(..., checkpoint=value)``."""
+    if isinstance(value, (bool, np.bool_)):
+        if not value:
+            return 0
+        return math.isqrt(T - 1) + 1 if T > 1 else 1  # ceil(sqrt(T))
+    if not isinstance(value, (int, np.integer)):
+        raise TypeError(f"checkpoint must be a bool or a positive int (steps between kept states), "
+                        f"got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"checkpoint must be a bool or a positive int (steps between kept states), "
+                         f"got {int(value)}")
+    return int(value)
+
+
 def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
                  lengths=None, mask=None, reverse=False, batch_first=False,
-                 training=True, w_hr=None, zeros_for_none=True) -> ForwardArgs:
+                 training=True, w_hr=None, checkpoint=False, zeros_for_none=True) -> ForwardArgs:
     """Checked arguments of ``forward``; ``zeros_for_none=False`` keeps None
     for b_ih, b_hh, h0 and c0 (the compiled backend reads None as zeros)."""
     if not isinstance(cell, str):
@@ -102,6 +119,7 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         T, B, I = x.shape
     if I < 1:
         raise ValueError(f"x must have input size I >= 1 (last dimension), got shape {x.shape}")
+    checkpoint = 0 if checkpoint is False else _checkpoint(checkpoint, T)
 
     if not isinstance(w_hh, np.ndarray):
         w_hh = np.asarray(w_hh)
@@ -171,7 +189,7 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
         if batch_first:
             mask = mask.T
     return ForwardArgs(cell, G, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask,
-                       reverse, batch_first, training, dtype, T, B, I, H, P, w_hr)
+                       reverse, batch_first, training, dtype, T, B, I, H, P, w_hr, checkpoint)
 
 
 def backward_args(cache, cache_type, dy, dh_n=None, dc_n=None,

@@ -213,7 +213,8 @@ class ReferenceCache:
 # --------------------------------------------------------------------------
 
 def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
-            mask=None, reverse=False, batch_first=False, training=True, w_hr=None):
+            mask=None, reverse=False, batch_first=False, training=True, w_hr=None,
+            checkpoint=False):
     """Run a whole recurrent layer forward.
 
     Arguments (shapes as in the module docstring; None means zeros):
@@ -229,6 +230,9 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
         w_hr: [P, H], lstm only: projection (as torch.nn.LSTM's proj_size).
             The state becomes h' = W_hr (o * tanh(c')) with P values; then
             w_hh is [4*H, P], h0, h_n and y hold P values, c0 and c_n H.
+        checkpoint: False, True or a positive int; checked as the compiled
+            backend checks it, then ignored: the reference always keeps every
+            step (its gradients are what a checkpointed backward must give).
 
     Returns ``(y, h_n, c_n, cache)``: y [T, B, H] ([B, T, H] with
     batch_first), h_n [B, H] the state after each row's last valid step,
@@ -237,7 +241,7 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     """
     a = _validate.forward_args(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
                                mask=mask, reverse=reverse, batch_first=batch_first,
-                               training=training, w_hr=w_hr)
+                               training=training, w_hr=w_hr, checkpoint=checkpoint)
     T, B, H, P = a.T, a.B, a.H, a.P
     step_forward, _ = _CELLS[a.cell]
     is_lstm = a.cell == "lstm"

@@ -15,6 +15,11 @@ void* workspace_alloc(std::size_t bytes);  // 64-byte aligned; throws std::bad_a
 void workspace_free(void* p, std::size_t bytes);
 std::size_t workspace_cached_bytes();
 void workspace_release();  // return every cached block to the system
+// Bytes of Buffers alive now (caches included), and the most alive at once
+// since workspace_reset_peak() (which sets it to the bytes alive now).
+std::size_t workspace_in_use_bytes();
+std::size_t workspace_peak_bytes();
+void workspace_reset_peak();
 
 template <typename T>
 class Buffer {

@@ -27,6 +27,8 @@ struct ForwardParams {
   const scalar_t* b_hh;     // [G*H], or nullptr for zeros
   const scalar_t* h0;       // [B, P], or nullptr for zeros
   const scalar_t* c0;       // [B, H] (lstm), or nullptr for zeros
+  int64_t checkpoint;       // training: 0 keeps every step for backward; k > 0 keeps
+                            // the state every k steps and backward recomputes the rest
   const int64_t* lengths;   // [B], values in [0, T], or nullptr
   const bool* mask;         // [T, B] (always time-major), or nullptr
   scalar_t* y;              // [T, B, P], or [B, T, P]; zero-filled by the caller when lengths
@@ -68,6 +70,7 @@ struct CacheBase {
   int64_t T = 0, B = 0, I = 0, H = 0, G = 0, Hp = 0;
   int64_t P = 0, Pp = 0;  // state size (H, or the projection size) and its padding
   bool reverse = false, batch_first = false, has_lengths = false;
+  int64_t checkpoint = 0;     // k > 0: only ck_h/ck_c every k steps (no hprev, gates, extra, m)
   Schedule sched;
   std::vector<uint8_t> mask;  // [T, B] when a mask was given, else empty
   virtual ~CacheBase() = default;
@@ -85,10 +88,16 @@ struct Cache : CacheBase {
   Buffer<scalar_t> w_hh;   // [G*H, P] copy of W_hh
   Buffer<scalar_t> m;      // projection: [N, Hp] m = o*tanh(c')
   Buffer<scalar_t> w_hr;   // projection: [P, H] copy of W_hr
+  // checkpointed (checkpoint = k): the state before every k-th executed step,
+  // and the biases in the kernels' layout, to recompute the steps between
+  Buffer<scalar_t> ck_h;   // [ceil(steps / k), B, Pp]
+  Buffer<scalar_t> ck_c;   // lstm: [ceil(steps / k), B, Hp]
+  Buffer<scalar_t> bx, bhn;
   bool is_double() const override { return sizeof(scalar_t) == 8; }
   std::size_t nbytes() const override {
     return x.nbytes() + hprev.nbytes() + gates.nbytes() + extra.nbytes() + w_ih.nbytes() +
-           w_hh.nbytes() + m.nbytes() + w_hr.nbytes() + mask.size() +
+           w_hh.nbytes() + m.nbytes() + w_hr.nbytes() + ck_h.nbytes() + ck_c.nbytes() +
+           bx.nbytes() + bhn.nbytes() + mask.size() +
            (sched.perm.size() + sched.count.size() + sched.offset.size()) * sizeof(int64_t);
   }
 };
