@@ -165,6 +165,11 @@ void pack_biases(const S* b_ih, const S* b_hh, int64_t H, int64_t nub, int64_t U
     }
 }
 
+// A layer so small that its products run as plain loops (blas.h).
+inline bool tiny_layer(int64_t N, int64_t GHp, int64_t I, int64_t P) {
+  return N * GHp * std::max(I, P) <= kTinyGemm;
+}
+
 // Forward steps of one thread, shared by forward and by the recomputation in
 // a checkpointed backward. Rows of gx and of the saved values are counted
 // from the segment's first row r0.
@@ -239,11 +244,12 @@ struct Stepper {
 // so a recomputation repeats the same BLAS calls). gx is segment-relative.
 template <typename S>
 void input_gemm(int tid, int nt, int64_t r0, int64_t r1, const S* x, int64_t I, const S* w_ih,
-                S* gx, int64_t GHp) {
+                S* gx, int64_t GHp, bool loop) {
   const int64_t rt = row_task(r1 - r0);
   for (int64_t a = r0 + tid * rt; a < r1; a += nt * rt) {
     const int64_t b = std::min(r1, a + rt);
-    gemm<S>(false, true, b - a, GHp, I, 1, x + a * I, I, w_ih, I, 0, gx + (a - r0) * GHp, GHp);
+    gemm<S>(false, true, b - a, GHp, I, 1, x + a * I, I, w_ih, I, 0, gx + (a - r0) * GHp, GHp,
+            loop);
   }
 }
 
@@ -273,6 +279,7 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   const int64_t ck = p.training ? p.checkpoint : 0;
   const std::vector<Segment> segs = segments_of(sched, steps, ck);
   const bool save = p.training && ck == 0;
+  const bool loop = tiny_layer(N, GHp, I, P);
 
   std::unique_ptr<Cache<S>> cache;
   Buffer<S> x_tmp, gx_tmp, w_ih_tmp;
@@ -382,7 +389,7 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
           copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
         }
         gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_gemm, I, 0,
-                gx + (r0 - sg.r0) * GHp, GHp);
+                gx + (r0 - sg.r0) * GHp, GHp, loop);
       }
       team.barrier();
       // 2. the recurrence
@@ -454,6 +461,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   const int64_t ck = cache.checkpoint;
   const std::vector<Segment> segs = segments_of(sched, steps, ck);
   const int64_t R = max_rows(segs);  // rows of the largest segment (N for the full cache)
+  const bool loop = tiny_layer(sched.N, GHp, I, P);
 
   // Gate gradients of a segment's rows; the weight gradients sum over segments.
   Buffer<S> dgx(checked_mul(R, GHp)), dgh_own(C == Cell::Gru ? checked_mul(R, GHp) : 0);
@@ -593,7 +601,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
           if (C == Cell::Lstm) copy_n(c.data(), cache.ck_c.data() + i * B * Hp, B * Hp);
         }
         input_gemm<S>(tid, nt, sg.r0, sg.r1, cache.x.data(), I, cache.w_ih.data(),
-                      gates_r.data(), GHp);
+                      gates_r.data(), GHp, loop);
         team.barrier();
         S* h = hA.data();
         S* h_next = hB.data();
@@ -639,11 +647,10 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         const S* dg = (hh ? dgh : dgx.data()) + g * Hp + k0;
         if (hh)
           gemm<S>(true, false, k1 - k0, P, rows, 1, dg, GHp, saved(cache.hprev, hprev_r, Pp, r0),
-                  Pp, zero_or_add,
-                  p.dw_hh + (g * H + k0) * P, P);
+                  Pp, zero_or_add, p.dw_hh + (g * H + k0) * P, P, loop);
         else
           gemm<S>(true, false, k1 - k0, I, rows, 1, dg, GHp, cache.x.data() + r0 * I, I,
-                  zero_or_add, p.dw_ih + (g * H + k0) * I, I);
+                  zero_or_add, p.dw_ih + (g * H + k0) * I, I, loop);
         S* db = (hh ? p.db_hh : p.db_ih) + g * H + k0;
         if (zero_or_add == S(0)) std::fill(db, db + (k1 - k0), S(0));
         for (int64_t r = 0; r < rows; ++r)
@@ -654,8 +661,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         for (int64_t k0 = tid * wt; k0 < P; k0 += nt * wt) {
           const int64_t k1 = std::min(P, k0 + wt);
           gemm<S>(true, false, k1 - k0, H, rows, 1, dproj.data() + k0, Pp,
-                  saved(cache.m, m_r, Hp, r0), Hp, zero_or_add,
-                  p.dw_hr + k0 * H, H);
+                  saved(cache.m, m_r, Hp, r0), Hp, zero_or_add, p.dw_hr + k0 * H, H, loop);
         }
       // Input gradient of the segment's rows, in row tasks.
       const int64_t rt = row_task(rows);
@@ -663,7 +669,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       for (int64_t a = tid * rt; a < rows; a += nt * rt) {
         const int64_t b = std::min(rows, a + rt);
         gemm<S>(false, false, b - a, I, GHp, 1, dgx.data() + a * GHp, GHp, cache.w_ih.data(), I,
-                0, dx_rows + a * I, I);
+                0, dx_rows + a * I, I, loop);
         if (!direct_dx)
           for (int64_t r = r0 + a, t = time_of_row(sched, r0 + a); r < r0 + b; ++r) {
             while (r >= sched.offset[t] + sched.count[t]) ++t;

@@ -1,4 +1,4 @@
-// fusedrnn: a small cache of freed large blocks (see buffer.h).
+// fusedrnn: caches of freed blocks (see buffer.h).
 //
 // Every call allocates its temporaries (packed weights, gate buffers, ...)
 // and training allocates its cache. Returned to the system, such blocks come
@@ -6,6 +6,8 @@
 // as much as the math for short sequences. Freed blocks are kept here
 // instead, up to kMaxBlocks blocks and kMaxBytes in all; a request takes the
 // smallest kept block that is large enough and at most twice its size.
+// Blocks under 64 KiB are kept per thread instead (at most 8 of each
+// power-of-two size, about 1 MiB a thread), without a lock.
 #include <pthread.h>
 
 #include <atomic>
@@ -22,7 +24,7 @@ namespace {
 
 constexpr std::size_t kMaxBytes = std::size_t(256) << 20;
 constexpr std::size_t kMaxBlocks = 16;
-constexpr std::size_t kMinCached = std::size_t(64) << 10;  // smaller: malloc is fast enough
+constexpr std::size_t kMinCached = std::size_t(64) << 10;  // smaller: kept per thread
 
 struct Block {
   void* p;
@@ -41,6 +43,31 @@ void count_alloc(std::size_t bytes) {
   }
 }
 
+// Small blocks (below kMinCached) are kept per thread, a few of each
+// power-of-two size from 64 bytes: a tiny call allocates a dozen of them, and
+// aligned malloc/free of each costs as much as its math.
+constexpr int kSmallClasses = 11;  // 64 B << 0 .. 10: up to 64 KiB
+constexpr std::size_t kSmallKeep = 8;  // blocks kept per class and thread
+
+int small_class(std::size_t bytes) {
+  int c = 0;
+  while ((std::size_t(64) << c) < bytes) ++c;
+  return c;
+}
+
+thread_local bool t_small_gone = false;  // this thread's cache is destroyed (thread exit)
+
+struct SmallCache {
+  void* blocks[kSmallClasses][kSmallKeep];
+  std::size_t n[kSmallClasses] = {};
+  ~SmallCache() {
+    t_small_gone = true;
+    for (int c = 0; c < kSmallClasses; ++c)
+      for (std::size_t i = 0; i < n[c]; ++i) std::free(blocks[c][i]);
+  }
+};
+thread_local SmallCache t_small;
+
 std::mutex g_mu;
 std::vector<Block>* g_blocks = new std::vector<Block>;  // never destroyed: used until exit
 std::size_t g_cached = 0;
@@ -56,7 +83,16 @@ struct ForkHook {
 
 void* workspace_alloc(std::size_t bytes) {
   bytes = (bytes + 63) / 64 * 64;
-  if (bytes >= kMinCached) {
+  if (bytes < kMinCached) {
+    const int c = small_class(bytes);
+    void* p = nullptr;
+    if (!t_small_gone && t_small.n[c]) p = t_small.blocks[c][--t_small.n[c]];
+    else p = std::aligned_alloc(64, std::size_t(64) << c);
+    if (!p) throw std::bad_alloc();
+    count_alloc(bytes);
+    return p;
+  }
+  {
     std::lock_guard<std::mutex> lock(g_mu);
     std::size_t best = g_blocks->size();
     for (std::size_t i = 0; i < g_blocks->size(); ++i) {
@@ -83,6 +119,12 @@ void workspace_free(void* p, std::size_t bytes) {
   if (!p) return;
   bytes = (bytes + 63) / 64 * 64;
   g_in_use.fetch_sub(bytes, std::memory_order_relaxed);
+  if (bytes < kMinCached) {
+    const int c = small_class(bytes);
+    if (!t_small_gone && t_small.n[c] < kSmallKeep) t_small.blocks[c][t_small.n[c]++] = p;
+    else std::free(p);
+    return;
+  }
   if (bytes >= kMinCached && bytes <= kMaxBytes) {
     std::lock_guard<std::mutex> lock(g_mu);
     // Make room: drop the largest kept blocks first.
@@ -109,6 +151,9 @@ std::size_t workspace_cached_bytes() {
 }
 
 void workspace_release() {
+  if (!t_small_gone)
+    for (int c = 0; c < kSmallClasses; ++c)
+      while (t_small.n[c]) std::free(t_small.blocks[c][--t_small.n[c]]);
   std::lock_guard<std::mutex> lock(g_mu);
   for (const Block& b : *g_blocks) std::free(b.p);
   g_blocks->clear();

@@ -28,14 +28,35 @@ inline void gemm_call(bool ta, bool tb, int m, int n, int k, double alpha, const
 constexpr int64_t kBlasMax = int64_t(1) << 30;
 }  // namespace detail
 
+// Layers whose products have at most this many multiply-adds in all run them
+// as plain loops (gemm's `loop`): a BLAS call (argument checks, packing) costs
+// more. The caller decides once per layer from its whole size, so that every
+// product of one layer takes the same path whatever its cut into tasks or
+// segments.
+constexpr int64_t kTinyGemm = 4096;
+
 // ta: A is stored [K, M] (transposed); tb: B is stored [N, K].
 template <typename T>
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc, bool loop = false) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {  // C = beta * C
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  if (loop) {
+    for (int64_t i = 0; i < M; ++i) {
+      T* c = C + i * ldc;
+      for (int64_t j = 0; j < N; ++j) c[j] = beta == T(0) ? T(0) : beta * c[j];
+      for (int64_t k = 0; k < K; ++k) {
+        const T a = alpha * (ta ? A[k * lda + i] : A[i * lda + k]);
+        if (tb)
+          for (int64_t j = 0; j < N; ++j) c[j] += a * B[j * ldb + k];
+        else
+          for (int64_t j = 0; j < N; ++j) c[j] += a * B[k * ldb + j];
+      }
+    }
     return;
   }
   using detail::kBlasMax;
