@@ -31,14 +31,22 @@ constexpr int tile_nu(int G, int mr) {
 template <typename S>
 void pack_fwd(const S* w, int64_t G, int64_t Hr, int64_t K, S* wp, int64_t ub0, int64_t ub1) {
   constexpr int U = Vec<S>::L;
+  // A U x K block of w (U rows, each contiguous over k) transposed into K x U:
+  // k outer, so the U rows are read as U sequential streams and each k's U
+  // values are written contiguously.
   for (int64_t u = ub0; u < ub1; ++u)
-    for (int64_t g = 0; g < G; ++g)
-      for (int v = 0; v < U; ++v) {  // one row of w (contiguous over k) per lane
-        const int64_t unit = u * U + v;
-        const S* src = w + (g * Hr + unit) * K;
-        S* dst = wp + (u * K * G + g) * U + v;
-        for (int64_t k = 0; k < K; ++k) dst[k * G * U] = unit < Hr ? src[k] : S(0);
+    for (int64_t g = 0; g < G; ++g) {
+      S* dst = wp + (u * K * G + g) * U;
+      const S* src[U];
+      int valid = 0;  // rows of the block that exist (the last block may be partial)
+      for (int v = 0; v < U; ++v)
+        if (u * U + v < Hr) src[valid++] = w + (g * Hr + u * U + v) * K;
+      for (int64_t k = 0; k < K; ++k) {
+        S* d = dst + k * G * U;
+        for (int v = 0; v < valid; ++v) d[v] = src[v][k];
+        for (int v = valid; v < U; ++v) d[v] = S(0);
       }
+    }
 }
 
 template <typename S>
