@@ -66,8 +66,10 @@ PASSES = (FORWARD, FORWARD_BACKWARD)
 PROVIDERS = ("fusedrnn", "reference", "torch", "fusedrnn.torch", "fusedrnn.ckpt")
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
 
-#: default grid, (T, B, H) with I = H
-FULL_SHAPES = ((100, 1, 256), (100, 8, 256), (100, 32, 256), (100, 64, 512), (50, 128, 1024))
+#: default grid, (T, B, H) with I = H; the first is the cost of a call that does
+#: almost nothing (the per-call overhead)
+FULL_SHAPES = ((1, 1, 16), (100, 1, 256), (100, 8, 256), (100, 32, 256), (100, 64, 512),
+               (50, 128, 1024))
 #: ``--quick``: small enough for a smoke test of the whole tool in seconds
 QUICK_SHAPES = ((20, 1, 64), (20, 1, 128), (20, 8, 64), (20, 8, 128))
 
@@ -509,6 +511,8 @@ _NUMERIC = {"T", "B", "I", "H", "ms", "spread", "GFLOP/s", "speedup vs torch", "
 def _fmt_ms(ms: float) -> str:
     if math.isnan(ms):
         return "-"
+    if ms < 0.1:  # tiny calls: keep three significant digits (microseconds)
+        return f"{ms:.3g}"
     return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
 
 
