@@ -10,8 +10,8 @@ proj_size x input (padded / packed / unbatched) x h0 given or not x float32/floa
 Each pytest case is one (cell, input, dtype); inside it, by default, a pairwise
 covering subset of the other options runs (every pair of values of any two options
 appears at least once: 6 of the 48 combinations). FUSEDRNN_TORCH_MATRIX=full runs all
-48 (1440 comparisons; about 80 s more on a 2-core machine). proj_size > 0 runs once the kernels
-support projections (fusedrnn._torch_ops.HAS_PROJECTION), else it is skipped.
+48 (1440 comparisons; about 80 s more on a 2-core machine). LSTM proj_size > 0 has its own
+test over the same combinations.
 
 Dropout: parity runs use dropout=0 (or eval mode) because fusedrnn draws its
 inter-layer dropout mask with torch.nn.functional.dropout, not with torch.nn's
@@ -179,8 +179,6 @@ def test_parity_with_torch_nn(cell, input_kind, dtype):
 
 @pytest.mark.parametrize("input_kind", INPUTS)
 def test_parity_lstm_projection(input_kind):
-    if not _torch_ops.HAS_PROJECTION:
-        pytest.skip("LSTM projections need kernel support (fusedrnn.forward(..., w_hr=))")
     for i, combo in enumerate(COMBOS):
         for dtype in (torch.float32, torch.float64):
             compare("lstm", dtype, input_kind, proj_size=P, seed=i, **combo)
@@ -498,26 +496,16 @@ def test_convert_module_itself_and_optimizer_keeps_working():
     assert new.weight_ih_l0 is lstm.weight_ih_l0
 
 
-def test_convert_leaves_subclasses_and_unsupported(monkeypatch):
+def test_convert_leaves_subclasses():
     class MyLSTM(torch.nn.LSTM):
         pass
 
     model = torch.nn.Sequential(MyLSTM(I, H))
     frnn.convert(model)
     assert type(model[0]) is MyLSTM
-    # as long as the kernels have no projections (simulated when they have them)
-    monkeypatch.setattr(_torch_ops, "HAS_PROJECTION", False)
-    proj = torch.nn.Sequential(torch.nn.LSTM(I, H, proj_size=2))
-    with pytest.raises(NotImplementedError, match="proj"):
-        frnn.convert(proj)
-    with pytest.warns(UserWarning, match="proj_size"):
-        frnn.convert(proj, skip_unsupported=True)
-    assert type(proj[0]) is torch.nn.LSTM
 
 
-def test_convert_projected_lstm_when_supported():
-    if not _torch_ops.HAS_PROJECTION:
-        pytest.skip("LSTM projections need kernel support (fusedrnn.forward(..., w_hr=))")
+def test_convert_projected_lstm():
     model = torch.nn.Sequential(torch.nn.LSTM(I, H, proj_size=2, num_layers=2))
     x = torch.randn(T, B, I)
     want = model[0](x)[0]
@@ -559,22 +547,6 @@ def test_constructor_errors_match_torch(name, args, kwargs):
     print(f"torch.nn: {want.type.__name__}: {want.value}\n"
           f"fusedrnn: {got.type.__name__}: {got.value}")
     assert got.type is want.type
-
-
-def test_projection_not_implemented_without_kernel_support(monkeypatch):
-    """Until the kernels take w_hr, proj_size > 0 is validated like torch.nn, then refused
-    (simulated when they do take it)."""
-    monkeypatch.setattr(_torch_ops, "HAS_PROJECTION", False)
-    torch.nn.LSTM(I, H, proj_size=2)  # valid for torch.nn ...
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        frnn.LSTM(I, H, proj_size=2)  # ... and validated, then refused, by fusedrnn
-    with pytest.raises(ValueError):
-        frnn.LSTM(I, H, proj_size=H)  # torch's validation comes first
-    w = torch.randn(4 * H, 2)
-    with pytest.raises(NotImplementedError, match="proj_size"):  # the op refuses too
-        torch.ops.fusedrnn.layer_forward(torch.randn(T, B, I), torch.randn(4 * H, I), w,
-                                         None, None, None, None, torch.randn(2, H), None,
-                                         "lstm", False, False, False)
 
 
 def _forward_cases():

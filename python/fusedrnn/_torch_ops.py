@@ -33,13 +33,12 @@ autograd and ``torch.compile`` (which traces the formula into its backward graph
 take the same path. ``layer_backward`` has an autograd formula that raises: double
 backward is not supported. The fake (meta) implementations only compute shapes.
 
-Projection (LSTM ``proj_size``, argument ``w_hr``) is plumbed through both ops; it is
-enabled when ``fusedrnn.forward`` accepts ``w_hr`` (``HAS_PROJECTION``).
+Projection (LSTM ``proj_size``, argument ``w_hr``) is plumbed through both ops and runs
+on the kernels (``fusedrnn.forward(..., w_hr=)``).
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import weakref
 from typing import List, Optional, Tuple
@@ -50,19 +49,10 @@ from torch import Tensor
 
 import fusedrnn
 
-__all__ = ["layer_forward", "layer_backward", "run_layer", "HAS_PROJECTION", "check_device"]
+__all__ = ["layer_forward", "layer_backward", "run_layer", "check_device"]
 
 #: gates per cell (same table as fusedrnn.CELLS)
 GATES = dict(fusedrnn.CELLS)
-
-#: True once the compiled kernels take an LSTM projection (``w_hr=``); until then
-#: modules with proj_size > 0 raise NotImplementedError (see fusedrnn.torch)
-HAS_PROJECTION = "w_hr" in inspect.signature(fusedrnn.forward).parameters
-
-_NO_PROJECTION_MSG = (
-    "fusedrnn: LSTM projections (proj_size > 0, weight w_hr) need projection support in "
-    "fusedrnn's kernels, which this version does not have yet; use torch.nn.LSTM for "
-    "projected LSTMs")
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -161,15 +151,10 @@ def layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                   training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer, one direction: fusedrnn.forward on tensors; returns (y, h_n, c_n, handle)."""
     check_device(x, "x")
-    kw = {}
-    if w_hr is not None:
-        if not HAS_PROJECTION:
-            raise NotImplementedError(_NO_PROJECTION_MSG)
-        kw["w_hr"] = _np(w_hr)
     y, h_n, c_n, cache = fusedrnn.forward(
         cell, _np(x), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), _np(h0), _np(c0),
         lengths=_np(lengths), reverse=reverse, batch_first=batch_first, training=training,
-        **kw)
+        w_hr=_np(w_hr))
     c_n = x.new_empty(0) if c_n is None else torch.from_numpy(c_n)
     handle = _make_handle(cache) if training else torch.empty(0, dtype=torch.int64)
     return torch.from_numpy(y), torch.from_numpy(h_n), c_n, handle
@@ -245,7 +230,7 @@ def layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor],
     empty = torch.empty(0, dtype=dtype)
     t = torch.from_numpy
     dc0 = empty if g["c0"] is None else t(g["c0"])
-    dw_hr = t(g["w_hr"]) if g.get("w_hr") is not None else empty.clone()
+    dw_hr = empty.clone() if g["w_hr"] is None else t(g["w_hr"])
     return (t(g["x"]), t(g["h0"]), dc0, t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]), t(g["b_hh"]),
             dw_hr)
 

@@ -28,7 +28,6 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _torch_ops
 from ._torch_ops import check_device, run_layer
 
 __all__ = ["RNN", "GRU", "LSTM", "convert"]
@@ -44,11 +43,6 @@ class _FusedRNNBase(torch.nn.RNNBase):
     Not a subclass of torch.nn.RNN/GRU/LSTM on purpose: torch.compile graph-breaks on
     those classes (torch._dynamo.config.allow_rnn), and traces these.
     """
-
-    def __init__(self, mode, *args, **kwargs):
-        super().__init__(mode, *args, **kwargs)
-        if self.proj_size > 0 and not _torch_ops.HAS_PROJECTION:
-            raise NotImplementedError(_torch_ops._NO_PROJECTION_MSG)
 
     # ----------------------------------------------------------------- checks
 
@@ -362,27 +356,17 @@ def _fused_copy(m: torch.nn.RNNBase) -> _FusedRNNBase:
     return new
 
 
-def convert(model: torch.nn.Module, *, skip_unsupported: bool = False) -> torch.nn.Module:
+def convert(model: torch.nn.Module) -> torch.nn.Module:
     """Replace every torch.nn.RNN, GRU and LSTM inside ``model`` by its fusedrnn equivalent.
 
     The replacement shares the original's Parameter objects (same weights, no copy; an
     optimizer built before ``convert`` keeps training them), hyperparameters, training
     mode and hooks. Works in place and returns ``model``, or the new module when
-    ``model`` itself is an RNN/GRU/LSTM. Only those exact classes are converted:
-    subclasses may override ``forward`` and are left alone, as are modules fusedrnn
-    cannot run yet (LSTM with ``proj_size > 0``), which raise NotImplementedError
-    unless ``skip_unsupported=True`` (then they stay torch.nn modules, with a warning).
+    ``model`` itself is an RNN/GRU/LSTM. Only those exact classes are converted
+    (``proj_size`` included); subclasses may override ``forward`` and are left alone.
     """
     def swap(m):
-        if type(m) in _FUSED:
-            if getattr(m, "proj_size", 0) > 0 and not _torch_ops.HAS_PROJECTION:
-                if skip_unsupported:
-                    warnings.warn(f"fusedrnn.torch.convert: kept {m!r} as torch.nn "
-                                  f"(proj_size > 0 is not supported yet)", stacklevel=3)
-                    return m
-                raise NotImplementedError(_torch_ops._NO_PROJECTION_MSG)
-            return _fused_copy(m)
-        return m
+        return _fused_copy(m) if type(m) in _FUSED else m
 
     new = swap(model)
     if new is not model:
