@@ -126,6 +126,22 @@ def test_reference_backend_gives_same_model_results(rng):
         assert_close(k[-14:], ga[k], gb[k], 1e-10)
 
 
+@pytest.mark.parametrize("checkpoint", [True, 2])
+def test_checkpointed_stack_gives_the_same_gradients(checkpoint, rng):
+    kw = dict(bidirectional=True, dtype=F64, seed=3)
+    model = RNNModel("gru", I, H, O, L, **kw)
+    x, target, kw = make_data(rng, "gru", "lengths")
+    a, _, _, full = model.forward(x, **kw)
+    b, _, _, ck = model.forward(x, **kw, checkpoint=checkpoint)
+    np.testing.assert_array_equal(a, b)  # forward outputs are bitwise the same
+    assert all(c.checkpoint == (3 if checkpoint is True else 2)
+               for layer in ck.rnn.caches for c in layer)
+    ga, _ = model.backward(full, a - target)
+    gb, _ = model.backward(ck, b - target)
+    for k in ga:
+        assert_close(k[-14:], gb[k], ga[k], 1e-12)
+
+
 # --------------------------------------------------------------------------
 # Finite differences of the whole loss (parameters, x, h0, c0), dropout included
 # --------------------------------------------------------------------------

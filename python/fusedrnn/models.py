@@ -272,7 +272,7 @@ class RNN:
         return s
 
     def forward(self, x, h0=None, c0=None, *, lengths=None, mask=None, batch_first=False,
-                training=True):
+                training=True, checkpoint=False):
         """Run the whole stack over a sequence.
 
         Args:
@@ -281,6 +281,9 @@ class RNN:
             lengths / mask: as ``fusedrnn.forward`` (one rule for every layer and
                 direction; the backward direction of a row starts at its last step).
             training: apply dropout and keep the cache for ``backward``.
+            checkpoint: every layer's cache keeps its state only every ceil(sqrt(T))
+                steps (True) or every k steps (an int), and ``backward`` recomputes
+                the rest: less memory, one more forward pass (``fusedrnn.forward``).
 
         Returns:
             y [T, B, D*H] (last layer, directions concatenated; [B, T, D*H] with
@@ -322,7 +325,7 @@ class RNN:
                     self.cell, inp, w_ih, w_hh, b_ih, b_hh,
                     None if h0 is None else h0[idx], None if c0 is None else c0[idx],
                     lengths=lengths, mask=mask, reverse=bool(d), batch_first=batch_first,
-                    training=training)
+                    training=training, checkpoint=checkpoint)
                 outs.append(y)
                 layer_caches.append(cache)
                 h_n[idx] = hn
@@ -541,12 +544,13 @@ class RNNModel:
         return f"{type(self).__name__}({args})"
 
     def forward(self, x, h0=None, c0=None, *, lengths=None, mask=None, batch_first=False,
-                training=True):
+                training=True, checkpoint=False):
         """Returns (out, h_n, c_n, cache): out [T, B, O] ([B, T, O] with
         ``batch_first``) for ``output="sequence"``, [B, O] for "last";
         the rest as ``RNN.forward``."""
         y, h_n, c_n, rcache = self.rnn.forward(x, h0, c0, lengths=lengths, mask=mask,
-                                               batch_first=batch_first, training=training)
+                                               batch_first=batch_first, training=training,
+                                               checkpoint=checkpoint)
         if self.output == "sequence":
             feats = y
         else:
