@@ -639,3 +639,29 @@ def test_bench_provider_matches_torch_nn():
             grads = fusedrnn.backward(cache, prob.dy)
             assert rel_err(got["dx"], grads["x"]) <= 1e-12
             assert rel_err(got["dw_hh"], grads["w_hh"]) <= 1e-12
+
+
+@pytest.mark.parametrize("checkpoint", [True, 3])
+def test_checkpoint_attribute_gives_the_same_gradients(checkpoint):
+    torch.manual_seed(0)
+    full = frnn.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ck = frnn.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ck.load_state_dict(full.state_dict())
+    ck.checkpoint = checkpoint
+    x = torch.randn(9, 4, 3, dtype=torch.float64)
+    results = []
+    for m in (full, ck):
+        xi = x.clone().requires_grad_(True)
+        y, (h, c) = m(xi)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + h.sum()
+        results.append((y.detach(), torch.autograd.grad(loss, [xi] + list(m.parameters()))))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert rel_err(b.numpy(), a.numpy()) <= 1e-12
+
+
+def test_checkpoint_attribute_is_checked():
+    m = frnn.GRU(3, 4)
+    m.checkpoint = 0
+    with pytest.raises(ValueError, match="checkpoint"):
+        m(torch.randn(5, 2, 3))

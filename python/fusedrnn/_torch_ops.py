@@ -4,7 +4,7 @@ Imported by ``fusedrnn.torch`` (never by ``import fusedrnn``). Two operators run
 recurrent layer in one direction over a whole sequence:
 
     torch.ops.fusedrnn.layer_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths,
-                                     cell, reverse, batch_first, training)
+                                     cell, reverse, batch_first, training, checkpoint=0)
         -> (y, h_n, c_n, handle)
     torch.ops.fusedrnn.layer_backward(handle, dy, dh_n, dc_n, cell, batch_first, x_size,
                                       w_ih_size, w_hh_size, w_hr_size, dtype)
@@ -147,14 +147,17 @@ def _hidden_sizes(cell: str, w_hh_size, w_hr_size) -> Tuple[object, object]:
 def layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                   b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
                   w_hr: Optional[Tensor], lengths: Optional[Tensor], cell: str,
-                  reverse: bool, batch_first: bool,
-                  training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One layer, one direction: fusedrnn.forward on tensors; returns (y, h_n, c_n, handle)."""
+                  reverse: bool, batch_first: bool, training: bool,
+                  checkpoint: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer, one direction: fusedrnn.forward on tensors; returns (y, h_n, c_n, handle).
+
+    checkpoint: 0 keeps the full cache, -1 the state every ceil(sqrt(T)) steps, k > 0
+    every k steps (``fusedrnn.forward(..., checkpoint=)``)."""
     check_device(x, "x")
     y, h_n, c_n, cache = fusedrnn.forward(
         cell, _np(x), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), _np(h0), _np(c0),
         lengths=_np(lengths), reverse=reverse, batch_first=batch_first, training=training,
-        w_hr=_np(w_hr))
+        w_hr=_np(w_hr), checkpoint=True if checkpoint == -1 else checkpoint or False)
     c_n = x.new_empty(0) if c_n is None else torch.from_numpy(c_n)
     handle = _make_handle(cache) if training else torch.empty(0, dtype=torch.int64)
     return torch.from_numpy(y), torch.from_numpy(h_n), c_n, handle
@@ -162,7 +165,7 @@ def layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
 
 @layer_forward.register_fake
 def _layer_forward_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse,
-                        batch_first, training):
+                        batch_first, training, checkpoint=0):
     if batch_first:
         B, T = x.shape[0], x.shape[1]
     else:
@@ -176,7 +179,8 @@ def _layer_forward_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, 
 
 
 def _forward_setup_context(ctx, inputs, output):
-    x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first, training = inputs
+    x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first, training = \
+        inputs[:13]
     ctx.save_for_backward(output[3])
     ctx.cell = cell
     ctx.training = training
@@ -206,7 +210,7 @@ def _forward_backward(ctx, dy, dh_n, dc_n, _dhandle):
     has_b_ih, has_b_hh, has_h0, has_c0, has_w_hr = ctx.given
     return (dx, dw_ih, dw_hh, db_ih if has_b_ih else None, db_hh if has_b_hh else None,
             dh0 if has_h0 else None, dc0 if has_c0 else None, dw_hr if has_w_hr else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)  # lengths, cell, flags, checkpoint
 
 
 layer_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
@@ -265,14 +269,19 @@ layer_backward.register_autograd(_no_double_backward,
 def run_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
               b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
               w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
-              batch_first: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+              batch_first: bool, checkpoint=False) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One layer, one direction, differentiable: (y, h_n, c_n or None).
 
     The cache for backward is kept only when autograd will need it (grad mode on and
-    some input requires grad).
+    some input requires grad). checkpoint: as ``fusedrnn.forward`` (False, True or k).
     """
+    if checkpoint is True or checkpoint is False:
+        ck = -1 if checkpoint else 0
+    else:  # a positive int, or the same error as fusedrnn.forward's
+        ck = fusedrnn._validate._checkpoint(checkpoint, 1)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr))
     y, h_n, c_n, _ = torch.ops.fusedrnn.layer_forward(
-        x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first, training)
+        x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first, training,
+        ck)
     return y, h_n, (c_n if cell == "lstm" else None)

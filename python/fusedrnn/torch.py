@@ -42,7 +42,13 @@ class _FusedRNNBase(torch.nn.RNNBase):
 
     Not a subclass of torch.nn.RNN/GRU/LSTM on purpose: torch.compile graph-breaks on
     those classes (torch._dynamo.config.allow_rnn), and traces these.
+
+    ``checkpoint`` (attribute, default False): set it to True (state kept every
+    ceil(sqrt(T)) steps) or an int k to train with fusedrnn's memory-saving cache;
+    backward then recomputes the steps in between (``fusedrnn.forward(checkpoint=)``).
     """
+
+    checkpoint = False
 
     # ----------------------------------------------------------------- checks
 
@@ -195,7 +201,7 @@ class _FusedRNNBase(torch.nn.RNNBase):
                 y, h, c = run_layer(cell, x, w_ih, w_hh, b_ih, b_hh,
                                     None if h0 is None else h0[k],
                                     None if c0 is None else c0[k],
-                                    w_hr, lengths, d == 1, batch_first)
+                                    w_hr, lengths, d == 1, batch_first, self.checkpoint)
                 ys.append(y)
                 h_n.append(h)
                 if c is not None:
