@@ -578,6 +578,22 @@ def test_forward_errors_match_torch(case):
     assert got.type is want.type
 
 
+def test_packed_sorted_input_checks_hx_batch_size():
+    """enforce_sorted=True (sorted_indices None): the batch comes from batch_sizes[0], so an
+    hx with more rows raises as in torch.nn (it used to set the batch size and run).
+    Compiled, the batch comes from hx (no data-dependent graph break)."""
+    ref, ours = make_pair("gru", torch.float64)
+    packed = pack_padded_sequence(torch.randn(T, 2, I, dtype=torch.float64), torch.tensor([T, 3]))
+    bad = torch.randn(1, 3, H, dtype=torch.float64)
+    for m in (ref, ours):
+        with pytest.raises(RuntimeError, match=r"Expected hidden size \(1, 2, 4\)"):
+            m(packed, bad)
+    h0 = torch.randn(1, 2, H, dtype=torch.float64)
+    compiled = torch.compile(lambda p, h: ours(p, h)[1], fullgraph=True, backend="aot_eager")
+    got, want = compiled(packed, h0), ref(packed, h0)[1]
+    assert rel_err(got.detach().numpy(), want.detach().numpy()) <= 1e-10
+
+
 def test_hidden_dtype_mismatch_is_a_clear_error():
     m = frnn.GRU(I, H)
     with pytest.raises(RuntimeError, match="dtype"):

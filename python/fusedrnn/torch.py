@@ -113,7 +113,8 @@ class _FusedRNNBase(torch.nn.RNNBase):
             self.check_input(data, batch_sizes)
             if sorted_indices is not None:
                 B = sorted_indices.numel()
-            elif hx is not None:
+            elif hx is not None and torch.compiler.is_compiling():
+                # reading batch_sizes[0] would graph-break; eager mode checks hx against it
                 B = (hx[0] if lstm else hx).shape[1]
             else:
                 B = int(batch_sizes[0])
