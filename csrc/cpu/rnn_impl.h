@@ -241,13 +241,16 @@ struct Stepper {
 };
 
 // gx rows [r0, r1) = x rows W_ihᵀ, in row tasks (fixed by the segment's size,
-// so a recomputation repeats the same BLAS calls). gx is segment-relative.
-template <typename S>
+// so a recomputation repeats forward's BLAS calls exactly). gx is
+// segment-relative. prepare(a, b) runs first in each task, to fill x's rows
+// [a, b) (forward's gather).
+template <typename S, typename Prepare>
 void input_gemm(int tid, int nt, int64_t r0, int64_t r1, const S* x, int64_t I, const S* w_ih,
-                S* gx, int64_t GHp, bool loop) {
+                S* gx, int64_t GHp, bool loop, Prepare&& prepare) {
   const int64_t rt = row_task(r1 - r0);
   for (int64_t a = r0 + tid * rt; a < r1; a += nt * rt) {
     const int64_t b = std::min(r1, a + rt);
+    prepare(a, b);
     gemm<S>(false, true, b - a, GHp, I, 1, x + a * I, I, w_ih, I, 0, gx + (a - r0) * GHp, GHp,
             loop);
   }
@@ -374,23 +377,20 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
         if (C == Cell::Lstm) copy_n(cache->ck_c.data() + i * B * Hp, c.data(), B * Hp);
       }
       // 1. input rows and input projection, in row tasks
-      const int64_t rt = row_task(sg.r1 - sg.r0);
-      for (int64_t r0 = sg.r0 + tid * rt; r0 < sg.r1; r0 += nt * rt) {
-        const int64_t r1 = std::min(sg.r1, r0 + rt);
-        if (!direct_x) {
-          for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
-            while (r >= sched.offset[t] + sched.count[t]) ++t;
-            const int64_t j = r - sched.offset[t];
-            S* dst = xp + r * I;
-            if (p.mask && !p.mask[t * B + j]) std::fill(dst, dst + I, S(0));
-            else copy_n(dst, row_at(p.x, bf, T, B, t, sched.perm[j], I), I);
-          }
-        } else if (p.training) {
-          copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
-        }
-        gemm<S>(false, true, r1 - r0, GHp, I, 1, x_gemm + r0 * I, I, w_ih_gemm, I, 0,
-                gx + (r0 - sg.r0) * GHp, GHp, loop);
-      }
+      input_gemm<S>(tid, nt, sg.r0, sg.r1, x_gemm, I, w_ih_gemm, gx, GHp, loop,
+                    [&](int64_t r0, int64_t r1) {
+                      if (!direct_x) {
+                        for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
+                          while (r >= sched.offset[t] + sched.count[t]) ++t;
+                          const int64_t j = r - sched.offset[t];
+                          S* dst = xp + r * I;
+                          if (p.mask && !p.mask[t * B + j]) std::fill(dst, dst + I, S(0));
+                          else copy_n(dst, row_at(p.x, bf, T, B, t, sched.perm[j], I), I);
+                        }
+                      } else if (p.training) {
+                        copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
+                      }
+                    });
       team.barrier();
       // 2. the recurrence
       for (size_t s = sg.s0; s < sg.s1; ++s) {
@@ -601,7 +601,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
           if (C == Cell::Lstm) copy_n(c.data(), cache.ck_c.data() + i * B * Hp, B * Hp);
         }
         input_gemm<S>(tid, nt, sg.r0, sg.r1, cache.x.data(), I, cache.w_ih.data(),
-                      gates_r.data(), GHp, loop);
+                      gates_r.data(), GHp, loop, [](int64_t, int64_t) {});
         team.barrier();
         S* h = hA.data();
         S* h_next = hB.data();
