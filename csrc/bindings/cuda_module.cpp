@@ -1,0 +1,351 @@
+// fusedrnn._cuda: the pybind11 boundary of the CUDA backend.
+//
+// The Python layer (python/fusedrnn/_device.py) turns device arrays (torch,
+// CuPy, JAX, anything with __cuda_array_interface__ or DLPack) into raw
+// pointers after checking shapes, dtypes and devices, and allocates the
+// outputs with the caller's own library. This module checks again what it
+// can (every pointer is device memory on the call's device) and runs the
+// kernels on the caller's stream without the GIL. It imports on machines
+// without a GPU or driver: device_count() is then 0 and device_status() says why.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "cuda/cublas_dyn.h"
+#include "cuda/rnn_cuda.h"
+
+namespace py = pybind11;
+using namespace fusedrnn;
+using namespace fusedrnn::cuda;
+
+namespace {
+
+Cell parse_cell(const std::string& s) {
+  if (s == "rnn_tanh") return Cell::RnnTanh;
+  if (s == "rnn_relu") return Cell::RnnRelu;
+  if (s == "rnn_sigmoid") return Cell::RnnSigmoid;
+  if (s == "lstm") return Cell::Lstm;
+  if (s == "gru") return Cell::Gru;
+  throw py::value_error("cell must be one of 'gru', 'lstm', 'rnn_relu', 'rnn_sigmoid', "
+                        "'rnn_tanh', got '" + s + "'");
+}
+
+const char* cell_name(Cell c) {
+  switch (c) {
+    case Cell::RnnTanh: return "rnn_tanh";
+    case Cell::RnnRelu: return "rnn_relu";
+    case Cell::RnnSigmoid: return "rnn_sigmoid";
+    case Cell::Lstm: return "lstm";
+    case Cell::Gru: return "gru";
+    default: return "?";
+  }
+}
+
+DType parse_dtype(const std::string& s) {
+  if (s == "float32") return DType::F32;
+  if (s == "float16") return DType::F16;
+  if (s == "bfloat16") return DType::BF16;
+  throw py::type_error("dtype must be float32, float16 or bfloat16 on a CUDA device, got " + s);
+}
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::F32: return "float32";
+    case DType::F16: return "float16";
+    case DType::BF16: return "bfloat16";
+  }
+  return "?";
+}
+
+Algo parse_algo(const std::string& s) {
+  if (s == "auto") return Algo::Auto;
+  if (s == "standard") return Algo::Standard;
+  if (s == "persistent") return Algo::Persistent;
+  throw py::value_error("algo must be 'auto', 'standard' or 'persistent', got '" + s + "'");
+}
+
+const char* algo_name(Algo a) {
+  switch (a) {
+    case Algo::Auto: return "auto";
+    case Algo::Standard: return "standard";
+    case Algo::Persistent: return "persistent";
+  }
+  return "?";
+}
+
+// The device a pointer's memory lives on, or -1 when it is not device memory.
+int pointer_device(uintptr_t ptr) {
+  if (!ptr) return -1;
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) return -1;
+  return attr.device;
+}
+
+const void* device_ptr(const char* name, uintptr_t ptr, int device, bool optional) {
+  if (!ptr) {
+    if (optional) return nullptr;
+    throw py::value_error(std::string(name) + " must be an array on CUDA device " +
+                          std::to_string(device) + ", got a null pointer");
+  }
+  const int d = pointer_device(ptr);
+  if (d != device)
+    throw py::value_error(std::string(name) + " must be an array on CUDA device " +
+                          std::to_string(device) + ", got " +
+                          (d < 0 ? std::string("memory that is not CUDA device memory")
+                                 : "an array on CUDA device " + std::to_string(d)));
+  return reinterpret_cast<const void*>(ptr);
+}
+
+void* device_out(const char* name, uintptr_t ptr, int device, bool optional) {
+  return const_cast<void*>(device_ptr(name, ptr, device, optional));
+}
+
+cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// Owned device memory for outputs of callers whose array library cannot
+// allocate (plain __cuda_array_interface__ producers): freed in stream order.
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  std::size_t nbytes = 0;
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  DeviceBuffer(std::size_t n, int dev, uintptr_t st) : nbytes(n), device(dev), stream(as_stream(st)) {
+    int prev = 0;
+    check(cudaGetDevice(&prev), "cudaGetDevice");
+    check(cudaSetDevice(dev), "cudaSetDevice");
+    cudaError_t e = cudaMallocAsync(&ptr, n ? n : 1, stream);
+    cudaSetDevice(prev);
+    check(e, "cudaMallocAsync");
+  }
+  ~DeviceBuffer() {
+    if (!ptr) return;
+    int prev = 0;
+    cudaGetDevice(&prev);
+    cudaSetDevice(device);
+    if (cudaFreeAsync(ptr, stream) != cudaSuccess) {
+      cudaGetLastError();
+      cudaFree(ptr);
+    }
+    cudaSetDevice(prev);
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "fusedrnn's CUDA kernels (optional build); see fusedrnn._device for the Python side";
+
+  m.def("device_count", []() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return n;
+  });
+  m.def("device_status", []() -> std::string {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+    }
+    return std::to_string(n) + " CUDA device(s)";
+  });
+  m.def("device_name", [](int dev) {
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+    return std::string(prop.name);
+  });
+  m.def("runtime_version", []() {
+    int v = 0;
+    cudaRuntimeGetVersion(&v);
+    return v;
+  });
+  m.def("pointer_device", &pointer_device, py::arg("ptr"),
+        "The CUDA device holding ptr's memory, or -1 when it is not device memory.");
+  m.def("load_cublas", &load_cublas, py::arg("dir") = std::string());
+  m.def("cublas_path", &cublas_path);
+  m.def("cublas_values", []() {
+    py::dict d;
+    d["CUBLAS_OP_N"] = static_cast<int>(blas::N);
+    d["CUBLAS_OP_T"] = static_cast<int>(blas::T);
+    d["CUDA_R_32F"] = static_cast<int>(blas::R32F);
+    d["CUDA_R_16F"] = static_cast<int>(blas::R16F);
+    d["CUDA_R_16BF"] = static_cast<int>(blas::R16BF);
+    d["CUBLAS_COMPUTE_32F"] = blas::kCompute32F;
+    d["CUBLAS_GEMM_DEFAULT"] = blas::kGemmDefault;
+    d["CUBLAS_DEFAULT_MATH"] = blas::kDefaultMath;
+    return d;
+  }, "The cuBLAS enum values this build declares (checked against cublas_api.h by the tests).");
+  m.def("synchronize", [](int dev) {
+    int prev = 0;
+    check(cudaGetDevice(&prev), "cudaGetDevice");
+    check(cudaSetDevice(dev), "cudaSetDevice");
+    cudaError_t e;
+    {
+      py::gil_scoped_release nogil;
+      e = cudaDeviceSynchronize();
+    }
+    cudaSetDevice(prev);
+    check(e, "cudaDeviceSynchronize");
+  });
+  m.def("memcpy_to_host", [](uintptr_t src, std::size_t nbytes, uintptr_t stream) {
+    std::string out(nbytes, '\0');
+    if (nbytes) {
+      cudaError_t e;
+      {
+        py::gil_scoped_release nogil;
+        e = cudaMemcpyAsync(out.data(), reinterpret_cast<const void*>(src), nbytes,
+                            cudaMemcpyDeviceToHost, as_stream(stream));
+        if (e == cudaSuccess) e = cudaStreamSynchronize(as_stream(stream));
+      }
+      check(e, "cudaMemcpy (device to host)");
+    }
+    return py::bytes(out);
+  });
+  m.def("memcpy_from_host", [](uintptr_t dst, py::buffer src, uintptr_t stream) {
+    py::buffer_info info = src.request();
+    const std::size_t n = static_cast<std::size_t>(info.size * info.itemsize);
+    if (n) {
+      cudaError_t e;
+      {
+        py::gil_scoped_release nogil;
+        e = cudaMemcpyAsync(reinterpret_cast<void*>(dst), info.ptr, n, cudaMemcpyHostToDevice,
+                            as_stream(stream));
+        if (e == cudaSuccess) e = cudaStreamSynchronize(as_stream(stream));
+      }
+      check(e, "cudaMemcpy (host to device)");
+    }
+  });
+
+  py::class_<DeviceBuffer, std::shared_ptr<DeviceBuffer>>(m, "DeviceBuffer")
+      .def(py::init<std::size_t, int, uintptr_t>(), py::arg("nbytes"), py::arg("device"),
+           py::arg("stream") = 0)
+      .def_property_readonly("ptr", [](const DeviceBuffer& b) { return reinterpret_cast<uintptr_t>(b.ptr); })
+      .def_readonly("nbytes", &DeviceBuffer::nbytes)
+      .def_readonly("device", &DeviceBuffer::device);
+
+  py::class_<Cache, std::shared_ptr<Cache>>(m, "Cache")
+      .def_readonly("nbytes", &Cache::nbytes)
+      .def_property_readonly("cell", [](const Cache& c) { return cell_name(c.p.cell); })
+      .def_property_readonly("dtype", [](const Cache& c) { return dtype_name(c.p.dtype); })
+      .def_property_readonly("T", [](const Cache& c) { return c.p.T; })
+      .def_property_readonly("B", [](const Cache& c) { return c.p.B; })
+      .def_property_readonly("I", [](const Cache& c) { return c.p.I; })
+      .def_property_readonly("H", [](const Cache& c) { return c.p.H; })
+      .def_property_readonly("device", [](const Cache& c) { return c.p.device; })
+      .def_property_readonly("batch_first", [](const Cache& c) { return c.p.batch_first; })
+      .def_property_readonly("reverse", [](const Cache& c) { return c.p.reverse; })
+      .def_property_readonly("algo", [](const Cache& c) { return algo_name(c.algo); });
+
+  m.def("choose_algo", [](const std::string& cell, const std::string& dtype, int64_t T, int64_t B,
+                          int64_t I, int64_t H, int device) {
+    Problem p;
+    p.cell = parse_cell(cell); p.dtype = parse_dtype(dtype);
+    p.T = T; p.B = B; p.I = I; p.H = H; p.device = device;
+    return std::string(algo_name(choose_algo(p)));
+  });
+
+  m.def(
+      "forward",
+      [](const std::string& cell, const std::string& dtype, int64_t T, int64_t B, int64_t I,
+         int64_t H, bool reverse, bool batch_first, int device, uintptr_t stream, uintptr_t x,
+         uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih, uintptr_t b_hh, uintptr_t h0,
+         uintptr_t c0, py::object lengths, py::object mask, uintptr_t y, uintptr_t h_n,
+         uintptr_t c_n, bool training, const std::string& algo) -> py::object {
+        Problem p;
+        p.cell = parse_cell(cell);
+        p.dtype = parse_dtype(dtype);
+        if (T < 0 || B < 0 || I < 1 || H < 1)
+          throw py::value_error("sizes must satisfy T, B >= 0 and I, H >= 1");
+        p.T = T; p.B = B; p.I = I; p.H = H;
+        p.reverse = reverse; p.batch_first = batch_first;
+        p.device = device; p.stream = as_stream(stream);
+        const bool lstm = p.cell == Cell::Lstm;
+        const bool rows = T * B > 0;
+        ForwardIn in;
+        in.x = device_ptr("x", x, device, !rows);
+        in.w_ih = device_ptr("w_ih", w_ih, device, false);
+        in.w_hh = device_ptr("w_hh", w_hh, device, false);
+        in.b_ih = device_ptr("b_ih", b_ih, device, true);
+        in.b_hh = device_ptr("b_hh", b_hh, device, true);
+        in.h0 = device_ptr("h0", h0, device, true);
+        in.c0 = device_ptr("c0", c0, device, true);
+        if (c0 && !lstm) throw py::value_error("c0 is only used by cell 'lstm'");
+        if (!lengths.is_none()) {
+          auto a = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(lengths);
+          if (!a || a.ndim() != 1 || a.shape(0) != B)
+            throw py::value_error("lengths must be a host array of shape [B] = (" +
+                                  std::to_string(B) + ",)");
+          in.lengths.assign(a.data(), a.data() + B);
+          for (int32_t v : in.lengths)
+            if (v < 0 || v > T)
+              throw py::value_error("lengths must lie in [0, T] = [0, " + std::to_string(T) +
+                                    "], got " + std::to_string(v));
+        }
+        if (!mask.is_none()) {
+          if (!in.lengths.empty()) throw py::value_error("pass either lengths or mask, not both");
+          auto a = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(mask);
+          if (!a || a.ndim() != 2 || a.shape(0) != T || a.shape(1) != B)
+            throw py::value_error("mask must be a host array of shape [T, B] = (" +
+                                  std::to_string(T) + ", " + std::to_string(B) + ")");
+          in.mask.assign(a.data(), a.data() + T * B);
+        }
+        void* yp = device_out("y", y, device, !rows);
+        void* hnp = device_out("h_n", h_n, device, B == 0);
+        void* cnp = lstm ? device_out("c_n", c_n, device, B == 0) : nullptr;
+        const Algo a = parse_algo(algo);
+        std::shared_ptr<Cache> cache;
+        {
+          py::gil_scoped_release nogil;
+          if (training) cache = std::make_shared<Cache>(p, in);
+          forward(p, in, yp, hnp, cnp, cache.get(), a);
+        }
+        if (!cache) return py::none();
+        return py::cast(cache);
+      },
+      py::arg("cell"), py::arg("dtype"), py::arg("T"), py::arg("B"), py::arg("I"), py::arg("H"),
+      py::arg("reverse"), py::arg("batch_first"), py::arg("device"), py::arg("stream"),
+      py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+      py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("mask"), py::arg("y"),
+      py::arg("h_n"), py::arg("c_n"), py::arg("training"), py::arg("algo") = "auto");
+
+  m.def(
+      "backward",
+      [](std::shared_ptr<Cache> cache, uintptr_t stream, uintptr_t dy, uintptr_t dh_n,
+         uintptr_t dc_n, uintptr_t dx, uintptr_t dh0, uintptr_t dc0, uintptr_t dw_ih,
+         uintptr_t dw_hh, uintptr_t db_ih, uintptr_t db_hh) {
+        if (!cache) throw py::type_error("backward needs the cache returned by forward");
+        const Problem& p = cache->p;
+        const int dev = p.device;
+        const bool lstm = p.cell == Cell::Lstm;
+        const bool rows = p.T * p.B > 0;
+        Grads g;
+        const void* dyp = device_ptr("dy", dy, dev, true);
+        const void* dhp = device_ptr("dh_n", dh_n, dev, true);
+        const void* dcp = device_ptr("dc_n", dc_n, dev, true);
+        if (dc_n && !lstm) throw py::value_error("dc_n is only used by cell 'lstm'");
+        g.x = device_out("dx", dx, dev, !rows);
+        g.h0 = device_out("dh0", dh0, dev, p.B == 0);
+        g.c0 = lstm ? device_out("dc0", dc0, dev, p.B == 0) : nullptr;
+        g.w_ih = device_out("dw_ih", dw_ih, dev, false);
+        g.w_hh = device_out("dw_hh", dw_hh, dev, false);
+        g.b_ih = device_out("db_ih", db_ih, dev, false);
+        g.b_hh = device_out("db_hh", db_hh, dev, false);
+        py::gil_scoped_release nogil;
+        backward(*cache, as_stream(stream), dyp, dhp, dcp, g);
+      },
+      py::arg("cache"), py::arg("stream"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"),
+      py::arg("dx"), py::arg("dh0"), py::arg("dc0"), py::arg("dw_ih"), py::arg("dw_hh"),
+      py::arg("db_ih"), py::arg("db_hh"));
+}

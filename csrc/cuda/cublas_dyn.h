@@ -1,0 +1,50 @@
+// fusedrnn: the few cuBLAS entry points the CUDA kernels call, resolved at run
+// time (dlopen) instead of at link time.
+//
+// Why: the CUDA extension then builds with nothing but nvcc and the CUDA
+// runtime (no cuBLAS headers or libraries at build time), and imports on any
+// machine; cuBLAS is looked for only when a device call first needs it, in
+// the nvidia-cublas wheel (the one PyTorch's CUDA builds install) or on the
+// system library path. The declarations below restate cuBLAS's documented C
+// ABI (cublas_api.h, v2 API, CUDA 12 and 13): handle, operation, data and
+// compute types as ints. tests/test_cuda.py compares these values with the
+// real header when one is installed.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+namespace fusedrnn {
+namespace cuda {
+
+namespace blas {
+using Handle = struct cublasContext*;
+using Status = int;  // cublasStatus_t: 0 is success
+enum Op : int { N = 0, T = 1 };                              // cublasOperation_t
+enum Type : int { R32F = 0, R16F = 2, R16BF = 14 };          // cudaDataType_t
+constexpr int kCompute32F = 68;                              // CUBLAS_COMPUTE_32F
+constexpr int kGemmDefault = -1;                             // CUBLAS_GEMM_DEFAULT
+constexpr int kDefaultMath = 0;                              // CUBLAS_DEFAULT_MATH
+}  // namespace blas
+
+// Loads cuBLAS once per process (thread-safe). `dir` is a folder tried first
+// (the Python layer passes the nvidia-cublas wheel's lib folder when that
+// wheel is installed); then the system's search path. Throws
+// std::runtime_error naming what was tried when no library loads.
+void load_cublas(const std::string& dir);
+bool cublas_loaded();
+std::string cublas_path();
+
+// A cuBLAS handle per (thread, device), created on first use.
+blas::Handle cublas_handle(int device);
+
+// Column-major C = alpha op(A) op(B) + beta C with float alpha/beta and
+// float32 accumulation (CUBLAS_COMPUTE_32F in the default math mode: no TF32,
+// no reduced-precision reductions). Throws std::runtime_error on failure.
+void gemm(cudaStream_t stream, int device, blas::Op ta, blas::Op tb, int m, int n, int k,
+          float alpha, const void* A, blas::Type at, long lda, const void* B, blas::Type bt,
+          long ldb, float beta, void* C, blas::Type ct, long ldc);
+
+}  // namespace cuda
+}  // namespace fusedrnn

@@ -1,0 +1,914 @@
+// fusedrnn: CUDA recurrent layers, the standard algorithm.
+//
+// Forward: one GEMM for the input projection of all N = T*B rows, then per
+// step one GEMM for the recurrent product of the rows still running and one
+// fused pointwise kernel (biases, gate nonlinearities, state update, the
+// lengths/mask rule, y and the saved values for backward).
+// Backward: per step (reverse order) one fused pointwise kernel (the cell's
+// gradient, written as dgates) and one GEMM dh += dgates W_hh; then dx, dW_ih
+// and dW_hh as one GEMM each over all rows, and the bias gradients as
+// two-pass column sums (fixed order, no atomics: deterministic).
+// Arithmetic is float32 throughout; float16/bfloat16 arrays are read and
+// written in their own type (the state h too, as the input of the next
+// step's product), the LSTM cell state and the saved gates stay float32.
+#include "rnn_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#include "cells/gru.h"
+#include "cells/lstm.h"
+#include "cells/rnn.h"
+#include "cublas_dyn.h"
+
+namespace fusedrnn {
+namespace cuda {
+
+void check(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();  // clear the sticky-free error so later calls work
+    throw std::bad_alloc();
+  }
+  throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(e) + " (" +
+                           cudaGetErrorString(e) + ")");
+}
+
+namespace {
+
+// ---------------------------------------------------------------- helpers
+
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int dev) {
+    check(cudaGetDevice(&prev), "cudaGetDevice");
+    if (prev != dev) check(cudaSetDevice(dev), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+  }
+};
+
+// Stream-ordered scratch memory, freed (in stream order) when it goes out of scope.
+class Scratch {
+ public:
+  explicit Scratch(cudaStream_t s) : stream_(s) {}
+  ~Scratch() {
+    for (void* p : ptrs_) cudaFreeAsync(p, stream_);
+  }
+  template <typename T>
+  T* alloc(int64_t n) {
+    if (n <= 0) return nullptr;
+    void* p = nullptr;
+    check(cudaMallocAsync(&p, checked_mul(static_cast<std::size_t>(n), sizeof(T)), stream_),
+          "cudaMallocAsync");
+    ptrs_.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+ private:
+  cudaStream_t stream_;
+  std::vector<void*> ptrs_;
+};
+
+template <typename T> struct BlasType;
+template <> struct BlasType<float> { static constexpr blas::Type v = blas::R32F; };
+template <> struct BlasType<__half> { static constexpr blas::Type v = blas::R16F; };
+template <> struct BlasType<__nv_bfloat16> { static constexpr blas::Type v = blas::R16BF; };
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Device math policy for the cell headers: float32, the same saturating
+// sigmoid as the CPU's ScalarMath.
+struct DevMath {
+  using T = float;
+  using S = float;
+  static __device__ __forceinline__ float sigmoid(float x) {
+    if (x >= 0.f) return 1.f / (1.f + expf(-x));
+    const float e = expf(x);
+    return e / (1.f + e);
+  }
+  static __device__ __forceinline__ float tanh(float x) { return tanhf(x); }
+  static __device__ __forceinline__ float relu(float x) { return x < 0.f ? 0.f : x; }
+  static __device__ __forceinline__ float relu_grad(float y) { return y > 0.f ? 1.f : 0.f; }
+};
+
+constexpr int kThreads = 256;
+inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+__device__ __forceinline__ bool valid_step(const int32_t* lengths, const uint8_t* mask, int64_t t,
+                                           int64_t B, int64_t b) {
+  if (lengths) return t < lengths[b];
+  if (mask) return mask[t * B + b] != 0;
+  return true;
+}
+
+// ----------------------------------------------------------- small kernels
+
+// dst[b*ld + j] = src[b*H + j] (or 0 when src is null), b < B, j < H.
+template <typename T>
+__global__ void set_rows(T* dst, int64_t ld, const T* src, int64_t B, int64_t H) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= B * H) return;
+  const int64_t b = i / H, j = i % H;
+  dst[b * ld + j] = src ? src[i] : from_f<T>(0.f);
+}
+
+template <typename Tin>
+__global__ void to_float(const Tin* src, float* dst, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) dst[i] = src ? to_f(src[i]) : 0.f;
+}
+
+template <typename Tout>
+__global__ void from_float(const float* src, Tout* dst, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) dst[i] = from_f<Tout>(src[i]);
+}
+
+// Column sums of a [rows, cols] matrix in two fixed-order passes.
+template <typename Tin>
+__global__ void colsum_partial(const Tin* a, int64_t rows, int64_t cols, int64_t chunk,
+                               double* part) {
+  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (col >= cols) return;
+  const int64_t r0 = blockIdx.y * chunk, r1 = min(rows, r0 + chunk);
+  double s = 0.0;
+  for (int64_t r = r0; r < r1; ++r) s += static_cast<double>(to_f(a[r * cols + col]));
+  part[blockIdx.y * cols + col] = s;
+}
+
+template <typename Tout>
+__global__ void colsum_final(const double* part, int64_t nchunks, int64_t cols, Tout* out) {
+  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (col >= cols) return;
+  double s = 0.0;
+  for (int64_t c = 0; c < nchunks; ++c) s += part[c * cols + col];
+  out[col] = from_f<Tout>(static_cast<float>(s));
+}
+
+template <typename T>
+void colsum(Scratch& scratch, cudaStream_t st, const T* a, int64_t rows, int64_t cols, T* out) {
+  if (cols == 0) return;
+  const int64_t chunk = std::max<int64_t>(256, (rows + 1023) / 1024);
+  const int64_t nch = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
+  double* part = scratch.alloc<double>(nch * cols);
+  dim3 grid(blocks_for(cols), static_cast<unsigned>(nch));
+  colsum_partial<T><<<grid, kThreads, 0, st>>>(a, rows, cols, chunk, part);
+  colsum_final<T><<<blocks_for(cols), kThreads, 0, st>>>(part, nch, cols, out);
+}
+
+// ------------------------------------------------------ pointwise kernels
+
+struct FwdStep {
+  int64_t B, H, t, row0, bstride;
+  const float* gx;  // [N, G*H], x's row order
+  const float* gh;  // [B, G*H]: this step's recurrent product (rows of running steps)
+  const void *b_ih, *b_hh;
+  const void* hprev;  // state entering the step: (b, j) at hprev[b*hprev_ld + j]
+  int64_t hprev_ld;
+  void* hnext;  // where the next step reads its state (null at the last step)
+  int64_t hnext_ld;
+  const float* cprev;  // lstm cell entering the step
+  int64_t cprev_ld;
+  float* cnext;  // lstm cell after the step
+  int64_t cnext_ld;
+  float* gates;  // training: [N, saved_width*H] at row r; else null
+  void* y;       // [N, H] at row r
+  void *h_n, *c_n;  // last step only
+  const int32_t* lengths;
+  const uint8_t* mask;
+};
+
+// One element (b, j) of a forward step. gh points at the recurrent product
+// of gate 0 for (b, j); gate g's is at gh[g * ghs].
+template <Cell C, typename Tio>
+__device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j, const float* gh,
+                                          int64_t ghs) {
+  const int64_t H = s.H, i = b * H + j;
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  const int64_t GH = G * H;
+  const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
+  const int64_t r = s.row0 + b * s.bstride;
+  const Tio h_old = static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j];
+  Tio hv = h_old;
+  float h_new = to_f(h_old), c_new = 0.f;
+  if constexpr (C == Cell::Lstm) c_new = s.cprev[b * s.cprev_ld + j];
+  if (valid) {
+    const float* gx = s.gx + r * GH + j;
+    const Tio* bi = static_cast<const Tio*>(s.b_ih);
+    const Tio* bh = static_cast<const Tio*>(s.b_hh);
+    float xa[G], ha[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      xa[g] = gx[g * H] + (bi ? to_f(bi[g * H + j]) : 0.f);
+      ha[g] = gh[g * ghs] + (bh ? to_f(bh[g * H + j]) : 0.f);
+    }
+    if constexpr (C == Cell::Lstm) {
+      using L = cell::Lstm<DevMath>;
+      const auto q = L::gates(xa[0] + ha[0], xa[1] + ha[1], xa[2] + ha[2], xa[3] + ha[3]);
+      c_new = L::forward(q, c_new, &h_new);
+      if (s.gates) {
+        float* gs = s.gates + r * 4 * H + j;
+        gs[0] = q.i; gs[H] = q.f; gs[2 * H] = q.g; gs[3 * H] = q.o;
+      }
+    } else if constexpr (C == Cell::Gru) {
+      using R = cell::Gru<DevMath>;
+      const auto q = R::gates(xa[0], xa[1], xa[2], ha[0], ha[1], ha[2]);
+      h_new = R::forward(q, h_new);
+      if (s.gates) {
+        float* gs = s.gates + r * 4 * H + j;
+        gs[0] = q.r; gs[H] = q.z; gs[2 * H] = q.n; gs[3 * H] = ha[2];
+      }
+    } else {
+      h_new = cell::Rnn<C, DevMath>::forward(xa[0] + ha[0]);
+      if (s.gates) s.gates[r * H + j] = h_new;
+    }
+    hv = from_f<Tio>(h_new);
+  }
+  if (s.hnext) static_cast<Tio*>(s.hnext)[b * s.hnext_ld + j] = hv;
+  if constexpr (C == Cell::Lstm) {
+    if (s.cnext) s.cnext[b * s.cnext_ld + j] = c_new;
+    if (s.c_n) static_cast<Tio*>(s.c_n)[i] = from_f<Tio>(c_new);
+  }
+  static_cast<Tio*>(s.y)[r * H + j] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
+  if (s.h_n) static_cast<Tio*>(s.h_n)[i] = hv;
+}
+
+template <Cell C, typename Tio>
+__global__ void fwd_step(FwdStep s) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= s.B * s.H) return;
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  const int64_t b = i / s.H, j = i % s.H;
+  fwd_point<C, Tio>(s, b, j, s.gh + b * G * s.H + j, s.H);
+}
+
+// ------------------------------------------------- persistent forward
+//
+// One cooperative launch runs every step. Block k owns hidden units
+// [k*U, k*U + U): it keeps their G*U rows of W_hh in shared memory for the
+// whole sequence, and per step stages the previous state (all B*H values) in
+// shared memory, computes its rows' recurrent products (one warp per
+// (row, batch) dot product, lanes along H), runs the pointwise math of its
+// units, writes the new state to global memory, and meets the other blocks
+// at a grid-wide barrier. Rows whose step is not valid skip their products.
+// The state buffers, y and the saved values are exactly those of the
+// standard algorithm, so backward is shared.
+
+constexpr int kPersistentThreads = 256;
+
+struct PersistentParams {
+  FwdStep step;  // t, row0, hprev..., h_n/c_n are set per step in the kernel
+  int64_t T;
+  bool reverse, batch_first, training;
+  const void* w_hh;
+  void* hs;               // training: state entering each step (x's row order)
+  void *hbuf0, *hbuf1;    // inference: ping-pong state
+  float *cs, *cbuf0, *cbuf1, *c0f;
+  void *h_n, *c_n;
+  int U;
+};
+
+struct PersistentConfig {
+  int U = 0, blocks = 0;
+  std::size_t w_bytes = 0, h_bytes = 0, smem = 0;
+  bool ok = false;
+};
+
+std::size_t align16(std::size_t n) { return (n + 15) / 16 * 16; }
+__device__ __forceinline__ int64_t align16_dev(int64_t n) { return (n + 15) / 16 * 16; }
+
+PersistentConfig persistent_config(const Problem& p) {
+  PersistentConfig c;
+  if (p.B < 1 || p.H < 1 || p.T < 1) return c;
+  int sms = 0, optin = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return c;
+  }
+  const std::size_t es = dtype_size(p.dtype), G = p.G(), H = p.H, B = p.B;
+  c.U = static_cast<int>((p.H + sms - 1) / sms);
+  c.blocks = static_cast<int>((p.H + c.U - 1) / c.U);
+  c.w_bytes = align16(G * c.U * H * es);
+  c.h_bytes = align16(B * H * es);
+  c.smem = c.w_bytes + c.h_bytes + align16(B * G * c.U * sizeof(float));
+  c.ok = c.smem <= static_cast<std::size_t>(optin) && c.blocks <= sms;
+  return c;
+}
+
+template <Cell C, typename Tio>
+__global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentParams a) {
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int64_t H = a.step.H, B = a.step.B, T = a.T, U = a.U;
+  const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
+  const int64_t GU = G * U;
+  Tio* w = reinterpret_cast<Tio*>(smem_raw);
+  Tio* hsm = reinterpret_cast<Tio*>(smem_raw + align16_dev(GU * H * sizeof(Tio)));
+  float* acc = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(hsm) +
+                                        align16_dev(B * H * sizeof(Tio)));
+  const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
+  for (int64_t e = threadIdx.x; e < G * Ue * H; e += blockDim.x) {
+    const int64_t lr = e / H, k = e % H, g = lr / Ue, u = lr % Ue;
+    w[(g * U + u) * H + k] = w_hh[(g * H + j0 + u) * H + k];
+  }
+  const int64_t bs = a.batch_first ? T : 1;
+  auto row0 = [&](int64_t t) { return a.batch_first ? t : t * B; };
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = a.reverse ? T - 1 - s : s;
+    const int64_t tn = a.reverse ? t - 1 : t + 1, tp = a.reverse ? t + 1 : t - 1;
+    FwdStep f = a.step;
+    f.t = t;
+    f.row0 = row0(t);
+    if (a.training) {
+      f.hprev = static_cast<Tio*>(a.hs) + row0(t) * H; f.hprev_ld = bs * H;
+      f.hnext = s + 1 < T ? static_cast<Tio*>(a.hs) + row0(tn) * H : nullptr; f.hnext_ld = bs * H;
+      if (C == Cell::Lstm) {
+        f.cprev = s == 0 ? a.c0f : a.cs + row0(tp) * H; f.cprev_ld = s == 0 ? H : bs * H;
+        f.cnext = a.cs + row0(t) * H; f.cnext_ld = bs * H;
+      }
+    } else {
+      f.hprev = (s & 1) ? a.hbuf1 : a.hbuf0; f.hprev_ld = H;
+      f.hnext = (s & 1) ? a.hbuf0 : a.hbuf1; f.hnext_ld = H;
+      if (C == Cell::Lstm) {
+        f.cprev = (s & 1) ? a.cbuf1 : a.cbuf0; f.cprev_ld = H;
+        f.cnext = (s & 1) ? a.cbuf0 : a.cbuf1; f.cnext_ld = H;
+      }
+    }
+    f.h_n = s + 1 == T ? a.h_n : nullptr;
+    f.c_n = s + 1 == T ? a.c_n : nullptr;
+    const Tio* hp = static_cast<const Tio*>(f.hprev);
+    for (int64_t e = threadIdx.x; e < B * H; e += blockDim.x)
+      hsm[e] = hp[(e / H) * f.hprev_ld + e % H];
+    __syncthreads();
+    for (int64_t o = warp; o < B * G * Ue; o += nwarps) {
+      const int64_t b = o / (G * Ue), lr = o % (G * Ue), g = lr / Ue, u = lr % Ue;
+      if (!valid_step(f.lengths, f.mask, t, B, b)) continue;
+      const Tio* wr = w + (g * U + u) * H;
+      const Tio* hr = hsm + b * H;
+      float sum = 0.f;
+      for (int64_t k = lane; k < H; k += 32) sum += to_f(wr[k]) * to_f(hr[k]);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (lane == 0) acc[b * GU + g * U + u] = sum;
+    }
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < B * Ue; e += blockDim.x) {
+      const int64_t b = e / Ue, u = e % Ue;
+      fwd_point<C, Tio>(f, b, j0 + u, acc + b * GU + u, U);
+    }
+    grid.sync();
+  }
+}
+
+template <Cell C, typename Tio>
+void launch_persistent_fwd(const Problem& p, PersistentParams a) {
+  const PersistentConfig c = persistent_config(p);
+  if (!c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
+  a.U = c.U;
+  auto kernel = persistent_fwd<C, Tio>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(c.smem)), "cudaFuncSetAttribute");
+  int per_sm = 0, sms = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, c.smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), "cudaDeviceGetAttribute");
+  if (per_sm * sms < c.blocks)
+    throw std::invalid_argument("the persistent kernel's blocks cannot all be resident at once");
+  void* args[] = {&a};
+  check(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), c.blocks, kPersistentThreads,
+                                    args, c.smem, p.stream), "cudaLaunchCooperativeKernel");
+}
+
+struct BwdStep {
+  int64_t B, H, t, row0, bstride;
+  const void* dy;  // [N, H] at row r, or null
+  float* dh;       // [B, H]: in, gradient w.r.t. the state after the step (dy excluded);
+                   // out, the direct part of the gradient w.r.t. the state before it
+  float* dc;       // [B, H] lstm, in place
+  const float* gates;
+  const float* cs;  // lstm: cell after each step, [N, H] at row r
+  const float* cprev;
+  int64_t cprev_ld;
+  const void* hprev;  // gru: state entering the step
+  int64_t hprev_ld;
+  void* dgx;  // [N, G*H]: gradient w.r.t. the input-side pre-activations
+  void* dgh;  // [N, G*H]: w.r.t. the recurrent product (gru only; else dgx)
+  const int32_t* lengths;
+  const uint8_t* mask;
+};
+
+// One element (b, j) of a backward step.
+template <Cell C, typename Tio>
+__device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j) {
+  const int64_t H = s.H, i = b * H + j;
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  const int64_t GH = G * H;
+  const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
+  const int64_t r = s.row0 + b * s.bstride;
+  // y at a padded step (lengths) is a constant 0; at a masked step it is the
+  // carried state, so its gradient flows into that state.
+  const bool dy_counts = s.dy && (valid || !s.lengths);
+  const float dh = s.dh[i] + (dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * H + j]) : 0.f);
+  Tio* dgx = static_cast<Tio*>(s.dgx) + r * GH + j;
+  Tio* dgh = C == Cell::Gru ? static_cast<Tio*>(s.dgh) + r * GH + j : nullptr;
+  if (!valid) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      dgx[g * H] = from_f<Tio>(0.f);
+      if (dgh) dgh[g * H] = from_f<Tio>(0.f);
+    }
+    s.dh[i] = dh;
+    return;
+  }
+  if constexpr (C == Cell::Lstm) {
+    using L = cell::Lstm<DevMath>;
+    const float* gs = s.gates + r * 4 * H + j;
+    const L::Gates q{gs[0], gs[H], gs[2 * H], gs[3 * H]};
+    L::Gates d;
+    const float dcp = L::backward(q, s.cprev[b * s.cprev_ld + j], s.cs[r * H + j], dh, s.dc[i], &d);
+    dgx[0] = from_f<Tio>(d.i); dgx[H] = from_f<Tio>(d.f);
+    dgx[2 * H] = from_f<Tio>(d.g); dgx[3 * H] = from_f<Tio>(d.o);
+    s.dc[i] = dcp;
+    s.dh[i] = 0.f;
+  } else if constexpr (C == Cell::Gru) {
+    using R = cell::Gru<DevMath>;
+    const float* gs = s.gates + r * 4 * H + j;
+    const R::Gates q{gs[0], gs[H], gs[2 * H]};
+    const float h = to_f(static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j]);
+    R::Gates dx, dhh;
+    const float direct = R::backward(q, gs[3 * H], h, dh, &dx, &dhh);
+    dgx[0] = from_f<Tio>(dx.r); dgx[H] = from_f<Tio>(dx.z); dgx[2 * H] = from_f<Tio>(dx.n);
+    dgh[0] = from_f<Tio>(dhh.r); dgh[H] = from_f<Tio>(dhh.z); dgh[2 * H] = from_f<Tio>(dhh.n);
+    s.dh[i] = direct;
+  } else {
+    dgx[0] = from_f<Tio>(cell::Rnn<C, DevMath>::backward(dh, s.gates[r * H + j]));
+    s.dh[i] = 0.f;
+  }
+}
+
+template <Cell C, typename Tio>
+__global__ void bwd_step(BwdStep s) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= s.B * s.H) return;
+  bwd_point<C, Tio>(s, i / s.H, i % s.H);
+}
+
+// ------------------------------------------------ persistent backward
+//
+// Block k owns hidden units [k*U, k*U + U) as in the forward kernel, but
+// keeps the transposed slice: the columns of W_hh for its units, all G*H
+// rows, stored [U][G*H]. Per step (reverse order): first the recurrent
+// gradient for its units, dh[b, j] += sum over rows of dgates[b, row] *
+// W_hh[row, j] (the dgates of the step processed before, read from global
+// memory, lanes along the rows); then the pointwise gradient of its units,
+// which writes their dgates; then the grid-wide barrier. One last
+// recurrent product after the loop gives dh0. dh, dc, dgates and the
+// deferred products are exactly the standard algorithm's.
+
+struct PersistentBwdParams {
+  BwdStep step;  // per-step fields are set in the kernel
+  int64_t T;
+  bool reverse, batch_first;
+  const void* w_hh;
+  const float* cs;
+  const float* c0f;
+  const void* hs;
+  int U;
+};
+
+template <Cell C, typename Tio>
+__device__ __forceinline__ void persistent_dh(const PersistentBwdParams& a, const Tio* wt,
+                                              const Tio* dgh, int64_t row0, int64_t bs,
+                                              int64_t j0, int64_t Ue, int64_t t, float* dh) {
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  const int64_t H = a.step.H, B = a.step.B, GH = G * H;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int64_t o = warp; o < B * Ue; o += nwarps) {
+    const int64_t b = o / Ue, u = o % Ue;
+    // Rows whose step was not valid have zero dgates: nothing to add.
+    if (!valid_step(a.step.lengths, a.step.mask, t, B, b)) continue;
+    const Tio* g = dgh + (row0 + b * bs) * GH;
+    const Tio* w = wt + u * GH;
+    float sum = 0.f;
+    for (int64_t k = lane; k < GH; k += 32) sum += to_f(g[k]) * to_f(w[k]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) dh[b * H + j0 + u] += sum;
+  }
+}
+
+template <Cell C, typename Tio>
+__global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentBwdParams a) {
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int64_t H = a.step.H, B = a.step.B, T = a.T, U = a.U, GH = G * H;
+  const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
+  Tio* wt = reinterpret_cast<Tio*>(smem_raw);  // [U][G*H]
+  const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
+  for (int64_t e = threadIdx.x; e < GH * Ue; e += blockDim.x) {
+    const int64_t row = e / Ue, u = e % Ue;
+    wt[u * GH + row] = w_hh[row * H + j0 + u];
+  }
+  __syncthreads();
+  const int64_t bs = a.batch_first ? T : 1;
+  auto row0 = [&](int64_t t) { return a.batch_first ? t : t * B; };
+  const Tio* dgh = static_cast<const Tio*>(C == Cell::Gru ? a.step.dgh : a.step.dgx);
+  int64_t t_done = -1;  // the step whose dgates the next recurrent product reads
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = a.reverse ? T - 1 - s : s, tp = a.reverse ? t + 1 : t - 1;
+    if (t_done >= 0)
+      persistent_dh<C, Tio>(a, wt, dgh, row0(t_done), bs, j0, Ue, t_done, a.step.dh);
+    __syncthreads();
+    BwdStep f = a.step;
+    f.t = t;
+    f.row0 = row0(t);
+    if (C == Cell::Lstm) {
+      f.cprev = s == 0 ? a.c0f : a.cs + row0(tp) * H;
+      f.cprev_ld = s == 0 ? H : bs * H;
+    }
+    f.hprev = static_cast<const Tio*>(a.hs) + row0(t) * H;
+    f.hprev_ld = bs * H;
+    for (int64_t e = threadIdx.x; e < B * Ue; e += blockDim.x)
+      bwd_point<C, Tio>(f, e / Ue, j0 + e % Ue);
+    t_done = t;
+    grid.sync();
+  }
+  persistent_dh<C, Tio>(a, wt, dgh, row0(t_done), bs, j0, Ue, t_done, a.step.dh);
+}
+
+PersistentConfig persistent_bwd_config(const Problem& p) {
+  PersistentConfig c = persistent_config(p);
+  if (c.U == 0) return c;
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) != cudaSuccess) {
+    cudaGetLastError();
+    c.ok = false;
+    return c;
+  }
+  c.smem = c.w_bytes;
+  c.ok = c.smem <= static_cast<std::size_t>(optin);
+  return c;
+}
+
+template <Cell C, typename Tio>
+void launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParams a) {
+  const PersistentConfig c = persistent_bwd_config(p);
+  if (!c.ok) throw std::invalid_argument("the persistent backward kernel does not fit this problem");
+  a.U = c.U;
+  auto kernel = persistent_bwd<C, Tio>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(c.smem)), "cudaFuncSetAttribute");
+  int per_sm = 0, sms = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, c.smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), "cudaDeviceGetAttribute");
+  if (per_sm * sms < c.blocks)
+    throw std::invalid_argument("the persistent kernel's blocks cannot all be resident at once");
+  void* args[] = {&a};
+  check(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), c.blocks, kPersistentThreads,
+                                    args, c.smem, st), "cudaLaunchCooperativeKernel");
+}
+
+// Rows [0, active) hold every row still running at step t: the product of a
+// step skips the finished rows at the end of the batch (all of them when
+// lengths are sorted longest first, as PyTorch's packed sequences are).
+int64_t active_rows(const std::vector<int32_t>& lengths, int64_t t, int64_t B) {
+  if (lengths.empty()) return B;
+  for (int64_t b = B; b > 0; --b)
+    if (lengths[b - 1] > t) return b;
+  return 0;
+}
+
+// ---------------------------------------------------------------- drivers
+
+template <Cell C, typename Tio>
+void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n,
+                  Cache* cache, Algo algo) {
+  DeviceGuard guard(p.device);
+  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = p.G(), GH = G * H, N = p.N();
+  const int64_t bs = p.bstride();
+  const blas::Type bt = BlasType<Tio>::v;
+  cudaStream_t st = p.stream;
+  const int dev = p.device;
+  constexpr bool lstm = C == Cell::Lstm;
+  if (B == 0) return;
+  if (T == 0) {  // h_n = h0, c_n = c0
+    set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<Tio*>(h_n), H,
+                                                          static_cast<const Tio*>(in.h0), B, H);
+    if (lstm)
+      set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<Tio*>(c_n), H,
+                                                            static_cast<const Tio*>(in.c0), B, H);
+    check(cudaGetLastError(), "fusedrnn forward");
+    return;
+  }
+  Scratch scratch(st);
+  float* gx = scratch.alloc<float>(N * GH);
+  float* gh = scratch.alloc<float>(B * GH);
+  const int32_t* d_len = nullptr;
+  const uint8_t* d_mask = nullptr;
+  Tio* hs = nullptr;  // training: state entering each step, x's row order
+  float* cs = nullptr;
+  float* gates = nullptr;
+  float* c0f = nullptr;
+  Tio* hbuf[2] = {nullptr, nullptr};
+  float* cbuf[2] = {nullptr, nullptr};
+  const void* x = in.x;
+  const void* w_hh = in.w_hh;
+  if (cache) {
+    const std::size_t es = sizeof(Tio);
+    check(cudaMemcpyAsync(cache->mem + cache->x_off, in.x, N * I * es, cudaMemcpyDeviceToDevice, st),
+          "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(cache->mem + cache->wih_off, in.w_ih, GH * I * es,
+                          cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(cache->mem + cache->whh_off, in.w_hh, GH * H * es,
+                          cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
+    hs = cache->at<Tio>(cache->hprev_off);
+    gates = cache->at<float>(cache->gates_off);
+    if (lstm) {
+      cs = cache->at<float>(cache->cs_off);
+      c0f = cache->at<float>(cache->c0_off);
+    }
+    if (!in.lengths.empty()) d_len = cache->at<int32_t>(cache->len_off);
+    if (!in.mask.empty()) d_mask = cache->at<uint8_t>(cache->mask_off);
+    cache->algo = Algo::Standard;
+  } else {
+    hbuf[0] = scratch.alloc<Tio>(B * H);
+    hbuf[1] = scratch.alloc<Tio>(B * H);
+    if (lstm) {
+      cbuf[0] = c0f = scratch.alloc<float>(B * H);
+      cbuf[1] = scratch.alloc<float>(B * H);
+    }
+    if (!in.lengths.empty()) d_len = scratch.alloc<int32_t>(B);
+    if (!in.mask.empty()) d_mask = scratch.alloc<uint8_t>(T * B);
+  }
+  if (d_len)
+    check(cudaMemcpyAsync(const_cast<int32_t*>(d_len), in.lengths.data(), B * sizeof(int32_t),
+                          cudaMemcpyHostToDevice, st), "cudaMemcpyAsync");
+  if (d_mask)
+    check(cudaMemcpyAsync(const_cast<uint8_t*>(d_mask), in.mask.data(), T * B,
+                          cudaMemcpyHostToDevice, st), "cudaMemcpyAsync");
+
+  // Input projection of every row: gx = x W_ih^T.
+  gemm(st, dev, blas::T, blas::N, GH, N, I, 1.f, in.w_ih, bt, I, x, bt, I, 0.f, gx,
+             blas::R32F, GH);
+  const int64_t t0 = p.reverse ? T - 1 : 0;
+  Tio* h_first = cache ? hs + p.row0(t0) * H : hbuf[0];
+  set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(h_first, cache ? bs * H : H,
+                                                        static_cast<const Tio*>(in.h0), B, H);
+  if (lstm)
+    to_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<const Tio*>(in.c0), c0f, B * H);
+
+  if (algo == Algo::Persistent) {
+    PersistentParams a{};
+    FwdStep& f = a.step;
+    f.B = B; f.H = H; f.bstride = bs; f.gx = gx; f.gh = nullptr;
+    f.b_ih = in.b_ih; f.b_hh = in.b_hh; f.gates = gates; f.y = y;
+    f.lengths = d_len; f.mask = d_mask;
+    a.T = T; a.reverse = p.reverse; a.batch_first = p.batch_first; a.training = cache != nullptr;
+    a.w_hh = w_hh; a.hs = hs; a.hbuf0 = hbuf[0]; a.hbuf1 = hbuf[1];
+    a.cs = cs; a.cbuf0 = cbuf[0]; a.cbuf1 = cbuf[1]; a.c0f = c0f;
+    a.h_n = h_n; a.c_n = lstm ? c_n : nullptr;
+    launch_persistent_fwd<C, Tio>(p, a);
+    if (cache) cache->algo = Algo::Persistent;
+    check(cudaGetLastError(), "fusedrnn forward (persistent)");
+    return;
+  }
+
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = p.reverse ? T - 1 - s : s;
+    const int64_t tn = p.reverse ? t - 1 : t + 1, tp = p.reverse ? t + 1 : t - 1;
+    FwdStep f{};
+    f.B = B; f.H = H; f.t = t; f.row0 = p.row0(t); f.bstride = bs;
+    f.gx = gx; f.gh = gh; f.b_ih = in.b_ih; f.b_hh = in.b_hh;
+    if (cache) {
+      f.hprev = hs + p.row0(t) * H; f.hprev_ld = bs * H;
+      f.hnext = s + 1 < T ? hs + p.row0(tn) * H : nullptr; f.hnext_ld = bs * H;
+      if (lstm) {
+        f.cprev = s == 0 ? c0f : cs + p.row0(tp) * H; f.cprev_ld = s == 0 ? H : bs * H;
+        f.cnext = cs + p.row0(t) * H; f.cnext_ld = bs * H;
+      }
+      f.gates = gates;
+    } else {
+      f.hprev = hbuf[s & 1]; f.hprev_ld = H;
+      f.hnext = hbuf[(s + 1) & 1]; f.hnext_ld = H;
+      if (lstm) {
+        f.cprev = cbuf[s & 1]; f.cprev_ld = H;
+        f.cnext = cbuf[(s + 1) & 1]; f.cnext_ld = H;
+      }
+    }
+    f.y = y;
+    if (s + 1 == T) { f.h_n = h_n; f.c_n = lstm ? c_n : nullptr; }
+    f.lengths = d_len; f.mask = d_mask;
+    const int64_t active = active_rows(in.lengths, t, B);
+    gemm(st, dev, blas::T, blas::N, GH, active, H, 1.f, w_hh, bt, H, f.hprev, bt,
+               f.hprev_ld, 0.f, gh, blas::R32F, GH);
+    fwd_step<C, Tio><<<blocks_for(B * H), kThreads, 0, st>>>(f);
+  }
+  check(cudaGetLastError(), "fusedrnn forward");
+}
+
+template <Cell C, typename Tio>
+void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* dh_n,
+                   const void* dc_n, const Grads& g) {
+  const Problem& p = c.p;
+  DeviceGuard guard(p.device);
+  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = p.G(), GH = G * H, N = p.N();
+  const int64_t bs = p.bstride();
+  const blas::Type bt = BlasType<Tio>::v;
+  const int dev = p.device;
+  constexpr bool lstm = C == Cell::Lstm;
+  const std::size_t es = sizeof(Tio);
+  c.last_stream = st;
+  Scratch scratch(st);
+  if (N == 0) {  // nothing ran: the state gradients pass through, the rest is 0
+    if (B) {
+      set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<Tio*>(g.h0), H,
+                                                            static_cast<const Tio*>(dh_n), B, H);
+      if (lstm)
+        set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<Tio*>(g.c0), H,
+                                                              static_cast<const Tio*>(dc_n), B, H);
+    }
+    check(cudaMemsetAsync(g.w_ih, 0, GH * I * es, st), "cudaMemsetAsync");
+    check(cudaMemsetAsync(g.w_hh, 0, GH * H * es, st), "cudaMemsetAsync");
+    check(cudaMemsetAsync(g.b_ih, 0, GH * es, st), "cudaMemsetAsync");
+    check(cudaMemsetAsync(g.b_hh, 0, GH * es, st), "cudaMemsetAsync");
+    check(cudaGetLastError(), "fusedrnn backward");
+    return;
+  }
+  Tio* dgx = scratch.alloc<Tio>(N * GH);
+  Tio* dgh = C == Cell::Gru ? scratch.alloc<Tio>(N * GH) : dgx;
+  float* dh = scratch.alloc<float>(B * H);
+  float* dc = lstm ? scratch.alloc<float>(B * H) : nullptr;
+  to_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<const Tio*>(dh_n), dh, B * H);
+  if (lstm)
+    to_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<const Tio*>(dc_n), dc, B * H);
+  const Tio* xc = c.at<Tio>(c.x_off);
+  const Tio* wih = c.at<Tio>(c.wih_off);
+  const Tio* whh = c.at<Tio>(c.whh_off);
+  const Tio* hs = c.at<Tio>(c.hprev_off);
+  const float* cs = lstm ? c.at<float>(c.cs_off) : nullptr;
+  const float* c0f = lstm ? c.at<float>(c.c0_off) : nullptr;
+  const int32_t* d_len = c.lengths.empty() ? nullptr : c.at<int32_t>(c.len_off);
+  const uint8_t* d_mask = c.mask.empty() ? nullptr : c.at<uint8_t>(c.mask_off);
+
+  if (c.algo == Algo::Persistent && persistent_bwd_config(p).ok) {
+    PersistentBwdParams a{};
+    BwdStep& f = a.step;
+    f.B = B; f.H = H; f.bstride = bs; f.dy = dy; f.dh = dh; f.dc = dc;
+    f.gates = c.at<float>(c.gates_off); f.cs = cs; f.dgx = dgx; f.dgh = dgh;
+    f.lengths = d_len; f.mask = d_mask;
+    a.T = T; a.reverse = p.reverse; a.batch_first = p.batch_first; a.w_hh = whh;
+    a.cs = cs; a.c0f = c0f; a.hs = hs;
+    launch_persistent_bwd<C, Tio>(p, st, a);
+  } else {
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = p.reverse ? T - 1 - s : s;
+    const int64_t tp = p.reverse ? t + 1 : t - 1;
+    BwdStep b{};
+    b.B = B; b.H = H; b.t = t; b.row0 = p.row0(t); b.bstride = bs;
+    b.dy = dy; b.dh = dh; b.dc = dc; b.gates = c.at<float>(c.gates_off);
+    if (lstm) {
+      b.cs = cs;
+      b.cprev = s == 0 ? c0f : cs + p.row0(tp) * H;
+      b.cprev_ld = s == 0 ? H : bs * H;
+    }
+    b.hprev = hs + p.row0(t) * H; b.hprev_ld = bs * H;
+    b.dgx = dgx; b.dgh = dgh; b.lengths = d_len; b.mask = d_mask;
+    bwd_step<C, Tio><<<blocks_for(B * H), kThreads, 0, st>>>(b);
+    const int64_t active = active_rows(c.lengths, t, B);
+    gemm(st, dev, blas::N, blas::N, H, active, GH, 1.f, whh, bt, H, dgh + p.row0(t) * GH, bt,
+               bs * GH, 1.f, dh, blas::R32F, H);
+  }
+  }
+  from_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(dh, static_cast<Tio*>(g.h0), B * H);
+  if (lstm) from_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(dc, static_cast<Tio*>(g.c0), B * H);
+  // Deferred products over all rows.
+  gemm(st, dev, blas::N, blas::N, I, N, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, g.x, bt, I);
+  gemm(st, dev, blas::N, blas::T, I, GH, N, 1.f, xc, bt, I, dgx, bt, GH, 0.f, g.w_ih, bt, I);
+  gemm(st, dev, blas::N, blas::T, H, GH, N, 1.f, hs, bt, H, dgh, bt, GH, 0.f, g.w_hh, bt, H);
+  colsum<Tio>(scratch, st, dgx, N, GH, static_cast<Tio*>(g.b_ih));
+  colsum<Tio>(scratch, st, dgh, N, GH, static_cast<Tio*>(g.b_hh));
+  check(cudaGetLastError(), "fusedrnn backward");
+}
+
+template <typename F>
+void dispatch(Cell cell, DType dt, F&& f) {
+  auto by_type = [&](auto cell_tag) {
+    switch (dt) {
+      case DType::F32: f(cell_tag, float{}); break;
+      case DType::F16: f(cell_tag, __half{}); break;
+      case DType::BF16: f(cell_tag, __nv_bfloat16{}); break;
+    }
+  };
+  switch (cell) {
+    case Cell::RnnTanh: by_type(std::integral_constant<Cell, Cell::RnnTanh>{}); break;
+    case Cell::RnnRelu: by_type(std::integral_constant<Cell, Cell::RnnRelu>{}); break;
+    case Cell::RnnSigmoid: by_type(std::integral_constant<Cell, Cell::RnnSigmoid>{}); break;
+    case Cell::Lstm: by_type(std::integral_constant<Cell, Cell::Lstm>{}); break;
+    case Cell::Gru: by_type(std::integral_constant<Cell, Cell::Gru>{}); break;
+    default: throw std::invalid_argument("cell not supported by the CUDA backend");
+  }
+}
+
+std::size_t align256(std::size_t n) { return (n + 255) / 256 * 256; }
+
+}  // namespace
+
+Cache::Cache(const Problem& prob, const ForwardIn& in) : p(prob), lengths(in.lengths), mask(in.mask) {
+  const std::size_t es = dtype_size(p.dtype);
+  const std::size_t N = static_cast<std::size_t>(p.N()), B = p.B, H = p.H, I = p.I;
+  const std::size_t GH = static_cast<std::size_t>(p.G()) * H;
+  const bool lstm = p.cell == Cell::Lstm;
+  std::size_t off = 0;
+  auto take = [&](std::size_t bytes) {
+    const std::size_t o = off;
+    off += align256(bytes);
+    return o;
+  };
+  x_off = take(checked_mul(checked_mul(N, I), es));
+  wih_off = take(checked_mul(checked_mul(GH, I), es));
+  whh_off = take(checked_mul(checked_mul(GH, H), es));
+  hprev_off = take(checked_mul(checked_mul(N, H), es));
+  cs_off = take(lstm ? checked_mul(checked_mul(N, H), 4) : 0);
+  gates_off = take(checked_mul(checked_mul(N, H), 4 * saved_width(p.cell)));
+  c0_off = take(lstm ? B * H * 4 : 0);
+  len_off = take(lengths.empty() ? 0 : B * 4);
+  mask_off = take(mask.size());
+  nbytes = off;
+  last_stream = p.stream;
+  DeviceGuard guard(p.device);
+  if (nbytes) {
+    void* m = nullptr;
+    check(cudaMallocAsync(&m, nbytes, p.stream), "cudaMallocAsync");
+    mem = static_cast<char*>(m);
+  }
+}
+
+Cache::~Cache() {
+  if (!mem) return;
+  int prev = -1;
+  cudaGetDevice(&prev);
+  if (prev != p.device) cudaSetDevice(p.device);
+  if (cudaFreeAsync(mem, last_stream) != cudaSuccess) {
+    cudaGetLastError();
+    cudaFree(mem);
+  }
+  if (prev != p.device && prev >= 0) cudaSetDevice(prev);
+}
+
+Algo choose_algo(const Problem& p) {
+  // Provisional rule until measured on a device (docs/cuda.md): the
+  // persistent kernel for small batches whose W_hh slice fits on chip.
+  if (p.B <= 16 && persistent_fits(p)) return Algo::Persistent;
+  return Algo::Standard;
+}
+
+bool persistent_fits(const Problem& p) {
+  return persistent_config(p).ok;
+}
+
+void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
+             Algo algo) {
+  if (algo == Algo::Auto) algo = choose_algo(p);
+  if (algo == Algo::Persistent && !persistent_fits(p))
+    throw std::invalid_argument("algo 'persistent' cannot run this problem on this device "
+                                "(W_hh's slices do not fit the blocks' shared memory)");
+  dispatch(p.cell, p.dtype, [&](auto cell_tag, auto type_tag) {
+    forward_impl<decltype(cell_tag)::value, decltype(type_tag)>(p, in, y, h_n, c_n, cache, algo);
+  });
+}
+
+void backward(const Cache& cache, cudaStream_t stream, const void* dy, const void* dh_n,
+              const void* dc_n, const Grads& g) {
+  dispatch(cache.p.cell, cache.p.dtype, [&](auto cell_tag, auto type_tag) {
+    backward_impl<decltype(cell_tag)::value, decltype(type_tag)>(cache, stream, dy, dh_n, dc_n, g);
+  });
+}
+
+}  // namespace cuda
+}  // namespace fusedrnn

@@ -1,0 +1,109 @@
+// fusedrnn: the CUDA backend's entry points (no pybind11 here; the bindings
+// in csrc/bindings/cuda_module.cpp check arguments and call these).
+//
+// Shape legend as everywhere (common.h): T steps, B batch, I input size,
+// H hidden size, G gates, N = T*B rows. All pointers are device pointers to
+// C-contiguous arrays of the call's dtype on one device, except lengths and
+// mask, which are host arrays (the Python layer brings them to the host:
+// their values decide which rows each step's product covers).
+//
+// Per-(t, b) buffers are kept in x's row order, r(t, b) = t*B + b, or b*T + t
+// with batch_first, so that every "all steps at once" product (input
+// projection, dx, dW_ih, dW_hh) is one GEMM over N rows whatever the layout,
+// and a step's rows are a strided matrix with leading dimension
+// bstride * width (bstride = T with batch_first, else 1).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fusedrnn/common.h"
+
+namespace fusedrnn {
+namespace cuda {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+enum class Algo : int { Auto = 0, Standard = 1, Persistent = 2 };
+
+inline std::size_t dtype_size(DType d) { return d == DType::F32 ? 4 : 2; }
+
+struct Problem {
+  Cell cell = Cell::Lstm;
+  DType dtype = DType::F32;
+  int64_t T = 0, B = 0, I = 0, H = 0;
+  bool reverse = false, batch_first = false;
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  int G() const { return gates_of(cell); }
+  int64_t N() const { return T * B; }
+  int64_t bstride() const { return batch_first ? T : 1; }
+  int64_t row0(int64_t t) const { return batch_first ? t : t * B; }
+};
+
+struct ForwardIn {
+  const void *x = nullptr, *w_ih = nullptr, *w_hh = nullptr;
+  const void *b_ih = nullptr, *b_hh = nullptr, *h0 = nullptr, *c0 = nullptr;  // null: zeros
+  std::vector<int32_t> lengths;  // host, [B], empty: no lengths
+  std::vector<uint8_t> mask;     // host, time-major [T, B], empty: no mask
+};
+
+// What backward needs, in one device allocation owned by this object:
+// copies of x, w_ih and w_hh, the state entering every step, the LSTM cell
+// after every step, the saved gates, c0 in float32, lengths and mask.
+class Cache {
+ public:
+  Cache(const Problem& p, const ForwardIn& in);
+  ~Cache();
+  Cache(const Cache&) = delete;
+  Cache& operator=(const Cache&) = delete;
+
+  Problem p;
+  std::vector<int32_t> lengths;
+  std::vector<uint8_t> mask;
+  Algo algo = Algo::Standard;  // the algorithm forward ran
+  // The stream of the last call that used the memory (forward's, then each
+  // backward's): the memory is freed in that stream's order.
+  mutable cudaStream_t last_stream = nullptr;
+  std::size_t nbytes = 0;
+  char* mem = nullptr;
+  // byte offsets into mem
+  std::size_t x_off = 0, wih_off = 0, whh_off = 0, hprev_off = 0, cs_off = 0, gates_off = 0,
+              c0_off = 0, len_off = 0, mask_off = 0;
+  template <typename T>
+  T* at(std::size_t off) const { return reinterpret_cast<T*>(mem + off); }
+};
+
+// Saved gate values per row: lstm i, f, g, o; gru r, z, n and W_hn h + b_hn;
+// rnn the new state h' (its activation's derivative needs only that).
+inline int saved_width(Cell c) { return c == Cell::Lstm || c == Cell::Gru ? 4 : 1; }
+
+// The algorithm Algo::Auto picks for a problem (see docs/cuda.md).
+Algo choose_algo(const Problem& p);
+// Whether the persistent kernel can run this problem on this device (its
+// slice of W_hh must fit one block's shared memory, its grid co-resident).
+bool persistent_fits(const Problem& p);
+
+// Forward. cache is null for inference, else a Cache made for (p, in), which
+// forward fills. y [T, B, H] (or [B, T, H]), h_n [B, H], c_n [B, H] (lstm).
+void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
+             Algo algo);
+
+struct Grads {
+  void *x = nullptr, *h0 = nullptr, *c0 = nullptr, *w_ih = nullptr, *w_hh = nullptr,
+       *b_ih = nullptr, *b_hh = nullptr;
+};
+
+// Backward through a cache, on stream (the caller's). dy [T, B, H] in y's
+// layout, dh_n, dc_n [B, H]; each may be null (zeros). Every gradient is
+// written (none may be null; c0 only for lstm).
+void backward(const Cache& cache, cudaStream_t stream, const void* dy, const void* dh_n,
+              const void* dc_n, const Grads& g);
+
+// Errors from the CUDA runtime become std::runtime_error with the call named.
+void check(cudaError_t e, const char* what);
+
+}  // namespace cuda
+}  // namespace fusedrnn
