@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 
-from . import _core, _validate, reference
+import numpy as np
+
+from . import _core, _device, _validate, reference
+from ._device import DeviceArray
 
 __all__ = ["forward", "backward", "set_num_threads", "get_num_threads", "CELLS", "Cache", "reference",
-           "__version__"]
+           "cuda_available", "cuda_status", "DeviceArray", "__version__"]
 __version__ = "0.1.0"
 
 #: the cells fusedrnn runs, with their gate counts G
@@ -48,9 +51,18 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
             recomputes the steps in between (one more forward pass, same
             gradients up to rounding). See docs/memory.md.
 
+    Arrays on a CUDA device (torch CUDA tensors, CuPy, anything with
+    ``__cuda_array_interface__``) run on the CUDA backend when it is built:
+    zero-copy, on the caller's stream, results on the same device and of the
+    caller's array type; float32, float16 or bfloat16 (docs/cuda.md).
+
     Returns:
         y [T, B, H] (or [B, T, H]), h_n [B, H], c_n [B, H] or None, cache.
     """
+    if type(x) is not np.ndarray and _device.is_device_array(x):
+        return _device.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, mask=mask,
+                               reverse=reverse, batch_first=batch_first, training=training,
+                               w_hr=w_hr, checkpoint=checkpoint)
     a = _validate.forward_args(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths,
                                mask=mask, reverse=reverse, batch_first=batch_first,
                                training=training, w_hr=w_hr, checkpoint=checkpoint,
@@ -71,10 +83,22 @@ def backward(cache, dy, dh_n=None, dc_n=None):
         dict with keys x, h0, c0 (None unless lstm), w_ih, w_hh, b_ih, b_hh,
         w_hr (None unless forward had a projection).
     """
+    if isinstance(cache, _device.DeviceCache):
+        return _device.backward(cache, dy, dh_n, dc_n)
     d = _validate.backward_args(cache, Cache, dy, dh_n, dc_n, zeros_for_none=False)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _core.backward(cache, d.dy, d.dh_n, d.dc_n)
     return {"x": dx, "h0": dh0, "c0": dc0, "w_ih": dw_ih, "w_hh": dw_hh, "b_ih": db_ih,
             "b_hh": db_hh, "w_hr": dw_hr}
+
+
+def cuda_available():
+    """Whether the CUDA backend is built and sees a usable device."""
+    return _device.available()
+
+
+def cuda_status():
+    """One line on the CUDA backend: built or not, and the devices it sees."""
+    return _device.status()
 
 
 def set_num_threads(n):

@@ -1,0 +1,448 @@
+"""CUDA device arrays for ``fusedrnn.forward`` / ``backward`` (the optional CUDA backend).
+
+``fusedrnn.forward`` sends a call here when x lives on a CUDA device. Arrays
+come in zero-copy from
+
+- PyTorch CUDA tensors (read through their own attributes; torch is never
+  imported here unless the caller passed a torch tensor, so it is already
+  imported),
+- anything with ``__cuda_array_interface__`` (CuPy, Numba, JAX, ...),
+
+and the results are allocated on the same device with the caller's own
+library (``torch.empty``, ``cupy.empty``), or, for other producers, as a
+:class:`DeviceArray` (fusedrnn-owned memory that exposes
+``__cuda_array_interface__``). Kernels run on the caller's stream: torch's or
+CuPy's current stream, or the stream named by the interface.
+
+Shape legend: T steps, B batch, I input size, H hidden size, G gates.
+Supported dtypes on a device: float32, float16 and bfloat16 (bfloat16 through
+torch); arithmetic is float32 (docs/cuda.md gives the tolerances).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _validate
+
+try:  # the optional extension: absent from CPU-only builds
+    from . import _cuda
+except ImportError as _e:  # pragma: no cover - depends on the build
+    _cuda = None
+    _CUDA_IMPORT_ERROR = str(_e)
+else:
+    _CUDA_IMPORT_ERROR = ""
+
+DTYPES = ("float32", "float16", "bfloat16")
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int32": 4, "int64": 8,
+             "bool": 1, "uint8": 1, "int8": 1, "int16": 2}
+_TYPESTR = {"<f4": "float32", "<f2": "float16", "<f8": "float64", "|b1": "bool", "<i4": "int32",
+            "<i8": "int64", "|u1": "uint8", "|i1": "int8", "<i2": "int16"}
+_TYPESTR_OUT = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}
+
+
+def available() -> bool:
+    """Whether the CUDA extension is built and a CUDA device is usable."""
+    return _cuda is not None and _cuda.device_count() > 0
+
+
+def status() -> str:
+    """One line on the CUDA backend: built or not, and the devices it sees."""
+    if _cuda is None:
+        return "fusedrnn was built without its CUDA extension" + (
+            f" ({_CUDA_IMPORT_ERROR})" if _CUDA_IMPORT_ERROR else "")
+    return f"CUDA extension built (runtime {_cuda.runtime_version()}); {_cuda.device_status()}"
+
+
+def _require_cuda():
+    if _cuda is None:
+        raise RuntimeError(
+            "x is a CUDA array, but this fusedrnn was built without its CUDA extension "
+            "(build with a CUDA compiler on PATH, or FUSEDRNN_CUDA=ON to require it)")
+    if _cuda.device_count() == 0:
+        raise RuntimeError(f"x is a CUDA array, but no CUDA device is usable: {_cuda.device_status()}")
+    if not _cuda.cublas_path():
+        _cuda.load_cublas(_cublas_dir())
+
+
+def _cublas_dir() -> str:
+    """The lib folder of the nvidia-cublas wheel, when it is installed ('' otherwise)."""
+    import importlib.util
+    for name in ("nvidia.cu13", "nvidia.cublas"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            for root in spec.submodule_search_locations:
+                lib = os.path.join(root, "lib")
+                if os.path.isdir(lib) and any(f.startswith("libcublas.so") for f in os.listdir(lib)):
+                    return lib
+    return ""
+
+
+# --------------------------------------------------------------------------
+# Array views
+# --------------------------------------------------------------------------
+
+class View(NamedTuple):
+    """A device array seen as a pointer: what the kernels need, and its origin."""
+    obj: object
+    ptr: int
+    shape: tuple
+    strides: Optional[tuple]  # in elements; None: C-contiguous
+    dtype: str
+    device: int
+    kind: str  # "torch", "cupy", "jax" or "cai"
+    stream: Optional[int]  # the producer's stream, when it names one
+
+
+def _is_torch(a) -> bool:
+    return type(a).__module__.startswith("torch") and hasattr(a, "data_ptr")
+
+
+def is_device_array(a) -> bool:
+    """True for arrays in CUDA device memory (never true for NumPy arrays)."""
+    if type(a) is np.ndarray or a is None or isinstance(a, (int, float, list, tuple)):
+        return False
+    if _is_torch(a):
+        return bool(getattr(a, "is_cuda", False))
+    try:
+        return hasattr(a, "__cuda_array_interface__")
+    except Exception:  # a property that raises means "not on a device"
+        return False
+
+
+def view(name: str, a) -> View:
+    """The pointer, shape, dtype and device of a device array (no copy)."""
+    if _is_torch(a):
+        if not a.is_cuda:
+            raise TypeError(f"{name} is a CPU tensor but x is on a CUDA device; "
+                            f"all arrays of one call must be on x's device")
+        dtype = str(a.dtype).replace("torch.", "")
+        strides = tuple(a.stride())
+        return View(a, a.data_ptr(), tuple(a.shape), strides, dtype, a.device.index, "torch", None)
+    try:
+        cai = a.__cuda_array_interface__
+    except AttributeError:
+        cai = None
+    if cai is None:
+        raise TypeError(f"{name} must be an array on x's CUDA device (a torch CUDA tensor or an "
+                        f"object with __cuda_array_interface__), got {type(a).__name__}")
+    typestr = cai["typestr"]
+    dtype = _TYPESTR.get(typestr)
+    if dtype is None:
+        raise TypeError(f"{name} has an unsupported element type {typestr!r} "
+                        f"(float32, float16; bfloat16 through torch)")
+    shape = tuple(int(s) for s in cai["shape"])
+    strides = cai.get("strides")
+    if strides is not None:
+        size = _ITEMSIZE[dtype]
+        if any(s % size for s in strides):
+            raise ValueError(f"{name} has strides {tuple(strides)} that are not a multiple of its "
+                             f"element size {size}")
+        strides = tuple(int(s) // size for s in strides)
+    ptr = int(cai["data"][0] or 0)
+    dev = _cuda.pointer_device(ptr) if (ptr and _cuda is not None) else -1
+    mod = type(a).__module__
+    kind = "cupy" if mod.startswith("cupy") else "jax" if mod.startswith(("jax", "jaxlib")) else "cai"
+    return View(a, ptr, shape, strides, dtype, dev, kind, cai.get("stream"))
+
+
+def _c_strides(shape):
+    s, out = 1, []
+    for d in reversed(shape):
+        out.append(s)
+        s *= max(d, 1)
+    return tuple(reversed(out))
+
+
+def _contiguous(name: str, v: View) -> View:
+    """v itself when C-contiguous, else a contiguous copy made by its own library."""
+    if v.strides is None or math.prod(v.shape) == 0:
+        return v
+    want = _c_strides(v.shape)
+    if all(s == w or d == 1 for s, w, d in zip(v.strides, want, v.shape)):
+        return v
+    if v.kind == "torch":
+        return view(name, v.obj.contiguous())
+    if v.kind == "cupy":
+        import cupy
+        return view(name, cupy.ascontiguousarray(v.obj))
+    raise ValueError(f"{name} must be C-contiguous on a CUDA device (strides {v.strides} for "
+                     f"shape {v.shape}); make a contiguous copy first")
+
+
+# --------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------
+
+class DeviceArray:
+    """A CUDA array that fusedrnn allocated, for callers whose arrays come
+    through ``__cuda_array_interface__`` without an allocating library.
+
+    Exposes ``__cuda_array_interface__`` (CuPy, Numba and others wrap it
+    zero-copy) and ``get()`` (a NumPy copy; bfloat16 comes back as float32).
+    """
+
+    def __init__(self, shape, dtype: str, device: int, stream: int = 0):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self.device = device
+        self._stream = stream
+        self.nbytes = math.prod(self.shape) * _ITEMSIZE[dtype]
+        self._buf = _cuda.DeviceBuffer(self.nbytes, device, stream)
+
+    @property
+    def ptr(self) -> int:
+        return self._buf.ptr
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": _TYPESTR_OUT[self.dtype], "data": (self.ptr, False),
+                "version": 3, "strides": None, "stream": self._stream or None}
+
+    @classmethod
+    def from_host(cls, a, device: int = 0, dtype: Optional[str] = None, stream: int = 0):
+        """Copy a NumPy array to a device (dtype: float32, float16 or bfloat16)."""
+        a = np.asarray(a)
+        dtype = dtype or str(a.dtype)
+        if dtype == "bfloat16":
+            bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
+            # round to nearest even, as the hardware conversion does (finite values)
+            host = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        else:
+            host = np.ascontiguousarray(a, dtype)
+        out = cls(a.shape, dtype, device, stream)
+        _cuda.memcpy_from_host(out.ptr, host.reshape(-1).view(np.uint8), stream)
+        return out
+
+    def get(self) -> np.ndarray:
+        raw = np.frombuffer(_cuda.memcpy_to_host(self.ptr, self.nbytes, self._stream), np.uint8)
+        if self.dtype == "bfloat16":
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
+        return raw.view(self.dtype).reshape(self.shape).copy()
+
+    def __repr__(self):
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device=cuda:{self.device})"
+
+
+def _stream_of(v: View) -> int:
+    if v.kind == "torch":
+        import torch
+        return torch.cuda.current_stream(v.device).cuda_stream
+    if v.kind == "cupy":
+        import cupy
+        with cupy.cuda.Device(v.device):
+            return cupy.cuda.get_current_stream().ptr
+    return int(v.stream or 0)
+
+
+def _allocator(v: View, stream: int):
+    """A function (shape) -> (array, pointer) allocating like v's library."""
+    if v.kind == "torch":
+        import torch
+        dt, dev = v.obj.dtype, v.obj.device
+
+        def alloc(shape):
+            t = torch.empty(shape, dtype=dt, device=dev)
+            return t, t.data_ptr()
+    elif v.kind == "cupy":
+        import cupy
+
+        def alloc(shape):
+            with cupy.cuda.Device(v.device):
+                a = cupy.empty(shape, dtype=v.dtype)
+            return a, a.data.ptr
+    else:
+        def alloc(shape):
+            a = DeviceArray(shape, v.dtype, v.device, stream)
+            return a, a.ptr
+    return alloc
+
+
+# --------------------------------------------------------------------------
+# forward / backward
+# --------------------------------------------------------------------------
+
+class DeviceCache:
+    """What ``backward`` needs from a device ``forward``: fusedrnn-owned
+    device memory (copies of x and the weights, every step's state, the saved
+    gates), freed when this object is. ``nbytes`` is its size."""
+
+    def __init__(self, core, cell, dtype, T, B, I, H, batch_first, alloc, device):
+        self._core = core
+        self.cell, self.dtype, self.T, self.B, self.I, self.H = cell, dtype, T, B, I, H
+        self.P = H
+        self.batch_first = batch_first
+        self.device = device
+        self._alloc = alloc
+
+    @property
+    def nbytes(self) -> int:
+        return self._core.nbytes
+
+    @property
+    def algo(self) -> str:
+        return self._core.algo
+
+    def __repr__(self):
+        return (f"DeviceCache(cell={self.cell!r}, dtype={self.dtype}, T={self.T}, B={self.B}, "
+                f"I={self.I}, H={self.H}, device=cuda:{self.device}, nbytes={self.nbytes})")
+
+
+def _algo() -> str:
+    a = os.environ.get("FUSEDRNN_CUDA_ALGO", "auto") or "auto"
+    if a not in ("auto", "standard", "persistent"):
+        raise ValueError(f"FUSEDRNN_CUDA_ALGO must be auto, standard or persistent, got {a!r}")
+    return a
+
+
+def _host_ints(name, a):
+    """lengths (host or device) as a host integer array."""
+    if a is None:
+        return None
+    if is_device_array(a):
+        if _is_torch(a):
+            return a.detach().cpu().numpy()
+        v = view(name, a)
+        v = _contiguous(name, v)
+        raw = _cuda.memcpy_to_host(v.ptr, math.prod(v.shape) * _ITEMSIZE[v.dtype], 0)
+        return np.frombuffer(raw, np.dtype(v.dtype)).reshape(v.shape)
+    return np.asarray(a)
+
+
+def _check(name, a, x: View, shape, legend):
+    """The view of argument ``a``: on x's device, x's dtype, the given shape."""
+    if not is_device_array(a):
+        raise TypeError(f"{name} is a host array ({type(a).__name__}) but x is on CUDA device "
+                        f"{x.device}; all arrays of one call must be on x's device")
+    v = view(name, a)
+    if v.device != x.device:
+        raise ValueError(f"{name} is on CUDA device {v.device} but x is on CUDA device {x.device}")
+    if v.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {v.dtype} but x has dtype {x.dtype}; "
+                        f"all arrays of one call must share x's dtype")
+    if v.shape != tuple(shape):
+        legend = legend() if callable(legend) else legend
+        raise ValueError(f"{name} must have shape {legend} = {tuple(shape)}, got {v.shape}")
+    return _contiguous(name, v)
+
+
+def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
+            mask=None, reverse=False, batch_first=False, training=True, w_hr=None,
+            checkpoint=False, algo=None):
+    """``fusedrnn.forward`` for x on a CUDA device (same contract)."""
+    G = _validate.GATES.get(cell) if type(cell) is str else None
+    if G is None:
+        if not isinstance(cell, str):
+            raise TypeError(f"cell must be a str, one of {sorted(_validate.GATES)}, "
+                            f"got {type(cell).__name__}")
+        raise ValueError(f"cell must be one of {sorted(_validate.GATES)}, got {cell!r}")
+    reverse = _validate._flag("reverse", reverse)
+    batch_first = _validate._flag("batch_first", batch_first)
+    training = _validate._flag("training", training)
+    if w_hr is not None:
+        raise ValueError("w_hr (projection) is not supported on CUDA devices yet; "
+                         "run projected LSTMs on the CPU")
+    if checkpoint is not False and _validate._checkpoint(checkpoint, 1):
+        raise ValueError("checkpoint is not supported on CUDA devices yet (the device cache "
+                         "keeps every step); pass checkpoint=False")
+    xv = view("x", x)
+    if xv.dtype not in DTYPES:
+        raise TypeError(f"x must have dtype float32, float16 or bfloat16 on a CUDA device, "
+                        f"got {xv.dtype}")
+    if len(xv.shape) != 3:
+        layout = "[B, T, I]" if batch_first else "[T, B, I]"
+        raise ValueError(f"x must have 3 dimensions {layout}, got shape {xv.shape}")
+    xv = _contiguous("x", xv)
+    B, T, I = xv.shape if batch_first else (xv.shape[1], xv.shape[0], xv.shape[2])
+    if I < 1:
+        raise ValueError(f"x must have input size I >= 1 (last dimension), got shape {xv.shape}")
+    if not is_device_array(w_hh):
+        raise TypeError(f"w_hh is a host array ({type(w_hh).__name__}) but x is on CUDA device "
+                        f"{xv.device}; all arrays of one call must be on x's device")
+    whh_shape = view("w_hh", w_hh).shape
+    if len(whh_shape) != 2:
+        raise ValueError(f"w_hh must have 2 dimensions [G*H, H], got shape {whh_shape}")
+    H = whh_shape[1]
+    if H < 1:
+        raise ValueError(f"w_hh must have hidden size H >= 1 (second dimension), got shape {whh_shape}")
+    GH = G * H
+    whh = _check("w_hh", w_hh, xv, (GH, H), lambda: f"[G*H, H] with G={G} for cell {cell!r}")
+    wih = _check("w_ih", w_ih, xv, (GH, I), lambda: f"[G*H, I] with G={G}, H={H}, I={I}")
+    bih = None if b_ih is None else _check("b_ih", b_ih, xv, (GH,), "[G*H]")
+    bhh = None if b_hh is None else _check("b_hh", b_hh, xv, (GH,), "[G*H]")
+    h0v = None if h0 is None else _check("h0", h0, xv, (B, H), "[B, H]")
+    if c0 is not None and cell != "lstm":
+        raise ValueError(f"c0 is only used by cell 'lstm', got c0 for cell {cell!r}")
+    c0v = None if c0 is None else _check("c0", c0, xv, (B, H), "[B, H]")
+
+    if lengths is not None and mask is not None:
+        raise ValueError("pass either lengths or mask, not both")
+    if lengths is not None:
+        lengths = _host_ints("lengths", lengths)
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have shape [B] = ({B},), got {lengths.shape}")
+        if B and (lengths.min() < 0 or lengths.max() > T):
+            bad = lengths[(lengths < 0) | (lengths > T)][0]
+            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got {int(bad)}")
+        lengths = np.ascontiguousarray(lengths, np.int32)
+    if mask is not None:
+        mask = _host_ints("mask", mask)
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+        mlayout, mshape = ("[B, T]", (B, T)) if batch_first else ("[T, B]", (T, B))
+        if mask.shape != mshape:
+            raise ValueError(f"mask must have shape {mlayout} = {mshape}, got {mask.shape}")
+        mask = np.ascontiguousarray(mask.T if batch_first else mask).view(np.uint8)
+
+    _require_cuda()
+    if xv.device < 0:
+        raise ValueError("x's data is not CUDA device memory")
+    stream = _stream_of(xv)
+    alloc = _allocator(xv, stream)
+    y, yp = alloc((B, T, H) if batch_first else (T, B, H))
+    h_n, hp = alloc((B, H))
+    c_n, cp = alloc((B, H)) if cell == "lstm" else (None, 0)
+    p = lambda v: 0 if v is None else v.ptr  # noqa: E731
+    core = _cuda.forward(cell, xv.dtype, T, B, I, H, reverse, batch_first, xv.device, stream,
+                         xv.ptr, wih.ptr, whh.ptr, p(bih), p(bhh), p(h0v), p(c0v), lengths, mask,
+                         yp, hp, cp, training, algo or _algo())
+    cache = None
+    if training:
+        cache = DeviceCache(core, cell, xv.dtype, T, B, I, H, batch_first, (alloc, stream, xv),
+                            xv.device)
+    return y, h_n, c_n, cache
+
+
+def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None):
+    """``fusedrnn.backward`` for a cache from a device forward."""
+    alloc, fwd_stream, xv = cache._alloc
+    T, B, I, H, G = cache.T, cache.B, cache.I, cache.H, _validate.GATES[cache.cell]
+    yshape, ylegend = ((B, T, H), "[B, T, H]") if cache.batch_first else ((T, B, H), "[T, B, H]")
+    ref = xv._replace(device=cache.device, dtype=cache.dtype)
+    dyv = None if dy is None else _check("dy", dy, ref, yshape, ylegend)
+    dhv = None if dh_n is None else _check("dh_n", dh_n, ref, (B, H), "[B, H]")
+    if dc_n is not None and cache.cell != "lstm":
+        raise ValueError(f"dc_n is only used by cell 'lstm', got dc_n for cell {cache.cell!r}")
+    dcv = None if dc_n is None else _check("dc_n", dc_n, ref, (B, H), "[B, H]")
+    stream = _stream_of(dyv) if dyv is not None else _stream_of(xv) if xv.kind in ("torch", "cupy") \
+        else fwd_stream
+    dx, dxp = alloc((B, T, I) if cache.batch_first else (T, B, I))
+    dh0, dh0p = alloc((B, H))
+    dc0, dc0p = alloc((B, H)) if cache.cell == "lstm" else (None, 0)
+    dw_ih, a = alloc((G * H, I))
+    dw_hh, b = alloc((G * H, H))
+    db_ih, c = alloc((G * H,))
+    db_hh, d = alloc((G * H,))
+    p = lambda v: 0 if v is None else v.ptr  # noqa: E731
+    _cuda.backward(cache._core, stream, p(dyv), p(dhv), p(dcv), dxp, dh0p, dc0p, a, b, c, d)
+    return {"x": dx, "h0": dh0, "c0": dc0, "w_ih": dw_ih, "w_hh": dw_hh, "b_ih": db_ih,
+            "b_hh": db_hh, "w_hr": None}
