@@ -10,7 +10,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-#include <cuda_runtime_api.h>
+#include "cuda/runtime.h"
 
 #include <cstdint>
 #include <memory>
@@ -141,7 +141,11 @@ struct DeviceBuffer {
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+#ifndef FUSEDRNN_CUDA_MODULE
+#define FUSEDRNN_CUDA_MODULE _cuda
+#endif
+
+PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
   m.doc() = "fusedrnn's CUDA kernels (optional build); see fusedrnn._device for the Python side";
 
   m.def("device_count", []() {
@@ -228,14 +232,14 @@ PYBIND11_MODULE(_cuda, m) {
     }
   });
 
-  py::class_<DeviceBuffer, std::shared_ptr<DeviceBuffer>>(m, "DeviceBuffer")
+  py::class_<DeviceBuffer, std::shared_ptr<DeviceBuffer>>(m, "DeviceBuffer", py::module_local())
       .def(py::init<std::size_t, int, uintptr_t>(), py::arg("nbytes"), py::arg("device"),
            py::arg("stream") = 0)
       .def_property_readonly("ptr", [](const DeviceBuffer& b) { return reinterpret_cast<uintptr_t>(b.ptr); })
       .def_readonly("nbytes", &DeviceBuffer::nbytes)
       .def_readonly("device", &DeviceBuffer::device);
 
-  py::class_<Cache, std::shared_ptr<Cache>>(m, "Cache")
+  py::class_<Cache, std::shared_ptr<Cache>>(m, "Cache", py::module_local())
       .def_readonly("nbytes", &Cache::nbytes)
       .def_property_readonly("cell", [](const Cache& c) { return cell_name(c.p.cell); })
       .def_property_readonly("dtype", [](const Cache& c) { return dtype_name(c.p.dtype); })

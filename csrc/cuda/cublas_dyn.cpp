@@ -1,6 +1,9 @@
 // fusedrnn: run-time loading of cuBLAS (see cublas_dyn.h).
 #include "cublas_dyn.h"
 
+#ifdef FUSEDRNN_CUDA_EMULATE
+#include "emulated_blas.h"
+#else
 #include <dlfcn.h>
 
 #include <map>
@@ -118,3 +121,4 @@ void gemm(cudaStream_t stream, int device, blas::Op ta, blas::Op tb, int m, int 
 
 }  // namespace cuda
 }  // namespace fusedrnn
+#endif  // FUSEDRNN_CUDA_EMULATE

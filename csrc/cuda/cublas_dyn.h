@@ -11,7 +11,7 @@
 // real header when one is installed.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include "runtime.h"
 
 #include <string>
 

@@ -13,10 +13,7 @@
 // step's product), the LSTM cell state and the saved gates stay float32.
 #include "rnn_cuda.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cooperative_groups.h>
-#include <cuda_runtime.h>
+#include "runtime.h"
 
 #include <algorithm>
 #include <new>
@@ -170,8 +167,8 @@ void colsum(Scratch& scratch, cudaStream_t st, const T* a, int64_t rows, int64_t
   const int64_t nch = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
   double* part = scratch.alloc<double>(nch * cols);
   dim3 grid(blocks_for(cols), static_cast<unsigned>(nch));
-  colsum_partial<T><<<grid, kThreads, 0, st>>>(a, rows, cols, chunk, part);
-  colsum_final<T><<<blocks_for(cols), kThreads, 0, st>>>(part, nch, cols, out);
+  FUSEDRNN_LAUNCH(grid, kThreads, 0, st, colsum_partial<T>)(a, rows, cols, chunk, part);
+  FUSEDRNN_LAUNCH(blocks_for(cols), kThreads, 0, st, colsum_final<T>)(part, nch, cols, out);
 }
 
 // ------------------------------------------------------ pointwise kernels
@@ -272,7 +269,11 @@ __global__ void fwd_step(FwdStep s) {
 // The state buffers, y and the saved values are exactly those of the
 // standard algorithm, so backward is shared.
 
+#ifdef FUSEDRNN_CUDA_EMULATE
+constexpr int kPersistentThreads = 64;  // two warps: fewer fibers for the host emulator
+#else
 constexpr int kPersistentThreads = 256;
+#endif
 
 struct PersistentParams {
   FwdStep step;  // t, row0, hprev..., h_n/c_n are set per step in the kernel
@@ -320,7 +321,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
   namespace cg = cooperative_groups;
   cg::grid_group grid = cg::this_grid();
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FUSEDRNN_SHARED_BYTES(smem_raw);
   const int64_t H = a.step.H, B = a.step.B, T = a.T, U = a.U;
   const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
   const int64_t GU = G * U;
@@ -397,9 +398,7 @@ void launch_persistent_fwd(const Problem& p, PersistentParams a) {
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), "cudaDeviceGetAttribute");
   if (per_sm * sms < c.blocks)
     throw std::invalid_argument("the persistent kernel's blocks cannot all be resident at once");
-  void* args[] = {&a};
-  check(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), c.blocks, kPersistentThreads,
-                                    args, c.smem, p.stream), "cudaLaunchCooperativeKernel");
+  launch_cooperative(kernel, c.blocks, kPersistentThreads, c.smem, p.stream, a);
 }
 
 struct BwdStep {
@@ -525,7 +524,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentB
   namespace cg = cooperative_groups;
   cg::grid_group grid = cg::this_grid();
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FUSEDRNN_SHARED_BYTES(smem_raw);
   const int64_t H = a.step.H, B = a.step.B, T = a.T, U = a.U, GH = G * H;
   const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
   Tio* wt = reinterpret_cast<Tio*>(smem_raw);  // [U][G*H]
@@ -589,9 +588,7 @@ void launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParam
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), "cudaDeviceGetAttribute");
   if (per_sm * sms < c.blocks)
     throw std::invalid_argument("the persistent kernel's blocks cannot all be resident at once");
-  void* args[] = {&a};
-  check(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), c.blocks, kPersistentThreads,
-                                    args, c.smem, st), "cudaLaunchCooperativeKernel");
+  launch_cooperative(kernel, c.blocks, kPersistentThreads, c.smem, st, a);
 }
 
 // Rows [0, active) hold every row still running at step t: the product of a
@@ -618,10 +615,10 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
   constexpr bool lstm = C == Cell::Lstm;
   if (B == 0) return;
   if (T == 0) {  // h_n = h0, c_n = c0
-    set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<Tio*>(h_n), H,
+    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(h_n), H,
                                                           static_cast<const Tio*>(in.h0), B, H);
     if (lstm)
-      set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<Tio*>(c_n), H,
+      FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(c_n), H,
                                                             static_cast<const Tio*>(in.c0), B, H);
     check(cudaGetLastError(), "fusedrnn forward");
     return;
@@ -678,10 +675,10 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
              blas::R32F, GH);
   const int64_t t0 = p.reverse ? T - 1 : 0;
   Tio* h_first = cache ? hs + p.row0(t0) * H : hbuf[0];
-  set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(h_first, cache ? bs * H : H,
+  FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(h_first, cache ? bs * H : H,
                                                         static_cast<const Tio*>(in.h0), B, H);
   if (lstm)
-    to_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<const Tio*>(in.c0), c0f, B * H);
+    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(static_cast<const Tio*>(in.c0), c0f, B * H);
 
   if (algo == Algo::Persistent) {
     PersistentParams a{};
@@ -727,7 +724,7 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     const int64_t active = active_rows(in.lengths, t, B);
     gemm(st, dev, blas::T, blas::N, GH, active, H, 1.f, w_hh, bt, H, f.hprev, bt,
                f.hprev_ld, 0.f, gh, blas::R32F, GH);
-    fwd_step<C, Tio><<<blocks_for(B * H), kThreads, 0, st>>>(f);
+    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, fwd_step<C, Tio>)(f);
   }
   check(cudaGetLastError(), "fusedrnn forward");
 }
@@ -747,10 +744,10 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   Scratch scratch(st);
   if (N == 0) {  // nothing ran: the state gradients pass through, the rest is 0
     if (B) {
-      set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<Tio*>(g.h0), H,
+      FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.h0), H,
                                                             static_cast<const Tio*>(dh_n), B, H);
       if (lstm)
-        set_rows<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<Tio*>(g.c0), H,
+        FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.c0), H,
                                                               static_cast<const Tio*>(dc_n), B, H);
     }
     check(cudaMemsetAsync(g.w_ih, 0, GH * I * es, st), "cudaMemsetAsync");
@@ -764,9 +761,9 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   Tio* dgh = C == Cell::Gru ? scratch.alloc<Tio>(N * GH) : dgx;
   float* dh = scratch.alloc<float>(B * H);
   float* dc = lstm ? scratch.alloc<float>(B * H) : nullptr;
-  to_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<const Tio*>(dh_n), dh, B * H);
+  FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(static_cast<const Tio*>(dh_n), dh, B * H);
   if (lstm)
-    to_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(static_cast<const Tio*>(dc_n), dc, B * H);
+    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(static_cast<const Tio*>(dc_n), dc, B * H);
   const Tio* xc = c.at<Tio>(c.x_off);
   const Tio* wih = c.at<Tio>(c.wih_off);
   const Tio* whh = c.at<Tio>(c.whh_off);
@@ -799,14 +796,14 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     }
     b.hprev = hs + p.row0(t) * H; b.hprev_ld = bs * H;
     b.dgx = dgx; b.dgh = dgh; b.lengths = d_len; b.mask = d_mask;
-    bwd_step<C, Tio><<<blocks_for(B * H), kThreads, 0, st>>>(b);
+    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, bwd_step<C, Tio>)(b);
     const int64_t active = active_rows(c.lengths, t, B);
     gemm(st, dev, blas::N, blas::N, H, active, GH, 1.f, whh, bt, H, dgh + p.row0(t) * GH, bt,
                bs * GH, 1.f, dh, blas::R32F, H);
   }
   }
-  from_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(dh, static_cast<Tio*>(g.h0), B * H);
-  if (lstm) from_float<Tio><<<blocks_for(B * H), kThreads, 0, st>>>(dc, static_cast<Tio*>(g.c0), B * H);
+  FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dh, static_cast<Tio*>(g.h0), B * H);
+  if (lstm) FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dc, static_cast<Tio*>(g.c0), B * H);
   // Deferred products over all rows.
   gemm(st, dev, blas::N, blas::N, I, N, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, g.x, bt, I);
   gemm(st, dev, blas::N, blas::T, I, GH, N, 1.f, xc, bt, I, dgx, bt, GH, 0.f, g.w_ih, bt, I);

@@ -14,7 +14,7 @@
 // bstride * width (bstride = T with batch_first, else 1).
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include "runtime.h"
 
 #include <cstdint>
 #include <string>

@@ -119,6 +119,8 @@ def is_device_array(a) -> bool:
 
 def view(name: str, a) -> View:
     """The pointer, shape, dtype and device of a device array (no copy)."""
+    if type(a) is DeviceArray:  # our own: dtype known (bfloat16 included)
+        return View(a, a.ptr, a.shape, None, a.dtype, a.device, "cai", a._stream or None)
     if _is_torch(a):
         if not a.is_cuda:
             raise TypeError(f"{name} is a CPU tensor but x is on a CUDA device; "

@@ -1,0 +1,362 @@
+// fusedrnn: a host emulator of the small part of CUDA the backend uses, so the
+// kernels and drivers of rnn_cuda.cu run unchanged on the CPU (built as
+// fusedrnn._cuda_emu with FUSEDRNN_CUDA_EMULATOR=ON; see runtime.h).
+//
+// What is emulated, and how:
+// - Ordinary launches run block by block, thread by thread, in one OS thread
+//   (none of those kernels synchronises within a block).
+// - Cooperative launches run every CUDA thread as a fiber (ucontext) on the
+//   calling thread, with real barriers for __syncthreads and grid.sync (a
+//   fiber waits until all participants arrive), per-block shared memory, and
+//   __shfl_xor_sync through per-warp exchange slots.
+// - Device memory is host memory. Fresh allocations are filled with 0xff bytes
+//   (NaN as floats), so a read of memory no kernel wrote shows up in results.
+// - Streams are ignored: everything is synchronous, in call order.
+// - cuBLAS's GemmEx is a plain column-major loop with float accumulation
+//   (cublas_dyn.cpp).
+// - The emulated device has FUSEDRNN_EMU_SMS multiprocessors (default 4) and
+//   227 KiB of shared memory per block, so the persistent kernels split H
+//   among several blocks even for small H.
+// Not emulated: real concurrency between ordinary threads, warp divergence,
+// memory-model subtleties beyond what the barriers give, performance.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <cstdio>
+#include <ucontext.h>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+
+using cudaStream_t = struct CUstream_st*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
+enum cudaMemcpyKind {
+  cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4
+};
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaMemoryType { cudaMemoryTypeUnregistered = 0, cudaMemoryTypeHost = 1, cudaMemoryTypeDevice = 2,
+                      cudaMemoryTypeManaged = 3 };
+struct cudaPointerAttributes {
+  cudaMemoryType type;
+  int device;
+  void* devicePointer;
+  void* hostPointer;
+};
+struct cudaDeviceProp {
+  char name[256];
+};
+
+namespace emu {
+
+struct BlockShared;
+struct Barrier;
+struct Fiber;
+struct Scheduler;
+
+struct ThreadCtx {
+  dim3 block, thread, block_dim, grid_dim;
+  BlockShared* shared = nullptr;
+  Barrier* grid_barrier = nullptr;
+  Fiber* fiber = nullptr;
+  Scheduler* sched = nullptr;
+};
+
+// The context of the CUDA thread running now: an OS thread's own outside
+// cooperative launches, the running fiber's inside them.
+inline ThreadCtx*& current() {
+  thread_local ThreadCtx base;
+  thread_local ThreadCtx* cur = &base;
+  return cur;
+}
+inline ThreadCtx& ctx() { return *current(); }
+
+// Cooperative launches run each CUDA thread as a fiber (ucontext) on the
+// calling OS thread; a barrier parks the fiber until every participant has
+// arrived. One OS thread: deterministic, and cheap enough to run under ASan.
+struct Fiber {
+  ThreadCtx c;
+  ucontext_t uc;
+  std::unique_ptr<char[]> stack;
+  std::function<void()> body;
+  bool done = false, waiting = false;
+};
+
+struct Scheduler {
+  ucontext_t main;
+  std::vector<std::unique_ptr<Fiber>> fibers;
+
+  void park() {  // from a fiber: back to the scheduler until released
+    Fiber* f = ctx().fiber;
+    f->waiting = true;
+    swapcontext(&f->uc, &main);
+  }
+
+  void start(std::unique_ptr<Fiber> f, std::size_t stack) {
+    f->stack.reset(new char[stack]);
+    getcontext(&f->uc);
+    f->uc.uc_stack.ss_sp = f->stack.get();
+    f->uc.uc_stack.ss_size = stack;
+    f->uc.uc_link = &main;
+    makecontext(&f->uc, &Scheduler::entry, 0);
+    fibers.push_back(std::move(f));
+  }
+
+  static void entry() {
+    Fiber* f = ctx().fiber;
+    f->body();
+    f->done = true;  // returns to main through uc_link
+  }
+
+  void run_all() {
+    std::size_t remaining = fibers.size();
+    ThreadCtx* outside = current();
+    while (remaining) {
+      bool progressed = false;
+      for (auto& f : fibers) {
+        if (f->done || f->waiting) continue;
+        progressed = true;
+        current() = &f->c;
+        swapcontext(&main, &f->uc);
+        current() = outside;
+        if (f->done) --remaining;
+      }
+      if (!progressed) {
+        std::fprintf(stderr, "fusedrnn emulator: deadlock (threads wait at different barriers)\n");
+        std::abort();
+      }
+    }
+  }
+};
+
+struct Barrier {
+  explicit Barrier(int n) : count(n) {}
+  void wait() {
+    if (++arrived == count) {  // release everyone parked here
+      arrived = 0;
+      for (Fiber* w : waiters) w->waiting = false;
+      waiters.clear();
+      return;
+    }
+    waiters.push_back(ctx().fiber);
+    ctx().sched->park();
+  }
+  int count, arrived = 0;
+  std::vector<Fiber*> waiters;
+};
+
+struct BlockShared {
+  std::vector<unsigned char> smem;
+  std::unique_ptr<Barrier> block_barrier;
+  std::vector<std::unique_ptr<Barrier>> warp_barriers;
+  std::vector<float> warp_slots;  // 32 per warp
+};
+
+inline int sms() {
+  const char* e = std::getenv("FUSEDRNN_EMU_SMS");
+  const int n = e ? std::atoi(e) : 4;
+  return n > 0 ? n : 4;
+}
+
+// An ordinary launch: every (block, thread) in turn.
+template <typename F>
+void run(dim3 grid, dim3 block, F&& body) {
+  ThreadCtx& c = ctx();
+  const ThreadCtx saved = c;
+  c.grid_dim = grid;
+  c.block_dim = block;
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx)
+      for (unsigned tx = 0; tx < block.x; ++tx) {
+        c.block = dim3(bx, by);
+        c.thread = dim3(tx);
+        body();
+      }
+  c = saved;
+}
+
+template <typename K>
+struct Launcher {
+  dim3 grid, block;
+  K kernel;
+  template <typename... A>
+  void operator()(A&&... args) const {
+    run(grid, block, [&] { kernel(args...); });
+  }
+};
+
+template <typename K>
+Launcher<K> launcher(dim3 grid, dim3 block, K kernel) {
+  return Launcher<K>{grid, block, kernel};
+}
+
+// A cooperative launch: all threads as fibers, with real barriers.
+template <typename F>
+void run_cooperative(int blocks, int threads, std::size_t smem, F&& body) {
+  constexpr std::size_t kStack = 256 * 1024;
+  Barrier grid_barrier(blocks * threads);
+  const int warps = (threads + 31) / 32;
+  std::vector<BlockShared> shared(blocks);
+  for (auto& s : shared) {
+    s.smem.assign(smem ? smem : 1, 0xff);
+    s.block_barrier = std::make_unique<Barrier>(threads);
+    for (int w = 0; w < warps; ++w)
+      s.warp_barriers.push_back(std::make_unique<Barrier>(std::min(32, threads - 32 * w)));
+    s.warp_slots.assign(32 * warps, 0.f);
+  }
+  Scheduler sched;
+  for (int b = 0; b < blocks; ++b)
+    for (int t = 0; t < threads; ++t) {
+      auto f = std::make_unique<Fiber>();
+      f->c.grid_dim = dim3(blocks);
+      f->c.block_dim = dim3(threads);
+      f->c.block = dim3(b);
+      f->c.thread = dim3(t);
+      f->c.shared = &shared[b];
+      f->c.grid_barrier = &grid_barrier;
+      f->c.fiber = f.get();
+      f->c.sched = &sched;
+      f->body = [&body] { body(); };
+      sched.start(std::move(f), kStack);
+    }
+  sched.run_all();
+}
+
+inline unsigned char* shared_mem() { return ctx().shared->smem.data(); }
+
+inline float shfl_xor(float v, int off) {
+  ThreadCtx& c = ctx();
+  const int lane = c.thread.x & 31, warp = c.thread.x >> 5;
+  Barrier& bar = *c.shared->warp_barriers[warp];
+  float* slots = c.shared->warp_slots.data() + 32 * warp;
+  slots[lane] = v;
+  bar.wait();
+  const float r = slots[lane ^ off];
+  bar.wait();
+  return r;
+}
+
+}  // namespace emu
+
+#define blockIdx (::emu::ctx().block)
+#define threadIdx (::emu::ctx().thread)
+#define blockDim (::emu::ctx().block_dim)
+#define gridDim (::emu::ctx().grid_dim)
+#define FUSEDRNN_LAUNCH(grid, block, smem, stream, ...) ::emu::launcher(grid, block, __VA_ARGS__)
+#define FUSEDRNN_SHARED_BYTES(name) unsigned char* name = ::emu::shared_mem()
+
+inline void __syncthreads() { ::emu::ctx().shared->block_barrier->wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int off) { return ::emu::shfl_xor(v, off); }
+using std::min;
+
+namespace cooperative_groups {
+struct grid_group {
+  void sync() const { ::emu::ctx().grid_barrier->wait(); }
+};
+inline grid_group this_grid() { return {}; }
+}  // namespace cooperative_groups
+
+// 16-bit float types: IEEE half through the compiler's _Float16, bfloat16 as
+// the top half of a float32 with round-to-nearest-even.
+struct __half {
+  _Float16 v;
+};
+inline float __half2float(__half h) { return static_cast<float>(h.v); }
+inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return __nv_bfloat16{static_cast<uint16_t>((u >> 16) | 0x40)};
+  u += 0x7fff + ((u >> 16) & 1);
+  return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
+}
+
+// --- the runtime API subset ------------------------------------------------
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorName(cudaError_t e) {
+  return e == cudaSuccess ? "cudaSuccess" : e == cudaErrorMemoryAllocation ? "cudaErrorMemoryAllocation"
+                                                                           : "cudaErrorInvalidValue";
+}
+inline const char* cudaGetErrorString(cudaError_t e) { return cudaGetErrorName(e); }
+inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 0; return cudaSuccess; }
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
+  if (d != 0) return cudaErrorInvalidValue;
+  std::snprintf(p->name, sizeof p->name, "fusedrnn host emulator");
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMultiProcessorCount ? ::emu::sms() : 232448;
+  return cudaSuccess;
+}
+template <typename K>
+inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int) { return cudaSuccess; }
+template <typename K>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, std::size_t) {
+  *n = 1;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMallocAsync(void** p, std::size_t n, cudaStream_t) {
+  *p = std::malloc(n ? n : 1);
+  if (!*p) return cudaErrorMemoryAllocation;
+  std::memset(*p, 0xff, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { std::free(p); return cudaSuccess; }
+inline cudaError_t cudaFree(void* p) { std::free(p); return cudaSuccess; }
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, std::size_t n, cudaMemcpyKind, cudaStream_t) {
+  if (n) std::memcpy(d, s, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* d, int v, std::size_t n, cudaStream_t) {
+  if (n) std::memset(d, v, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
+  a->type = cudaMemoryTypeDevice;
+  a->device = 0;
+  a->devicePointer = const_cast<void*>(p);
+  a->hostPointer = nullptr;
+  return cudaSuccess;
+}
+
+namespace fusedrnn {
+namespace cuda {
+template <typename Arg>
+void launch_cooperative(void (*kernel)(Arg), int blocks, int threads, std::size_t smem,
+                        cudaStream_t, Arg& arg) {
+  ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
+}
+}  // namespace cuda
+}  // namespace fusedrnn

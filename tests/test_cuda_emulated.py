@@ -1,0 +1,201 @@
+"""The CUDA backend's kernels and drivers, run on the host emulator, against the reference.
+
+``fusedrnn._cuda_emu`` is the CUDA backend (csrc/cuda/rnn_cuda.cu, the
+bindings, the Python layer in fusedrnn._device) compiled by the C++ compiler
+against csrc/cuda/emulate.h: ordinary kernels run thread by thread, the
+persistent kernels run every CUDA thread as an OS thread with real barriers,
+and cuBLAS's GemmEx is a column-major loop that enforces cuBLAS's argument
+rules. So these tests check, without a GPU, the index arithmetic, the GEMM
+argument mapping, the state bookkeeping of both algorithms, the
+lengths/mask/reverse rules and the 16-bit conversions, every cell against the
+float64 reference. They say nothing about real-GPU behaviour (memory model,
+warp scheduling, cuBLAS itself, speed): tests/test_cuda.py does that on a
+device.
+
+Built only with ``-C cmake.define.FUSEDRNN_CUDA_EMULATOR=ON`` (CI: .ci/sanitize,
+under AddressSanitizer, which also catches any out-of-bounds index); skipped
+otherwise.
+"""
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import _device, reference
+
+from conftest import CELLS, SEMANTICS, make_problem, rel_err
+
+emu = pytest.importorskip("fusedrnn._cuda_emu", reason="built only with FUSEDRNN_CUDA_EMULATOR=ON")
+
+#: relative-to-scale bounds against the float64 reference on the same rounded
+#: inputs. float32: DESIGN.md section 7. 16-bit: the state h is stored in the
+#: array type every step (as cuDNN does), so each step adds a rounding of
+#: relative size eps (float16 2^-11, bfloat16 2^-8) that the following steps
+#: carry, and the gate gradients are rounded once before the weight-gradient
+#: GEMMs. Over 90 problems of these sizes (7 steps) the worst error measured
+#: was 5.8 eps for float16 and 3.7 eps for bfloat16; the bounds are 20 and
+#: 12.8 eps, leaving a factor of about 3.5.
+TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+ALGOS = ("standard", "persistent")
+GRADS = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
+
+
+@pytest.fixture(autouse=True)
+def emulated(monkeypatch):
+    """Route fusedrnn._device through the emulator; 4 emulated multiprocessors."""
+    monkeypatch.setattr(_device, "_cuda", emu)
+    monkeypatch.setenv("FUSEDRNN_EMU_SMS", "4")
+
+
+def to_device(a, dtype):
+    return None if a is None else fusedrnn.DeviceArray.from_host(a, dtype=dtype)
+
+
+def rounded(a, dtype):
+    """a as the device holds it, back in float64 (the reference's inputs)."""
+    return None if a is None else to_device(a, dtype).get().astype(np.float64)
+
+
+def host(a):
+    return None if a is None else a.get().astype(np.float64)
+
+
+def run(cell, problem, dtype, algo):
+    (args, kw, dy, dh_n, dc_n) = problem
+    arrays = args[1:]
+    dev = [to_device(a, dtype) for a in arrays]
+    ref_in = [rounded(a, dtype) for a in arrays]
+    y, h_n, c_n, cache = _device.forward(cell, *dev, **kw, algo=algo)
+    assert cache.algo == algo
+    g = fusedrnn.backward(cache, to_device(dy, dtype), to_device(dh_n, dtype), to_device(dc_n, dtype))
+    ry, rh_n, rc_n, rcache = reference.forward(cell, *ref_in, **kw)
+    rg = reference.backward(rcache, rounded(dy, dtype), rounded(dh_n, dtype), rounded(dc_n, dtype))
+    out = {"y": (host(y), ry), "h_n": (host(h_n), rh_n), "c_n": (host(c_n), rc_n)}
+    for k in GRADS:
+        out["d" + k] = (host(g[k]), rg[k])
+    return out, cache, g
+
+
+def check(out, tol):
+    worst = {k: rel_err(a, r) for k, (a, r) in out.items()}
+    bad = {k: v for k, v in worst.items() if not v <= tol}
+    assert not bad, f"relative errors over {tol:.0e}: {bad}"
+    return max(worst.values())
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("semantics", list(SEMANTICS))
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_matches_reference(cell, semantics, algo, rng):
+    # H = 7 on 4 emulated multiprocessors: the persistent kernels run 4 blocks
+    # of 2, 2, 2 and 1 hidden units.
+    problem = make_problem(cell, 7, 5, 6, 7, np.float64, rng, **SEMANTICS[semantics])
+    out, cache, _ = run(cell, problem, "float32", algo)
+    check(out, TOL["float32"])
+    assert cache.nbytes > 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("semantics", ["plain", "reverse_lengths", "batch_first_mask"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_16bit_matches_reference(cell, semantics, algo, dtype, rng):
+    problem = make_problem(cell, 7, 5, 6, 7, np.float64, rng, **SEMANTICS[semantics])
+    out, _, _ = run(cell, problem, dtype, algo)
+    check(out, TOL[dtype])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_unsorted_lengths_skip_finished_rows(cell, rng):
+    """Rows past their end at the end of the batch are left out of the step's
+    product (active rows); unsorted lengths keep every row up to the last running one."""
+    for lengths in ([7, 7, 3, 1, 0], [0, 2, 7, 1, 5], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]):
+        args, kw, dy, dh_n, dc_n = make_problem(cell, 7, 5, 6, 7, np.float64, rng)
+        kw["lengths"] = np.array(lengths)
+        for algo in ALGOS:
+            out, _, _ = run(cell, (args, kw, dy, dh_n, dc_n), "float32", algo)
+            check(out, TOL["float32"])
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_larger_problem(algo, rng):
+    """More hidden units than one warp's lanes and several warps' worth of rows."""
+    problem = make_problem("lstm", 3, 3, 40, 37, np.float64, rng, lengths=True)
+    out, _, _ = run("lstm", problem, "float32", algo)
+    check(out, TOL["float32"])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("T,B", [(0, 3), (4, 0), (0, 0)])
+def test_empty(cell, T, B, rng):
+    args, kw, dy, dh_n, dc_n = make_problem(cell, T, B, 3, 4, np.float64, rng)
+    out, _, _ = run(cell, (args, kw, dy, dh_n, dc_n), "float32", "standard")
+    check(out, TOL["float32"])
+
+
+def test_backward_twice_is_identical(rng):
+    args, kw, dy, dh_n, dc_n = make_problem("gru", 5, 3, 4, 6, np.float64, rng, lengths=True)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    for algo in ALGOS:
+        *_, cache = _device.forward("gru", *dev, **kw, algo=algo)
+        d = to_device(dy, "float32")
+        g1 = fusedrnn.backward(cache, d)
+        g2 = fusedrnn.backward(cache, d)
+        for k in GRADS:
+            if g1[k] is not None:
+                assert np.array_equal(g1[k].get(), g2[k].get()), k
+
+
+def test_inference_equals_training_forward(rng):
+    """training=False runs the ping-pong state buffers instead of the cache:
+    same outputs, bit for bit."""
+    args, kw, *_ = make_problem("lstm", 6, 4, 5, 7, np.float64, rng, reverse=True, mask=True)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    for algo in ALGOS:
+        y1, h1, c1, cache = _device.forward("lstm", *dev, **kw, algo=algo)
+        y2, h2, c2, none = _device.forward("lstm", *dev, **kw, training=False, algo=algo)
+        assert none is None
+        for a, b in ((y1, y2), (h1, h2), (c1, c2)):
+            assert np.array_equal(a.get(), b.get())
+
+
+def test_algorithms_agree(rng):
+    """Standard and persistent forward differ only in the order of the
+    recurrent product's sums."""
+    args, kw, *_ = make_problem("gru", 6, 4, 5, 9, np.float64, rng, lengths=True)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    ys = [_device.forward("gru", *dev, **kw, training=False, algo=a)[0].get() for a in ALGOS]
+    assert rel_err(ys[0], ys[1]) < 1e-6
+
+
+def test_cache_nbytes_formula(rng):
+    """One device allocation: x, w_ih, w_hh copies, the state entering each step,
+    the LSTM cell after each step, the saved gates, c0, lengths; 256-byte aligned."""
+    T, B, I, H = 5, 3, 4, 6
+    args, kw, *_ = make_problem("lstm", T, B, I, H, np.float64, rng, lengths=True)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    *_, cache = _device.forward("lstm", *dev, **kw, algo="standard")
+    a = lambda n: -(-n // 256) * 256  # noqa: E731
+    N, GH = T * B, 4 * H
+    expect = (a(N * I * 4) + a(GH * I * 4) + a(GH * H * 4) + a(N * H * 4) + a(N * H * 4)
+              + a(N * 4 * H * 4) + a(B * H * 4) + a(B * 4))
+    assert cache.nbytes == expect
+
+
+def test_persistent_refuses_what_does_not_fit():
+    """A W_hh slice larger than a block's shared memory: a clear ValueError."""
+    H = 250  # 63 units per block on 4 multiprocessors: 4*63 rows of 250 floats > 227 KiB
+    x = fusedrnn.DeviceArray((1, 1, 1), "float32", 0)
+    w_ih = fusedrnn.DeviceArray((4 * H, 1), "float32", 0)
+    w_hh = fusedrnn.DeviceArray((4 * H, H), "float32", 0)
+    with pytest.raises(ValueError, match="persistent"):
+        _device.forward("lstm", x, w_ih, w_hh, training=False, algo="persistent")
+    assert emu.choose_algo("lstm", "float32", 1, 1, 1, H, 0) == "standard"
+    assert emu.choose_algo("lstm", "float32", 1, 1, 1, 16, 0) == "persistent"
+
+
+def test_unknown_algo_is_rejected():
+    with pytest.raises(ValueError, match="algo"):
+        _device.forward("lstm", fusedrnn.DeviceArray((1, 1, 1), "float32", 0),
+                        fusedrnn.DeviceArray((4, 1), "float32", 0),
+                        fusedrnn.DeviceArray((4, 1), "float32", 0), algo="fast")
