@@ -9,6 +9,7 @@
 // without a GPU or driver: device_count() is then 0 and device_status() says why.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "cuda/runtime.h"
 
@@ -16,6 +17,7 @@
 #include <memory>
 #include <string>
 
+#include "bindings/dlpack.h"
 #include "cuda/cublas_dyn.h"
 #include "cuda/rnn_cuda.h"
 
@@ -189,6 +191,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
     d["CUBLAS_COMPUTE_32F"] = blas::kCompute32F;
     d["CUBLAS_GEMM_DEFAULT"] = blas::kGemmDefault;
     d["CUBLAS_DEFAULT_MATH"] = blas::kDefaultMath;
+    d["CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION"] = blas::kNoReducedPrecisionReduction;
     return d;
   }, "The cuBLAS enum values this build declares (checked against cublas_api.h by the tests).");
   m.def("synchronize", [](int dev) {
@@ -238,6 +241,44 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
       .def_property_readonly("ptr", [](const DeviceBuffer& b) { return reinterpret_cast<uintptr_t>(b.ptr); })
       .def_readonly("nbytes", &DeviceBuffer::nbytes)
       .def_readonly("device", &DeviceBuffer::device);
+
+  m.def("stream_synchronize", [](uintptr_t stream) {
+    cudaError_t e;
+    {
+      py::gil_scoped_release nogil;
+      e = cudaStreamSynchronize(as_stream(stream));
+    }
+    check(e, "cudaStreamSynchronize");
+  });
+
+  // DLPack: import any producer's CUDA tensor; export DeviceBuffer memory.
+  py::class_<dlpack::View, std::shared_ptr<dlpack::View>>(m, "DLView", py::module_local())
+      .def_property_readonly("ptr", [](const dlpack::View& v) { return reinterpret_cast<uintptr_t>(v.data); })
+      .def_property_readonly("shape", [](const dlpack::View& v) { return py::tuple(py::cast(v.shape)); })
+      .def_property_readonly("strides", [](const dlpack::View& v) { return py::tuple(py::cast(v.strides)); })
+      .def_readonly("device_type", &dlpack::View::device_type)
+      .def_readonly("device_id", &dlpack::View::device_id)
+      .def_property_readonly("dtype", [](const dlpack::View& v) -> std::string {
+        if (v.code == dlpack::kDLFloat && v.bits == 32) return "float32";
+        if (v.code == dlpack::kDLFloat && v.bits == 16) return "float16";
+        if (v.code == dlpack::kDLFloat && v.bits == 64) return "float64";
+        if (v.code == dlpack::kDLBfloat && v.bits == 16) return "bfloat16";
+        if (v.code == dlpack::kDLInt && v.bits == 32) return "int32";
+        if (v.code == dlpack::kDLInt && v.bits == 64) return "int64";
+        if (v.code == dlpack::kDLUInt && v.bits == 8) return "uint8";
+        if (v.code == dlpack::kDLBool && v.bits == 8) return "bool";
+        return "dlpack(code=" + std::to_string(v.code) + ", bits=" + std::to_string(v.bits) + ")";
+      });
+  m.def("from_dlpack_capsule", &dlpack::from_capsule, py::arg("capsule"),
+        "Consume a DLPack capsule; the view keeps the producer's tensor alive.");
+  m.def("to_dlpack", [](std::shared_ptr<DeviceBuffer> buf, std::vector<int64_t> shape,
+                        const std::string& dtype) {
+    uint8_t code = dlpack::kDLFloat, bits = 32;
+    if (dtype == "float16") bits = 16;
+    else if (dtype == "bfloat16") { code = dlpack::kDLBfloat; bits = 16; }
+    else if (dtype != "float32") throw py::type_error("to_dlpack: unsupported dtype " + dtype);
+    return dlpack::to_capsule(buf, buf->ptr, std::move(shape), code, bits, dlpack::kDLCUDA, buf->device);
+  }, py::arg("buffer"), py::arg("shape"), py::arg("dtype"));
 
   py::class_<Cache, std::shared_ptr<Cache>>(m, "Cache", py::module_local())
       .def_readonly("nbytes", &Cache::nbytes)

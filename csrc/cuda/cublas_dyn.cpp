@@ -6,6 +6,7 @@
 #else
 #include <dlfcn.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -36,6 +37,7 @@ struct Api {
 
 Api g_api;
 std::mutex g_mutex;
+std::atomic<bool> g_ready{false};  // set (release) once g_api is complete
 
 void* sym(void* lib, const char* name, const std::string& path) {
   void* p = dlsym(lib, name);
@@ -75,6 +77,7 @@ void load_cublas(const std::string& dir) {
   api.set_math = reinterpret_cast<SetMathFn>(sym(lib, "cublasSetMathMode", path));
   api.gemm_ex = reinterpret_cast<GemmExFn>(sym(lib, "cublasGemmEx", path));
   g_api = api;
+  g_ready.store(true, std::memory_order_release);
 }
 
 bool cublas_loaded() {
@@ -94,26 +97,27 @@ blas::Handle cublas_handle(int device) {
   thread_local std::map<int, blas::Handle> handles;
   auto it = handles.find(device);
   if (it != handles.end()) return it->second;
-  if (!g_api.lib) load_cublas("");
+  if (!g_ready.load(std::memory_order_acquire)) load_cublas("");
   blas::Handle h = nullptr;
   blas::Status s = g_api.create(&h);
   if (s != 0) throw std::runtime_error("cublasCreate failed with status " + std::to_string(s));
-  s = g_api.set_math(h, blas::kDefaultMath);
+  s = g_api.set_math(h, blas::kDefaultMath | blas::kNoReducedPrecisionReduction);
   if (s != 0) throw std::runtime_error("cublasSetMathMode failed with status " + std::to_string(s));
   handles.emplace(device, h);
   return h;
 }
 
-void gemm(cudaStream_t stream, int device, blas::Op ta, blas::Op tb, int m, int n, int k,
-          float alpha, const void* A, blas::Type at, long lda, const void* B, blas::Type bt,
-          long ldb, float beta, void* C, blas::Type ct, long ldc) {
+void gemm(cudaStream_t stream, int device, blas::Op ta, blas::Op tb, int64_t m, int64_t n,
+          int64_t k, float alpha, const void* A, blas::Type at, long lda, const void* B,
+          blas::Type bt, long ldb, float beta, void* C, blas::Type ct, long ldc) {
   if (m == 0 || n == 0) return;
+  constexpr int64_t kMax = 0x7fffffff;
+  if (m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax || ldc > kMax)
+    throw std::runtime_error("a matrix dimension exceeds cuBLAS's int range (2^31 - 1)");
   blas::Handle h = cublas_handle(device);
   blas::Status s = g_api.set_stream(h, stream);
   if (s != 0) throw std::runtime_error("cublasSetStream failed with status " + std::to_string(s));
-  if (lda > 0x7fffffff || ldb > 0x7fffffff || ldc > 0x7fffffff)
-    throw std::runtime_error("matrix leading dimension exceeds cuBLAS's int range");
-  s = g_api.gemm_ex(h, ta, tb, m, n, k, &alpha, A, at, static_cast<int>(lda), B, bt,
+  s = g_api.gemm_ex(h, ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha, A, at, static_cast<int>(lda), B, bt,
                     static_cast<int>(ldb), &beta, C, ct, static_cast<int>(ldc), blas::kCompute32F,
                     blas::kGemmDefault);
   if (s != 0) throw std::runtime_error("cublasGemmEx failed with status " + std::to_string(s));

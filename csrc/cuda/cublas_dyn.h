@@ -13,6 +13,7 @@
 
 #include "runtime.h"
 
+#include <cstdint>
 #include <string>
 
 namespace fusedrnn {
@@ -26,6 +27,7 @@ enum Type : int { R32F = 0, R16F = 2, R16BF = 14 };          // cudaDataType_t
 constexpr int kCompute32F = 68;                              // CUBLAS_COMPUTE_32F
 constexpr int kGemmDefault = -1;                             // CUBLAS_GEMM_DEFAULT
 constexpr int kDefaultMath = 0;                              // CUBLAS_DEFAULT_MATH
+constexpr int kNoReducedPrecisionReduction = 16;  // CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION
 }  // namespace blas
 
 // Loads cuBLAS once per process (thread-safe). `dir` is a folder tried first
@@ -40,9 +42,11 @@ std::string cublas_path();
 blas::Handle cublas_handle(int device);
 
 // Column-major C = alpha op(A) op(B) + beta C with float alpha/beta and
-// float32 accumulation (CUBLAS_COMPUTE_32F in the default math mode: no TF32,
-// no reduced-precision reductions). Throws std::runtime_error on failure.
-void gemm(cudaStream_t stream, int device, blas::Op ta, blas::Op tb, int m, int n, int k,
+// float32 accumulation (CUBLAS_COMPUTE_32F in the default math mode, which
+// uses no TF32, with reduced-precision reductions disallowed, so 16-bit
+// outputs are rounded once from float32 sums). Sizes beyond cuBLAS's int
+// range throw; so does any failure.
+void gemm(cudaStream_t stream, int device, blas::Op ta, blas::Op tb, int64_t m, int64_t n, int64_t k,
           float alpha, const void* A, blas::Type at, long lda, const void* B, blas::Type bt,
           long ldb, float beta, void* C, blas::Type ct, long ldc);
 

@@ -40,13 +40,15 @@ bool cublas_loaded() { return true; }
 std::string cublas_path() { return "emulated"; }
 blas::Handle cublas_handle(int) { return nullptr; }
 
-void gemm(cudaStream_t, int, blas::Op ta, blas::Op tb, int m, int n, int k, float alpha,
-          const void* A, blas::Type at, long lda, const void* B, blas::Type bt, long ldb,
-          float beta, void* C, blas::Type ct, long ldc) {
+void gemm(cudaStream_t, int, blas::Op ta, blas::Op tb, int64_t m, int64_t n, int64_t k,
+          float alpha, const void* A, blas::Type at, long lda, const void* B, blas::Type bt,
+          long ldb, float beta, void* C, blas::Type ct, long ldc) {
   if (m == 0 || n == 0) return;
+  if (m > 0x7fffffff || n > 0x7fffffff || k > 0x7fffffff)
+    throw std::runtime_error("a matrix dimension exceeds cuBLAS's int range (2^31 - 1)");
   // cuBLAS's argument rules (an error status there): checked here so a wrong
   // mapping fails loudly instead of reading out of bounds.
-  const long rows_a = ta == blas::N ? m : k, rows_b = tb == blas::N ? k : n;
+  const long rows_a = ta == blas::N ? m : k, rows_b = tb == blas::N ? k : n;  // NOLINT
   if (m < 0 || n < 0 || k < 0 || lda < std::max(1L, rows_a) || ldb < std::max(1L, rows_b) ||
       ldc < std::max(1L, static_cast<long>(m)))
     throw std::runtime_error("emulated cublasGemmEx: invalid arguments m=" + std::to_string(m) +

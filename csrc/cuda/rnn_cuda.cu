@@ -16,6 +16,7 @@
 #include "runtime.h"
 
 #include <algorithm>
+#include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -137,6 +138,19 @@ template <typename Tout>
 __global__ void from_float(const float* src, Tout* dst, int64_t n) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i < n) dst[i] = from_f<Tout>(src[i]);
+}
+
+// Zero the rows of x (x's row order, [N, I]) whose step is not valid: the
+// cached copy feeds dW_ih = dgates^T x, where 0 * NaN in padding would be NaN.
+template <typename T>
+__global__ void zero_invalid_rows(T* x, int64_t I, int64_t T_, int64_t B, bool batch_first,
+                                  const int32_t* lengths, const uint8_t* mask) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= T_ * B * I) return;
+  const int64_t r = i / I;
+  const int64_t t = batch_first ? r % T_ : r / B, b = batch_first ? r / T_ : r % B;
+  const bool valid = lengths ? t < lengths[b] : mask[t * B + b] != 0;
+  if (!valid) x[i] = from_f<T>(0.f);
 }
 
 // Column sums of a [rows, cols] matrix in two fixed-order passes.
@@ -287,6 +301,11 @@ struct PersistentParams {
   int U;
 };
 
+std::mutex& persistent_launch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 struct PersistentConfig {
   int U = 0, blocks = 0;
   std::size_t w_bytes = 0, h_bytes = 0, smem = 0;
@@ -390,6 +409,8 @@ void launch_persistent_fwd(const Problem& p, PersistentParams a) {
   if (!c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
   a.U = c.U;
   auto kernel = persistent_fwd<C, Tio>;
+  // The shared-memory attribute is per function: hold it until the launch is queued.
+  std::lock_guard<std::mutex> lock(persistent_launch_mutex());
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(c.smem)), "cudaFuncSetAttribute");
   int per_sm = 0, sms = 0;
@@ -498,24 +519,38 @@ struct PersistentBwdParams {
   int U;
 };
 
+constexpr int kDhUnits = 8;  // units per warp item: each dgates row is read once per 8 units
+
 template <Cell C, typename Tio>
 __device__ __forceinline__ void persistent_dh(const PersistentBwdParams& a, const Tio* wt,
                                               const Tio* dgh, int64_t row0, int64_t bs,
                                               int64_t j0, int64_t Ue, int64_t t, float* dh) {
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   const int64_t H = a.step.H, B = a.step.B, GH = G * H;
+  const int64_t chunks = (Ue + kDhUnits - 1) / kDhUnits;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int64_t o = warp; o < B * Ue; o += nwarps) {
-    const int64_t b = o / Ue, u = o % Ue;
+  for (int64_t o = warp; o < B * chunks; o += nwarps) {
+    const int64_t b = o / chunks, u0 = (o % chunks) * kDhUnits;
+    const int nu = static_cast<int>(min(static_cast<int64_t>(kDhUnits), Ue - u0));
     // Rows whose step was not valid have zero dgates: nothing to add.
     if (!valid_step(a.step.lengths, a.step.mask, t, B, b)) continue;
     const Tio* g = dgh + (row0 + b * bs) * GH;
-    const Tio* w = wt + u * GH;
-    float sum = 0.f;
-    for (int64_t k = lane; k < GH; k += 32) sum += to_f(g[k]) * to_f(w[k]);
+    float sum[kDhUnits];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane == 0) dh[b * H + j0 + u] += sum;
+    for (int u = 0; u < kDhUnits; ++u) sum[u] = 0.f;
+    for (int64_t k = lane; k < GH; k += 32) {
+      const float gk = to_f(g[k]);
+#pragma unroll
+      for (int u = 0; u < kDhUnits; ++u)
+        if (u < nu) sum[u] += gk * to_f(wt[(u0 + u) * GH + k]);
+    }
+#pragma unroll
+    for (int u = 0; u < kDhUnits; ++u) {
+      float v = sum[u];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0 && u < nu) dh[b * H + j0 + u0 + u] += v;
+    }
   }
 }
 
@@ -580,6 +615,7 @@ void launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParam
   if (!c.ok) throw std::invalid_argument("the persistent backward kernel does not fit this problem");
   a.U = c.U;
   auto kernel = persistent_bwd<C, Tio>;
+  std::lock_guard<std::mutex> lock(persistent_launch_mutex());
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(c.smem)), "cudaFuncSetAttribute");
   int per_sm = 0, sms = 0;
@@ -670,6 +706,10 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     check(cudaMemcpyAsync(const_cast<uint8_t*>(d_mask), in.mask.data(), T * B,
                           cudaMemcpyHostToDevice, st), "cudaMemcpyAsync");
 
+  if (cache && (d_len || d_mask))
+    FUSEDRNN_LAUNCH(blocks_for(N * I), kThreads, 0, st, zero_invalid_rows<Tio>)(
+        cache->at<Tio>(cache->x_off), I, T, B, p.batch_first, d_len, d_mask);
+
   // Input projection of every row: gx = x W_ih^T.
   gemm(st, dev, blas::T, blas::N, GH, N, I, 1.f, in.w_ih, bt, I, x, bt, I, 0.f, gx,
              blas::R32F, GH);
@@ -740,7 +780,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   const int dev = p.device;
   constexpr bool lstm = C == Cell::Lstm;
   const std::size_t es = sizeof(Tio);
-  c.last_stream = st;
+  c.use_on(st);
   Scratch scratch(st);
   if (N == 0) {  // nothing ran: the state gradients pass through, the rest is 0
     if (B) {
@@ -878,6 +918,22 @@ Cache::~Cache() {
   if (prev != p.device && prev >= 0) cudaSetDevice(prev);
 }
 
+void Cache::use_on(cudaStream_t st) const {
+  // Order this use after every earlier one (forward's writes, earlier
+  // backwards' reads): the stream waits on an event recorded on the last
+  // stream, which then becomes this one, so the destructor's free on the
+  // last stream follows all uses.
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (st == last_stream) return;
+  cudaEvent_t ev;
+  check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  cudaError_t e = cudaEventRecord(ev, last_stream);
+  if (e == cudaSuccess) e = cudaStreamWaitEvent(st, ev, 0);
+  cudaEventDestroy(ev);
+  check(e, "cudaStreamWaitEvent");
+  last_stream = st;
+}
+
 Algo choose_algo(const Problem& p) {
   // Provisional rule until measured on a device (docs/cuda.md): the
   // persistent kernel for small batches whose W_hh slice fits on chip.
@@ -892,7 +948,7 @@ bool persistent_fits(const Problem& p) {
 void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
              Algo algo) {
   if (algo == Algo::Auto) algo = choose_algo(p);
-  if (algo == Algo::Persistent && !persistent_fits(p))
+  if (algo == Algo::Persistent && p.N() > 0 && !persistent_fits(p))
     throw std::invalid_argument("algo 'persistent' cannot run this problem on this device "
                                 "(W_hh's slices do not fit the blocks' shared memory)");
   dispatch(p.cell, p.dtype, [&](auto cell_tag, auto type_tag) {

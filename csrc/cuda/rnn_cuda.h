@@ -17,6 +17,7 @@
 #include "runtime.h"
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -67,6 +68,8 @@ class Cache {
   // The stream of the last call that used the memory (forward's, then each
   // backward's): the memory is freed in that stream's order.
   mutable cudaStream_t last_stream = nullptr;
+  // Orders a use on stream st after all earlier uses (thread-safe).
+  void use_on(cudaStream_t st) const;
   std::size_t nbytes = 0;
   char* mem = nullptr;
   // byte offsets into mem
@@ -74,6 +77,9 @@ class Cache {
               c0_off = 0, len_off = 0, mask_off = 0;
   template <typename T>
   T* at(std::size_t off) const { return reinterpret_cast<T*>(mem + off); }
+
+ private:
+  mutable std::mutex mutex_;
 };
 
 // Saved gate values per row: lstm i, f, g, o; gru r, z, n and W_hn h + b_hn;

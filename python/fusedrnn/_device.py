@@ -45,9 +45,16 @@ _TYPESTR = {"<f4": "float32", "<f2": "float16", "<f8": "float64", "|b1": "bool",
 _TYPESTR_OUT = {"float32": "<f4", "float16": "<f2", "bfloat16": "<V2"}
 
 
+_available = None
+
+
 def available() -> bool:
-    """Whether the CUDA extension is built and a CUDA device is usable."""
-    return _cuda is not None and _cuda.device_count() > 0
+    """Whether the CUDA extension is built and a CUDA device is usable
+    (asked once per process: the answer does not change)."""
+    global _available
+    if _available is None or _available[0] is not _cuda:
+        _available = (_cuda, _cuda is not None and _cuda.device_count() > 0)
+    return _available[1]
 
 
 def status() -> str:
@@ -99,6 +106,7 @@ class View(NamedTuple):
     device: int
     kind: str  # "torch", "cupy", "jax" or "cai"
     stream: Optional[int]  # the producer's stream, when it names one
+    keep: object = None  # what keeps a DLPack import alive
 
 
 def _is_torch(a) -> bool:
@@ -112,8 +120,16 @@ def is_device_array(a) -> bool:
     if _is_torch(a):
         return bool(getattr(a, "is_cuda", False))
     try:
-        return hasattr(a, "__cuda_array_interface__")
+        if hasattr(a, "__cuda_array_interface__"):
+            return True
     except Exception:  # a property that raises means "not on a device"
+        pass
+    get_device = getattr(a, "__dlpack_device__", None)
+    if get_device is None:
+        return False
+    try:
+        return get_device()[0] in (2, 13)  # kDLCUDA, kDLCUDAManaged
+    except Exception:
         return False
 
 
@@ -128,13 +144,21 @@ def view(name: str, a) -> View:
         dtype = str(a.dtype).replace("torch.", "")
         strides = tuple(a.stride())
         return View(a, a.data_ptr(), tuple(a.shape), strides, dtype, a.device.index, "torch", None)
-    try:
-        cai = a.__cuda_array_interface__
-    except AttributeError:
-        cai = None
+    mod = type(a).__module__
+    kind = "cupy" if mod.startswith("cupy") else "jax" if mod.startswith(("jax", "jaxlib")) else "cai"
+    cai = None
+    if kind != "jax":  # JAX through DLPack, whose stream argument orders the hand-over
+        try:
+            cai = a.__cuda_array_interface__
+        except AttributeError:
+            cai = None
+    if cai is None or cai.get("typestr") not in _TYPESTR:
+        dl = _dlpack_view(name, a, kind)
+        if dl is not None:
+            return dl
     if cai is None:
-        raise TypeError(f"{name} must be an array on x's CUDA device (a torch CUDA tensor or an "
-                        f"object with __cuda_array_interface__), got {type(a).__name__}")
+        raise TypeError(f"{name} must be an array on x's CUDA device (a torch CUDA tensor, or an "
+                        f"object with __cuda_array_interface__ or DLPack), got {type(a).__name__}")
     typestr = cai["typestr"]
     dtype = _TYPESTR.get(typestr)
     if dtype is None:
@@ -150,9 +174,28 @@ def view(name: str, a) -> View:
         strides = tuple(int(s) // size for s in strides)
     ptr = int(cai["data"][0] or 0)
     dev = _cuda.pointer_device(ptr) if (ptr and _cuda is not None) else -1
-    mod = type(a).__module__
-    kind = "cupy" if mod.startswith("cupy") else "jax" if mod.startswith(("jax", "jaxlib")) else "cai"
+    if dev < 0 and kind == "cupy":
+        dev = a.device.id
     return View(a, ptr, shape, strides, dtype, dev, kind, cai.get("stream"))
+
+
+#: DLPack's name for the legacy default stream, where calls on arrays that
+#: name no stream of their own run
+_LEGACY_STREAM = 1
+
+
+def _dlpack_view(name, a, kind):
+    """The view of a DLPack producer's CUDA array, or None when a is not one."""
+    get_device = getattr(a, "__dlpack_device__", None)
+    if get_device is None or _cuda is None:
+        return None
+    dev_type, dev_id = get_device()
+    if dev_type not in (2, 13):  # kDLCUDA, kDLCUDAManaged
+        return None
+    dl = _cuda.from_dlpack_capsule(a.__dlpack__(stream=_LEGACY_STREAM))
+    if dl.dtype not in _ITEMSIZE:
+        raise TypeError(f"{name} has an unsupported element type {dl.dtype}")
+    return View(a, dl.ptr, dl.shape, dl.strides, dl.dtype, dl.device_id, kind, _LEGACY_STREAM, dl)
 
 
 def _c_strides(shape):
@@ -188,7 +231,9 @@ class DeviceArray:
     through ``__cuda_array_interface__`` without an allocating library.
 
     Exposes ``__cuda_array_interface__`` (CuPy, Numba and others wrap it
-    zero-copy) and ``get()`` (a NumPy copy; bfloat16 comes back as float32).
+    zero-copy), DLPack (``__dlpack__``: ``torch.from_dlpack``,
+    ``jax.dlpack.from_dlpack``) and ``get()`` (a NumPy copy; bfloat16 comes
+    back as float32).
     """
 
     def __init__(self, shape, dtype: str, device: int, stream: int = 0):
@@ -207,6 +252,14 @@ class DeviceArray:
     def __cuda_array_interface__(self):
         return {"shape": self.shape, "typestr": _TYPESTR_OUT[self.dtype], "data": (self.ptr, False),
                 "version": 3, "strides": None, "stream": self._stream or None}
+
+    def __dlpack__(self, stream=None, **kwargs):
+        if stream is not None and stream != self._stream:
+            _cuda.stream_synchronize(self._stream)  # written on our stream, read on theirs
+        return _cuda.to_dlpack(self._buf, list(self.shape), self.dtype)
+
+    def __dlpack_device__(self):
+        return (2, self.device)  # kDLCUDA
 
     @classmethod
     def from_host(cls, a, device: int = 0, dtype: Optional[str] = None, stream: int = 0):
@@ -255,16 +308,28 @@ def _allocator(v: View, stream: int):
             return t, t.data_ptr()
     elif v.kind == "cupy":
         import cupy
+        device, dtype = v.device, v.dtype
 
         def alloc(shape):
-            with cupy.cuda.Device(v.device):
-                a = cupy.empty(shape, dtype=v.dtype)
+            with cupy.cuda.Device(device):
+                a = cupy.empty(shape, dtype=dtype)
             return a, a.data.ptr
     else:
+        device, dtype = v.device, v.dtype
+
         def alloc(shape):
-            a = DeviceArray(shape, v.dtype, v.device, stream)
+            a = DeviceArray(shape, dtype, device, stream)
             return a, a.ptr
     return alloc
+
+
+def _to_caller(kind):
+    """Turns fusedrnn-allocated results into the caller's array type (JAX)."""
+    if kind != "jax":
+        return lambda a: a
+    import jax.dlpack
+
+    return lambda a: None if a is None else jax.dlpack.from_dlpack(a)
 
 
 # --------------------------------------------------------------------------
@@ -324,7 +389,8 @@ def _check(name, a, x: View, shape, legend):
         raise TypeError(f"{name} is a host array ({type(a).__name__}) but x is on CUDA device "
                         f"{x.device}; all arrays of one call must be on x's device")
     v = view(name, a)
-    if v.device != x.device:
+    if v.device != x.device and v.device >= 0 and x.device >= 0:
+        # (a size-0 array may carry a null pointer, whose device is unknown: -1)
         raise ValueError(f"{name} is on CUDA device {v.device} but x is on CUDA device {x.device}")
     if v.dtype != x.dtype:
         raise TypeError(f"{name} has dtype {v.dtype} but x has dtype {x.dtype}; "
@@ -406,6 +472,8 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
         mask = np.ascontiguousarray(mask.T if batch_first else mask).view(np.uint8)
 
     _require_cuda()
+    if xv.device < 0:  # a size-0 x has no pointer: its device is the weights'
+        xv = xv._replace(device=whh.device if whh.device >= 0 else wih.device)
     if xv.device < 0:
         raise ValueError("x's data is not CUDA device memory")
     stream = _stream_of(xv)
@@ -419,9 +487,11 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
                          yp, hp, cp, training, algo or _algo())
     cache = None
     if training:
-        cache = DeviceCache(core, cell, xv.dtype, T, B, I, H, batch_first, (alloc, stream, xv),
-                            xv.device)
-    return y, h_n, c_n, cache
+        # (the view without its array: the cache must not keep the caller's x alive)
+        cache = DeviceCache(core, cell, xv.dtype, T, B, I, H, batch_first,
+                            (alloc, stream, xv._replace(obj=None, keep=None)), xv.device)
+    w = _to_caller(xv.kind)
+    return w(y), w(h_n), w(c_n), cache
 
 
 def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None):
@@ -446,5 +516,6 @@ def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None):
     db_hh, d = alloc((G * H,))
     p = lambda v: 0 if v is None else v.ptr  # noqa: E731
     _cuda.backward(cache._core, stream, p(dyv), p(dhv), p(dcv), dxp, dh0p, dc0p, a, b, c, d)
-    return {"x": dx, "h0": dh0, "c0": dc0, "w_ih": dw_ih, "w_hh": dw_hh, "b_ih": db_ih,
-            "b_hh": db_hh, "w_hr": None}
+    w = _to_caller(xv.kind)
+    return {"x": w(dx), "h0": w(dh0), "c0": w(dc0), "w_ih": w(dw_ih), "w_hh": w(dw_hh),
+            "b_ih": w(db_ih), "b_hh": w(db_hh), "w_hr": None}
