@@ -102,14 +102,18 @@ def run(module, cell, x, hx, input_kind, lengths, batch_first):
 
 
 def compare(cell, dtype, input_kind, num_layers=1, bidirectional=False, batch_first=False,
-            bias=True, h0=True, proj_size=0, seed=0):
-    """Run both modules on the same problem; assert outputs, states and gradients agree."""
+            bias=True, h0=True, proj_size=0, seed=0, device="cpu"):
+    """Run both modules on the same problem; assert outputs, states and gradients agree.
+
+    device: where both modules and all tensors live (random values are drawn on the CPU
+    and moved, so every device sees the same problem)."""
     gen = torch.Generator().manual_seed(seed)
     ref, ours = make_pair(cell, dtype, proj_size, num_layers=num_layers,
                           bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    ref, ours = ref.to(device), ours.to(device)
     D = 2 if bidirectional else 1
     Hout = proj_size or H
-    randn = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=dtype).to(device)  # noqa: E731
     if input_kind == "unbatched":
         x = randn(T, I)
         hshape, cshape = (num_layers * D, Hout), (num_layers * D, H)
@@ -130,10 +134,10 @@ def compare(cell, dtype, input_kind, num_layers=1, bidirectional=False, batch_fi
                 else hx.clone().requires_grad_(True)
         out, h_n, c_n = run(m, cell, xg, hxg, input_kind, lengths, batch_first)
         g = torch.Generator().manual_seed(seed + 1)
-        loss = (out * torch.randn(out.shape, generator=g, dtype=dtype)).sum() \
-            + (h_n * torch.randn(h_n.shape, generator=g, dtype=dtype)).sum()
+        w = lambda t: torch.randn(t.shape, generator=g, dtype=dtype).to(device)  # noqa: E731
+        loss = (out * w(out)).sum() + (h_n * w(h_n)).sum()
         if c_n is not None:
-            loss = loss + (c_n * torch.randn(c_n.shape, generator=g, dtype=dtype)).sum()
+            loss = loss + (c_n * w(c_n)).sum()
         inputs = [xg] + list(m.parameters())
         if hxg is not None:
             inputs += list(hxg) if cell == "lstm" else [hxg]
@@ -153,7 +157,8 @@ def compare(cell, dtype, input_kind, num_layers=1, bidirectional=False, batch_fi
             continue
         assert got[k].shape == want[k].shape, (k, got[k].shape, want[k].shape)
         assert got[k].dtype == want[k].dtype, (k, got[k].dtype, want[k].dtype)
-        e = rel_err(got[k].detach().numpy(), want[k].detach().numpy())
+        assert got[k].device == want[k].device, (k, got[k].device, want[k].device)
+        e = rel_err(got[k].detach().cpu().numpy(), want[k].detach().cpu().numpy())
         worst = max(worst, e)
         assert e <= tol, f"{k}: relative error {e:.3e} > {tol:.0e}"
     return worst
@@ -385,20 +390,23 @@ class _Model(torch.nn.Module):
         return self.head(w).sum() + h.sum() + c.sum() + hg.sum() + hr.sum()
 
 
-def _compiled_matches_eager(model, args, backend, **compile_kw):
+def _compiled_matches_eager(model, args, backend, tol=1e-6, **compile_kw):
     compiled = torch.compile(model, fullgraph=True, backend=backend, **compile_kw)
     params = list(model.parameters())
+    host = lambda t: t.detach().cpu().numpy()  # noqa: E731
     for a in args:
         inputs = [t for t in a if t.requires_grad]
         want = model(*a)
         gw = torch.autograd.grad(want, inputs + params)
         got = compiled(*a)
         gg = torch.autograd.grad(got, inputs + params)
-        assert rel_err(got.detach().numpy(), want.detach().numpy()) <= 1e-6
+        assert got.device == want.device
+        assert rel_err(host(got), host(want)) <= tol
         for u, v in zip(gg, gw):
-            assert rel_err(u.numpy(), v.numpy()) <= 1e-6
+            assert u.device == v.device
+            assert rel_err(host(u), host(v)) <= tol
         with torch.no_grad():
-            assert rel_err(compiled(*a).numpy(), want.detach().numpy()) <= 1e-6
+            assert rel_err(host(compiled(*a)), host(want)) <= tol
 
 
 def test_compile_fullgraph_aot_eager():
@@ -606,12 +614,22 @@ def test_unsupported_dtype_is_a_clear_error():
         m(torch.randn(T, B, I, dtype=torch.bfloat16))
 
 
-def test_cuda_tensors_without_cuda_backend_name_the_fix():
+def test_cuda_tensors_without_cuda_backend_name_the_fix(monkeypatch):
+    """CUDA tensors need the CUDA extension and a device: otherwise a RuntimeError that
+    quotes fusedrnn.cuda_status() and names the fixes; with both, check_device passes."""
     fake = types.SimpleNamespace(device=torch.device("cuda", 0))
-    with pytest.raises(RuntimeError, match="no CUDA backend") as e:
+    status = "fusedrnn was built without its CUDA extension (test)"
+    monkeypatch.setattr(fusedrnn, "cuda_available", lambda: False)
+    monkeypatch.setattr(fusedrnn, "cuda_status", lambda: status)
+    with pytest.raises(RuntimeError, match="CUDA backend cannot run it") as e:
         _torch_ops.check_device(fake, "x")
-    assert "cpu()" in str(e.value)
-    with pytest.raises(RuntimeError, match="CPU"):
+    msg = str(e.value)
+    for part in (status, "cuda:0", "FUSEDRNN_CUDA=ON", "fusedrnn.cuda_status()", "cpu()",
+                 "torch.nn"):
+        assert part in msg, part
+    monkeypatch.setattr(fusedrnn, "cuda_available", lambda: True)
+    _torch_ops.check_device(fake, "x")  # dispatched to the CUDA backend, no error
+    with pytest.raises(RuntimeError, match="CPU tensors .* and CUDA tensors"):
         _torch_ops.check_device(types.SimpleNamespace(device=torch.device("meta")), "x")
 
 
@@ -681,3 +699,360 @@ def test_checkpoint_attribute_is_checked():
     m.checkpoint = 0
     with pytest.raises(ValueError, match="checkpoint"):
         m(torch.randn(5, 2, 3))
+
+
+# --------------------------------------------------------------------------
+# CUDA tensors (fusedrnn's CUDA backend)
+# --------------------------------------------------------------------------
+#
+# Host-side tests (run everywhere) cover the device plumbing that needs no GPU: the
+# checks and errors for CUDA-only situations (on fake CUDA tensors), the fake
+# implementations' devices and dtypes, packed input keeping its lengths on the host,
+# and the ops' CUDA branch wired to stand-in backends. Fake CUDA tensors on a CPU-only
+# torch build support only some ops (an op that needs a CUDA device guard, even
+# indexing, raises "not linked with support for cuda devices", and recording autograd
+# on them aborts the process), so those tests stay in no_grad with padded input.
+# The GPU tests run where torch sees a CUDA device and fusedrnn's CUDA backend is usable.
+
+CUDA = torch.cuda.is_available() and fusedrnn.cuda_available()
+needs_cuda = pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA device usable by torch and by fusedrnn's CUDA backend "
+                     f"(torch.cuda.is_available()={torch.cuda.is_available()}; "
+                     f"{fusedrnn.cuda_status()})")
+
+#: bfloat16 / float16 against torch.nn in float32 on the same (rounded) inputs and
+#: weights, relative to the result's scale: (forward, gradients). fusedrnn keeps the
+#: state h in the array type (as cuDNN does), so every step rounds it (relative 2^-9 for
+#: bfloat16, 2^-12 for float16) and the next steps carry that error. Two measurements on
+#: the CPU set the bounds: simulating exactly that rounding with torch (2 layers, T=20,
+#: B=8, I=16, H=32, 20 seeds) gave forward errors up to 4.3e-3 (bfloat16) and 6.2e-4
+#: (float16); torch.nn's own CPU bfloat16/float16 modules on this test's problems (they
+#: round more intermediates) gave up to 9.3e-3 / 1.2e-3 forward and 1.7e-2 / 2.5e-3 for
+#: the gradients. The bounds are 2-4x the larger of those. ReLU RNN gradients are not
+#: compared: a pre-activation that rounding moves across 0 switches its derivative
+#: between 0 and 1 (torch.nn's own float16 ReLU gradients were 8e-2 off).
+LOW_TOL = {torch.bfloat16: (2e-2, 5e-2), torch.float16: (3e-3, 1e-2)}
+
+
+@pytest.fixture
+def no_tf32():
+    """torch.nn on CUDA without TF32 products (cuDNN and cuBLAS), restored afterwards:
+    fusedrnn computes float32 in float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _fake_cuda_module(cls, *args, dtype=torch.float32, **kwargs):
+    """A fusedrnn module whose parameters are fake CUDA tensors (no grad), made inside a
+    FakeTensorMode (torch's random init cannot run on fake CUDA tensors here)."""
+    m = cls(*args, device="meta", dtype=dtype, **kwargs)
+    for name in m._flat_weights_names:
+        shape = getattr(m, name).shape
+        setattr(m, name, torch.nn.Parameter(torch.empty(shape, device="cuda", dtype=dtype),
+                                            requires_grad=False))
+    with warnings.catch_warnings():  # flatten_parameters: "compiled without cuDNN"
+        warnings.simplefilter("ignore", UserWarning)
+        m._init_flat_weights()
+    return m
+
+
+def test_cuda_checks_and_errors_on_fake_cuda_tensors(monkeypatch):
+    """What the modules accept and refuse for CUDA tensors, before any kernel runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cpu_module = frnn.GRU(I, H)
+    monkeypatch.setattr(fusedrnn, "cuda_available", lambda: True)
+    with FakeTensorMode(), torch.no_grad():
+        x = lambda dt=torch.float32: torch.empty(T, B, I, device="cuda", dtype=dt)  # noqa: E731
+        # float32, float16 and bfloat16 run; outputs on the input's device, in its dtype
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            m = _fake_cuda_module(frnn.LSTM, I, H, num_layers=2, bidirectional=True, dtype=dt)
+            y, (h, c) = m(x(dt))
+            for t, shape in ((y, (T, B, 2 * H)), (h, (4, B, H)), (c, (4, B, H))):
+                assert (t.device.type, t.dtype, tuple(t.shape)) == ("cuda", dt, shape)
+        # float64: the CPU runs it, the CUDA backend does not
+        m = _fake_cuda_module(frnn.GRU, I, H, dtype=torch.float64)
+        with pytest.raises(TypeError, match=r"float32, float16 and bfloat16 on CUDA .*float64"):
+            m(x(torch.float64))
+        # module on the CPU, input on CUDA: torch.nn's error
+        with pytest.raises(RuntimeError, match="not at the same device"):
+            cpu_module(x())
+        # not supported on the CUDA backend yet
+        m = _fake_cuda_module(frnn.LSTM, I, H, proj_size=P)
+        with pytest.raises(ValueError, match="proj_size .* not supported on the CUDA backend"):
+            m(x())
+        m = _fake_cuda_module(frnn.GRU, I, H)
+        for ck in (True, 3):
+            m.checkpoint = ck
+            with pytest.raises(ValueError, match="checkpoint=.* not supported on the CUDA"):
+                m(x())
+        m.checkpoint = 0  # an invalid value: the same error as on the CPU
+        with pytest.raises(ValueError, match="checkpoint must be a bool or a positive int"):
+            m(x())
+        # no usable CUDA backend: check_device's error at the module's first check
+        monkeypatch.setattr(fusedrnn, "cuda_available", lambda: False)
+        m.checkpoint = False
+        with pytest.raises(RuntimeError, match="CUDA backend cannot run it"):
+            m(x())
+
+
+def test_fake_implementations_put_outputs_on_the_input_device():
+    """Under torch.compile the fake implementations give the outputs' devices: the
+    input's device and dtype for every result, the CPU for the handle (as the real one),
+    and for layer_backward the forward's device even when no gradient is given."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dt = torch.bfloat16
+    with FakeTensorMode(), torch.no_grad():
+        e = lambda *s: torch.empty(*s, device="cuda", dtype=dt)  # noqa: E731
+        for cell in ("lstm", "gru"):
+            G = fusedrnn.CELLS[cell]
+            y, h_n, c_n, handle = torch.ops.fusedrnn.layer_forward(
+                e(B, T, I), e(G * H, I), e(G * H, H), e(G * H), None, e(B, H), None, None,
+                torch.tensor([T, 2, 1]), cell, False, True, True)
+            assert handle.device.type == "cpu" and handle.dtype == torch.int64
+            assert handle.shape == (1,)
+            for t in (y, h_n, c_n):
+                assert t.device.type == "cuda" and t.dtype == dt
+            assert c_n.shape == ((B, H) if cell == "lstm" else (0,))
+            sizes = ([B, T, I], [G * H, I], [G * H, H], None)
+            for grads, device in (((None, None, None), torch.device("cuda")),  # formula's call
+                                  ((e(B, T, H), None, None), None)):  # device from dy
+                out = torch.ops.fusedrnn.layer_backward(handle, *grads, cell, True, *sizes, dt,
+                                                        device)
+                for t in out:
+                    assert t.device.type == "cuda" and t.dtype == dt
+                assert [tuple(t.shape) for t in out] == [
+                    (B, T, I), (B, H), (B, H) if cell == "lstm" else (0,), (G * H, I),
+                    (G * H, H), (G * H,), (G * H,), (0,)]
+
+
+def test_packed_lengths_stay_on_the_host_for_device_data():
+    """Packed input on a device: the index maps follow the data, the lengths are
+    computed from the CPU batch_sizes on the CPU (no device-to-host copy per layer).
+    The meta device stands in for CUDA here."""
+    batch_sizes = torch.tensor([3, 2, 2, 1, 1])
+    x, lengths, pad_index, pack_index = frnn._packed_to_padded(
+        torch.empty(9, I, device="meta"), batch_sizes, 3)
+    assert x.device.type == pad_index.device.type == pack_index.device.type == "meta"
+    assert lengths.device.type == "cpu" and lengths.tolist() == [5, 3, 1]
+    _, lengths_cpu, _, _ = frnn._packed_to_padded(torch.zeros(9, I), batch_sizes, 3)
+    assert torch.equal(lengths, lengths_cpu)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_branch_of_the_ops_passes_tensors_through(cell, monkeypatch):
+    """The ops' CUDA branch, with stand-in fusedrnn.forward/backward that run the CPU
+    kernels: the backend gets the module's tensors themselves (no NumPy conversion, no
+    copy), its torch results come back as they are, and the results match torch.nn."""
+    real_forward, real_backward = fusedrnn.forward, fusedrnn.backward
+    from fusedrnn import _device
+
+    class StandInCache(_device.DeviceCache):
+        def __init__(self, inner):  # noqa: D401 - no device memory here
+            self.inner = inner
+
+    seen = {"forward": 0, "backward": 0, "ptrs": set()}
+    host = lambda a: None if a is None else a.numpy()  # noqa: E731
+
+    def forward(cell_, x, *args, lengths=None, w_hr=None, **kw):
+        for a in (x, *args, lengths, w_hr):
+            assert a is None or isinstance(a, torch.Tensor), type(a)
+        seen["forward"] += 1
+        seen["ptrs"].update(a.data_ptr() for a in args[:2])
+        y, h_n, c_n, cache = real_forward(cell_, host(x), *map(host, args), lengths=host(lengths),
+                                          w_hr=host(w_hr), **kw)
+        t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+        return t(y), t(h_n), t(c_n), None if cache is None else StandInCache(cache)
+
+    def backward(cache, dy, dh_n=None, dc_n=None):
+        assert isinstance(cache, StandInCache)
+        for a in (dy, dh_n, dc_n):
+            assert a is None or isinstance(a, torch.Tensor), type(a)
+        seen["backward"] += 1
+        g = real_backward(cache.inner, host(dy), host(dh_n), host(dc_n))
+        return {k: None if v is None else torch.from_numpy(v) for k, v in g.items()}
+
+    monkeypatch.setattr(fusedrnn, "forward", forward)
+    monkeypatch.setattr(fusedrnn, "backward", backward)
+    monkeypatch.setattr(_torch_ops, "_on_cuda", lambda t: True)
+    for kind in ("packed", "padded"):
+        compare(cell, torch.float64, kind, num_layers=2, bidirectional=True, h0=True)
+    assert seen["forward"] == 8 and seen["backward"] == 8  # 2 inputs x 2 layers x 2 directions
+    m = getattr(frnn, CELLS[cell][0])(I, H, dtype=torch.float64)
+    seen["ptrs"].clear()
+    m(torch.randn(T, B, I, dtype=torch.float64))
+    assert seen["ptrs"] == {m.weight_ih_l0.data_ptr(), m.weight_hh_l0.data_ptr()}
+
+
+# --------------------------------------------------------------- on a GPU
+
+CUDA_OPTIONS = {"num_layers": (1, 2), "bidirectional": (False, True),
+                "batch_first": (False, True), "bias": (True, False), "h0": (True, False)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("input_kind", INPUTS)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_cuda_parity_with_torch_nn(cell, input_kind, no_tf32):
+    """float32 on CUDA against torch.nn (cuDNN, no TF32) on the same device and weights:
+    outputs, states and all gradients within 1e-4 of the result's scale, over a pairwise
+    cover of layers 1-2 x bidirectional x batch_first x bias x h0."""
+    for seed, combo in enumerate(pairwise(CUDA_OPTIONS)):
+        compare(cell, torch.float32, input_kind, seed=seed, device="cuda", **combo)
+
+
+@needs_cuda
+@pytest.mark.parametrize("algo", ["auto", "persistent"])
+@pytest.mark.parametrize("input_kind", ["padded", "packed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_parity_larger_problem(cell, input_kind, algo, monkeypatch, no_tf32):
+    """A larger batch (auto picks the standard algorithm for B > 16) and the persistent
+    kernel forced, through the module (2 layers, bidirectional, packed or padded)."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_ALGO", algo)
+    T2, B2, I2, H2 = 12, 20, 16, 32
+    name, extra = CELLS[cell]
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(I2, H2, num_layers=2, bidirectional=True, **extra).cuda()
+    ours = frnn.convert(getattr(torch.nn, name)(I2, H2, num_layers=2, bidirectional=True,
+                                                **extra).cuda())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T2, B2, I2, device="cuda")
+    lengths = torch.randint(1, T2 + 1, (B2,))
+    lengths[0] = T2
+    w = torch.randn(T2, B2, 2 * H2, device="cuda")
+    results = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) \
+            if input_kind == "packed" else xi
+        out, state = m(inp)
+        if input_kind == "packed":
+            out, _ = pad_packed_sequence(out, total_length=T2)
+        h = state[0] if cell == "lstm" else state
+        loss = (out * w).sum() + h.square().sum()
+        results.append([out, h, *torch.autograd.grad(loss, [xi] + list(m.parameters()))])
+    for want, got in zip(*results):
+        assert got.device == want.device and got.dtype == want.dtype
+        assert rel_err(got.detach().cpu().numpy(), want.detach().cpu().numpy()) <= 1e-4
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("input_kind", ["padded", "packed"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_cuda_low_precision_against_float32(cell, input_kind, dtype, no_tf32):
+    """bfloat16 / float16 modules against torch.nn in float32 on the same rounded inputs
+    and weights, outputs and gradients (bounds and their reasons: LOW_TOL)."""
+    T2, B2, I2, H2 = 20, 8, 16, 32
+    name, extra = CELLS[cell]
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(I2, H2, num_layers=2, bidirectional=True, **extra).cuda()
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.copy_(prm.to(dtype).float())
+    ours = getattr(frnn, name)(I2, H2, num_layers=2, bidirectional=True, **extra,
+                               device="cuda", dtype=dtype)
+    ours.load_state_dict(ref.state_dict())  # exact: the values are representable
+    x = torch.randn(T2, B2, I2, device="cuda").to(dtype)
+    lengths = torch.tensor([T2, 3, 11, 20, 1, 7, 15, 9])
+    w = torch.randn(T2, B2, 2 * H2, device="cuda").to(dtype).float()
+    results = []
+    for m, xdt in ((ref, torch.float32), (ours, dtype)):
+        xi = x.to(xdt).requires_grad_(True)
+        inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) \
+            if input_kind == "packed" else xi
+        out, state = m(inp)
+        if input_kind == "packed":
+            out, _ = pad_packed_sequence(out, total_length=T2)
+        h = state[0] if cell == "lstm" else state
+        loss = (out.float() * w).sum() + h.float().sum()
+        results.append([out, h, *torch.autograd.grad(loss, [xi] + list(m.parameters()))])
+    fwd_tol, grad_tol = LOW_TOL[dtype]
+    names = ["y", "h_n", "dx"] + [f"d{n}" for n, _ in ours.named_parameters()]
+    for k, want, got in zip(names, *results):
+        assert got.dtype == dtype and got.device == want.device, k
+        e = rel_err(got.detach().float().cpu().numpy(), want.detach().cpu().numpy())
+        if k not in ("y", "h_n") and cell == "rnn_relu":
+            continue  # see LOW_TOL
+        tol = fwd_tol if k in ("y", "h_n") else grad_tol
+        assert e <= tol, f"{k}: relative error {e:.2e} > {tol:.0e}"
+
+
+@needs_cuda
+def test_cuda_compile_fullgraph_inductor_and_packed(no_tf32):
+    """torch.compile(fullgraph=True) of forward + backward on CUDA tensors: inductor on
+    the mixed model, aot_eager on packed input (handles stay CPU tensors in the graph)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Model().cuda()
+    x = torch.randn(B, T, I, device="cuda", requires_grad=True)
+    h0 = torch.randn(1, B, H, device="cuda", requires_grad=True)
+    _compiled_matches_eager(model, [(x, h0)], "inductor", tol=1e-5)
+
+    m = frnn.LSTM(I, H, bidirectional=True, device="cuda")
+
+    def f(packed):
+        out, (h, c) = m(packed)
+        return (out.data.square().sum() + h.sum() + c.sum(),)
+
+    xs = torch.randn(T, B, I, device="cuda", requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, want = [], []
+    for fn, res in ((f, want), (compiled, got)):
+        packed = pack_padded_sequence(xs, torch.tensor([T, 2, 4]), enforce_sorted=False)
+        (loss,) = fn(packed)
+        res += [loss, *torch.autograd.grad(loss, [xs] + list(m.parameters()))]
+    for a, b in zip(got, want):
+        assert a.device == b.device
+        assert rel_err(a.detach().cpu().numpy(), b.detach().cpu().numpy()) <= 1e-6
+
+
+@needs_cuda
+def test_cuda_custom_op_opcheck():
+    """opcheck on CUDA tensors (lengths on the device: the backend copies them to the
+    host itself)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).cuda().requires_grad_(True)
+
+    args = (r(T, B, I), r(4 * H, I), r(4 * H, H), r(4 * H), None, r(B, H), r(B, H), None,
+            torch.tensor([T, 2, 0], device="cuda"), "lstm", True, False, True)
+    result = torch.library.opcheck(torch.ops.fusedrnn.layer_forward.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@needs_cuda
+def test_cuda_caches_freed_inference_and_errors():
+    import gc
+    gc.collect()
+    base = _torch_ops.live_caches()
+    m = frnn.LSTM(I, H, num_layers=2, bidirectional=True, device="cuda")
+    x = torch.randn(T, B, I, device="cuda")
+    y, _ = m(x)
+    assert _torch_ops.live_caches() == base + 4
+    y.sum().backward()  # frees the graph, and with it the caches
+    assert all(p.grad is not None and p.grad.device == x.device for p in m.parameters())
+    gc.collect()
+    assert _torch_ops.live_caches() == base
+    with torch.no_grad():
+        y2, _ = m(x)  # inference: no cache kept
+    assert _torch_ops.live_caches() == base
+    assert rel_err(y2.cpu().numpy(), y.detach().cpu().numpy()) <= 1e-6
+
+    with pytest.raises(RuntimeError, match="not at the same device"):
+        frnn.GRU(I, H)(x)
+    with pytest.raises(TypeError, match="float64"):
+        frnn.GRU(I, H, device="cuda", dtype=torch.float64)(x.double())
+    with pytest.raises(ValueError, match="proj_size"):
+        frnn.LSTM(I, H, proj_size=P, device="cuda")(x)
+    ck = frnn.GRU(I, H, device="cuda")
+    ck.checkpoint = True
+    with pytest.raises(ValueError, match="checkpoint"):
+        ck(x)

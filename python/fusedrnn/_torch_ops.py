@@ -7,7 +7,7 @@ recurrent layer in one direction over a whole sequence:
                                      cell, reverse, batch_first, training, checkpoint=0)
         -> (y, h_n, c_n, handle)
     torch.ops.fusedrnn.layer_backward(handle, dy, dh_n, dc_n, cell, batch_first, x_size,
-                                      w_ih_size, w_hh_size, w_hr_size, dtype)
+                                      w_ih_size, w_hh_size, w_hr_size, dtype, device)
         -> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr)
 
 Shape legend (shared/DESIGN.md section 2): T steps, B batch, I input size, H hidden
@@ -35,6 +35,25 @@ backward is not supported. The fake (meta) implementations only compute shapes.
 
 Projection (LSTM ``proj_size``, argument ``w_hr``) is plumbed through both ops and runs
 on the kernels (``fusedrnn.forward(..., w_hr=)``).
+
+Devices
+-------
+Both ops dispatch by device inside their implementation. CPU tensors go through NumPy
+views (``tensor.detach().numpy()`` / ``torch.from_numpy``, no copies) to the C++
+kernels. CUDA tensors go to ``fusedrnn.forward`` / ``backward`` as they are: the CUDA
+backend reads the torch tensors' pointers (zero-copy), runs on torch's current stream
+and allocates its results with ``torch.empty`` on the input's device. Supported dtypes:
+float32/float64 on the CPU, float32/float16/bfloat16 on CUDA (``supported_dtypes``).
+
+The handle is a CPU tensor on both devices. Its storage is what owns the cache (a
+NumPy holder, as above; a ``DeviceCache`` for CUDA inputs, whose device memory is freed
+with it); no kernel ever reads it. A CUDA handle would need a device allocation whose
+deleter releases a Python object, for nothing gained. A custom op may return outputs on
+two devices; the fake implementation puts the handle on the CPU as well, so a compiled
+graph carries it from forward to backward like any saved tensor. Because the handle
+says nothing about the device, ``layer_backward`` takes the forward input's ``device``
+explicitly: its fake implementation puts the gradients there even when dy, dh_n and
+dc_n are all None (its real implementation goes by the cache's type).
 """
 
 from __future__ import annotations
@@ -49,30 +68,80 @@ from torch import Tensor
 
 import fusedrnn
 
-__all__ = ["layer_forward", "layer_backward", "run_layer", "check_device"]
+__all__ = ["layer_forward", "layer_backward", "run_layer", "check_device", "check_dtype",
+           "supported_dtypes"]
 
 #: gates per cell (same table as fusedrnn.CELLS)
 GATES = dict(fusedrnn.CELLS)
 
-_DTYPES = (torch.float32, torch.float64)
+#: device type -> the dtypes fusedrnn runs there
+_DTYPES = {"cpu": (torch.float32, torch.float64),
+           "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+
+
+def supported_dtypes(device) -> Tuple[torch.dtype, ...]:
+    """The dtypes fusedrnn runs on ``device`` (a torch.device or a device type string)."""
+    return _DTYPES.get(getattr(device, "type", device), ())
+
+
+def _names(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+
+
+def check_dtype(dtype: torch.dtype, device, who: str = "fusedrnn") -> None:
+    """TypeError unless fusedrnn runs ``dtype`` on ``device`` (call check_device first)."""
+    ok = supported_dtypes(device)
+    if dtype in ok:
+        return
+    kind = getattr(device, "type", device)
+    if kind == "cuda":
+        raise TypeError(
+            f"{who} runs {_names(ok)} on CUDA devices, got {dtype}: fusedrnn's CUDA "
+            f"backend has no {str(dtype).replace('torch.', '')} kernels. Convert the module "
+            f"and input (module.float(), or .half()/.bfloat16()), run {dtype} on the CPU, "
+            f"or use torch.nn for it")
+    raise TypeError(
+        f"{who} runs {_names(ok)} weights, got {dtype}; convert the module "
+        f"(module.float()) or use torch.nn for {dtype}")
 
 
 def check_device(t: Tensor, name: str = "input") -> None:
-    """Raise a clear error for tensors fusedrnn cannot run (only CPU tensors for now).
-
-    A CUDA backend would be dispatched here, by device, before any NumPy conversion.
-    """
-    if t.device.type == "cpu":
+    """Raise a clear error for tensors fusedrnn cannot run: CPU tensors always run; CUDA
+    tensors when fusedrnn's CUDA backend is built and sees a device
+    (``fusedrnn.cuda_available()``)."""
+    kind = t.device.type
+    if kind == "cpu":
         return
-    if t.device.type == "cuda":
+    if kind == "cuda":
+        # Under torch.compile the availability query would be a graph break (a call into
+        # the extension); the op's real implementation checks again when it runs.
+        if torch.compiler.is_compiling() or fusedrnn.cuda_available():
+            return
         raise RuntimeError(
-            f"fusedrnn: {name} is on {t.device}, but this build of fusedrnn has no CUDA "
-            f"backend (only the CPU kernels were compiled). Fix: move the module and its "
-            f"inputs to the CPU (module.cpu(), x.cpu()), or use torch.nn's RNN/LSTM/GRU "
-            f"(cuDNN) for CUDA tensors, or install a fusedrnn built with CUDA.")
+            f"fusedrnn: {name} is on {t.device}, but fusedrnn's CUDA backend cannot run it: "
+            f"{fusedrnn.cuda_status()}. Fix: install or build fusedrnn with its CUDA "
+            f"extension (nvcc on PATH at build time; FUSEDRNN_CUDA=ON makes it required) on "
+            f"a machine with a usable CUDA device (fusedrnn.cuda_status() says what it "
+            f"sees), or move the module and its inputs to the CPU (module.cpu(), x.cpu()), "
+            f"or use torch.nn's RNN/LSTM/GRU (cuDNN) for CUDA tensors.")
     raise RuntimeError(
         f"fusedrnn: {name} is on device {t.device}; fusedrnn runs CPU tensors "
-        f"(float32/float64). Move the module and its inputs to the CPU.")
+        f"(float32/float64) and CUDA tensors (float32/float16/bfloat16). Move the module "
+        f"and its inputs to the CPU or to a CUDA device.")
+
+
+def _on_cuda(t: Tensor) -> bool:
+    """The dispatch rule of both ops: CUDA tensors run on the CUDA backend."""
+    return t.device.type == "cuda"
+
+
+def checkpoint_code(checkpoint) -> int:
+    """The op's checkpoint argument for a module's ``checkpoint`` attribute: 0 (False),
+    -1 (True) or k > 0, or the same error as ``fusedrnn.forward(checkpoint=)``."""
+    if checkpoint is True or checkpoint is False:
+        return -1 if checkpoint else 0
+    return fusedrnn._validate._checkpoint(checkpoint, 1)
 
 
 # --------------------------------------------------------------------------
@@ -136,6 +205,11 @@ def _np(t: Optional[Tensor]):
     return None if t is None else t.detach().numpy()
 
 
+def _dev(t: Optional[Tensor]):
+    """A CUDA tensor as it is, detached (same memory; None stays None)."""
+    return None if t is None else t.detach()
+
+
 def _hidden_sizes(cell: str, w_hh_size, w_hr_size) -> Tuple[object, object]:
     """(H, P): cell hidden size and output size (P = H without projection)."""
     H = w_hh_size[0] // GATES[cell]
@@ -154,13 +228,25 @@ def layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
     checkpoint: 0 keeps the full cache, -1 the state every ceil(sqrt(T)) steps, k > 0
     every k steps (``fusedrnn.forward(..., checkpoint=)``)."""
     check_device(x, "x")
-    y, h_n, c_n, cache = fusedrnn.forward(
-        cell, _np(x), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), _np(h0), _np(c0),
-        lengths=_np(lengths), reverse=reverse, batch_first=batch_first, training=training,
-        w_hr=_np(w_hr), checkpoint=True if checkpoint == -1 else checkpoint or False)
-    c_n = x.new_empty(0) if c_n is None else torch.from_numpy(c_n)
+    ck = True if checkpoint == -1 else checkpoint or False
+    if _on_cuda(x):
+        # the CUDA backend takes torch tensors as they are and returns torch tensors
+        # (lengths may be a CPU or a CUDA integer tensor)
+        y, h_n, c_n, cache = fusedrnn.forward(
+            cell, _dev(x), _dev(w_ih), _dev(w_hh), _dev(b_ih), _dev(b_hh), _dev(h0), _dev(c0),
+            lengths=_dev(lengths), reverse=reverse, batch_first=batch_first,
+            training=training, w_hr=_dev(w_hr), checkpoint=ck)
+    else:
+        y, h_n, c_n, cache = fusedrnn.forward(
+            cell, _np(x), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), _np(h0), _np(c0),
+            lengths=_np(lengths), reverse=reverse, batch_first=batch_first,
+            training=training, w_hr=_np(w_hr), checkpoint=ck)
+        y, h_n = torch.from_numpy(y), torch.from_numpy(h_n)
+        c_n = None if c_n is None else torch.from_numpy(c_n)
+    c_n = x.new_empty(0) if c_n is None else c_n
+    # the handle is a CPU tensor for every device (module docstring: Devices)
     handle = _make_handle(cache) if training else torch.empty(0, dtype=torch.int64)
-    return torch.from_numpy(y), torch.from_numpy(h_n), c_n, handle
+    return y, h_n, c_n, handle
 
 
 @layer_forward.register_fake
@@ -174,8 +260,13 @@ def _layer_forward_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, 
     y = x.new_empty((B, T, P) if batch_first else (T, B, P))
     h_n = x.new_empty((B, P))
     c_n = x.new_empty((B, H)) if cell == "lstm" else x.new_empty(0)
-    handle = x.new_empty(1 if training else 0, dtype=torch.int64)
+    # the real handle is a CPU tensor whatever x's device (meta stays meta: shapes only)
+    handle = x.new_empty(1 if training else 0, dtype=torch.int64, device=_handle_device(x))
     return y, h_n, c_n, handle
+
+
+def _handle_device(x: Tensor) -> torch.device:
+    return x.device if x.device.type == "meta" else torch.device("cpu")
 
 
 def _forward_setup_context(ctx, inputs, output):
@@ -188,6 +279,7 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.sizes = (list(x.shape), list(w_ih.shape), list(w_hh.shape),
                  None if w_hr is None else list(w_hr.shape))
     ctx.dtype = x.dtype
+    ctx.device = x.device
     ctx.given = tuple(t is not None for t in (b_ih, b_hh, h0, c0, w_hr))
     ctx.set_materialize_grads(False)  # unused outputs -> None -> zeros inside the kernel
 
@@ -206,7 +298,7 @@ def _forward_backward(ctx, dy, dh_n, dc_n, _dhandle):
     x_size, w_ih_size, w_hh_size, w_hr_size = ctx.sizes
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = torch.ops.fusedrnn.layer_backward(
         handle, dy, dh_n, dc_n if ctx.cell == "lstm" else None, ctx.cell, ctx.batch_first,
-        x_size, w_ih_size, w_hh_size, w_hr_size, ctx.dtype)
+        x_size, w_ih_size, w_hh_size, w_hr_size, ctx.dtype, ctx.device)
     has_b_ih, has_b_hh, has_h0, has_c0, has_w_hr = ctx.given
     return (dx, dw_ih, dw_hh, db_ih if has_b_ih else None, db_hh if has_b_hh else None,
             dh0 if has_h0 else None, dc0 if has_c0 else None, dw_hr if has_w_hr else None,
@@ -224,15 +316,28 @@ layer_forward.register_autograd(_forward_backward, setup_context=_forward_setup_
 def layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor],
                    dc_n: Optional[Tensor], cell: str, batch_first: bool, x_size: List[int],
                    w_ih_size: List[int], w_hh_size: List[int], w_hr_size: Optional[List[int]],
-                   dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                Tensor, Tensor, Tensor]:
+                   dtype: torch.dtype, device: Optional[torch.device] = None) -> Tuple[
+                       Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fusedrnn.backward on the cache behind ``handle``; returns
-    (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr); dc0 and dw_hr are empty [0]
-    tensors when the layer has no cell state / no projection."""
+    (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr) in ``dtype`` on the device of the
+    forward's x (``device``, which the autograd formula always passes; the fake
+    implementation needs it); dc0 and dw_hr are empty [0] tensors when the layer has no
+    cell state / no projection.
+
+    The real implementation dispatches by the cache (a device forward's cache holds
+    CUDA memory) and does not need ``device``: compiled backward graphs cached on disk by
+    an earlier fusedrnn, whose schema had no ``device``, still run (the AOTAutograd cache
+    key does not cover a custom op's autograd formula)."""
     cache = _find_cache(handle)
-    g = fusedrnn.backward(cache, _np(dy), _np(dh_n), _np(dc_n))
-    empty = torch.empty(0, dtype=dtype)
-    t = torch.from_numpy
+    if isinstance(cache, fusedrnn._device.DeviceCache):
+        g = fusedrnn.backward(cache, _dev(dy), _dev(dh_n), _dev(dc_n))
+        t = lambda a: a  # noqa: E731  (torch tensors on the cache's device already)
+        device = g["x"].device
+    else:
+        g = fusedrnn.backward(cache, _np(dy), _np(dh_n), _np(dc_n))
+        t = torch.from_numpy
+        device = torch.device("cpu")
+    empty = torch.empty(0, dtype=dtype, device=device)
     dc0 = empty if g["c0"] is None else t(g["c0"])
     dw_hr = empty.clone() if g["w_hr"] is None else t(g["w_hr"])
     return (t(g["x"]), t(g["h0"]), dc0, t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]), t(g["b_hh"]),
@@ -241,8 +346,10 @@ def layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor],
 
 @layer_backward.register_fake
 def _layer_backward_fake(handle, dy, dh_n, dc_n, cell, batch_first, x_size, w_ih_size,
-                         w_hh_size, w_hr_size, dtype):
-    new = lambda *shape: handle.new_empty(shape, dtype=dtype)  # noqa: E731
+                         w_hh_size, w_hr_size, dtype, device=None):
+    if device is None:  # not from the autograd formula: the gradients' device, else the CPU
+        device = next((g.device for g in (dy, dh_n, dc_n) if g is not None), handle.device)
+    new = lambda *shape: handle.new_empty(shape, dtype=dtype, device=device)  # noqa: E731
     B = x_size[0] if batch_first else x_size[1]
     H, P = _hidden_sizes(cell, w_hh_size, w_hr_size)
     return (new(*x_size), new(B, P), new(B, H) if cell == "lstm" else new(0),
@@ -275,10 +382,7 @@ def run_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[T
     The cache for backward is kept only when autograd will need it (grad mode on and
     some input requires grad). checkpoint: as ``fusedrnn.forward`` (False, True or k).
     """
-    if checkpoint is True or checkpoint is False:
-        ck = -1 if checkpoint else 0
-    else:  # a positive int, or the same error as fusedrnn.forward's
-        ck = fusedrnn._validate._checkpoint(checkpoint, 1)
+    ck = checkpoint_code(checkpoint)
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr))
     y, h_n, c_n, _ = torch.ops.fusedrnn.layer_forward(

@@ -11,6 +11,9 @@ input, ``batch_first``, h0 or (h0, c0), PackedSequence in -> PackedSequence out,
 inter-layer dropout in training mode). The work is done by fusedrnn's fused kernels, one
 call per layer and direction, registered as torch custom operators (``fusedrnn._torch_ops``)
 so autograd and ``torch.compile(fullgraph=True)`` see them. No equations here: glue only.
+CPU tensors (float32/float64) run on the CPU kernels; CUDA tensors (float32, float16,
+bfloat16) on the CUDA backend when it is built and sees a device
+(``fusedrnn.cuda_available()``), without projection or checkpoint for now.
 
 This module imports torch; ``import fusedrnn`` never imports it. See docs/torch.md.
 
@@ -28,13 +31,12 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from ._torch_ops import check_device, run_layer
+from ._torch_ops import check_device, check_dtype, checkpoint_code, run_layer
 
 __all__ = ["RNN", "GRU", "LSTM", "convert"]
 
 #: torch.nn mode -> fusedrnn cell
 _CELLS = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru", "LSTM": "lstm"}
-_DTYPES = (torch.float32, torch.float64)
 
 
 class _FusedRNNBase(torch.nn.RNNBase):
@@ -75,10 +77,23 @@ class _FusedRNNBase(torch.nn.RNNBase):
                 f"Input and parameter tensors are not at the same device, found input "
                 f"tensor at {input.device} and parameter tensor at {w.device}")
         check_device(input)
-        if w.dtype not in _DTYPES:
-            raise TypeError(
-                f"fusedrnn.torch.{type(self).__name__} runs float32 and float64 weights, got "
-                f"{w.dtype}; convert the module (module.float()) or use torch.nn for {w.dtype}")
+        who = f"fusedrnn.torch.{type(self).__name__}"
+        check_dtype(w.dtype, w.device, who)
+        if input.device.type == "cuda":
+            self._check_cuda_features(who)
+
+    def _check_cuda_features(self, who: str) -> None:
+        """What the CUDA backend cannot run yet (docs/cuda.md): projection, checkpoint."""
+        if self.proj_size > 0:
+            raise ValueError(
+                f"{who}: proj_size > 0 (LSTM projection) is not supported on the CUDA backend "
+                f"yet (its kernels have no projection); run this module on the CPU, or use "
+                f"torch.nn.LSTM for a projected LSTM on CUDA")
+        if checkpoint_code(self.checkpoint) != 0:  # an invalid value raises its own error
+            raise ValueError(
+                f"{who}: checkpoint={self.checkpoint!r} is not supported on the CUDA backend "
+                f"yet (its training cache keeps every step); set module.checkpoint = False "
+                f"for CUDA tensors, or train with checkpointing on the CPU")
 
     def _check_hidden(self, hx: Tensor, input: Tensor, expected, msg: str) -> None:
         if tuple(hx.shape) != tuple(expected):
@@ -236,8 +251,8 @@ class _PaddingGather(torch.autograd.Function):
 
 
 def _packed_to_padded(data: Tensor, batch_sizes: Tensor, B: int):
-    """Packed rows -> (x [T, B, I] time-major, lengths [B] int64, pad_index [T*B],
-    pack_index [N]).
+    """Packed rows -> (x [T, B, I] time-major, lengths [B] int64 on batch_sizes' device
+    (torch keeps it on the CPU), pad_index [T*B], pack_index [N] on data's device).
 
     Rows of a PackedSequence are in sorted order: packed row start[t] + b holds step t
     of sequence b, for b < batch_sizes[t]. ``pad_index[t*B + b]`` is that packed row
@@ -250,7 +265,14 @@ def _packed_to_padded(data: Tensor, batch_sizes: Tensor, B: int):
     bs = batch_sizes.to(device=dev, dtype=torch.int64)            # [T]
     b = torch.arange(B, device=dev)                                # [B]
     valid = b[None, :] < bs[:, None]                               # [T, B]
-    lengths = valid.sum(0)                                         # [B]
+    if batch_sizes.device == dev:
+        lengths = valid.sum(0)                                     # [B]
+    else:
+        # CUDA data: lengths from the CPU batch_sizes, on the CPU, where the kernels read
+        # them; lengths on the device would cost a device-to-host copy (a sync) per layer
+        host = batch_sizes.device
+        lengths = (torch.arange(B, device=host)[None, :]
+                   < batch_sizes.to(torch.int64)[:, None]).sum(0)
     end = torch.cumsum(bs, 0)                                      # [T]
     start = end - bs                                               # [T]
     pad_index = torch.where(valid, start[:, None] + b[None, :], 0).reshape(-1)  # [T*B]
