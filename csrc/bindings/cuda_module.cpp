@@ -301,6 +301,15 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
     return std::string(algo_name(choose_algo(p)));
   });
 
+  m.def("persistent_fits", [](const std::string& cell, const std::string& dtype, int64_t T,
+                              int64_t B, int64_t I, int64_t H, int device) {
+    Problem p;
+    p.cell = parse_cell(cell); p.dtype = parse_dtype(dtype);
+    p.T = T; p.B = B; p.I = I; p.H = H; p.device = device;
+    return persistent_fits(p);
+  }, "Whether the persistent kernels' W_hh slices fit this device's blocks (shared memory, "
+     "block count, cooperative launch); residency is checked again at launch.");
+
   m.def(
       "forward",
       [](const std::string& cell, const std::string& dtype, int64_t T, int64_t B, int64_t I,

@@ -331,7 +331,12 @@ PersistentConfig persistent_config(const Problem& p) {
   c.w_bytes = align16(G * c.U * H * es);
   c.h_bytes = align16(B * H * es);
   c.smem = c.w_bytes + c.h_bytes + align16(B * G * c.U * sizeof(float));
-  c.ok = c.smem <= static_cast<std::size_t>(optin) && c.blocks <= sms;
+  int coop = 0;
+  if (cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, p.device) != cudaSuccess) {
+    cudaGetLastError();
+    coop = 0;
+  }
+  c.ok = coop && c.smem <= static_cast<std::size_t>(optin) && c.blocks <= sms;
   return c;
 }
 
@@ -403,8 +408,10 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
   }
 }
 
+// Queues the kernel and returns true, or returns false, queueing nothing,
+// when its blocks cannot all be resident at once.
 template <Cell C, typename Tio>
-void launch_persistent_fwd(const Problem& p, PersistentParams a) {
+bool launch_persistent_fwd(const Problem& p, PersistentParams a) {
   const PersistentConfig c = persistent_config(p);
   if (!c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
   a.U = c.U;
@@ -417,9 +424,9 @@ void launch_persistent_fwd(const Problem& p, PersistentParams a) {
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, c.smem),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), "cudaDeviceGetAttribute");
-  if (per_sm * sms < c.blocks)
-    throw std::invalid_argument("the persistent kernel's blocks cannot all be resident at once");
+  if (per_sm * sms < c.blocks) return false;  // not all resident (MPS limits, other work)
   launch_cooperative(kernel, c.blocks, kPersistentThreads, c.smem, p.stream, a);
+  return true;
 }
 
 struct BwdStep {
@@ -610,7 +617,7 @@ PersistentConfig persistent_bwd_config(const Problem& p) {
 }
 
 template <Cell C, typename Tio>
-void launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParams a) {
+bool launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParams a) {
   const PersistentConfig c = persistent_bwd_config(p);
   if (!c.ok) throw std::invalid_argument("the persistent backward kernel does not fit this problem");
   a.U = c.U;
@@ -622,9 +629,9 @@ void launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParam
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, c.smem),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), "cudaDeviceGetAttribute");
-  if (per_sm * sms < c.blocks)
-    throw std::invalid_argument("the persistent kernel's blocks cannot all be resident at once");
+  if (per_sm * sms < c.blocks) return false;  // not all resident (MPS limits, other work)
   launch_cooperative(kernel, c.blocks, kPersistentThreads, c.smem, st, a);
+  return true;
 }
 
 // Rows [0, active) hold every row still running at step t: the product of a
@@ -639,10 +646,30 @@ int64_t active_rows(const std::vector<int32_t>& lengths, int64_t t, int64_t B) {
 
 // ---------------------------------------------------------------- drivers
 
+// The default memory pool returns freed memory to the driver at every
+// synchronisation unless told otherwise; scratch and caches are allocated
+// every call, so keep it (as PyTorch's caching allocator does). Once per device.
+void keep_pool_memory(int device) {
+  static std::mutex m;
+  static std::vector<int> done;
+  std::lock_guard<std::mutex> lock(m);
+  if (std::find(done.begin(), done.end(), device) != done.end()) return;
+  done.push_back(device);
+  cudaMemPool_t pool;
+  if (cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  uint64_t threshold = UINT64_MAX;
+  if (cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold) != cudaSuccess)
+    cudaGetLastError();
+}
+
 template <Cell C, typename Tio>
 void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n,
-                  Cache* cache, Algo algo) {
+                  Cache* cache, Algo algo, bool required) {
   DeviceGuard guard(p.device);
+  keep_pool_memory(p.device);
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = p.G(), GH = G * H, N = p.N();
   const int64_t bs = p.bstride();
   const blas::Type bt = BlasType<Tio>::v;
@@ -730,10 +757,15 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     a.w_hh = w_hh; a.hs = hs; a.hbuf0 = hbuf[0]; a.hbuf1 = hbuf[1];
     a.cs = cs; a.cbuf0 = cbuf[0]; a.cbuf1 = cbuf[1]; a.c0f = c0f;
     a.h_n = h_n; a.c_n = lstm ? c_n : nullptr;
-    launch_persistent_fwd<C, Tio>(p, a);
-    if (cache) cache->algo = Algo::Persistent;
-    check(cudaGetLastError(), "fusedrnn forward (persistent)");
-    return;
+    if (launch_persistent_fwd<C, Tio>(p, a)) {
+      if (cache) cache->algo = Algo::Persistent;
+      check(cudaGetLastError(), "fusedrnn forward (persistent)");
+      return;
+    }
+    if (required)
+      throw std::invalid_argument("algo 'persistent': its blocks cannot all be resident on this "
+                                  "device at once (other work or MPS limits)");
+    // auto: the standard loop below (the state buffers are the same)
   }
 
   for (int64_t s = 0; s < T; ++s) {
@@ -813,6 +845,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   const int32_t* d_len = c.lengths.empty() ? nullptr : c.at<int32_t>(c.len_off);
   const uint8_t* d_mask = c.mask.empty() ? nullptr : c.at<uint8_t>(c.mask_off);
 
+  bool persistent_done = false;
   if (c.algo == Algo::Persistent && persistent_bwd_config(p).ok) {
     PersistentBwdParams a{};
     BwdStep& f = a.step;
@@ -821,8 +854,9 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     f.lengths = d_len; f.mask = d_mask;
     a.T = T; a.reverse = p.reverse; a.batch_first = p.batch_first; a.w_hh = whh;
     a.cs = cs; a.c0f = c0f; a.hs = hs;
-    launch_persistent_bwd<C, Tio>(p, st, a);
-  } else {
+    persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
+  }
+  if (!persistent_done) {
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t t = p.reverse ? T - 1 - s : s;
     const int64_t tp = p.reverse ? t + 1 : t - 1;
@@ -947,12 +981,14 @@ bool persistent_fits(const Problem& p) {
 
 void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
              Algo algo) {
+  const bool required = algo == Algo::Persistent;  // asked for, not chosen
   if (algo == Algo::Auto) algo = choose_algo(p);
   if (algo == Algo::Persistent && p.N() > 0 && !persistent_fits(p))
     throw std::invalid_argument("algo 'persistent' cannot run this problem on this device "
                                 "(W_hh's slices do not fit the blocks' shared memory)");
   dispatch(p.cell, p.dtype, [&](auto cell_tag, auto type_tag) {
-    forward_impl<decltype(cell_tag)::value, decltype(type_tag)>(p, in, y, h_n, c_n, cache, algo);
+    forward_impl<decltype(cell_tag)::value, decltype(type_tag)>(p, in, y, h_n, c_n, cache, algo,
+                                                                 required);
   });
 }
 

@@ -2,7 +2,8 @@
 
 Commands:
     train   train an RNN/LSTM/GRU model on a synthetic task (docs/training.md)
-    bench   time fusedrnn against its NumPy reference and torch.nn (see bench/README.md)
+    bench   time fusedrnn against its NumPy reference and torch.nn (see bench/README.md);
+            ``bench --device cuda``: its CUDA backend against torch.nn/cuDNN on a GPU
 
 Each command is a subparser registered in ``_COMMANDS``: a function that adds the
 parser and its options, and sets ``func`` (called with the parsed arguments, it
@@ -20,16 +21,31 @@ from typing import List, Optional
 
 
 def _add_bench(subparsers) -> None:
-    from . import _bench
+    from . import _bench, _bench_cuda
 
     p = subparsers.add_parser(
         "bench",
-        help="benchmark fusedrnn against the NumPy reference and torch.nn",
+        help="benchmark fusedrnn against the NumPy reference and torch.nn (--device cuda: "
+             "on a GPU, against cuDNN)",
         description="Time fusedrnn.forward/backward against fusedrnn.reference and torch.nn "
                     "(if installed) over a grid of cells, shapes and passes; prints a table "
-                    "and writes a CSV. See bench/README.md.")
+                    "and writes a CSV. See bench/README.md. With --device cuda: fusedrnn's "
+                    "CUDA backend against torch.nn on the GPU (cuDNN), see "
+                    "fusedrnn/_bench_cuda.py.")
     _bench.add_arguments(p)
-    p.set_defaults(func=_bench.run)
+    _bench_cuda.add_arguments(p)
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    """``bench``: the CPU benchmark, or the GPU one with ``--device cuda``."""
+    if getattr(args, "device", "cpu") == "cuda":
+        from . import _bench_cuda
+
+        return _bench_cuda.run(args)
+    from . import _bench
+
+    return _bench.run(args)
 
 
 def _add_train(subparsers) -> None:

@@ -266,6 +266,9 @@ class DeviceArray:
         """Copy a NumPy array to a device (dtype: float32, float16 or bfloat16)."""
         a = np.asarray(a)
         dtype = dtype or str(a.dtype)
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype must be one of {DTYPES} on a CUDA device, got {dtype} "
+                            f"(pass dtype='float32' to convert)")
         if dtype == "bfloat16":
             bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
             # round to nearest even, as the hardware conversion does (finite values)
@@ -378,7 +381,7 @@ def _host_ints(name, a):
             return a.detach().cpu().numpy()
         v = view(name, a)
         v = _contiguous(name, v)
-        raw = _cuda.memcpy_to_host(v.ptr, math.prod(v.shape) * _ITEMSIZE[v.dtype], 0)
+        raw = _cuda.memcpy_to_host(v.ptr, math.prod(v.shape) * _ITEMSIZE[v.dtype], int(v.stream or 0))
         return np.frombuffer(raw, np.dtype(v.dtype)).reshape(v.shape)
     return np.asarray(a)
 
@@ -507,6 +510,8 @@ def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None):
     dcv = None if dc_n is None else _check("dc_n", dc_n, ref, (B, H), "[B, H]")
     stream = _stream_of(dyv) if dyv is not None else _stream_of(xv) if xv.kind in ("torch", "cupy") \
         else fwd_stream
+    if xv.kind not in ("torch", "cupy"):  # our own buffers: allocate on backward's stream
+        alloc = _allocator(xv, stream)
     dx, dxp = alloc((B, T, I) if cache.batch_first else (T, B, I))
     dh0, dh0p = alloc((B, H))
     dc0, dc0p = alloc((B, H)) if cache.cell == "lstm" else (None, 0)
