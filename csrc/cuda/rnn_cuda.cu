@@ -289,6 +289,8 @@ constexpr int kPersistentThreads = 64;  // two warps: fewer fibers for the host 
 constexpr int kPersistentThreads = 256;
 #endif
 
+constexpr int kFwdRows = 4;  // batch rows per warp item in the persistent forward
+
 struct PersistentParams {
   FwdStep step;  // t, row0, hprev..., h_n/c_n are set per step in the kernel
   int64_t T;
@@ -388,16 +390,33 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
     for (int64_t e = threadIdx.x; e < B * H; e += blockDim.x)
       hsm[e] = hp[(e / H) * f.hprev_ld + e % H];
     __syncthreads();
-    for (int64_t o = warp; o < B * G * Ue; o += nwarps) {
-      const int64_t b = o / (G * Ue), lr = o % (G * Ue), g = lr / Ue, u = lr % Ue;
-      if (!valid_step(f.lengths, f.mask, t, B, b)) continue;
+    // One warp item: one row of W_hh times up to kFwdRows batch rows, so each
+    // weight read from shared memory serves several dot products.
+    const int64_t bchunks = (B + kFwdRows - 1) / kFwdRows;
+    for (int64_t o = warp; o < G * Ue * bchunks; o += nwarps) {
+      const int64_t lr = o / bchunks, b0 = (o % bchunks) * kFwdRows, g = lr / Ue, u = lr % Ue;
+      const int nb = static_cast<int>(min(static_cast<int64_t>(kFwdRows), B - b0));
+      bool any = false;
+      for (int r = 0; r < nb; ++r) any = any || valid_step(f.lengths, f.mask, t, B, b0 + r);
+      if (!any) continue;  // rows past their end compute nothing
       const Tio* wr = w + (g * U + u) * H;
-      const Tio* hr = hsm + b * H;
-      float sum = 0.f;
-      for (int64_t k = lane; k < H; k += 32) sum += to_f(wr[k]) * to_f(hr[k]);
+      const Tio* hr = hsm + b0 * H;
+      float sum[kFwdRows];
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      if (lane == 0) acc[b * GU + g * U + u] = sum;
+      for (int r = 0; r < kFwdRows; ++r) sum[r] = 0.f;
+      for (int64_t k = lane; k < H; k += 32) {
+        const float wk = to_f(wr[k]);
+#pragma unroll
+        for (int r = 0; r < kFwdRows; ++r)
+          if (r < nb) sum[r] += wk * to_f(hr[r * H + k]);
+      }
+#pragma unroll
+      for (int r = 0; r < kFwdRows; ++r) {
+        float v = sum[r];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0 && r < nb) acc[(b0 + r) * GU + g * U + u] = v;
+      }
     }
     __syncthreads();
     for (int64_t e = threadIdx.x; e < B * Ue; e += blockDim.x) {
