@@ -427,14 +427,11 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
   }
 }
 
-// Queues the kernel and returns true, or returns false, queueing nothing,
-// when its blocks cannot all be resident at once.
-template <Cell C, typename Tio>
-bool launch_persistent_fwd(const Problem& p, PersistentParams a) {
-  const PersistentConfig c = persistent_config(p);
-  if (!c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
-  a.U = c.U;
-  auto kernel = persistent_fwd<C, Tio>;
+// Queues a persistent kernel and returns true, or returns false, queueing
+// nothing, when its blocks cannot all be resident at once.
+template <typename Params>
+bool launch_persistent(void (*kernel)(Params), const PersistentConfig& c, int device,
+                       cudaStream_t stream, Params& a) {
   // The shared-memory attribute is per function: hold it until the launch is queued.
   std::lock_guard<std::mutex> lock(persistent_launch_mutex());
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -442,10 +439,18 @@ bool launch_persistent_fwd(const Problem& p, PersistentParams a) {
   int per_sm = 0, sms = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, c.smem),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   if (per_sm * sms < c.blocks) return false;  // not all resident (MPS limits, other work)
-  launch_cooperative(kernel, c.blocks, kPersistentThreads, c.smem, p.stream, a);
+  launch_cooperative(kernel, c.blocks, kPersistentThreads, c.smem, stream, a);
   return true;
+}
+
+template <Cell C, typename Tio>
+bool launch_persistent_fwd(const Problem& p, PersistentParams a) {
+  const PersistentConfig c = persistent_config(p);
+  if (!c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
+  a.U = c.U;
+  return launch_persistent(persistent_fwd<C, Tio>, c, p.device, p.stream, a);
 }
 
 struct BwdStep {
@@ -640,17 +645,7 @@ bool launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParam
   const PersistentConfig c = persistent_bwd_config(p);
   if (!c.ok) throw std::invalid_argument("the persistent backward kernel does not fit this problem");
   a.U = c.U;
-  auto kernel = persistent_bwd<C, Tio>;
-  std::lock_guard<std::mutex> lock(persistent_launch_mutex());
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(c.smem)), "cudaFuncSetAttribute");
-  int per_sm = 0, sms = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, c.smem),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), "cudaDeviceGetAttribute");
-  if (per_sm * sms < c.blocks) return false;  // not all resident (MPS limits, other work)
-  launch_cooperative(kernel, c.blocks, kPersistentThreads, c.smem, st, a);
-  return true;
+  return launch_persistent(persistent_bwd<C, Tio>, c, p.device, st, a);
 }
 
 // Rows [0, active) hold every row still running at step t: the product of a

@@ -539,28 +539,31 @@ def _fmt_check(r: Row) -> str:
     return r.check
 
 
-def _line(values: Sequence[str]) -> str:
+def _line(values: Sequence[str], table=None, numeric=None) -> str:
     parts = []
-    for (title, width, _), v in zip(_TABLE, values):
-        parts.append(v.rjust(width) if title in _NUMERIC else v.ljust(width))
+    for (title, width, _), v in zip(table or _TABLE, values):
+        parts.append(v.rjust(width) if title in (numeric or _NUMERIC) else v.ljust(width))
     return "  ".join(parts).rstrip()
 
 
-def table_header() -> str:
-    head = _line([t for t, _, _ in _TABLE])
+def table_header(table=None, numeric=None) -> str:
+    """The table's title line and rule (table: (title, width, format) columns;
+    numeric: the titles right-aligned; default: this module's table)."""
+    head = _line([t for t, _, _ in table or _TABLE], table, numeric)
     return head + "\n" + "-" * len(head)
 
 
-def table_row(r: Row) -> str:
-    return _line([fmt(r) for _, _, fmt in _TABLE])
+def table_row(r, table=None, numeric=None) -> str:
+    return _line([fmt(r) for _, _, fmt in table or _TABLE], table, numeric)
 
 
-def write_csv(path: str, rows: Sequence[Row]) -> None:
+def write_csv(path: str, rows: Sequence, columns=None) -> None:
+    """rows (objects with csv_record()) as CSV with the given columns."""
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns or CSV_COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow(r.csv_record())

@@ -40,7 +40,6 @@ per forward+backward). The CSV and the printed text go to ``--out``.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import io
 import math
@@ -365,31 +364,16 @@ def _fmt_check(r: Row) -> str:
     return r.check
 
 
-def _line(values: Sequence[str]) -> str:
-    parts = []
-    for (title, width, _), v in zip(_TABLE, values):
-        parts.append(v.rjust(width) if title in _NUMERIC else v.ljust(width))
-    return "  ".join(parts).rstrip()
-
-
 def table_header() -> str:
-    head = _line([t for t, _, _ in _TABLE])
-    return head + "\n" + "-" * len(head)
+    return _bench.table_header(_TABLE, _NUMERIC)
 
 
 def table_row(r: Row) -> str:
-    return _line([fmt(r) for _, _, fmt in _TABLE])
+    return _bench.table_row(r, _TABLE, _NUMERIC)
 
 
 def write_csv(path: str, rows: Sequence[Row]) -> None:
-    d = os.path.dirname(path)
-    if d:
-        os.makedirs(d, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r.csv_record())
+    _bench.write_csv(path, rows, CSV_COLUMNS)
 
 
 def slug(name: str) -> str:

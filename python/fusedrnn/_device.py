@@ -456,24 +456,11 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     if lengths is not None and mask is not None:
         raise ValueError("pass either lengths or mask, not both")
     if lengths is not None:
-        lengths = _host_ints("lengths", lengths)
-        if lengths.dtype.kind not in "iu":
-            raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
-        if lengths.shape != (B,):
-            raise ValueError(f"lengths must have shape [B] = ({B},), got {lengths.shape}")
-        if B and (lengths.min() < 0 or lengths.max() > T):
-            bad = lengths[(lengths < 0) | (lengths > T)][0]
-            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got {int(bad)}")
+        lengths = _validate.check_lengths(_host_ints("lengths", lengths), B, T)
         lengths = np.ascontiguousarray(lengths, np.int32)
     if mask is not None:
-        mask = _host_ints("mask", mask)
-        if mask.dtype != np.bool_:
-            raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
-        mlayout, mshape = ("[B, T]", (B, T)) if batch_first else ("[T, B]", (T, B))
-        if mask.shape != mshape:
-            raise ValueError(f"mask must have shape {mlayout} = {mshape}, got {mask.shape}")
-        mask = np.ascontiguousarray(mask.T if batch_first else mask).view(np.uint8)
-
+        mask = _validate.check_mask(_host_ints("mask", mask), B, T, batch_first)
+        mask = np.ascontiguousarray(mask).view(np.uint8)
     _require_cuda()
     if xv.device < 0:  # a size-0 x has no pointer: its device is the weights'
         xv = xv._replace(device=whh.device if whh.device >= 0 else wih.device)

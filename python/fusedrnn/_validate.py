@@ -96,6 +96,31 @@ def _checkpoint(value, T):
     return int(value)
 
 
+def check_lengths(lengths, B, T):
+    """lengths as a checked integer array of shape [B] with values in [0, T]."""
+    lengths = np.asarray(lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape [B] = ({B},), got {lengths.shape}")
+    if B and (lengths.min() < 0 or lengths.max() > T):
+        bad = lengths[(lengths < 0) | (lengths > T)][0]
+        raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got {int(bad)}")
+    return lengths
+
+
+def check_mask(mask, B, T, batch_first):
+    """mask as a checked bool array, time-major [T, B] (a view, transposed
+    when given [B, T] with batch_first)."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+    mlayout, mshape = ("[B, T]", (B, T)) if batch_first else ("[T, B]", (T, B))
+    if mask.shape != mshape:
+        raise ValueError(f"mask must have shape {mlayout} = {mshape}, got {mask.shape}")
+    return mask.T if batch_first else mask
+
+
 def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
                  lengths=None, mask=None, reverse=False, batch_first=False,
                  training=True, w_hr=None, checkpoint=False, zeros_for_none=True) -> ForwardArgs:
@@ -177,24 +202,9 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
     if lengths is not None and mask is not None:
         raise ValueError("pass either lengths or mask, not both")
     if lengths is not None:
-        lengths = np.asarray(lengths)
-        if lengths.dtype.kind not in "iu":
-            raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
-        if lengths.shape != (B,):
-            raise ValueError(f"lengths must have shape [B] = ({B},), got {lengths.shape}")
-        if B and (lengths.min() < 0 or lengths.max() > T):
-            bad = lengths[(lengths < 0) | (lengths > T)][0]
-            raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got {int(bad)}")
-        lengths = lengths.astype(np.int64, copy=False)
+        lengths = check_lengths(lengths, B, T).astype(np.int64, copy=False)
     if mask is not None:
-        mask = np.asarray(mask)
-        if mask.dtype != np.bool_:
-            raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
-        mlayout, mshape = ("[B, T]", (B, T)) if batch_first else ("[T, B]", (T, B))
-        if mask.shape != mshape:
-            raise ValueError(f"mask must have shape {mlayout} = {mshape}, got {mask.shape}")
-        if batch_first:
-            mask = mask.T
+        mask = check_mask(mask, B, T, batch_first)
     # (tuple.__new__: half the cost of ForwardArgs(...) with this many fields)
     return tuple.__new__(ForwardArgs, (cell, G, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask,
                                        reverse, batch_first, training, dtype, T, B, I, H, P, w_hr,
