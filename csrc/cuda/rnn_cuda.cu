@@ -271,6 +271,48 @@ __global__ void fwd_step(FwdStep s) {
   fwd_point<C, Tio>(s, b, j, s.gh + b * G * s.H + j, s.H);
 }
 
+// Where each step's state lives, shared by the host loops and the persistent
+// kernels. Training (hs set): hs holds the state entering every step in x's
+// row order, cs the LSTM cell after every step, c0f the initial cell.
+// Inference: the state ping-pongs between hbuf0/hbuf1 and cbuf0/cbuf1
+// (cbuf0 holds c0). Steps run s = 0..T-1 in processing order, t = p.t_of(s).
+struct StateBuffers {
+  Problem p;  // sizes, direction and layout
+  void* hs;
+  void *hbuf0, *hbuf1;
+  float *cs, *cbuf0, *cbuf1, *c0f;
+  void *h_n, *c_n;  // written by the last step
+};
+
+// Points a forward step s at its state buffers (t, row0, hprev/hnext,
+// cprev/cnext, and h_n/c_n at the last step).
+template <typename Tio>
+__host__ __device__ __forceinline__ void place_fwd(FwdStep& f, const StateBuffers& sb, int64_t s) {
+  const Problem& p = sb.p;
+  const int64_t T = p.T, H = p.H, t = p.t_of(s), ld = p.bstride() * H;
+  f.t = t;
+  f.row0 = p.row0(t);
+  if (sb.hs) {
+    Tio* hs = static_cast<Tio*>(sb.hs);
+    f.hprev = hs + p.row0(t) * H; f.hprev_ld = ld;
+    f.hnext = s + 1 < T ? hs + p.row0(p.t_of(s + 1)) * H : nullptr; f.hnext_ld = ld;
+    if (sb.cs) {
+      f.cprev = s == 0 ? sb.c0f : sb.cs + p.row0(p.t_of(s - 1)) * H;
+      f.cprev_ld = s == 0 ? H : ld;
+      f.cnext = sb.cs + p.row0(t) * H; f.cnext_ld = ld;
+    }
+  } else {
+    f.hprev = (s & 1) ? sb.hbuf1 : sb.hbuf0; f.hprev_ld = H;
+    f.hnext = (s & 1) ? sb.hbuf0 : sb.hbuf1; f.hnext_ld = H;
+    if (sb.cbuf0) {
+      f.cprev = (s & 1) ? sb.cbuf1 : sb.cbuf0; f.cprev_ld = H;
+      f.cnext = (s & 1) ? sb.cbuf0 : sb.cbuf1; f.cnext_ld = H;
+    }
+  }
+  f.h_n = s + 1 == T ? sb.h_n : nullptr;
+  f.c_n = s + 1 == T ? sb.c_n : nullptr;
+}
+
 // ------------------------------------------------- persistent forward
 //
 // One cooperative launch runs every step. Block k owns hidden units
@@ -292,14 +334,9 @@ constexpr int kPersistentThreads = 256;
 constexpr int kFwdRows = 4;  // batch rows per warp item in the persistent forward
 
 struct PersistentParams {
-  FwdStep step;  // t, row0, hprev..., h_n/c_n are set per step in the kernel
-  int64_t T;
-  bool reverse, batch_first, training;
+  FwdStep step;  // the per-step fields are set by place_fwd in the kernel
+  StateBuffers sb;
   const void* w_hh;
-  void* hs;               // training: state entering each step (x's row order)
-  void *hbuf0, *hbuf1;    // inference: ping-pong state
-  float *cs, *cbuf0, *cbuf1, *c0f;
-  void *h_n, *c_n;
   int U;
 };
 
@@ -348,7 +385,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
   cg::grid_group grid = cg::this_grid();
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   FUSEDRNN_SHARED_BYTES(smem_raw);
-  const int64_t H = a.step.H, B = a.step.B, T = a.T, U = a.U;
+  const int64_t H = a.step.H, B = a.step.B, T = a.sb.p.T, U = a.U;
   const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
   const int64_t GU = G * U;
   Tio* w = reinterpret_cast<Tio*>(smem_raw);
@@ -360,32 +397,11 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
     const int64_t lr = e / H, k = e % H, g = lr / Ue, u = lr % Ue;
     w[(g * U + u) * H + k] = w_hh[(g * H + j0 + u) * H + k];
   }
-  const int64_t bs = a.batch_first ? T : 1;
-  auto row0 = [&](int64_t t) { return a.batch_first ? t : t * B; };
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = a.reverse ? T - 1 - s : s;
-    const int64_t tn = a.reverse ? t - 1 : t + 1, tp = a.reverse ? t + 1 : t - 1;
     FwdStep f = a.step;
-    f.t = t;
-    f.row0 = row0(t);
-    if (a.training) {
-      f.hprev = static_cast<Tio*>(a.hs) + row0(t) * H; f.hprev_ld = bs * H;
-      f.hnext = s + 1 < T ? static_cast<Tio*>(a.hs) + row0(tn) * H : nullptr; f.hnext_ld = bs * H;
-      if (C == Cell::Lstm) {
-        f.cprev = s == 0 ? a.c0f : a.cs + row0(tp) * H; f.cprev_ld = s == 0 ? H : bs * H;
-        f.cnext = a.cs + row0(t) * H; f.cnext_ld = bs * H;
-      }
-    } else {
-      f.hprev = (s & 1) ? a.hbuf1 : a.hbuf0; f.hprev_ld = H;
-      f.hnext = (s & 1) ? a.hbuf0 : a.hbuf1; f.hnext_ld = H;
-      if (C == Cell::Lstm) {
-        f.cprev = (s & 1) ? a.cbuf1 : a.cbuf0; f.cprev_ld = H;
-        f.cnext = (s & 1) ? a.cbuf0 : a.cbuf1; f.cnext_ld = H;
-      }
-    }
-    f.h_n = s + 1 == T ? a.h_n : nullptr;
-    f.c_n = s + 1 == T ? a.c_n : nullptr;
+    place_fwd<Tio>(f, a.sb, s);
+    const int64_t t = f.t;
     const Tio* hp = static_cast<const Tio*>(f.hprev);
     for (int64_t e = threadIdx.x; e < B * H; e += blockDim.x)
       hsm[e] = hp[(e / H) * f.hprev_ld + e % H];
@@ -471,6 +487,22 @@ struct BwdStep {
   const uint8_t* mask;
 };
 
+// Points a backward step s (processing order, as forward's) at the saved
+// state: t, row0, the state entering the step, the LSTM cell before it.
+template <typename Tio>
+__host__ __device__ __forceinline__ void place_bwd(BwdStep& b, const StateBuffers& sb, int64_t s) {
+  const Problem& p = sb.p;
+  const int64_t H = p.H, t = p.t_of(s);
+  b.t = t;
+  b.row0 = p.row0(t);
+  b.hprev = static_cast<const Tio*>(sb.hs) + p.row0(t) * H;
+  b.hprev_ld = p.bstride() * H;
+  if (sb.cs) {
+    b.cprev = s == 0 ? sb.c0f : sb.cs + p.row0(p.t_of(s - 1)) * H;
+    b.cprev_ld = s == 0 ? H : p.bstride() * H;
+  }
+}
+
 // One element (b, j) of a backward step.
 template <Cell C, typename Tio>
 __device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j) {
@@ -540,13 +572,9 @@ __global__ void bwd_step(BwdStep s) {
 // deferred products are exactly the standard algorithm's.
 
 struct PersistentBwdParams {
-  BwdStep step;  // per-step fields are set in the kernel
-  int64_t T;
-  bool reverse, batch_first;
+  BwdStep step;  // the per-step fields are set by place_bwd in the kernel
+  StateBuffers sb;
   const void* w_hh;
-  const float* cs;
-  const float* c0f;
-  const void* hs;
   int U;
 };
 
@@ -591,7 +619,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentB
   cg::grid_group grid = cg::this_grid();
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   FUSEDRNN_SHARED_BYTES(smem_raw);
-  const int64_t H = a.step.H, B = a.step.B, T = a.T, U = a.U, GH = G * H;
+  const int64_t H = a.step.H, B = a.step.B, T = a.sb.p.T, U = a.U, GH = G * H;
   const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
   Tio* wt = reinterpret_cast<Tio*>(smem_raw);  // [U][G*H]
   const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
@@ -600,30 +628,21 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentB
     wt[u * GH + row] = w_hh[row * H + j0 + u];
   }
   __syncthreads();
-  const int64_t bs = a.batch_first ? T : 1;
-  auto row0 = [&](int64_t t) { return a.batch_first ? t : t * B; };
+  const int64_t bs = a.sb.p.bstride();
   const Tio* dgh = static_cast<const Tio*>(C == Cell::Gru ? a.step.dgh : a.step.dgx);
   int64_t t_done = -1;  // the step whose dgates the next recurrent product reads
   for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = a.reverse ? T - 1 - s : s, tp = a.reverse ? t + 1 : t - 1;
     if (t_done >= 0)
-      persistent_dh<C, Tio>(a, wt, dgh, row0(t_done), bs, j0, Ue, t_done, a.step.dh);
+      persistent_dh<C, Tio>(a, wt, dgh, a.sb.p.row0(t_done), bs, j0, Ue, t_done, a.step.dh);
     __syncthreads();
     BwdStep f = a.step;
-    f.t = t;
-    f.row0 = row0(t);
-    if (C == Cell::Lstm) {
-      f.cprev = s == 0 ? a.c0f : a.cs + row0(tp) * H;
-      f.cprev_ld = s == 0 ? H : bs * H;
-    }
-    f.hprev = static_cast<const Tio*>(a.hs) + row0(t) * H;
-    f.hprev_ld = bs * H;
+    place_bwd<Tio>(f, a.sb, s);
     for (int64_t e = threadIdx.x; e < B * Ue; e += blockDim.x)
       bwd_point<C, Tio>(f, e / Ue, j0 + e % Ue);
-    t_done = t;
+    t_done = f.t;
     grid.sync();
   }
-  persistent_dh<C, Tio>(a, wt, dgh, row0(t_done), bs, j0, Ue, t_done, a.step.dh);
+  persistent_dh<C, Tio>(a, wt, dgh, a.sb.p.row0(t_done), bs, j0, Ue, t_done, a.step.dh);
 }
 
 PersistentConfig persistent_bwd_config(const Problem& p) {
@@ -754,23 +773,26 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
   // Input projection of every row: gx = x W_ih^T.
   gemm(st, dev, blas::T, blas::N, GH, N, I, 1.f, in.w_ih, bt, I, x, bt, I, 0.f, gx,
              blas::R32F, GH);
-  const int64_t t0 = p.reverse ? T - 1 : 0;
-  Tio* h_first = cache ? hs + p.row0(t0) * H : hbuf[0];
-  FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(h_first, cache ? bs * H : H,
-                                                        static_cast<const Tio*>(in.h0), B, H);
+  // The step's fields that do not change between steps, and the state buffers.
+  FwdStep base{};
+  base.B = B; base.H = H; base.bstride = bs; base.gx = gx; base.gh = gh;
+  base.b_ih = in.b_ih; base.b_hh = in.b_hh; base.gates = gates; base.y = y;
+  base.lengths = d_len; base.mask = d_mask;
+  const StateBuffers sb{p, hs, hbuf[0], hbuf[1], cs, cbuf[0], cbuf[1], c0f, h_n,
+                        lstm ? c_n : nullptr};
+  // The initial state, where the first step reads it (c0 in float32).
+  FwdStep first = base;
+  place_fwd<Tio>(first, sb, 0);
+  FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(
+      static_cast<Tio*>(const_cast<void*>(first.hprev)), first.hprev_ld,
+      static_cast<const Tio*>(in.h0), B, H);
   if (lstm)
-    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(static_cast<const Tio*>(in.c0), c0f, B * H);
+    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(
+        static_cast<const Tio*>(in.c0), c0f, B * H);
 
   if (algo == Algo::Persistent) {
-    PersistentParams a{};
-    FwdStep& f = a.step;
-    f.B = B; f.H = H; f.bstride = bs; f.gx = gx; f.gh = nullptr;
-    f.b_ih = in.b_ih; f.b_hh = in.b_hh; f.gates = gates; f.y = y;
-    f.lengths = d_len; f.mask = d_mask;
-    a.T = T; a.reverse = p.reverse; a.batch_first = p.batch_first; a.training = cache != nullptr;
-    a.w_hh = w_hh; a.hs = hs; a.hbuf0 = hbuf[0]; a.hbuf1 = hbuf[1];
-    a.cs = cs; a.cbuf0 = cbuf[0]; a.cbuf1 = cbuf[1]; a.c0f = c0f;
-    a.h_n = h_n; a.c_n = lstm ? c_n : nullptr;
+    PersistentParams a{base, sb, w_hh, 0};
+    a.step.gh = nullptr;  // the products stay in shared memory
     if (launch_persistent_fwd<C, Tio>(p, a)) {
       if (cache) cache->algo = Algo::Persistent;
       check(cudaGetLastError(), "fusedrnn forward (persistent)");
@@ -783,31 +805,9 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
   }
 
   for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = p.reverse ? T - 1 - s : s;
-    const int64_t tn = p.reverse ? t - 1 : t + 1, tp = p.reverse ? t + 1 : t - 1;
-    FwdStep f{};
-    f.B = B; f.H = H; f.t = t; f.row0 = p.row0(t); f.bstride = bs;
-    f.gx = gx; f.gh = gh; f.b_ih = in.b_ih; f.b_hh = in.b_hh;
-    if (cache) {
-      f.hprev = hs + p.row0(t) * H; f.hprev_ld = bs * H;
-      f.hnext = s + 1 < T ? hs + p.row0(tn) * H : nullptr; f.hnext_ld = bs * H;
-      if (lstm) {
-        f.cprev = s == 0 ? c0f : cs + p.row0(tp) * H; f.cprev_ld = s == 0 ? H : bs * H;
-        f.cnext = cs + p.row0(t) * H; f.cnext_ld = bs * H;
-      }
-      f.gates = gates;
-    } else {
-      f.hprev = hbuf[s & 1]; f.hprev_ld = H;
-      f.hnext = hbuf[(s + 1) & 1]; f.hnext_ld = H;
-      if (lstm) {
-        f.cprev = cbuf[s & 1]; f.cprev_ld = H;
-        f.cnext = cbuf[(s + 1) & 1]; f.cnext_ld = H;
-      }
-    }
-    f.y = y;
-    if (s + 1 == T) { f.h_n = h_n; f.c_n = lstm ? c_n : nullptr; }
-    f.lengths = d_len; f.mask = d_mask;
-    const int64_t active = active_rows(in.lengths, t, B);
+    FwdStep f = base;
+    place_fwd<Tio>(f, sb, s);
+    const int64_t active = active_rows(in.lengths, f.t, B);
     gemm(st, dev, blas::T, blas::N, GH, active, H, 1.f, w_hh, bt, H, f.hprev, bt,
                f.hprev_ld, 0.f, gh, blas::R32F, GH);
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, fwd_step<C, Tio>)(f);
@@ -859,36 +859,25 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   const int32_t* d_len = c.lengths.empty() ? nullptr : c.at<int32_t>(c.len_off);
   const uint8_t* d_mask = c.mask.empty() ? nullptr : c.at<uint8_t>(c.mask_off);
 
+  BwdStep base{};
+  base.B = B; base.H = H; base.bstride = bs; base.dy = dy; base.dh = dh; base.dc = dc;
+  base.gates = c.at<float>(c.gates_off); base.cs = cs; base.dgx = dgx; base.dgh = dgh;
+  base.lengths = d_len; base.mask = d_mask;
+  const StateBuffers sb{p, const_cast<Tio*>(hs), nullptr, nullptr, const_cast<float*>(cs),
+                        nullptr, nullptr, const_cast<float*>(c0f), nullptr, nullptr};
+
   bool persistent_done = false;
   if (c.algo == Algo::Persistent && persistent_bwd_config(p).ok) {
-    PersistentBwdParams a{};
-    BwdStep& f = a.step;
-    f.B = B; f.H = H; f.bstride = bs; f.dy = dy; f.dh = dh; f.dc = dc;
-    f.gates = c.at<float>(c.gates_off); f.cs = cs; f.dgx = dgx; f.dgh = dgh;
-    f.lengths = d_len; f.mask = d_mask;
-    a.T = T; a.reverse = p.reverse; a.batch_first = p.batch_first; a.w_hh = whh;
-    a.cs = cs; a.c0f = c0f; a.hs = hs;
+    PersistentBwdParams a{base, sb, whh, 0};
     persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
   }
-  if (!persistent_done) {
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = p.reverse ? T - 1 - s : s;
-    const int64_t tp = p.reverse ? t + 1 : t - 1;
-    BwdStep b{};
-    b.B = B; b.H = H; b.t = t; b.row0 = p.row0(t); b.bstride = bs;
-    b.dy = dy; b.dh = dh; b.dc = dc; b.gates = c.at<float>(c.gates_off);
-    if (lstm) {
-      b.cs = cs;
-      b.cprev = s == 0 ? c0f : cs + p.row0(tp) * H;
-      b.cprev_ld = s == 0 ? H : bs * H;
-    }
-    b.hprev = hs + p.row0(t) * H; b.hprev_ld = bs * H;
-    b.dgx = dgx; b.dgh = dgh; b.lengths = d_len; b.mask = d_mask;
+  for (int64_t s = T - 1; s >= 0 && !persistent_done; --s) {
+    BwdStep b = base;
+    place_bwd<Tio>(b, sb, s);
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, bwd_step<C, Tio>)(b);
-    const int64_t active = active_rows(c.lengths, t, B);
-    gemm(st, dev, blas::N, blas::N, H, active, GH, 1.f, whh, bt, H, dgh + p.row0(t) * GH, bt,
+    const int64_t active = active_rows(c.lengths, b.t, B);
+    gemm(st, dev, blas::N, blas::N, H, active, GH, 1.f, whh, bt, H, dgh + b.row0 * GH, bt,
                bs * GH, 1.f, dh, blas::R32F, H);
-  }
   }
   FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dh, static_cast<Tio*>(g.h0), B * H);
   if (lstm) FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dc, static_cast<Tio*>(g.c0), B * H);

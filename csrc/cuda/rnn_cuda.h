@@ -40,8 +40,11 @@ struct Problem {
   cudaStream_t stream = nullptr;
   int G() const { return gates_of(cell); }
   int64_t N() const { return T * B; }
-  int64_t bstride() const { return batch_first ? T : 1; }
-  int64_t row0(int64_t t) const { return batch_first ? t : t * B; }
+  // (host and device: the persistent kernels place their steps with these)
+  FUSEDRNN_HD int64_t bstride() const { return batch_first ? T : 1; }
+  FUSEDRNN_HD int64_t row0(int64_t t) const { return batch_first ? t : t * B; }
+  // the time index of the s-th step processed
+  FUSEDRNN_HD int64_t t_of(int64_t s) const { return reverse ? T - 1 - s : s; }
 };
 
 struct ForwardIn {
