@@ -242,11 +242,14 @@ class Dev:
 
 
 class FakeCore:
-    """Stands for the _cuda.Cache that forward returns."""
+    """Stands for the _cuda.Cache that forward returns (the same attributes)."""
 
-    def __init__(self, algo):
+    def __init__(self, problem):
+        algo = problem["algo"]
         self.algo = "standard" if algo == "auto" else algo
         self.nbytes = 4096
+        for k in ("cell", "dtype", "T", "B", "I", "H", "batch_first", "reverse", "device"):
+            setattr(self, k, problem[k])
 
 
 class FakeCuda(types.SimpleNamespace):
@@ -332,7 +335,7 @@ class FakeCuda(types.SimpleNamespace):
             device=device, stream=stream, x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h0=h0,
             c0=c0, lengths=lengths, mask=mask, y=y, h_n=h_n, c_n=c_n, training=training,
             algo=algo))
-        return FakeCore(algo) if training else None
+        return FakeCore(self.forward_calls[-1]) if training else None
 
     def backward(self, cache, stream, dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh):
         self.backward_calls.append(dict(

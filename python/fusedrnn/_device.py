@@ -304,7 +304,7 @@ def _allocator(v: View, stream: int):
     """A function (shape) -> (array, pointer) allocating like v's library."""
     if v.kind == "torch":
         import torch
-        dt, dev = v.obj.dtype, v.obj.device
+        dt, dev = getattr(torch, v.dtype), torch.device("cuda", v.device)
 
         def alloc(shape):
             t = torch.empty(shape, dtype=dt, device=dev)
@@ -344,13 +344,14 @@ class DeviceCache:
     device memory (copies of x and the weights, every step's state, the saved
     gates), freed when this object is. ``nbytes`` is its size."""
 
-    def __init__(self, core, cell, dtype, T, B, I, H, batch_first, alloc, device):
+    def __init__(self, core, x: View):
         self._core = core
-        self.cell, self.dtype, self.T, self.B, self.I, self.H = cell, dtype, T, B, I, H
-        self.P = H
-        self.batch_first = batch_first
-        self.device = device
-        self._alloc = alloc
+        self._x = x  # how x came in (kind, device, dtype, stream), without the array
+        self.cell, self.dtype, self.T, self.B, self.I, self.H = (
+            core.cell, core.dtype, core.T, core.B, core.I, core.H)
+        self.P = core.H
+        self.batch_first = core.batch_first
+        self.device = x.device
 
     @property
     def nbytes(self) -> int:
@@ -386,12 +387,16 @@ def _host_ints(name, a):
     return np.asarray(a)
 
 
-def _check(name, a, x: View, shape, legend):
-    """The view of argument ``a``: on x's device, x's dtype, the given shape."""
+def _device_view(name, a, x: View) -> View:
+    """The view of argument ``a``, which must be a device array."""
     if not is_device_array(a):
         raise TypeError(f"{name} is a host array ({type(a).__name__}) but x is on CUDA device "
                         f"{x.device}; all arrays of one call must be on x's device")
-    v = view(name, a)
+    return view(name, a)
+
+
+def _checked(name, v: View, x: View, shape, legend) -> View:
+    """v, contiguous, after checking it is on x's device with x's dtype and the given shape."""
     if v.device != x.device and v.device >= 0 and x.device >= 0:
         # (a size-0 array may carry a null pointer, whose device is unknown: -1)
         raise ValueError(f"{name} is on CUDA device {v.device} but x is on CUDA device {x.device}")
@@ -404,16 +409,19 @@ def _check(name, a, x: View, shape, legend):
     return _contiguous(name, v)
 
 
+def _check(name, a, x: View, shape, legend) -> View:
+    return _checked(name, _device_view(name, a, x), x, shape, legend)
+
+
+def _ptr(v: Optional[View]) -> int:
+    return 0 if v is None else v.ptr
+
+
 def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
             mask=None, reverse=False, batch_first=False, training=True, w_hr=None,
             checkpoint=False, algo=None):
     """``fusedrnn.forward`` for x on a CUDA device (same contract)."""
-    G = _validate.GATES.get(cell) if type(cell) is str else None
-    if G is None:
-        if not isinstance(cell, str):
-            raise TypeError(f"cell must be a str, one of {sorted(_validate.GATES)}, "
-                            f"got {type(cell).__name__}")
-        raise ValueError(f"cell must be one of {sorted(_validate.GATES)}, got {cell!r}")
+    G = _validate.gates_of(cell)
     reverse = _validate._flag("reverse", reverse)
     batch_first = _validate._flag("batch_first", batch_first)
     training = _validate._flag("training", training)
@@ -434,17 +442,14 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     B, T, I = xv.shape if batch_first else (xv.shape[1], xv.shape[0], xv.shape[2])
     if I < 1:
         raise ValueError(f"x must have input size I >= 1 (last dimension), got shape {xv.shape}")
-    if not is_device_array(w_hh):
-        raise TypeError(f"w_hh is a host array ({type(w_hh).__name__}) but x is on CUDA device "
-                        f"{xv.device}; all arrays of one call must be on x's device")
-    whh_shape = view("w_hh", w_hh).shape
-    if len(whh_shape) != 2:
-        raise ValueError(f"w_hh must have 2 dimensions [G*H, H], got shape {whh_shape}")
-    H = whh_shape[1]
+    whh = _device_view("w_hh", w_hh, xv)
+    if len(whh.shape) != 2:
+        raise ValueError(f"w_hh must have 2 dimensions [G*H, H], got shape {whh.shape}")
+    H = whh.shape[1]
     if H < 1:
-        raise ValueError(f"w_hh must have hidden size H >= 1 (second dimension), got shape {whh_shape}")
+        raise ValueError(f"w_hh must have hidden size H >= 1 (second dimension), got shape {whh.shape}")
     GH = G * H
-    whh = _check("w_hh", w_hh, xv, (GH, H), lambda: f"[G*H, H] with G={G} for cell {cell!r}")
+    whh = _checked("w_hh", whh, xv, (GH, H), lambda: f"[G*H, H] with G={G} for cell {cell!r}")
     wih = _check("w_ih", w_ih, xv, (GH, I), lambda: f"[G*H, I] with G={G}, H={H}, I={I}")
     bih = None if b_ih is None else _check("b_ih", b_ih, xv, (GH,), "[G*H]")
     bhh = None if b_hh is None else _check("b_hh", b_hh, xv, (GH,), "[G*H]")
@@ -471,34 +476,30 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     y, yp = alloc((B, T, H) if batch_first else (T, B, H))
     h_n, hp = alloc((B, H))
     c_n, cp = alloc((B, H)) if cell == "lstm" else (None, 0)
-    p = lambda v: 0 if v is None else v.ptr  # noqa: E731
     core = _cuda.forward(cell, xv.dtype, T, B, I, H, reverse, batch_first, xv.device, stream,
-                         xv.ptr, wih.ptr, whh.ptr, p(bih), p(bhh), p(h0v), p(c0v), lengths, mask,
+                         xv.ptr, wih.ptr, whh.ptr, _ptr(bih), _ptr(bhh), _ptr(h0v), _ptr(c0v),
+                         lengths, mask,
                          yp, hp, cp, training, algo or _algo())
     cache = None
     if training:
         # (the view without its array: the cache must not keep the caller's x alive)
-        cache = DeviceCache(core, cell, xv.dtype, T, B, I, H, batch_first,
-                            (alloc, stream, xv._replace(obj=None, keep=None)), xv.device)
+        cache = DeviceCache(core, xv._replace(obj=None, keep=None))
     w = _to_caller(xv.kind)
     return w(y), w(h_n), w(c_n), cache
 
 
 def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None):
     """``fusedrnn.backward`` for a cache from a device forward."""
-    alloc, fwd_stream, xv = cache._alloc
+    xv = cache._x
     T, B, I, H, G = cache.T, cache.B, cache.I, cache.H, _validate.GATES[cache.cell]
     yshape, ylegend = ((B, T, H), "[B, T, H]") if cache.batch_first else ((T, B, H), "[T, B, H]")
-    ref = xv._replace(device=cache.device, dtype=cache.dtype)
-    dyv = None if dy is None else _check("dy", dy, ref, yshape, ylegend)
-    dhv = None if dh_n is None else _check("dh_n", dh_n, ref, (B, H), "[B, H]")
+    dyv = None if dy is None else _check("dy", dy, xv, yshape, ylegend)
+    dhv = None if dh_n is None else _check("dh_n", dh_n, xv, (B, H), "[B, H]")
     if dc_n is not None and cache.cell != "lstm":
         raise ValueError(f"dc_n is only used by cell 'lstm', got dc_n for cell {cache.cell!r}")
-    dcv = None if dc_n is None else _check("dc_n", dc_n, ref, (B, H), "[B, H]")
-    stream = _stream_of(dyv) if dyv is not None else _stream_of(xv) if xv.kind in ("torch", "cupy") \
-        else fwd_stream
-    if xv.kind not in ("torch", "cupy"):  # our own buffers: allocate on backward's stream
-        alloc = _allocator(xv, stream)
+    dcv = None if dc_n is None else _check("dc_n", dc_n, xv, (B, H), "[B, H]")
+    stream = _stream_of(dyv if dyv is not None else xv)
+    alloc = _allocator(xv, stream)
     dx, dxp = alloc((B, T, I) if cache.batch_first else (T, B, I))
     dh0, dh0p = alloc((B, H))
     dc0, dc0p = alloc((B, H)) if cache.cell == "lstm" else (None, 0)
@@ -506,8 +507,8 @@ def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None):
     dw_hh, b = alloc((G * H, H))
     db_ih, c = alloc((G * H,))
     db_hh, d = alloc((G * H,))
-    p = lambda v: 0 if v is None else v.ptr  # noqa: E731
-    _cuda.backward(cache._core, stream, p(dyv), p(dhv), p(dcv), dxp, dh0p, dc0p, a, b, c, d)
+    _cuda.backward(cache._core, stream, _ptr(dyv), _ptr(dhv), _ptr(dcv), dxp, dh0p, dc0p, a, b, c,
+                   d)
     w = _to_caller(xv.kind)
     return {"x": w(dx), "h0": w(dh0), "c0": w(dc0), "w_ih": w(dw_ih), "w_hh": w(dw_hh),
             "b_ih": w(db_ih), "b_hh": w(db_hh), "w_hr": None}

@@ -96,6 +96,15 @@ def _checkpoint(value, T):
     return int(value)
 
 
+def gates_of(cell):
+    """The gate count G of ``cell``, or the error naming the cells."""
+    if not isinstance(cell, str):
+        raise TypeError(f"cell must be a str, one of {sorted(GATES)}, got {type(cell).__name__}")
+    if cell not in GATES:
+        raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
+    return GATES[cell]
+
+
 def check_lengths(lengths, B, T):
     """lengths as a checked integer array of shape [B] with values in [0, T]."""
     lengths = np.asarray(lengths)
@@ -126,13 +135,9 @@ def forward_args(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *,
                  training=True, w_hr=None, checkpoint=False, zeros_for_none=True) -> ForwardArgs:
     """Checked arguments of ``forward``; ``zeros_for_none=False`` keeps None
     for b_ih, b_hh, h0 and c0 (the compiled backend reads None as zeros)."""
-    G = GATES.get(cell) if type(cell) is str else None
+    G = GATES.get(cell) if type(cell) is str else None  # the common case, inline
     if G is None:
-        if not isinstance(cell, str):
-            raise TypeError(f"cell must be a str, one of {sorted(GATES)}, got {type(cell).__name__}")
-        if cell not in GATES:
-            raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
-        G = GATES[cell]
+        G = gates_of(cell)
     reverse = _flag("reverse", reverse)
     batch_first = _flag("batch_first", batch_first)
     training = _flag("training", training)
