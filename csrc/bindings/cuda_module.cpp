@@ -17,6 +17,7 @@
 #include <memory>
 #include <string>
 
+#include "bindings/cell_names.h"
 #include "bindings/dlpack.h"
 #include "cuda/cublas_dyn.h"
 #include "cuda/rnn_cuda.h"
@@ -26,27 +27,6 @@ using namespace fusedrnn;
 using namespace fusedrnn::cuda;
 
 namespace {
-
-Cell parse_cell(const std::string& s) {
-  if (s == "rnn_tanh") return Cell::RnnTanh;
-  if (s == "rnn_relu") return Cell::RnnRelu;
-  if (s == "rnn_sigmoid") return Cell::RnnSigmoid;
-  if (s == "lstm") return Cell::Lstm;
-  if (s == "gru") return Cell::Gru;
-  throw py::value_error("cell must be one of 'gru', 'lstm', 'rnn_relu', 'rnn_sigmoid', "
-                        "'rnn_tanh', got '" + s + "'");
-}
-
-const char* cell_name(Cell c) {
-  switch (c) {
-    case Cell::RnnTanh: return "rnn_tanh";
-    case Cell::RnnRelu: return "rnn_relu";
-    case Cell::RnnSigmoid: return "rnn_sigmoid";
-    case Cell::Lstm: return "lstm";
-    case Cell::Gru: return "gru";
-    default: return "?";
-  }
-}
 
 DType parse_dtype(const std::string& s) {
   if (s == "float32") return DType::F32;

@@ -15,30 +15,13 @@
 #include <string>
 #include <vector>
 
+#include "bindings/cell_names.h"
 #include "fusedrnn/rnn.h"
 
 namespace py = pybind11;
 using namespace fusedrnn;
 
 namespace {
-
-const char* cell_name(Cell c) {
-  switch (c) {
-    case Cell::RnnTanh: return "rnn_tanh";
-    case Cell::RnnRelu: return "rnn_relu";
-    case Cell::RnnSigmoid: return "rnn_sigmoid";
-    case Cell::Lstm: return "lstm";
-    case Cell::Gru: return "gru";
-  }
-  return "?";
-}
-
-Cell parse_cell(const std::string& s) {
-  for (Cell c : {Cell::RnnTanh, Cell::RnnRelu, Cell::RnnSigmoid, Cell::Lstm, Cell::Gru})
-    if (s == cell_name(c)) return c;
-  throw py::value_error("cell must be one of 'gru', 'lstm', 'rnn_relu', 'rnn_sigmoid', "
-                        "'rnn_tanh', got '" + s + "'");
-}
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string r = "(";
