@@ -100,25 +100,10 @@ struct DeviceBuffer {
   std::size_t nbytes = 0;
   int device = 0;
   cudaStream_t stream = nullptr;
-  DeviceBuffer(std::size_t n, int dev, uintptr_t st) : nbytes(n), device(dev), stream(as_stream(st)) {
-    int prev = 0;
-    check(cudaGetDevice(&prev), "cudaGetDevice");
-    check(cudaSetDevice(dev), "cudaSetDevice");
-    cudaError_t e = cudaMallocAsync(&ptr, n ? n : 1, stream);
-    cudaSetDevice(prev);
-    check(e, "cudaMallocAsync");
-  }
-  ~DeviceBuffer() {
-    if (!ptr) return;
-    int prev = 0;
-    cudaGetDevice(&prev);
-    cudaSetDevice(device);
-    if (cudaFreeAsync(ptr, stream) != cudaSuccess) {
-      cudaGetLastError();
-      cudaFree(ptr);
-    }
-    cudaSetDevice(prev);
-  }
+  DeviceBuffer(std::size_t n, int dev, uintptr_t st)
+      : ptr(device_alloc(n ? n : 1, dev, as_stream(st))), nbytes(n), device(dev),
+        stream(as_stream(st)) {}
+  ~DeviceBuffer() { device_free(ptr, device, stream); }
 };
 
 }  // namespace
@@ -175,15 +160,12 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
     return d;
   }, "The cuBLAS enum values this build declares (checked against cublas_api.h by the tests).");
   m.def("synchronize", [](int dev) {
-    int prev = 0;
-    check(cudaGetDevice(&prev), "cudaGetDevice");
-    check(cudaSetDevice(dev), "cudaSetDevice");
+    DeviceGuard guard(dev);
     cudaError_t e;
     {
       py::gil_scoped_release nogil;
       e = cudaDeviceSynchronize();
     }
-    cudaSetDevice(prev);
     check(e, "cudaDeviceSynchronize");
   });
   m.def("memcpy_to_host", [](uintptr_t src, std::size_t nbytes, uintptr_t stream) {

@@ -39,21 +39,39 @@ void check(cudaError_t e, const char* what) {
                            cudaGetErrorString(e) + ")");
 }
 
+DeviceGuard::DeviceGuard(int dev) {
+  check(cudaGetDevice(&prev), "cudaGetDevice");
+  if (prev != dev) check(cudaSetDevice(dev), "cudaSetDevice");
+}
+
+DeviceGuard::~DeviceGuard() {
+  int cur = -1;
+  if (cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+}
+
+void* device_alloc(std::size_t nbytes, int device, cudaStream_t stream) {
+  DeviceGuard guard(device);
+  void* m = nullptr;
+  check(cudaMallocAsync(&m, nbytes, stream), "cudaMallocAsync");
+  return m;
+}
+
+void device_free(void* mem, int device, cudaStream_t stream) noexcept {
+  if (!mem) return;
+  int prev = -1;
+  const bool switched = cudaGetDevice(&prev) == cudaSuccess && prev != device;
+  if (switched) cudaSetDevice(device);
+  if (cudaFreeAsync(mem, stream) != cudaSuccess) {
+    cudaGetLastError();
+    cudaFree(mem);
+  }
+  if (switched) cudaSetDevice(prev);
+}
+
 namespace {
 
 // ---------------------------------------------------------------- helpers
 
-struct DeviceGuard {
-  int prev = -1;
-  explicit DeviceGuard(int dev) {
-    check(cudaGetDevice(&prev), "cudaGetDevice");
-    if (prev != dev) check(cudaSetDevice(dev), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
-  }
-};
 
 // Stream-ordered scratch memory, freed (in stream order) when it goes out of scope.
 class Scratch {
@@ -935,25 +953,10 @@ Cache::Cache(const Problem& prob, const ForwardIn& in) : p(prob), lengths(in.len
   mask_off = take(mask.size());
   nbytes = off;
   last_stream = p.stream;
-  DeviceGuard guard(p.device);
-  if (nbytes) {
-    void* m = nullptr;
-    check(cudaMallocAsync(&m, nbytes, p.stream), "cudaMallocAsync");
-    mem = static_cast<char*>(m);
-  }
+  if (nbytes) mem = static_cast<char*>(device_alloc(nbytes, p.device, p.stream));
 }
 
-Cache::~Cache() {
-  if (!mem) return;
-  int prev = -1;
-  cudaGetDevice(&prev);
-  if (prev != p.device) cudaSetDevice(p.device);
-  if (cudaFreeAsync(mem, last_stream) != cudaSuccess) {
-    cudaGetLastError();
-    cudaFree(mem);
-  }
-  if (prev != p.device && prev >= 0) cudaSetDevice(prev);
-}
+Cache::~Cache() { device_free(mem, p.device, last_stream); }
 
 void Cache::use_on(cudaStream_t st) const {
   // Order this use after every earlier one (forward's writes, earlier

@@ -111,8 +111,21 @@ struct Grads {
 void backward(const Cache& cache, cudaStream_t stream, const void* dy, const void* dh_n,
               const void* dc_n, const Grads& g);
 
-// Errors from the CUDA runtime become std::runtime_error with the call named.
+// Errors from the CUDA runtime become std::runtime_error with the call named
+// (std::bad_alloc for an allocation failure).
 void check(cudaError_t e, const char* what);
+
+// Makes dev the current device for a scope, then restores the previous one.
+struct DeviceGuard {
+  explicit DeviceGuard(int dev);
+  ~DeviceGuard();
+  int prev = -1;
+};
+
+// Stream-ordered device memory: allocated on device in stream's order; freed
+// in the order of the stream that used it last (cudaFree if that fails).
+void* device_alloc(std::size_t nbytes, int device, cudaStream_t stream);
+void device_free(void* mem, int device, cudaStream_t stream) noexcept;
 
 }  // namespace cuda
 }  // namespace fusedrnn
