@@ -210,6 +210,15 @@ def _dev(t: Optional[Tensor]):
     return None if t is None else t.detach()
 
 
+def _as_is(a):
+    return a
+
+
+def _from_np(a):
+    """A NumPy result as a tensor on the same memory (None stays None)."""
+    return None if a is None else torch.from_numpy(a)
+
+
 def _hidden_sizes(cell: str, w_hh_size, w_hr_size) -> Tuple[object, object]:
     """(H, P): cell hidden size and output size (P = H without projection)."""
     H = w_hh_size[0] // GATES[cell]
@@ -229,20 +238,14 @@ def layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
     every k steps (``fusedrnn.forward(..., checkpoint=)``)."""
     check_device(x, "x")
     ck = True if checkpoint == -1 else checkpoint or False
-    if _on_cuda(x):
-        # the CUDA backend takes torch tensors as they are and returns torch tensors
-        # (lengths may be a CPU or a CUDA integer tensor)
-        y, h_n, c_n, cache = fusedrnn.forward(
-            cell, _dev(x), _dev(w_ih), _dev(w_hh), _dev(b_ih), _dev(b_hh), _dev(h0), _dev(c0),
-            lengths=_dev(lengths), reverse=reverse, batch_first=batch_first,
-            training=training, w_hr=_dev(w_hr), checkpoint=ck)
-    else:
-        y, h_n, c_n, cache = fusedrnn.forward(
-            cell, _np(x), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), _np(h0), _np(c0),
-            lengths=_np(lengths), reverse=reverse, batch_first=batch_first,
-            training=training, w_hr=_np(w_hr), checkpoint=ck)
-        y, h_n = torch.from_numpy(y), torch.from_numpy(h_n)
-        c_n = None if c_n is None else torch.from_numpy(c_n)
+    # the CUDA backend takes torch tensors as they are and returns torch tensors (lengths
+    # may be a CPU or a CUDA integer tensor); the CPU backend takes NumPy views
+    arg, result = (_dev, _as_is) if _on_cuda(x) else (_np, _from_np)
+    y, h_n, c_n, cache = fusedrnn.forward(
+        cell, arg(x), arg(w_ih), arg(w_hh), arg(b_ih), arg(b_hh), arg(h0), arg(c0),
+        lengths=arg(lengths), reverse=reverse, batch_first=batch_first, training=training,
+        w_hr=arg(w_hr), checkpoint=ck)
+    y, h_n, c_n = result(y), result(h_n), result(c_n)
     c_n = x.new_empty(0) if c_n is None else c_n
     # the handle is a CPU tensor for every device (module docstring: Devices)
     handle = _make_handle(cache) if training else torch.empty(0, dtype=torch.int64)
@@ -329,18 +332,13 @@ def layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor],
     an earlier fusedrnn, whose schema had no ``device``, still run (the AOTAutograd cache
     key does not cover a custom op's autograd formula)."""
     cache = _find_cache(handle)
-    if isinstance(cache, fusedrnn._device.DeviceCache):
-        g = fusedrnn.backward(cache, _dev(dy), _dev(dh_n), _dev(dc_n))
-        t = lambda a: a  # noqa: E731  (torch tensors on the cache's device already)
-        device = g["x"].device
-    else:
-        g = fusedrnn.backward(cache, _np(dy), _np(dh_n), _np(dc_n))
-        t = torch.from_numpy
-        device = torch.device("cpu")
-    empty = torch.empty(0, dtype=dtype, device=device)
+    arg, t = (_dev, _as_is) if isinstance(cache, fusedrnn._device.DeviceCache) else (_np, _from_np)
+    g = fusedrnn.backward(cache, arg(dy), arg(dh_n), arg(dc_n))
+    dx = t(g["x"])
+    empty = torch.empty(0, dtype=dtype, device=dx.device)
     dc0 = empty if g["c0"] is None else t(g["c0"])
     dw_hr = empty.clone() if g["w_hr"] is None else t(g["w_hr"])
-    return (t(g["x"]), t(g["h0"]), dc0, t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]), t(g["b_hh"]),
+    return (dx, t(g["h0"]), dc0, t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]), t(g["b_hh"]),
             dw_hr)
 
 
