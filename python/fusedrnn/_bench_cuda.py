@@ -338,10 +338,10 @@ _TABLE = (
     ("provider", 19, lambda r: r.provider),
     ("algo", 15, lambda r: r.algo),
     ("ms", 8, lambda r: _bench._fmt_ms(r.ms)),
-    ("spread", 6, lambda r: _fmt_spread(r)),
+    ("spread", 6, _bench._fmt_spread),  # (the CPU bench's: a Row has the same fields)
     ("GFLOP/s", 8, lambda r: _fmt_gflops(r.gflops)),
     ("vs torch", 8, lambda r: _bench._fmt_ratio(r.speedup_vs_torch)),
-    ("check", 0, lambda r: _fmt_check(r)),
+    ("check", 0, _bench._fmt_check),
 )
 _NUMERIC = {"T", "B", "H", "ms", "spread", "GFLOP/s", "vs torch"}
 
@@ -350,18 +350,6 @@ def _fmt_gflops(v: float) -> str:
     if math.isnan(v):
         return "-"
     return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
-
-
-def _fmt_spread(r: Row) -> str:
-    if math.isnan(r.ms) or r.repeats < 2:
-        return "-"
-    return f"{100 * (r.ms_max - r.ms_min) / r.ms:.0f}%"
-
-
-def _fmt_check(r: Row) -> str:
-    if r.check == "ok" or r.check.startswith("MISMATCH"):
-        return f"{r.check} {r.max_rel_err:.1e}"
-    return r.check
 
 
 def table_header() -> str:
