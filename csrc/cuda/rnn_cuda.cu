@@ -331,6 +331,26 @@ __host__ __device__ __forceinline__ void place_fwd(FwdStep& f, const StateBuffer
   f.c_n = s + 1 == T ? sb.c_n : nullptr;
 }
 
+// One warp's dot products of a vector x with n <= N vectors ys[r * ystride ..],
+// all of length K: lanes stride k (each x[k] read once serves the n products),
+// then a butterfly reduction; every lane ends with the sums in sum[0..n).
+template <int N, typename Tio>
+__device__ __forceinline__ void warp_dots(const Tio* x, const Tio* ys, int64_t ystride, int n,
+                                          int64_t K, int lane, float (&sum)[N]) {
+#pragma unroll
+  for (int r = 0; r < N; ++r) sum[r] = 0.f;
+  for (int64_t k = lane; k < K; k += 32) {
+    const float xk = to_f(x[k]);
+#pragma unroll
+    for (int r = 0; r < N; ++r)
+      if (r < n) sum[r] += xk * to_f(ys[r * ystride + k]);
+  }
+#pragma unroll
+  for (int r = 0; r < N; ++r)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], off);
+}
+
 // ------------------------------------------------- persistent forward
 //
 // One cooperative launch runs every step. Block k owns hidden units
@@ -433,24 +453,10 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
       bool any = false;
       for (int r = 0; r < nb; ++r) any = any || valid_step(f.lengths, f.mask, t, B, b0 + r);
       if (!any) continue;  // rows past their end compute nothing
-      const Tio* wr = w + (g * U + u) * H;
-      const Tio* hr = hsm + b0 * H;
       float sum[kFwdRows];
-#pragma unroll
-      for (int r = 0; r < kFwdRows; ++r) sum[r] = 0.f;
-      for (int64_t k = lane; k < H; k += 32) {
-        const float wk = to_f(wr[k]);
-#pragma unroll
-        for (int r = 0; r < kFwdRows; ++r)
-          if (r < nb) sum[r] += wk * to_f(hr[r * H + k]);
-      }
-#pragma unroll
-      for (int r = 0; r < kFwdRows; ++r) {
-        float v = sum[r];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0 && r < nb) acc[(b0 + r) * GU + g * U + u] = v;
-      }
+      warp_dots(w + (g * U + u) * H, hsm + b0 * H, H, nb, H, lane, sum);
+      if (lane == 0)
+        for (int r = 0; r < nb; ++r) acc[(b0 + r) * GU + g * U + u] = sum[r];
     }
     __syncthreads();
     for (int64_t e = threadIdx.x; e < B * Ue; e += blockDim.x) {
@@ -611,23 +617,10 @@ __device__ __forceinline__ void persistent_dh(const PersistentBwdParams& a, cons
     const int nu = static_cast<int>(min(static_cast<int64_t>(kDhUnits), Ue - u0));
     // Rows whose step was not valid have zero dgates: nothing to add.
     if (!valid_step(a.step.lengths, a.step.mask, t, B, b)) continue;
-    const Tio* g = dgh + (row0 + b * bs) * GH;
     float sum[kDhUnits];
-#pragma unroll
-    for (int u = 0; u < kDhUnits; ++u) sum[u] = 0.f;
-    for (int64_t k = lane; k < GH; k += 32) {
-      const float gk = to_f(g[k]);
-#pragma unroll
-      for (int u = 0; u < kDhUnits; ++u)
-        if (u < nu) sum[u] += gk * to_f(wt[(u0 + u) * GH + k]);
-    }
-#pragma unroll
-    for (int u = 0; u < kDhUnits; ++u) {
-      float v = sum[u];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == 0 && u < nu) dh[b * H + j0 + u0 + u] += v;
-    }
+    warp_dots(dgh + (row0 + b * bs) * GH, wt + u0 * GH, GH, nu, GH, lane, sum);
+    if (lane == 0)
+      for (int u = 0; u < nu; ++u) dh[b * H + j0 + u0 + u] += sum[u];
   }
 }
 
