@@ -67,7 +67,15 @@ inline int64_t task_size(int64_t total, int64_t lo, int64_t hi) {
   const int64_t t = (total / 8 + 63) / 64 * 64;
   return t < lo ? lo : t > hi ? hi : t;
 }
-inline int64_t row_task(int64_t N) { return task_size(N, 256, 1024); }           // rows of x, dx
+// Rows of x, dx per task: the rows are cut into equal tasks, an even number of
+// them (a multiple of 4 from 4 on), so 2 or 4 threads get equal shares; one
+// long last task would leave the other threads waiting at the next barrier.
+inline int64_t row_task(int64_t N) {
+  const int64_t t = task_size(N, 256, 1024);
+  int64_t n = (N + t - 1) / t;
+  n = n <= 1 ? 1 : n == 2 ? 2 : (n + 3) / 4 * 4;
+  return (N + n - 1) / n;
+}
 inline int64_t weight_task(int64_t G, int64_t H) { return task_size(G * H, 64, 256); }  // of dW
 
 // Time step of packed row r (the last t whose rows start at or before r).
@@ -240,19 +248,55 @@ struct Stepper {
   }
 };
 
-// gx rows [r0, r1) = x rows W_ihᵀ, in row tasks (fixed by the segment's size,
-// so a recomputation repeats forward's BLAS calls exactly). gx is
-// segment-relative. prepare(a, b) runs first in each task, to fill x's rows
-// [a, b) (forward's gather).
+// The tasks of a GEMM with `rows` output rows of `cols` columns and inner
+// size `inner`: blocks of row_task rows; when the rows make a single task
+// (few steps × rows) and the product is large, column blocks instead, so
+// every thread still gets a share. Fixed by the shape alone.
+struct GemmTasks {
+  int64_t rows, cols, rt, ct, nr, nc;
+  int64_t count() const { return nr * nc; }
+  // rows [*a, *b) and columns [*c0, *c1) of task i
+  void at(int64_t i, int64_t* a, int64_t* b, int64_t* c0, int64_t* c1) const {
+    *a = i / nc * rt;
+    *b = std::min(rows, *a + rt);
+    *c0 = i % nc * ct;
+    *c1 = std::min(cols, *c0 + ct);
+  }
+};
+
+inline GemmTasks gemm_tasks(int64_t rows, int64_t cols, int64_t inner) {
+  GemmTasks g{rows, cols, row_task(rows), cols, 0, 1};
+  g.nr = rows > 0 ? (rows + g.rt - 1) / g.rt : 0;
+  if (g.nr == 1 && rows * cols * inner >= (int64_t(1) << 21) && cols >= 256) {
+    g.nc = 4;
+    g.ct = (cols + 4 * 16 - 1) / (4 * 16) * 16;  // whole 16-column groups
+    g.nc = (cols + g.ct - 1) / g.ct;
+  }
+  return g;
+}
+
+// gx rows [r0, r1) = x rows W_ihᵀ, in the tasks of gemm_tasks (fixed by the
+// segment's size, so a recomputation repeats forward's BLAS calls exactly).
+// gx is segment-relative. prepare(a, b) fills x's rows [a, b) first
+// (forward's gather): in each row task, or, with column tasks, split between
+// the threads before a barrier. Ends without a barrier.
 template <typename S, typename Prepare>
-void input_gemm(int tid, int nt, int64_t r0, int64_t r1, const S* x, int64_t I, const S* w_ih,
-                S* gx, int64_t GHp, bool loop, Prepare&& prepare) {
-  const int64_t rt = row_task(r1 - r0);
-  for (int64_t a = r0 + tid * rt; a < r1; a += nt * rt) {
-    const int64_t b = std::min(r1, a + rt);
-    prepare(a, b);
-    gemm<S>(false, true, b - a, GHp, I, 1, x + a * I, I, w_ih, I, 0, gx + (a - r0) * GHp, GHp,
-            loop);
+void input_gemm(Team& team, int tid, int64_t r0, int64_t r1, const S* x, int64_t I,
+                const S* w_ih, S* gx, int64_t GHp, bool loop, Prepare&& prepare) {
+  const int nt = team.size();
+  const GemmTasks g = gemm_tasks(r1 - r0, GHp, I);
+  if (g.nc > 1) {
+    int64_t a, b;
+    split(r1 - r0, nt, tid, &a, &b);
+    prepare(r0 + a, r0 + b);
+    team.barrier();
+  }
+  for (int64_t i = tid; i < g.count(); i += nt) {
+    int64_t a, b, c0, c1;
+    g.at(i, &a, &b, &c0, &c1);
+    if (g.nc == 1) prepare(r0 + a, r0 + b);
+    gemm<S>(false, true, b - a, c1 - c0, I, 1, x + (r0 + a) * I, I, w_ih + c0 * I, I, 0,
+            gx + a * GHp + c0, GHp, loop);
   }
 }
 
@@ -377,7 +421,7 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
         if (C == Cell::Lstm) copy_n(cache->ck_c.data() + i * B * Hp, c.data(), B * Hp);
       }
       // 1. input rows and input projection, in row tasks
-      input_gemm<S>(tid, nt, sg.r0, sg.r1, x_gemm, I, w_ih_gemm, gx, GHp, loop,
+      input_gemm<S>(team, tid, sg.r0, sg.r1, x_gemm, I, w_ih_gemm, gx, GHp, loop,
                     [&](int64_t r0, int64_t r1) {
                       if (!direct_x) {
                         for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
@@ -600,7 +644,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
           copy_n(hB.data(), hA.data(), B * Pp);
           if (C == Cell::Lstm) copy_n(c.data(), cache.ck_c.data() + i * B * Hp, B * Hp);
         }
-        input_gemm<S>(tid, nt, sg.r0, sg.r1, cache.x.data(), I, cache.w_ih.data(),
+        input_gemm<S>(team, tid, sg.r0, sg.r1, cache.x.data(), I, cache.w_ih.data(),
                       gates_r.data(), GHp, loop, [](int64_t, int64_t) {});
         team.barrier();
         S* h = hA.data();
@@ -663,19 +707,28 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
           gemm<S>(true, false, k1 - k0, H, rows, 1, dproj.data() + k0, Pp,
                   saved(cache.m, m_r, Hp, r0), Hp, zero_or_add, p.dw_hr + k0 * H, H, loop);
         }
-      // Input gradient of the segment's rows, in row tasks.
-      const int64_t rt = row_task(rows);
+      // Input gradient of the segment's rows, in the tasks of gemm_tasks.
+      const GemmTasks dxt = gemm_tasks(rows, I, GHp);
       S* dx_rows = direct_dx ? p.dx + r0 * I : dxp.data();
-      for (int64_t a = tid * rt; a < rows; a += nt * rt) {
-        const int64_t b = std::min(rows, a + rt);
-        gemm<S>(false, false, b - a, I, GHp, 1, dgx.data() + a * GHp, GHp, cache.w_ih.data(), I,
-                0, dx_rows + a * I, I, loop);
-        if (!direct_dx)
-          for (int64_t r = r0 + a, t = time_of_row(sched, r0 + a); r < r0 + b; ++r) {
-            while (r >= sched.offset[t] + sched.count[t]) ++t;
-            copy_n(row_at(p.dx, bf, T, B, t, sched.perm[r - sched.offset[t]], I),
-                   dxp.data() + (r - r0) * I, I);
-          }
+      auto scatter_dx = [&](int64_t a, int64_t b) {  // dx rows [a, b) to the user's layout
+        for (int64_t r = r0 + a, t = time_of_row(sched, r0 + a); r < r0 + b; ++r) {
+          while (r >= sched.offset[t] + sched.count[t]) ++t;
+          copy_n(row_at(p.dx, bf, T, B, t, sched.perm[r - sched.offset[t]], I),
+                 dxp.data() + (r - r0) * I, I);
+        }
+      };
+      for (int64_t k = tid; k < dxt.count(); k += nt) {
+        int64_t a, b, c0, c1;
+        dxt.at(k, &a, &b, &c0, &c1);
+        gemm<S>(false, false, b - a, c1 - c0, GHp, 1, dgx.data() + a * GHp, GHp,
+                cache.w_ih.data() + c0, I, 0, dx_rows + a * I + c0, I, loop);
+        if (!direct_dx && dxt.nc == 1) scatter_dx(a, b);
+      }
+      if (!direct_dx && dxt.nc > 1) {
+        team.barrier();
+        int64_t a, b;
+        split(rows, nt, tid, &a, &b);
+        scatter_dx(a, b);
       }
       // The next segment overwrites the gate gradients and recomputed values.
       if (i > 0) team.barrier();
