@@ -334,32 +334,42 @@ void backward_rows(const BwdStep<S>& a, int64_t G, int64_t r0, int64_t ub0, int6
   for (; u < ub1; ++u) backward_tile<S, MR, 1>(a, G, r0, u);
 }
 
-template <typename S, int MR>
+// backward_rows with a run-time row count mr <= MR; NU = 0 picks the widest
+// tile that fits the register budget for mr rows.
+template <typename S, int MR, int NU>
 void backward_rows_mr(const BwdStep<S>& a, int64_t G, int64_t r0, int64_t ub0, int64_t ub1,
                       int mr) {
   if constexpr (MR >= 1) {
     if (mr == MR) {
-      backward_rows<S, MR, tile_nu(1, MR)>(a, G, r0, ub0, ub1);
+      backward_rows<S, MR, NU ? NU : tile_nu(1, MR)>(a, G, r0, ub0, ub1);
       return;
     }
-    backward_rows_mr<S, MR - 1>(a, G, r0, ub0, ub1, mr);
+    backward_rows_mr<S, MR - 1, NU>(a, G, r0, ub0, ub1, mr);
   }
 }
 
+// The rows are cut into groups of equal size (at most MR): 8 rows run as
+// 4 + 4, not as 6 + a 2-row tail of narrow tiles.
 template <typename S>
 void backward_product(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
   const int64_t G = a.G;
   constexpr int MR = tile_mr(1), NU = tile_nu(1, MR);
-  const int64_t n = a.n;
-  if (n < MR) {
-    backward_rows_mr<S, MR>(a, G, 0, ub0, ub1, int(n));
+  const int64_t n = a.n, groups = (n + MR - 1) / MR;
+  if (groups <= 2) {  // each group with the widest tile its row count allows
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t r0 = n * g / groups, r1 = n * (g + 1) / groups;
+      backward_rows_mr<S, MR, 0>(a, G, r0, ub0, ub1, int(r1 - r0));
+    }
     return;
   }
+  // Unit blocks outer, NU at a time, so their panel is reused from cache by
+  // every row group.
   for (int64_t u = ub0; u < ub1; u += NU) {
     const int64_t u1 = u + NU < ub1 ? u + NU : ub1;
-    int64_t r = 0;
-    for (; r + MR <= n; r += MR) backward_rows<S, MR, NU>(a, G, r, u, u1);
-    if (r < n) backward_rows_mr<S, MR>(a, G, r, u, u1, int(n - r));
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t r0 = n * g / groups, r1 = n * (g + 1) / groups;
+      backward_rows_mr<S, MR, NU>(a, G, r0, u, u1, int(r1 - r0));
+    }
   }
 }
 
