@@ -300,6 +300,23 @@ void input_gemm(Team& team, int tid, int64_t r0, int64_t r1, const S* x, int64_t
   }
 }
 
+// db[k] (=|+=) the sum over rows r of a[r * ld + k], k < cols: columns in
+// groups summed in a local array (vectorized; db and a are never the same
+// memory), rows in order.
+template <typename S>
+void add_column_sums(S* db, bool set, const S* a, int64_t rows, int64_t cols, int64_t ld) {
+  constexpr int64_t W = 64;
+  for (int64_t k0 = 0; k0 < cols; k0 += W) {
+    const int64_t w = std::min(W, cols - k0);
+    alignas(64) S acc[W] = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* __restrict row = a + r * ld + k0;
+      for (int64_t k = 0; k < w; ++k) acc[k] += row[k];
+    }
+    for (int64_t k = 0; k < w; ++k) db[k0 + k] = set ? acc[k] : db[k0 + k] + acc[k];
+  }
+}
+
 // ---------------------------------------------------------------- forward
 
 template <Cell C, typename S>
@@ -695,10 +712,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         else
           gemm<S>(true, false, k1 - k0, I, rows, 1, dg, GHp, cache.x.data() + r0 * I, I,
                   zero_or_add, p.dw_ih + (g * H + k0) * I, I, loop);
-        S* db = (hh ? p.db_hh : p.db_ih) + g * H + k0;
-        if (zero_or_add == S(0)) std::fill(db, db + (k1 - k0), S(0));
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < k1 - k0; ++k) db[k] += dg[r * GHp + k];
+        add_column_sums((hh ? p.db_hh : p.db_ih) + g * H + k0, zero_or_add == S(0), dg, rows,
+                        k1 - k0, GHp);
       }
       // Projection weights: dW_hr = Σ dh'ᵀ m, in tasks of rows of W_hr.
       if (proj)
