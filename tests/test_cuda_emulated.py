@@ -105,16 +105,34 @@ def test_16bit_matches_reference(cell, semantics, algo, dtype, rng):
     check(out, TOL[dtype])
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_unsorted_lengths_skip_finished_rows(cell, rng):
-    """Rows past their end at the end of the batch are left out of the step's
-    product (active rows); unsorted lengths keep every row up to the last running one."""
-    for lengths in ([7, 7, 3, 1, 0], [0, 2, 7, 1, 5], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]):
-        args, kw, dy, dh_n, dc_n = make_problem(cell, 7, 5, 6, 7, np.float64, rng)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_lengths_multiply_running_rows_only(cell, rng):
+    """No product of the standard algorithm includes a row past its end,
+    sorted lengths or not: each step's recurrent GEMM, forward and backward,
+    has as many rows as the step has running rows (unsorted lengths pack
+    them first). The persistent kernels skip such rows by construction; both
+    match the reference."""
+    T, B, I, H = 7, 5, 6, 7  # I != H, and T * B != G * H: the products are told apart by shape
+    G = fusedrnn.CELLS[cell]
+    for lengths in ([7, 7, 3, 1, 0], [0, 2, 7, 1, 5], [3, 7, 3, 7, 1], [1, 1, 1, 1, 1],
+                    [0, 0, 0, 0, 0]):
+        args, kw, dy, dh_n, dc_n = make_problem(cell, T, B, I, H, np.float64, rng)
         kw["lengths"] = np.array(lengths)
-        for algo in ALGOS:
-            out, _, _ = run(cell, (args, kw, dy, dh_n, dc_n), "float32", algo)
-            check(out, TOL["float32"])
+        for reverse in (False, True):
+            kw["reverse"] = reverse
+            running = sorted(sum(n > t for n in lengths) for t in range(T))
+            running = [n for n in running if n > 0]
+            for algo in ALGOS:
+                emu.take_gemm_log()
+                out, _, _ = run(cell, (args, kw, dy, dh_n, dc_n), "float32", algo)
+                check(out, TOL["float32"])
+                log = [tuple(g) for g in emu.take_gemm_log()]
+                # forward's products are (G*H) x n x H, backward's H x n x (G*H)
+                rec = sorted(n for m, n, k in log if (m, k) in ((G * H, H), (H, G * H)))
+                if algo == "standard":
+                    assert rec == sorted(running * 2), (lengths, log)
+                else:  # the recurrent products run inside the persistent kernels
+                    assert rec == [], (lengths, log)
 
 
 @pytest.mark.parametrize("algo", ALGOS)

@@ -146,6 +146,10 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
         "The CUDA device holding ptr's memory, or -1 when it is not device memory.");
   m.def("load_cublas", &load_cublas, py::arg("dir") = std::string());
   m.def("cublas_path", &cublas_path);
+#ifdef FUSEDRNN_CUDA_EMULATE
+  m.def("take_gemm_log", &take_gemm_log,
+        "(m, n, k) of every GEMM run since the last call, in order (the emulator only).");
+#endif
   m.def("cublas_values", []() {
     py::dict d;
     d["CUBLAS_OP_N"] = static_cast<int>(blas::N);

@@ -14,7 +14,9 @@
 #include "runtime.h"
 
 #include <cstdint>
+#include <array>
 #include <string>
+#include <vector>
 
 namespace fusedrnn {
 namespace cuda {
@@ -49,6 +51,12 @@ blas::Handle cublas_handle(int device);
 void gemm(cudaStream_t stream, int device, blas::Op ta, blas::Op tb, int64_t m, int64_t n, int64_t k,
           float alpha, const void* A, blas::Type at, long lda, const void* B, blas::Type bt,
           long ldb, float beta, void* C, blas::Type ct, long ldc);
+
+#ifdef FUSEDRNN_CUDA_EMULATE
+// The emulator only: (m, n, k) of every GEMM with work to do since the last
+// call, in call order, and the log cleared (tests check which products ran).
+std::vector<std::array<int64_t, 3>> take_gemm_log();
+#endif
 
 }  // namespace cuda
 }  // namespace fusedrnn

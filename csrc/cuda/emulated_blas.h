@@ -7,6 +7,7 @@
 // the argument mapping of the real calls.
 #pragma once
 
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -33,7 +34,17 @@ void store(void* p, blas::Type t, long i, float v) {
   throw std::invalid_argument("emulated gemm: unknown type");
 }
 
+std::mutex g_log_mutex;
+std::vector<std::array<int64_t, 3>> g_log;
+
 }  // namespace
+
+std::vector<std::array<int64_t, 3>> take_gemm_log() {
+  std::lock_guard<std::mutex> lock(g_log_mutex);
+  std::vector<std::array<int64_t, 3>> out;
+  out.swap(g_log);
+  return out;
+}
 
 void load_cublas(const std::string&) {}
 bool cublas_loaded() { return true; }
@@ -57,6 +68,10 @@ void gemm(cudaStream_t, int, blas::Op ta, blas::Op tb, int64_t m, int64_t n, int
                              " ldc=" + std::to_string(ldc));
   if (at != bt || (ct != blas::R32F && ct != at))
     throw std::runtime_error("emulated cublasGemmEx: type combination not supported by cuBLAS");
+  {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    g_log.push_back({m, n, k});
+  }
   for (long j = 0; j < n; ++j)
     for (long i = 0; i < m; ++i) {
       float acc = 0.f;

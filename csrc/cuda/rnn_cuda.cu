@@ -171,6 +171,24 @@ __global__ void zero_invalid_rows(T* x, int64_t I, int64_t T_, int64_t B, bool b
   if (!valid) x[i] = from_f<T>(0.f);
 }
 
+// dst[i * W + j] = src[rows[i] * ld + j], i < n, j < W: the running rows of a
+// step, packed for its product when they are not a prefix of the batch.
+template <typename T>
+__global__ void gather_rows(T* dst, const T* src, int64_t ld, const int32_t* rows, int64_t n,
+                            int64_t W) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n * W) return;
+  dst[i] = src[rows[i / W] * ld + i % W];
+}
+
+// dst[rows[i] * ld + j] += src[i * W + j], i < n, j < W (rows are distinct).
+__global__ void scatter_add_rows(float* dst, int64_t ld, const float* src, const int32_t* rows,
+                                 int64_t n, int64_t W) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n * W) return;
+  dst[rows[i / W] * ld + i % W] += src[i];
+}
+
 // Column sums of a [rows, cols] matrix in two fixed-order passes.
 template <typename Tin>
 __global__ void colsum_partial(const Tin* a, int64_t rows, int64_t cols, int64_t chunk,
@@ -209,6 +227,7 @@ struct FwdStep {
   int64_t B, H, t, row0, bstride;
   const float* gx;  // [N, G*H], x's row order
   const float* gh;  // [B, G*H]: this step's recurrent product (rows of running steps)
+  const int32_t* ghslot;  // [B] row b's row of gh, or null: row b (see RunningRows)
   const void *b_ih, *b_hh;
   const void* hprev;  // state entering the step: (b, j) at hprev[b*hprev_ld + j]
   int64_t hprev_ld;
@@ -286,7 +305,7 @@ __global__ void fwd_step(FwdStep s) {
   if (i >= s.B * s.H) return;
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   const int64_t b = i / s.H, j = i % s.H;
-  fwd_point<C, Tio>(s, b, j, s.gh + b * G * s.H + j, s.H);
+  fwd_point<C, Tio>(s, b, j, s.gh + (s.ghslot ? s.ghslot[b] : b) * G * s.H + j, s.H);
 }
 
 // Where each step's state lives, shared by the host loops and the persistent
@@ -688,6 +707,52 @@ int64_t active_rows(const std::vector<int32_t>& lengths, int64_t t, int64_t B) {
   return 0;
 }
 
+// With unsorted lengths the running rows of a step need not be a prefix of
+// the batch (lengths [2, 7, 5]: at t = 3 rows 1 and 2 run, row 0 does not).
+// Such steps gather their running rows into a packed block for the product,
+// so no finished row is multiplied: rows[offset[t] .. offset[t] + count[t])
+// lists step t's running rows in batch order, slot[t * B + b] is row b's
+// place in that list (0 for rows that do not run; never read). gather is
+// false when every step's running rows are a prefix (no lengths, or lengths
+// sorted longest first): then nothing is packed.
+struct RunningRows {
+  bool gather = false;
+  std::vector<int32_t> rows, slot;
+  std::vector<int64_t> offset, count;
+  const int32_t* d_rows = nullptr;  // device copies (scratch), set by upload
+  const int32_t* d_slot = nullptr;
+
+  RunningRows(const std::vector<int32_t>& lengths, int64_t T, int64_t B) {
+    if (lengths.empty()) return;
+    offset.assign(T, 0);
+    count.assign(T, 0);
+    slot.assign(T * B, 0);
+    for (int64_t t = 0; t < T; ++t) {
+      offset[t] = static_cast<int64_t>(rows.size());
+      for (int64_t b = 0; b < B; ++b)
+        if (lengths[b] > t) {
+          slot[t * B + b] = static_cast<int32_t>(rows.size() - offset[t]);
+          rows.push_back(static_cast<int32_t>(b));
+        }
+      count[t] = static_cast<int64_t>(rows.size()) - offset[t];
+      gather = gather || count[t] < active_rows(lengths, t, B);
+    }
+  }
+  // Whether step t packs its running rows.
+  bool packs(int64_t t) const { return gather && count[t] > 0; }
+  void upload(Scratch& scratch, cudaStream_t st) {
+    if (!gather) return;
+    int32_t* r = scratch.alloc<int32_t>(static_cast<int64_t>(rows.size()));
+    int32_t* sl = scratch.alloc<int32_t>(static_cast<int64_t>(slot.size()));
+    check(cudaMemcpyAsync(r, rows.data(), rows.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
+                          st), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(sl, slot.data(), slot.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
+                          st), "cudaMemcpyAsync");
+    d_rows = r;
+    d_slot = sl;
+  }
+};
+
 // ---------------------------------------------------------------- drivers
 
 // The default memory pool returns freed memory to the driver at every
@@ -815,12 +880,24 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     // auto: the standard loop below (the state buffers are the same)
   }
 
+  RunningRows run(in.lengths, T, B);
+  run.upload(scratch, st);
+  Tio* packed = run.gather ? scratch.alloc<Tio>(B * H) : nullptr;  // a step's running rows of h
   for (int64_t s = 0; s < T; ++s) {
     FwdStep f = base;
     place_fwd<Tio>(f, sb, s);
-    const int64_t active = active_rows(in.lengths, f.t, B);
-    gemm(st, dev, blas::T, blas::N, GH, active, H, 1.f, w_hh, bt, H, f.hprev, bt,
-               f.hprev_ld, 0.f, gh, blas::R32F, GH);
+    if (run.packs(f.t)) {
+      const int64_t n = run.count[f.t];
+      FUSEDRNN_LAUNCH(blocks_for(n * H), kThreads, 0, st, gather_rows<Tio>)(
+          packed, static_cast<const Tio*>(f.hprev), f.hprev_ld, run.d_rows + run.offset[f.t], n, H);
+      gemm(st, dev, blas::T, blas::N, GH, n, H, 1.f, w_hh, bt, H, packed, bt, H, 0.f, gh,
+           blas::R32F, GH);
+      f.ghslot = run.d_slot + f.t * B;
+    } else {
+      const int64_t active = active_rows(in.lengths, f.t, B);
+      gemm(st, dev, blas::T, blas::N, GH, active, H, 1.f, w_hh, bt, H, f.hprev, bt,
+           f.hprev_ld, 0.f, gh, blas::R32F, GH);
+    }
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, fwd_step<C, Tio>)(f);
   }
   check(cudaGetLastError(), "fusedrnn forward");
@@ -882,13 +959,28 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     PersistentBwdParams a{base, sb, whh, 0};
     persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
   }
+  RunningRows run(persistent_done ? std::vector<int32_t>() : c.lengths, T, B);
+  run.upload(scratch, st);
+  Tio* packed = run.gather ? scratch.alloc<Tio>(B * GH) : nullptr;  // a step's running rows of dgh
+  float* dh_packed = run.gather ? scratch.alloc<float>(B * H) : nullptr;
   for (int64_t s = T - 1; s >= 0 && !persistent_done; --s) {
     BwdStep b = base;
     place_bwd<Tio>(b, sb, s);
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, bwd_step<C, Tio>)(b);
-    const int64_t active = active_rows(c.lengths, b.t, B);
-    gemm(st, dev, blas::N, blas::N, H, active, GH, 1.f, whh, bt, H, dgh + b.row0 * GH, bt,
-               bs * GH, 1.f, dh, blas::R32F, H);
+    if (run.packs(b.t)) {  // dh[running rows] += their dgh W_hh
+      const int64_t n = run.count[b.t];
+      const int32_t* rows = run.d_rows + run.offset[b.t];
+      FUSEDRNN_LAUNCH(blocks_for(n * GH), kThreads, 0, st, gather_rows<Tio>)(
+          packed, dgh + b.row0 * GH, bs * GH, rows, n, GH);
+      gemm(st, dev, blas::N, blas::N, H, n, GH, 1.f, whh, bt, H, packed, bt, GH, 0.f, dh_packed,
+           blas::R32F, H);
+      FUSEDRNN_LAUNCH(blocks_for(n * H), kThreads, 0, st, scatter_add_rows)(dh, H, dh_packed, rows,
+                                                                            n, H);
+    } else {
+      const int64_t active = active_rows(c.lengths, b.t, B);
+      gemm(st, dev, blas::N, blas::N, H, active, GH, 1.f, whh, bt, H, dgh + b.row0 * GH, bt,
+           bs * GH, 1.f, dh, blas::R32F, H);
+    }
   }
   FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dh, static_cast<Tio*>(g.h0), B * H);
   if (lstm) FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dc, static_cast<Tio*>(g.c0), B * H);
