@@ -640,6 +640,67 @@ def test_meta_module_runs_shapes_only():
     assert y.shape == (T, B, 2 * H) and h.shape == (4, B, H) and c.shape == (4, B, H)
 
 
+def _run_module(m, x, h0):
+    """Outputs and gradients (of everything) of one forward+backward of module m."""
+    m.zero_grad()
+    x = x.clone().requires_grad_(True)
+    h0 = tuple(h.clone().requires_grad_(True) for h in h0)
+    y, hidden = m(x, h0 if len(h0) == 2 else h0[0])
+    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+    loss = (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum() + sum(
+        (h * h).sum() for h in hidden)
+    loss.backward()
+    return [y, *hidden, x.grad, *(h.grad for h in h0), *(p.grad for p in m.parameters())]
+
+
+@pytest.mark.parametrize("cell", ["RNN", "GRU", "LSTM"])
+def test_eager_fast_path_equals_the_operator(cell, monkeypatch):
+    """In plain eager mode run_layer skips the operator dispatch (the implementation
+    directly, or an autograd.Function with the operator's formula); results and
+    gradients are bitwise those of the operator, and the operator is not called."""
+    torch.manual_seed(0)
+    m = getattr(frnn, cell)(I, H, num_layers=2, bidirectional=True)
+    x = torch.randn(T, B, I)
+    h0 = tuple(torch.randn(4, B, H) for _ in range(2 if cell == "LSTM" else 1))
+    calls = []
+    op = torch.ops.fusedrnn.layer_forward
+    monkeypatch.setattr(torch.ops.fusedrnn, "layer_forward",
+                        lambda *a: calls.append(1) or op(*a))
+    fast = _run_module(m, x, h0)
+    with torch.no_grad():
+        fast_inference = m(x)[0]
+    assert calls == []
+    monkeypatch.setattr(_torch_ops, "_plain_eager", lambda tensors: False)
+    slow = _run_module(m, x, h0)
+    with torch.no_grad():
+        slow_inference = m(x)[0]
+    assert len(calls) == 2 * 4  # two passes of 2 layers x 2 directions
+    for a, b in zip(fast + [fast_inference], slow + [slow_inference]):
+        assert torch.equal(a, b)
+
+
+def test_dispatch_modes_still_see_the_operator():
+    """Under a TorchDispatchMode (or torch.compile, or on meta tensors) the operator runs,
+    so modes and tracers see fusedrnn.layer_forward as before."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    m = frnn.GRU(I, H)
+    x = torch.randn(T, B, I)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), Log() as log:
+            m(x)
+        assert any("fusedrnn.layer_forward" in o for o in log.ops), log.ops
+
+
 # --------------------------------------------------------------------------
 # Packaging
 # --------------------------------------------------------------------------

@@ -30,7 +30,9 @@ computing anything wrong. Forward runs once; backward never recomputes it.
 
 The autograd formula (``register_autograd``) calls ``layer_backward``, so eager
 autograd and ``torch.compile`` (which traces the formula into its backward graph)
-take the same path. ``layer_backward`` has an autograd formula that raises: double
+take the same path. In plain eager mode (``_plain_eager``) ``run_layer`` skips the
+operator dispatch: the implementation runs directly, or, when training, inside
+``_EagerLayer``, an autograd.Function with the same formula. ``layer_backward`` has an autograd formula that raises: double
 backward is not supported. The fake (meta) implementations only compute shapes.
 
 Projection (LSTM ``proj_size``, argument ``w_hr``) is plumbed through both ops and runs
@@ -226,12 +228,11 @@ def _hidden_sizes(cell: str, w_hh_size, w_hr_size) -> Tuple[object, object]:
     return H, P
 
 
-@torch.library.custom_op("fusedrnn::layer_forward", mutates_args=())
-def layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                  b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
-                  w_hr: Optional[Tensor], lengths: Optional[Tensor], cell: str,
-                  reverse: bool, batch_first: bool, training: bool,
-                  checkpoint: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                   b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
+                   w_hr: Optional[Tensor], lengths: Optional[Tensor], cell: str,
+                   reverse: bool, batch_first: bool, training: bool,
+                   checkpoint: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer, one direction: fusedrnn.forward on tensors; returns (y, h_n, c_n, handle).
 
     checkpoint: 0 keeps the full cache, -1 the state every ceil(sqrt(T)) steps, k > 0
@@ -250,6 +251,10 @@ def layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
     # the handle is a CPU tensor for every device (module docstring: Devices)
     handle = _make_handle(cache) if training else torch.empty(0, dtype=torch.int64)
     return y, h_n, c_n, handle
+
+
+layer_forward = torch.library.custom_op("fusedrnn::layer_forward", mutates_args=())(
+    _layer_forward)
 
 
 @layer_forward.register_fake
@@ -299,9 +304,12 @@ def _forward_backward(ctx, dy, dh_n, dc_n, _dhandle):
         _no_double_backward(ctx)
     (handle,) = ctx.saved_tensors
     x_size, w_ih_size, w_hh_size, w_hr_size = ctx.sizes
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = torch.ops.fusedrnn.layer_backward(
-        handle, dy, dh_n, dc_n if ctx.cell == "lstm" else None, ctx.cell, ctx.batch_first,
-        x_size, w_ih_size, w_hh_size, w_hr_size, ctx.dtype, ctx.device)
+    dc_n = dc_n if ctx.cell == "lstm" else None
+    op = _layer_backward if _plain_eager((handle, dy, dh_n, dc_n)) else \
+        torch.ops.fusedrnn.layer_backward  # (see run_layer)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = op(
+        handle, dy, dh_n, dc_n, ctx.cell, ctx.batch_first, x_size, w_ih_size, w_hh_size,
+        w_hr_size, ctx.dtype, ctx.device)
     has_b_ih, has_b_hh, has_h0, has_c0, has_w_hr = ctx.given
     return (dx, dw_ih, dw_hh, db_ih if has_b_ih else None, db_hh if has_b_hh else None,
             dh0 if has_h0 else None, dc0 if has_c0 else None, dw_hr if has_w_hr else None,
@@ -311,12 +319,27 @@ def _forward_backward(ctx, dy, dh_n, dc_n, _dhandle):
 layer_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
 
 
+class _EagerLayer(torch.autograd.Function):
+    """layer_forward with its autograd formula, for plain eager mode (run_layer): the same
+    setup_context and backward, without the operator dispatch around them."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _layer_forward(*inputs)
+        _forward_setup_context(ctx, inputs, out)
+        ctx.mark_non_differentiable(out[3])
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n, dhandle):
+        return _forward_backward(ctx, dy, dh_n, dc_n, dhandle)
+
+
 # --------------------------------------------------------------------------
 # layer_backward
 # --------------------------------------------------------------------------
 
-@torch.library.custom_op("fusedrnn::layer_backward", mutates_args=())
-def layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor],
+def _layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor],
                    dc_n: Optional[Tensor], cell: str, batch_first: bool, x_size: List[int],
                    w_ih_size: List[int], w_hh_size: List[int], w_hr_size: Optional[List[int]],
                    dtype: torch.dtype, device: Optional[torch.device] = None) -> Tuple[
@@ -340,6 +363,10 @@ def layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor],
     dw_hr = empty.clone() if g["w_hr"] is None else t(g["w_hr"])
     return (dx, t(g["h0"]), dc0, t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]), t(g["b_hh"]),
             dw_hr)
+
+
+layer_backward = torch.library.custom_op("fusedrnn::layer_backward", mutates_args=())(
+    _layer_backward)
 
 
 @layer_backward.register_fake
@@ -381,9 +408,33 @@ def run_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[T
     some input requires grad). checkpoint: as ``fusedrnn.forward`` (False, True or k).
     """
     ck = checkpoint_code(checkpoint)
-    training = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr))
-    y, h_n, c_n, _ = torch.ops.fusedrnn.layer_forward(
-        x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first, training,
-        ck)
+    tensors = (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # In plain eager mode the implementation runs directly (inference) or through an
+    # autograd.Function with the operator's own autograd formula (training): the
+    # operator dispatch (fake tensors, torch.compile support, none of them needed
+    # here) costs about 40 µs, five times a small layer's whole call. Anything else
+    # (torch.compile, tensor subclasses, dispatch or function modes, functorch) goes
+    # through the operator.
+    if _plain_eager(tensors):
+        op = _EagerLayer.apply if training else _layer_forward
+    else:
+        op = torch.ops.fusedrnn.layer_forward
+    y, h_n, c_n, _ = op(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse,
+                        batch_first, training, ck)
     return y, h_n, (c_n if cell == "lstm" else None)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # Parameter: a Tensor with torch functions disabled
+_REAL = ("cpu", "cuda")  # the devices the real implementations run
+
+
+def _plain_eager(tensors) -> bool:
+    """Whether calling an op's implementation directly does exactly what the op would:
+    eager mode, plain CPU or CUDA tensors (meta tensors take the fake implementation),
+    no torch function or dispatch mode, no functorch."""
+    return (all(t is None or (type(t) in _PLAIN and t.device.type in _REAL) for t in tensors)
+            and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled()
+            and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+            and not torch._C._are_functorch_transforms_active())
