@@ -28,6 +28,30 @@ constexpr int tile_nu(int G, int mr) {
 
 // ------------------------------------------------------------------ packing
 
+#if FUSEDRNN_VBYTES == 32 && defined(__AVX2__)
+// Columns k .. k+7 of eight rows src[0..7] written as eight 8-float vectors
+// (one per column, the rows in order) to dst, dst + stride, ...: an 8 x 8
+// transpose in registers.
+inline void transpose8(const float* const* src, int64_t k, float* dst, int64_t stride) {
+  __m256 r[8], t[8], q[8];
+  for (int v = 0; v < 8; ++v) r[v] = _mm256_loadu_ps(src[v] + k);
+  for (int v = 0; v < 8; v += 2) {  // rows v, v+1 interleaved
+    t[v] = _mm256_unpacklo_ps(r[v], r[v + 1]);
+    t[v + 1] = _mm256_unpackhi_ps(r[v], r[v + 1]);
+  }
+  for (int v = 0; v < 8; v += 4) {  // four rows of columns c and c + 4, c = 0..3
+    q[v] = _mm256_shuffle_ps(t[v], t[v + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    q[v + 1] = _mm256_shuffle_ps(t[v], t[v + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    q[v + 2] = _mm256_shuffle_ps(t[v + 1], t[v + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    q[v + 3] = _mm256_shuffle_ps(t[v + 1], t[v + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(dst + c * stride, _mm256_permute2f128_ps(q[c], q[c + 4], 0x20));
+    _mm256_storeu_ps(dst + (c + 4) * stride, _mm256_permute2f128_ps(q[c], q[c + 4], 0x31));
+  }
+}
+#endif
+
 template <typename S>
 void pack_fwd(const S* w, int64_t G, int64_t Hr, int64_t K, S* wp, int64_t ub0, int64_t ub1) {
   constexpr int U = Vec<S>::L;
@@ -41,7 +65,13 @@ void pack_fwd(const S* w, int64_t G, int64_t Hr, int64_t K, S* wp, int64_t ub0, 
       int valid = 0;  // rows of the block that exist (the last block may be partial)
       for (int v = 0; v < U; ++v)
         if (u * U + v < Hr) src[valid++] = w + (g * Hr + u * U + v) * K;
-      for (int64_t k = 0; k < K; ++k) {
+      int64_t k = 0;
+#if FUSEDRNN_VBYTES == 32 && defined(__AVX2__)
+      if constexpr (U == 8 && sizeof(S) == 4)  // float: whole 8 x 8 blocks in registers
+        if (valid == U)
+          for (; k + 8 <= K; k += 8) transpose8(src, k, dst + k * G * U, G * U);
+#endif
+      for (; k < K; ++k) {
         S* d = dst + k * G * U;
         for (int v = 0; v < valid; ++v) d[v] = src[v][k];
         for (int v = valid; v < U; ++v) d[v] = S(0);
@@ -53,15 +83,21 @@ template <typename S>
 void pack_bwd(const S* w, int64_t G, int64_t Hr, int64_t Hrp, int64_t ncols, S* wb, int64_t ub0,
               int64_t ub1) {
   constexpr int U = Vec<S>::L;
-  for (int64_t u = ub0; u < ub1; ++u)
+  for (int64_t u = ub0; u < ub1; ++u) {
+    const int64_t units = ncols - u * U < U ? ncols - u * U : U;  // columns of the block that exist
     for (int64_t g = 0; g < G; ++g)
       for (int64_t k = 0; k < Hrp; ++k) {
         S* dst = wb + (u * G * Hrp + g * Hrp + k) * U;
-        for (int v = 0; v < U; ++v) {
-          const int64_t unit = u * U + v;
-          dst[v] = (k < Hr && unit < ncols) ? w[(g * Hr + k) * ncols + unit] : S(0);
+        if (k >= Hr) {  // padding rows
+          store(dst, V<S>{});
+          continue;
         }
+        const S* src = w + (g * Hr + k) * ncols + u * U;  // row g*Hr + k, contiguous
+        if (units == U) store(dst, load(src));
+        else
+          for (int v = 0; v < U; ++v) dst[v] = v < units ? src[v] : S(0);
       }
+  }
 }
 
 // ------------------------------------------------------------------ forward
