@@ -413,7 +413,7 @@ def run_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[T
     # In plain eager mode the implementation runs directly (inference) or through an
     # autograd.Function with the operator's own autograd formula (training): the
     # operator dispatch (fake tensors, torch.compile support, none of them needed
-    # here) costs about 40 µs, five times a small layer's whole call. Anything else
+    # here) costs about 50 µs, six times a small layer's whole call. Anything else
     # (torch.compile, tensor subclasses, dispatch or function modes, functorch) goes
     # through the operator.
     if _plain_eager(tensors):
