@@ -679,6 +679,36 @@ def test_eager_fast_path_equals_the_operator(cell, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_jit_trace_records_the_operator():
+    """torch.jit.trace records operators: the traced module must call fusedrnn's, not
+    replay the traced input's outputs as constants."""
+    torch.manual_seed(0)
+    m = frnn.GRU(I, H)
+    x1, x2 = torch.randn(T, B, I), torch.randn(T, B, I)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values
+        traced = torch.jit.trace(m, x1)
+        assert "fusedrnn::layer_forward" in str(traced.graph)
+        assert torch.equal(traced(x2)[0], m(x2)[0])
+
+
+def test_profiler_and_activation_checkpointing():
+    """The profiler still names fusedrnn's operators; torch.utils.checkpoint (which
+    recomputes the forward during backward) gives the plain gradients."""
+    torch.manual_seed(0)
+    m = frnn.LSTM(I, H)
+    x = torch.randn(T, B, I, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        m(x)[0].sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "fusedrnn::layer_forward" in names and "fusedrnn::layer_backward" in names
+    plain = torch.autograd.grad(m(x)[0].sum(), [x, *m.parameters()])
+    ckpt = torch.utils.checkpoint.checkpoint(lambda v: m(v)[0], x, use_reentrant=False)
+    recomputed = torch.autograd.grad(ckpt.sum(), [x, *m.parameters()])
+    for a, b in zip(plain, recomputed):
+        assert torch.equal(a, b)
+
+
 def test_dispatch_modes_still_see_the_operator():
     """Under a TorchDispatchMode (or torch.compile, or on meta tensors) the operator runs,
     so modes and tracers see fusedrnn.layer_forward as before."""

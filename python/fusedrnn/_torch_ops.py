@@ -431,10 +431,13 @@ _REAL = ("cpu", "cuda")  # the devices the real implementations run
 
 def _plain_eager(tensors) -> bool:
     """Whether calling an op's implementation directly does exactly what the op would:
-    eager mode, plain CPU or CUDA tensors (meta tensors take the fake implementation),
-    no torch function or dispatch mode, no functorch."""
+    eager mode (not compiling, not under torch.jit.trace, which records operators, and
+    no profiler, whose traces name them), plain CPU or CUDA tensors (meta tensors take
+    the fake implementation), no torch function or dispatch mode, no functorch."""
     return (all(t is None or (type(t) in _PLAIN and t.device.type in _REAL) for t in tensors)
             and not torch.compiler.is_compiling()
+            and torch._C._get_tracing_state() is None
+            and not torch.autograd._profiler_enabled()
             and not torch._C._is_torch_function_mode_enabled()
             and torch.utils._python_dispatch._get_current_dispatch_mode() is None
             and not torch._C._are_functorch_transforms_active())
