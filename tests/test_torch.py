@@ -709,6 +709,18 @@ def test_profiler_and_activation_checkpointing():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_mode_ad_is_refused(grad):
+    """Dual inputs raise (with grad mode off they used to come back without tangents)."""
+    import torch.autograd.forward_ad as fwAD
+    m = frnn.GRU(I, H)
+    x = torch.randn(T, B, I)
+    with fwAD.dual_level(), torch.set_grad_enabled(grad):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            m(fwAD.make_dual(x, torch.randn_like(x)))
+        m(x)  # no tangent anywhere: runs
+
+
 def test_dispatch_modes_still_see_the_operator():
     """Under a TorchDispatchMode (or torch.compile, or on meta tensors) the operator runs,
     so modes and tracers see fusedrnn.layer_forward as before."""

@@ -409,6 +409,8 @@ def run_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[T
     """
     ck = checkpoint_code(checkpoint)
     tensors = (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths)
+    if torch.autograd.forward_ad._current_level >= 0:
+        _no_forward_ad(tensors)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     # In plain eager mode the implementation runs directly (inference) or through an
     # autograd.Function with the operator's own autograd formula (training): the
@@ -423,6 +425,18 @@ def run_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[T
     y, h_n, c_n, _ = op(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse,
                         batch_first, training, ck)
     return y, h_n, (c_n if cell == "lstm" else None)
+
+
+def _no_forward_ad(tensors) -> None:
+    """Forward-mode AD has no formula here: refuse dual inputs rather than return outputs
+    without tangents (with grad mode off, nothing else would notice)."""
+    fwd = torch.autograd.forward_ad
+    if any(t is not None and fwd.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            "fusedrnn: forward-mode AD (torch.autograd.forward_ad dual tensors, "
+            "torch.func.jvp) is not supported: fusedrnn's layers have no forward-mode "
+            "formula; use reverse mode (backward/autograd.grad), or torch.nn's "
+            "RNN/LSTM/GRU for forward-mode derivatives")
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # Parameter: a Tensor with torch functions disabled
