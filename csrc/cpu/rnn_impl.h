@@ -268,9 +268,8 @@ inline GemmTasks gemm_tasks(int64_t rows, int64_t cols, int64_t inner) {
   GemmTasks g{rows, cols, row_task(rows), cols, 0, 1};
   g.nr = rows > 0 ? (rows + g.rt - 1) / g.rt : 0;
   if (g.nr == 1 && rows * cols * inner >= (int64_t(1) << 21) && cols >= 256) {
-    g.nc = 4;
-    g.ct = (cols + 4 * 16 - 1) / (4 * 16) * 16;  // whole 16-column groups
-    g.nc = (cols + g.ct - 1) / g.ct;
+    g.ct = (cols + 4 * 16 - 1) / (4 * 16) * 16;  // a quarter, in whole 16-column groups
+    g.nc = (cols + g.ct - 1) / g.ct;              // 4 for every cols >= 256
   }
   return g;
 }

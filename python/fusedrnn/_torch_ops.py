@@ -32,8 +32,9 @@ The autograd formula (``register_autograd``) calls ``layer_backward``, so eager
 autograd and ``torch.compile`` (which traces the formula into its backward graph)
 take the same path. In plain eager mode (``_plain_eager``) ``run_layer`` skips the
 operator dispatch: the implementation runs directly, or, when training, inside
-``_EagerLayer``, an autograd.Function with the same formula. ``layer_backward`` has an autograd formula that raises: double
-backward is not supported. The fake (meta) implementations only compute shapes.
+``_EagerLayer``, an autograd.Function with the same formula. ``layer_backward`` has
+an autograd formula that raises: double backward is not supported. The fake (meta)
+implementations only compute shapes.
 
 Projection (LSTM ``proj_size``, argument ``w_hr``) is plumbed through both ops and runs
 on the kernels (``fusedrnn.forward(..., w_hr=)``).
@@ -340,10 +341,10 @@ class _EagerLayer(torch.autograd.Function):
 # --------------------------------------------------------------------------
 
 def _layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor],
-                   dc_n: Optional[Tensor], cell: str, batch_first: bool, x_size: List[int],
-                   w_ih_size: List[int], w_hh_size: List[int], w_hr_size: Optional[List[int]],
-                   dtype: torch.dtype, device: Optional[torch.device] = None) -> Tuple[
-                       Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    dc_n: Optional[Tensor], cell: str, batch_first: bool, x_size: List[int],
+                    w_ih_size: List[int], w_hh_size: List[int], w_hr_size: Optional[List[int]],
+                    dtype: torch.dtype, device: Optional[torch.device] = None) -> Tuple[
+                        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fusedrnn.backward on the cache behind ``handle``; returns
     (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr) in ``dtype`` on the device of the
     forward's x (``device``, which the autograd formula always passes; the fake
