@@ -3,6 +3,8 @@
 import multiprocessing
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -38,6 +40,36 @@ def test_pool_survives_fork():
         assert not alive, "child hung after fork"
         assert proc.exitcode == 0
         assert queue.get(timeout=5) == expected
+    finally:
+        fusedrnn.set_num_threads(old)
+
+
+def _cpus_allowed(task: str) -> str:
+    with open(f"/proc/self/task/{task}/status") as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list for task {task}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and 2 CPUs")
+def test_pool_workers_are_not_left_bound_to_one_cpu():
+    """Before waking a worker the pool binds it to one CPU, to steer the wake-up away
+    from the caller's CPU (csrc/cpu/pool.h); the worker widens its binding again as it
+    starts. After a call every thread may run wherever the caller may."""
+    old = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(2)
+    try:
+        # B * G * H * H >= 2^16: the call runs on 2 threads
+        args, kw, *_ = make_problem("lstm", 5, 4, 32, 128, np.float32, np.random.default_rng(0))
+        for _ in range(3):
+            time.sleep(0.01)  # over 100 us since the pool's last job: the placement runs
+            fusedrnn.forward(*args, **kw, training=False)
+        main = _cpus_allowed(str(threading.get_native_id()))
+        masks = {t: _cpus_allowed(t) for t in os.listdir("/proc/self/task")}
+        assert len(masks) >= 2
+        assert all(m == main for m in masks.values()), (main, masks)
     finally:
         fusedrnn.set_num_threads(old)
 

@@ -5,6 +5,7 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <new>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -53,6 +54,11 @@ struct ForkHook {
 }  // namespace
 
 ThreadPool::ThreadPool(int workers) {
+#if defined(__linux__)
+  last_cpu_.assign(size_t(workers), -1);
+  pinned_.assign(size_t(workers), 0);
+  CPU_ZERO(&allowed_);
+#endif
   threads_.reserve(size_t(workers));
   for (int i = 0; i < workers; ++i) threads_.emplace_back([this, i] { worker_loop(i + 1); });
 }
@@ -91,12 +97,58 @@ void ThreadPool::worker_loop(int tid) {
       job = job_;
       team = team_;
     }
+#if defined(__linux__)
+    // The caller bound this thread to one CPU to place its wake-up; widen the
+    // binding again. pinned_ and allowed_ were written before the job was
+    // published under mu_.
+    if (pinned_[size_t(tid - 1)])
+      pthread_setaffinity_np(pthread_self(), sizeof allowed_, &allowed_);
+#endif
     (*job)(tid, *team);
+#if defined(__linux__)
+    last_cpu_[size_t(tid - 1)] = sched_getcpu();  // read by the next job's caller
+#endif
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (--pending_ == 0) done_.notify_one();
     }
   }
+}
+
+// Called with *g_busy held and every worker asleep (between jobs).
+void ThreadPool::place(int workers) {
+#if defined(__linux__)
+  std::fill(pinned_.begin(), pinned_.end(), 0);
+  if (std::chrono::steady_clock::now() - last_end_ < std::chrono::microseconds(100)) return;
+  if (sched_getaffinity(0, sizeof allowed_, &allowed_) != 0) return;
+  const int ncpu = CPU_COUNT(&allowed_);
+  if (ncpu < 2) return;
+  cpu_set_t used;
+  CPU_ZERO(&used);
+  const int me = sched_getcpu();
+  if (me >= 0 && me < CPU_SETSIZE) CPU_SET(me, &used);
+  int next = me < 0 ? 0 : me;  // the search for a free CPU goes on from here, cyclically
+  for (int k = 0; k < workers && CPU_COUNT(&used) < ncpu; ++k) {
+    int cpu = last_cpu_[size_t(k)];
+    if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, &allowed_) || CPU_ISSET(cpu, &used)) {
+      cpu = -1;
+      for (int i = 1; i <= CPU_SETSIZE && cpu < 0; ++i) {
+        const int c = (next + i) % CPU_SETSIZE;
+        if (CPU_ISSET(c, &allowed_) && !CPU_ISSET(c, &used)) cpu = c;
+      }
+      if (cpu < 0) break;
+      next = cpu;
+    }
+    CPU_SET(cpu, &used);
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    pinned_[size_t(k)] =
+        pthread_setaffinity_np(threads_[size_t(k)].native_handle(), sizeof one, &one) == 0;
+  }
+#else
+  (void)workers;
+#endif
 }
 
 int ThreadPool::run(int n, const Job& job) {
@@ -107,6 +159,7 @@ int ThreadPool::run(int n, const Job& job) {
     return 1;
   }
   ThreadPool* pool = instance(n - 1);
+  pool->place(n - 1);
   Team team(n);
   {
     std::lock_guard<std::mutex> lock(pool->mu_);
@@ -120,6 +173,9 @@ int ThreadPool::run(int n, const Job& job) {
   job(0, team);
   std::unique_lock<std::mutex> lock(pool->mu_);
   pool->done_.wait(lock, [&] { return pool->pending_ == 0; });
+#if defined(__linux__)
+  pool->last_end_ = std::chrono::steady_clock::now();
+#endif
   return n;
 }
 
