@@ -6,9 +6,12 @@ provider, so they run in seconds. They say nothing about speed.
 """
 
 import csv
+import itertools
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 import fusedrnn
@@ -22,6 +25,13 @@ except ImportError:
     HAVE_TORCH = False
 
 TINY = ["bench", "--quick", "--repeats", "1", "--min-sample-ms", "0", "--shapes", "5,2,8"]
+
+
+@pytest.fixture(autouse=True)
+def _short_settle(monkeypatch):
+    """The benchmark's pause for NumPy's BLAS threads (0.25 s) would dominate these
+    one-sample runs."""
+    monkeypatch.setattr(_bench, "NUMPY_BLAS_SETTLE_S", 0.002)
 
 
 def read_csv(path):
@@ -51,8 +61,10 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
     print(out)
     assert rc == 0
     assert fusedrnn.get_num_threads() == threads  # restored after the run
-    for title in ("cell", "pass", "provider", "ms", "GFLOP/s", "speedup vs torch", "sgemm"):
+    for title in ("cell", "pass", "provider", "ms", "GFLOP/s", "speedup vs torch", "sgemm",
+                  "peak:     float32 multiply-add"):
         assert title in out
+    assert ("max speedup vs torch" in out) == HAVE_TORCH  # the ceilings table
 
     columns, rows = read_csv(path)
     assert tuple(columns) == _bench.CSV_COLUMNS
@@ -64,7 +76,7 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
     assert len(rows) == len(expected)
     for r in rows:
         assert (r["T"], r["B"], r["I"], r["H"], r["dtype"]) == ("5", "2", "8", "8", "float32")
-        assert float(r["ms"]) > 0 and float(r["gflops"]) > 0
+        assert float(r["ms"]) > 0 and float(r["gflops"]) > 0 and float(r["floor_ms"]) > 0
         assert r["check"] == "ok", r  # every provider agrees with fusedrnn
         if HAVE_TORCH:
             assert float(r["speedup_vs_torch"]) > 0
@@ -132,6 +144,68 @@ def test_bench_flags_wrong_results(tmp_path, monkeypatch, capsys):
     check = {r["provider"]: r["check"] for r in rows}
     assert check["reference"].startswith("MISMATCH")
     assert check["fusedrnn"].startswith("MISMATCH")
+
+
+def test_time_interleaved_settles_after_numpy_blas(monkeypatch):
+    """A call that follows the reference's (NumPy's BLAS threads still spin), or the
+    check, is preceded by untimed calls for NUMPY_BLAS_SETTLE_S; no other is."""
+    monkeypatch.setattr(_bench, "NUMPY_BLAS_SETTLE_S", 0.005)
+    log = []
+
+    def make(name):
+        def call():
+            log.append(name)
+            time.sleep(0.001)
+        return call
+
+    names = ("fusedrnn", "reference", "torch")
+    out = _bench.time_interleaved({n: make(n) for n in names}, repeats=3, min_sample_s=0,
+                                  numpy_blas=("reference",))
+    assert all(len(out[n][0]) == 3 and out[n][1] == 1 for n in names)
+    # min_sample_s=0: one timed call per sizing and per sample, so a run of more than
+    # one call of a provider is a settle (the names alternate between samples)
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(log)]
+    assert sum(1 for _ in runs) == 3 + 3 * 3
+    for i, (name, n) in enumerate(runs):
+        settled = i == 0 or runs[i - 1][0] == "reference"
+        assert (n > 1) == settled, runs
+    log.clear()
+    _bench.time_interleaved({n: make(n) for n in names}, repeats=3, min_sample_s=0)
+    assert len(log) == 3 + 3 * 3  # no NumPy-BLAS provider: nothing untimed
+
+
+def test_probes():
+    core = fusedrnn._core
+    assert core.probe_fma_gflops(1, 0.002) > 0
+    assert core.probe_stream_gbps(48 * 1024 + 4, 2, 0.002) > 0  # not a multiple of a vector
+    for bad in (0, 257):
+        with pytest.raises(ValueError, match="threads"):
+            core.probe_fma_gflops(bad)
+    with pytest.raises(ValueError, match="nbytes"):
+        core.probe_stream_gbps(0, 1)
+    with pytest.raises(ValueError, match="seconds"):
+        core.probe_fma_gflops(1, 0.0)
+
+
+def test_ceilings_floor(monkeypatch):
+    """floor = max(FLOPs at the peak, reads x steps x W_hh bytes at the read rate)."""
+    monkeypatch.setattr(fusedrnn._core, "probe_fma_gflops", lambda threads: 100.0)
+    monkeypatch.setattr(fusedrnn._core, "probe_stream_gbps", lambda nbytes, threads: 50.0)
+    c = _bench.Ceilings(2, [4 * 64 * 64 * 4])
+    assert c.read_gbps(4 * 64 * 64 * 4) == 50.0
+    for T, B, H, lengths in ((100, 1, 64, False), (100, 64, 64, False), (20, 8, 16, True)):
+        prob = _bench.make_problem("lstm", T, B, H, H, np.float32, lengths, 0)
+        steps = int(prob.lengths.max()) if lengths else T
+        for pass_, k in (("forward", 1), ("forward+backward", 3)):
+            case = _bench.Case("lstm", T, B, H, H, pass_)
+            compute = k * 2 * prob.steps * 2 * H * 4 * H / 100e9
+            read = min(k, 2) * steps * 4 * H * H * 4 / 50e9
+            assert c.floor_ms(case, prob) == pytest.approx(1e3 * max(compute, read))
+    # float64: half the float32 peak
+    prob = _bench.make_problem("gru", 10, 64, 32, 32, np.float64, False, 0)
+    case = _bench.Case("gru", 10, 64, 32, 32, "forward")
+    assert c.floor_ms(case, prob) == pytest.approx(
+        1e3 * max(2 * 640 * 64 * 96 / 50e9, 10 * 96 * 32 * 8 / 50e9))
 
 
 def test_parse_shapes():

@@ -298,4 +298,12 @@ PYBIND11_MODULE(_core, m) {
         "Start a new peak measurement from the bytes alive now.");
   m.def("isa", []() { return std::string(fusedrnn::isa_name()); },
         "Instruction set of the kernels in use: avx512, avx2 or generic.");
+  m.def("probe_fma_gflops", &fusedrnn::probe_fma_gflops, py::arg("threads"),
+        py::arg("seconds") = 0.02, py::call_guard<py::gil_scoped_release>(),
+        "float32 multiply-add peak (GFLOP/s) of the kernels' instruction set on `threads` "
+        "threads: the benchmark's compute ceiling.");
+  m.def("probe_stream_gbps", &fusedrnn::probe_stream_gbps, py::arg("nbytes"),
+        py::arg("threads"), py::arg("seconds") = 0.02, py::call_guard<py::gil_scoped_release>(),
+        "GB/s at which `threads` threads read a weight of `nbytes` bytes once per step (one "
+        "multiply-add per value, a barrier per pass): the benchmark's batch-1 ceiling.");
 }

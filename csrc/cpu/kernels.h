@@ -92,6 +92,10 @@ struct Kernels {
   void (*backward_point)(const BwdStep<S>& a, int64_t ub0, int64_t ub1);
   // Backward, product half: out (+)= dgh W for the step's rows.
   void (*backward_product)(const BwdStep<S>& a, int64_t ub0, int64_t ub1);
+  // Benchmark probes (csrc/cpu/probe.cpp): iters rounds of 12 register
+  // multiply-adds; one multiply-add pass over w[0 .. n).
+  S (*probe_fma)(int64_t iters, S m);
+  S (*probe_stream)(const S* w, int64_t n, S m);
 };
 
 // The kernels for this CPU (AVX-512, AVX2/FMA or the portable build), chosen

@@ -435,10 +435,52 @@ void backward_point_any(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
   }
 }
 
+// ------------------------------------------------------------------ probes
+// Machine ceilings for the benchmark (csrc/cpu/probe.cpp); the layers never
+// call these.
+
+// iters rounds of 12 independent multiply-adds on registers (the forward
+// tile's accumulator count): the instruction set's multiply-add peak. Returns
+// a value that depends on every one of them, so none is optimized away.
+template <typename S>
+S probe_fma(int64_t iters, S m) {
+  using Vt = V<S>;
+  Vt acc[12];
+  for (int j = 0; j < 12; ++j) acc[j] = splat(S(j + 1) * S(1e-3));
+  const Vt vm = splat(m), vb = splat(S(1e-6));
+  for (int64_t i = 0; i < iters; ++i)
+    for (int j = 0; j < 12; ++j) acc[j] = acc[j] * vm + vb;
+  Vt t = acc[0];
+  for (int j = 1; j < 12; ++j) t += acc[j];
+  S s = 0;
+  for (int l = 0; l < Vec<S>::L; ++l) s += t[l];
+  return s;
+}
+
+// One pass over w[0 .. n), one multiply-add per value, as a step of the
+// recurrence at batch 1 reads its part of W_hh; returns a value that depends
+// on every one of them.
+template <typename S>
+S probe_stream(const S* w, int64_t n, S m) {
+  using Vt = V<S>;
+  constexpr int U = Vec<S>::L;
+  Vt acc[8] = {};
+  const Vt vm = splat(m);
+  int64_t i = 0;
+  for (; i + 8 * U <= n; i += 8 * U)
+    for (int j = 0; j < 8; ++j) acc[j] += load(w + i + j * U) * vm;
+  S s = 0;
+  for (; i < n; ++i) s += w[i] * m;
+  for (int j = 0; j < 8; ++j)
+    for (int l = 0; l < U; ++l) s += acc[j][l];
+  return s;
+}
+
 template <typename S>
 const Kernels<S>* table() {
   static const Kernels<S> k{FUSEDRNN_ISA_NAME, Vec<S>::L, pack_fwd<S>, pack_bwd<S>,
-                            forward_step_any<S>, backward_point_any<S>, backward_product<S>};
+                            forward_step_any<S>, backward_point_any<S>, backward_product<S>,
+                            probe_fma<S>, probe_stream<S>};
   return &k;
 }
 

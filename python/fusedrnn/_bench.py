@@ -90,7 +90,7 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 CSV_COLUMNS = ("cell", "T", "B", "I", "H", "pass", "provider", "dtype", "threads", "lengths",
                "ms", "ms_min", "ms_max", "calls_per_sample", "repeats", "gflops",
                "speedup_vs_torch", "speedup_vs_reference", "max_rel_err", "check", "cache_mib",
-               "peak_mib")
+               "peak_mib", "floor_ms")
 
 
 # --------------------------------------------------------------------------
@@ -382,24 +382,101 @@ def _time_sample(call, n: int) -> float:
             gc.enable()
 
 
+# OpenBLAS's worker threads keep spinning for about 0.1 s after each
+# multithreaded call (its THREAD_TIMEOUT, 2^28 cycles) before they sleep. NumPy's
+# BLAS (the reference's matmuls) thus holds one of the cores for that long, and
+# whatever runs next gets the machine half-empty: on the 2-core development
+# machine a 2-thread LSTM forward right after a NumPy matmul ran 1.4-5x slower
+# (fusedrnn and torch alike). So after the reference, the next provider first
+# runs untimed for NUMPY_BLAS_SETTLE_S. (Waiting idle instead would let the
+# idle CPUs of a virtual machine halt, and the next wake-up can then stack two
+# threads on one CPU: see csrc/cpu/pool.h.)
+NUMPY_BLAS_SETTLE_S = 0.25
+
+
+def _run_for(call: Callable[[], object], seconds: float) -> None:
+    """Calls call() back to back for at least ``seconds`` (at least once), untimed."""
+    t0 = time.perf_counter()
+    call()
+    while time.perf_counter() - t0 < seconds:
+        call()
+
+
 def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int,
-                     min_sample_s: float) -> Dict[str, Tuple[List[float], int]]:
+                     min_sample_s: float,
+                     numpy_blas: Sequence[str] = ()) -> Dict[str, Tuple[List[float], int]]:
     """Per provider: (seconds per call of each sample, calls per sample).
 
     Each provider has already run once (the check). One more call sizes its sample;
     then the samples go round-robin, starting one provider later each round.
+    Providers named in ``numpy_blas`` run NumPy's BLAS: a call or sample that follows
+    one of theirs (or the check, which ran them) is preceded by NUMPY_BLAS_SETTLE_S of
+    untimed calls.
     """
-    per_sample = {}
-    for name, call in calls.items():
-        t = _time_sample(call, 1)
-        per_sample[name] = max(1, min(10000, math.ceil(min_sample_s / max(t, 1e-9))))
-    samples: Dict[str, List[float]] = {name: [] for name in calls}
     names = list(calls)
+    blas = set(numpy_blas) & set(names)
+    after_blas = bool(blas)
+
+    def sample(name: str, n: int) -> float:
+        nonlocal after_blas
+        if after_blas:
+            _run_for(calls[name], NUMPY_BLAS_SETTLE_S)
+        t = _time_sample(calls[name], n)
+        after_blas = name in blas
+        return t
+
+    per_sample = {}
+    for name in names:
+        t = sample(name, 1)
+        per_sample[name] = max(1, min(10000, math.ceil(min_sample_s / max(t, 1e-9))))
+    samples: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            samples[name].append(_time_sample(calls[name], per_sample[name]))
+            samples[name].append(sample(name, per_sample[name]))
     return {name: (samples[name], per_sample[name]) for name in names}
+
+
+class Ceilings:
+    """This machine's limits on the benchmark's thread count, from fusedrnn's probes:
+    the float32 multiply-add peak of the kernels' instruction set (12 register
+    accumulators per thread), and the rate at which the threads read a weight of a
+    given size once per step (one multiply-add per value, a barrier per pass).
+
+    ``floor_ms`` bounds a case's time from below for any implementation that does the
+    counted FLOPs and reads W_hh from memory once per step in the case's dtype (a step
+    needs all of W_hh and the state the step before made): the larger of the FLOPs at
+    the peak and the steps' W_hh reads (twice with backward, whose transposed product
+    reads it again) at the read rate. The cell's pointwise math, other memory traffic
+    and synchronisation are not counted, so no implementation reaches it; torch's
+    time over it is the most any implementation could show against torch in the
+    same run.
+
+    Both probes keep the best of their samples, and all of them run before anything
+    else (``nbytes``: the W_hh sizes the run will need), while no other library's
+    threads are about.
+    """
+
+    def __init__(self, threads: int, nbytes: Sequence[int] = ()):
+        self.threads = threads
+        self.peak_gflops = fusedrnn._core.probe_fma_gflops(threads)
+        self._read: Dict[int, float] = {}
+        for n in sorted(set(nbytes)):
+            self.read_gbps(n)
+
+    def read_gbps(self, nbytes: int) -> float:
+        if nbytes not in self._read:
+            self._read[nbytes] = fusedrnn._core.probe_stream_gbps(nbytes, self.threads)
+        return self._read[nbytes]
+
+    def floor_ms(self, case: Case, prob: Problem) -> float:
+        itemsize = prob.w_hh.itemsize
+        compute_s = flops(case, prob) / (self.peak_gflops * 4.0 / itemsize * 1e9)
+        steps = int(prob.lengths.max()) if prob.lengths is not None else case.T
+        nbytes = case.G * case.H * case.H * itemsize
+        reads = 2 if case.pass_ == FORWARD_BACKWARD else 1
+        read_s = reads * steps * nbytes / (self.read_gbps(nbytes) * 1e9)
+        return 1e3 * max(compute_s, read_s)
 
 
 def sgemm_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -469,6 +546,7 @@ class Row:
     check: str = "-"  # "ok", "MISMATCH(<array>)", "error: ...", or "-" (nothing to compare)
     cache_mib: float = math.nan  # fusedrnn providers, forward+backward: cache.nbytes
     peak_mib: float = math.nan  # and the peak of working memory
+    floor_ms: float = math.nan  # the case's lower bound on time (Ceilings.floor_ms)
 
     def csv_record(self) -> Dict[str, object]:
         c = self.case
@@ -480,7 +558,8 @@ class Row:
                 "speedup_vs_torch": _g(self.speedup_vs_torch),
                 "speedup_vs_reference": _g(self.speedup_vs_reference),
                 "max_rel_err": _g(self.max_rel_err), "check": self.check,
-                "cache_mib": _g(self.cache_mib), "peak_mib": _g(self.peak_mib)}
+                "cache_mib": _g(self.cache_mib), "peak_mib": _g(self.peak_mib),
+                "floor_ms": _g(self.floor_ms)}
 
 
 def _g(v: float) -> str:
@@ -650,15 +729,18 @@ def run(args: argparse.Namespace, out=None) -> int:
     if torch is not None:
         torch.set_num_threads(threads)
     try:
-        _print_header(out, threads, torch_info, args, repeats, min_sample_s)
+        ceilings = Ceilings(threads, [fusedrnn.CELLS[c] * H * H * dtype.itemsize
+                                      for c in args.cells for _, _, _, H in shapes])
+        _print_header(out, threads, torch_info, args, repeats, min_sample_s, ceilings)
         rows = _run_grid(args.cells, shapes, args.passes, providers, dtype, tol, repeats,
-                         min_sample_s, threads, args, torch, out)
+                         min_sample_s, threads, args, torch, out, ceilings)
     finally:
         fusedrnn.set_num_threads(old_threads)
         if torch is not None:
             torch.set_num_threads(old_torch_threads)
 
     _print_summary(out, rows, providers)
+    _print_ceilings(out, rows)
     if args.csv:
         write_csv(args.csv, rows)
         print(f"CSV written to {args.csv}", file=out)
@@ -676,7 +758,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     return 1 if errors or (mismatches and args.strict) else 0
 
 
-def _print_header(out, threads, torch_info, args, repeats, min_sample_s):
+def _print_header(out, threads, torch_info, args, repeats, min_sample_s, ceilings):
     """The machine and the method, above the table."""
     print(f"fusedrnn {fusedrnn.__version__} benchmark  "
           f"({time.strftime('%Y-%m-%d %H:%M:%S')}, Python {platform.python_version()})", file=out)
@@ -688,6 +770,9 @@ def _print_header(out, threads, torch_info, args, repeats, min_sample_s):
     print(f"torch:    {torch_info}", file=out)
     print(f"sgemm:    numpy float32 1024^3 matmul {sgemm_gflops():.1f} GFLOP/s "
           f"(median of 5)", file=out)
+    print(f"peak:     float32 multiply-add {ceilings.peak_gflops:.1f} GFLOP/s on {threads} "
+          f"threads ({fusedrnn._core.isa()}; fusedrnn's probe, see 'ceilings' below)",
+          file=out)
     mode = "lengths uniform in [T/4, T]" if args.lengths else "full length"
     print(f"setup:    {args.dtype}, {mode}, median of {repeats} interleaved samples of "
           f">= {min_sample_s * 1e3:g} ms; FLOPs 2*steps*(I+H)*G*H fwd, x3 fwd+bwd; "
@@ -697,7 +782,7 @@ def _print_header(out, threads, torch_info, args, repeats, min_sample_s):
 
 
 def _run_grid(cells, shapes, passes, providers, dtype, tol, repeats, min_sample_s, threads,
-              args, torch, out) -> List[Row]:
+              args, torch, out, ceilings) -> List[Row]:
     rows: List[Row] = []
     notes_done = set()
 
@@ -722,9 +807,11 @@ def _run_grid(cells, shapes, passes, providers, dtype, tol, repeats, min_sample_
                     if name == "fusedrnn.ckpt" and pass_ == FORWARD:
                         continue  # inference keeps no cache: the same call as fusedrnn
                     active.append(name)
+                floor = ceilings.floor_ms(case, prob)
                 case_rows = _run_case(case, prob, active, dtype, tol, repeats, min_sample_s,
                                       threads, args.lengths, torch)
                 for r in case_rows:
+                    r.floor_ms = floor
                     print(table_row(r), file=out, flush=True)
                 rows.extend(case_rows)
     return rows
@@ -771,7 +858,8 @@ def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, len
     del outputs
 
     work = flops(case, prob)
-    for n, (samples, k) in time_interleaved(calls, repeats, min_sample_s).items():
+    for n, (samples, k) in time_interleaved(calls, repeats, min_sample_s,
+                                            numpy_blas=("reference",)).items():
         r = rows[n]
         r.ms = 1e3 * statistics.median(samples)
         r.ms_min, r.ms_max = 1e3 * min(samples), 1e3 * max(samples)
@@ -783,6 +871,39 @@ def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, len
         if "reference" in rows and not math.isnan(rows["reference"].ms):
             r.speedup_vs_reference = rows["reference"].ms / r.ms
     return list(rows.values())
+
+
+def _print_ceilings(out, rows: Sequence[Row]) -> None:
+    """Per case timed by fusedrnn and torch: the floor (Ceilings.floor_ms), how close
+    each came to it, and the most any implementation could be faster than torch."""
+    by_case: Dict[Case, Dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.provider] = r
+    lines = []
+    for case, rs in by_case.items():
+        f, t = rs.get("fusedrnn"), rs.get("torch")
+        if f is None or t is None or math.isnan(f.ms) or math.isnan(t.ms):
+            continue
+        lines.append(_line([case.cell, str(case.T), str(case.B), str(case.I), str(case.H),
+                            case.pass_, f"{f.floor_ms:.4g}", f"{100 * f.floor_ms / f.ms:.0f}%",
+                            f"{100 * f.floor_ms / t.ms:.0f}%", f"{t.ms / f.floor_ms:.2f}x"],
+                           _CEILING_TABLE, _CEILING_NUMERIC))
+    if not lines:
+        return
+    print(file=out)
+    print("ceilings: floor = max(FLOPs at the multiply-add peak, steps x W_hh bytes (x2 with "
+          "backward) at the weight read rate); no implementation that reads W_hh in this "
+          "dtype once per step gets below it. % of floor = floor / median time; "
+          "max speedup = torch / floor.", file=out)
+    print(_line([t for t, _, _ in _CEILING_TABLE], _CEILING_TABLE, _CEILING_NUMERIC), file=out)
+    for line in lines:
+        print(line, file=out)
+
+
+_CEILING_TABLE = tuple((title, width, None) for title, width in (
+    ("cell", 8), ("T", 5), ("B", 5), ("I", 6), ("H", 6), ("pass", 16), ("floor ms", 9),
+    ("fusedrnn % of floor", 19), ("torch % of floor", 16), ("max speedup vs torch", 20)))
+_CEILING_NUMERIC = {t for t, _, _ in _CEILING_TABLE} - {"cell", "pass"}
 
 
 def _print_summary(out, rows: Sequence[Row], providers: Sequence[str]) -> None:

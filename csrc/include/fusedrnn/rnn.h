@@ -115,5 +115,12 @@ void set_num_threads(int n);
 int get_num_threads();
 // Name of the SIMD kernels in use: "avx512", "avx2" or "generic".
 const char* isa_name();
+// Benchmark ceilings (csrc/cpu/probe.cpp): float32 multiply-add peak of the
+// kernels' instruction set on `threads` threads, GFLOP/s; the rate at which
+// `threads` threads read a weight of `bytes` bytes once per barrier-separated
+// pass with one multiply-add per value, GB/s. The best of 5 samples of about
+// `seconds` each.
+double probe_fma_gflops(int threads, double seconds);
+double probe_stream_gbps(int64_t bytes, int threads, double seconds);
 
 }  // namespace fusedrnn
