@@ -29,9 +29,10 @@ TINY = ["bench", "--quick", "--repeats", "1", "--min-sample-ms", "0", "--shapes"
 
 @pytest.fixture(autouse=True)
 def _short_settle(monkeypatch):
-    """The benchmark's pause for NumPy's BLAS threads (0.25 s) would dominate these
-    one-sample runs."""
+    """The benchmark's untimed runs before samples (0.25 s after NumPy's BLAS, 20 ms
+    otherwise) would dominate these one-sample runs."""
     monkeypatch.setattr(_bench, "NUMPY_BLAS_SETTLE_S", 0.002)
+    monkeypatch.setattr(_bench, "SAMPLE_WARMUP_S", 0.0)
 
 
 def read_csv(path):
@@ -147,31 +148,41 @@ def test_bench_flags_wrong_results(tmp_path, monkeypatch, capsys):
 
 
 def test_time_interleaved_settles_after_numpy_blas(monkeypatch):
-    """A call that follows the reference's (NumPy's BLAS threads still spin), or the
-    check, is preceded by untimed calls for NUMPY_BLAS_SETTLE_S; no other is."""
-    monkeypatch.setattr(_bench, "NUMPY_BLAS_SETTLE_S", 0.005)
+    """A sample that follows the reference's (NumPy's BLAS threads still spin), or the
+    check, is preceded by NUMPY_BLAS_SETTLE_S of untimed calls; any other sample of a
+    call shorter than SAMPLE_WARMUP_S by that long of them; the sizing calls by
+    nothing else."""
+    monkeypatch.setattr(_bench, "NUMPY_BLAS_SETTLE_S", 0.25)
+    monkeypatch.setattr(_bench, "SAMPLE_WARMUP_S", 0.02)
     log = []
+    monkeypatch.setattr(_bench, "_run_for", lambda call, seconds: log.append(seconds))
 
     def make(name):
-        def call():
-            log.append(name)
-            time.sleep(0.001)
-        return call
+        return lambda: log.append(name)
 
     names = ("fusedrnn", "reference", "torch")
     out = _bench.time_interleaved({n: make(n) for n in names}, repeats=3, min_sample_s=0,
                                   numpy_blas=("reference",))
     assert all(len(out[n][0]) == 3 and out[n][1] == 1 for n in names)
-    # min_sample_s=0: one timed call per sizing and per sample, so a run of more than
-    # one call of a provider is a settle (the names alternate between samples)
-    runs = [(name, len(list(group))) for name, group in itertools.groupby(log)]
-    assert sum(1 for _ in runs) == 3 + 3 * 3
-    for i, (name, n) in enumerate(runs):
-        settled = i == 0 or runs[i - 1][0] == "reference"
-        assert (n > 1) == settled, runs
+    # min_sample_s=0: one timed call per sizing and per sample
+    order = ["fusedrnn", "reference", "torch", "fusedrnn", "reference", "torch",
+             "reference", "torch", "fusedrnn", "torch", "fusedrnn", "reference"]
+    expected, before = [], "reference"  # the check ran the reference last
+    for i, name in enumerate(order):
+        if before == "reference":
+            expected.append(0.25)
+        elif i >= 3:  # a sample (not a sizing call) of a short call
+            expected.append(0.02)
+        expected.append(name)
+        before = name
+    assert log == expected
     log.clear()
     _bench.time_interleaved({n: make(n) for n in names}, repeats=3, min_sample_s=0)
-    assert len(log) == 3 + 3 * 3  # no NumPy-BLAS provider: nothing untimed
+    assert log == [x for i, name in enumerate(order) for x in ([0.02] if i >= 3 else []) + [name]]
+    log.clear()
+    monkeypatch.setattr(_bench, "SAMPLE_WARMUP_S", 0.0)  # every call is longer
+    _bench.time_interleaved({n: make(n) for n in names}, repeats=3, min_sample_s=0)
+    assert log == order
 
 
 def test_probes():

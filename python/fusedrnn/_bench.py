@@ -392,6 +392,12 @@ def _time_sample(call, n: int) -> float:
 # idle CPUs of a virtual machine halt, and the next wake-up can then stack two
 # threads on one CPU: see csrc/cpu/pool.h.)
 NUMPY_BLAS_SETTLE_S = 0.25
+# Any provider leaves a shorter wake: right after torch.nn's sample the first
+# few calls of the next provider took up to 4x their usual time (LSTM T=100,
+# B=1, H=256: fusedrnn and fusedrnn.torch alike). So every sample of a provider
+# whose call is shorter than this is preceded by this long of its own calls,
+# untimed; longer calls amortise the wake within the sample.
+SAMPLE_WARMUP_S = 0.02
 
 
 def _run_for(call: Callable[[], object], seconds: float) -> None:
@@ -408,26 +414,30 @@ def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int,
     """Per provider: (seconds per call of each sample, calls per sample).
 
     Each provider has already run once (the check). One more call sizes its sample;
-    then the samples go round-robin, starting one provider later each round.
-    Providers named in ``numpy_blas`` run NumPy's BLAS: a call or sample that follows
-    one of theirs (or the check, which ran them) is preceded by NUMPY_BLAS_SETTLE_S of
-    untimed calls.
+    then the samples go round-robin, starting one provider later each round. Before
+    each sample the provider runs untimed: for NUMPY_BLAS_SETTLE_S when the call
+    before was one of ``numpy_blas`` (providers that run NumPy's BLAS; the check
+    counts as one of their calls), otherwise for SAMPLE_WARMUP_S when its calls are
+    shorter than that.
     """
     names = list(calls)
     blas = set(numpy_blas) & set(names)
     after_blas = bool(blas)
+    per_call: Dict[str, float] = {}
 
     def sample(name: str, n: int) -> float:
         nonlocal after_blas
         if after_blas:
             _run_for(calls[name], NUMPY_BLAS_SETTLE_S)
+        elif per_call.get(name, math.inf) < SAMPLE_WARMUP_S:
+            _run_for(calls[name], SAMPLE_WARMUP_S)
         t = _time_sample(calls[name], n)
         after_blas = name in blas
         return t
 
     per_sample = {}
     for name in names:
-        t = sample(name, 1)
+        per_call[name] = t = sample(name, 1)
         per_sample[name] = max(1, min(10000, math.ceil(min_sample_s / max(t, 1e-9))))
     samples: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(repeats):
