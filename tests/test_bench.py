@@ -150,8 +150,8 @@ def test_bench_flags_wrong_results(tmp_path, monkeypatch, capsys):
 def test_time_interleaved_settles_after_numpy_blas(monkeypatch):
     """A sample that follows the reference's (NumPy's BLAS threads still spin), or the
     check, is preceded by NUMPY_BLAS_SETTLE_S of untimed calls; any other sample of a
-    call shorter than SAMPLE_WARMUP_S by that long of them; the sizing calls by
-    nothing else."""
+    call that takes under WARMUP_BELOW_S by SAMPLE_WARMUP_S of them; the sizing calls
+    by nothing else. Rounds take every provider once, in changing orders."""
     monkeypatch.setattr(_bench, "NUMPY_BLAS_SETTLE_S", 0.25)
     monkeypatch.setattr(_bench, "SAMPLE_WARMUP_S", 0.02)
     log = []
@@ -160,29 +160,36 @@ def test_time_interleaved_settles_after_numpy_blas(monkeypatch):
     def make(name):
         return lambda: log.append(name)
 
-    names = ("fusedrnn", "reference", "torch")
-    out = _bench.time_interleaved({n: make(n) for n in names}, repeats=3, min_sample_s=0,
-                                  numpy_blas=("reference",))
-    assert all(len(out[n][0]) == 3 and out[n][1] == 1 for n in names)
-    # min_sample_s=0: one timed call per sizing and per sample
-    order = ["fusedrnn", "reference", "torch", "fusedrnn", "reference", "torch",
-             "reference", "torch", "fusedrnn", "torch", "fusedrnn", "reference"]
-    expected, before = [], "reference"  # the check ran the reference last
-    for i, name in enumerate(order):
-        if before == "reference":
-            expected.append(0.25)
-        elif i >= 3:  # a sample (not a sizing call) of a short call
-            expected.append(0.02)
-        expected.append(name)
-        before = name
-    assert log == expected
-    log.clear()
-    _bench.time_interleaved({n: make(n) for n in names}, repeats=3, min_sample_s=0)
-    assert log == [x for i, name in enumerate(order) for x in ([0.02] if i >= 3 else []) + [name]]
-    log.clear()
-    monkeypatch.setattr(_bench, "SAMPLE_WARMUP_S", 0.0)  # every call is longer
-    _bench.time_interleaved({n: make(n) for n in names}, repeats=3, min_sample_s=0)
-    assert log == order
+    names = ("fusedrnn", "reference", "torch", "fusedrnn.torch")
+    repeats = 8
+
+    def check(numpy_blas, warm):
+        log.clear()
+        out = _bench.time_interleaved({n: make(n) for n in names}, repeats, 0,
+                                      numpy_blas=numpy_blas)
+        assert all(len(out[n][0]) == repeats and out[n][1] == 1 for n in names)
+        timed = [x for x in log if isinstance(x, str)]  # min_sample_s=0: one call each
+        assert timed[:4] == list(names)  # the sizing calls
+        rounds = [timed[4 + 4 * r:8 + 4 * r] for r in range(repeats)]
+        assert all(sorted(r) == sorted(names) for r in rounds)
+        assert len({tuple(r) for r in rounds}) > 1  # the order changes
+        # the provider right after torch is not always the same one
+        after_torch = {timed[i + 1] for i in range(4, len(timed) - 1) if timed[i] == "torch"}
+        assert len(after_torch) > 1
+        expected, before = [], "reference" if numpy_blas else None
+        for i, name in enumerate(timed):
+            if before in numpy_blas:
+                expected.append(0.25)
+            elif i >= 4 and warm:  # a sample (not a sizing call) of a short call
+                expected.append(0.02)
+            expected.append(name)
+            before = name
+        assert log == expected
+
+    check(("reference",), True)
+    check((), True)  # no NumPy-BLAS provider: warm-ups only
+    monkeypatch.setattr(_bench, "WARMUP_BELOW_S", 0.0)  # every call is longer
+    check(("reference",), False)
 
 
 def test_probes():

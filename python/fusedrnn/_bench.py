@@ -32,8 +32,9 @@ Method (DESIGN.md section 7), so that ratios are trustworthy on a noisy machine:
 all contenders run in this one process with the same thread count; per case
 each provider runs once (its outputs are checked against fusedrnn's), once more
 to size a *sample* (enough back-to-back calls to last ``--min-sample-ms``),
-then ``--repeats`` samples are taken round-robin over the providers, so a noisy
-second hits everyone alike; the reported time per call is the median sample.
+then ``--repeats`` rounds take one sample of each provider in a shuffled order,
+so a noisy second hits everyone alike; the reported time per call is the median
+sample.
 GFLOP/s count 2*T*B*(I+H)*G*H FLOPs per forward (3x that per
 forward+backward); with ``--lengths`` T*B becomes sum(lengths), the useful work.
 """
@@ -46,6 +47,7 @@ import gc
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -392,12 +394,15 @@ def _time_sample(call, n: int) -> float:
 # idle CPUs of a virtual machine halt, and the next wake-up can then stack two
 # threads on one CPU: see csrc/cpu/pool.h.)
 NUMPY_BLAS_SETTLE_S = 0.25
-# Any provider leaves a shorter wake: right after torch.nn's sample the first
-# few calls of the next provider took up to 4x their usual time (LSTM T=100,
-# B=1, H=256: fusedrnn and fusedrnn.torch alike). So every sample of a provider
-# whose call is shorter than this is preceded by this long of its own calls,
-# untimed; longer calls amortise the wake within the sample.
+# Any provider leaves a shorter wake: right after torch.nn's sample the next
+# provider's first call or two took up to 7x their usual time, for about 5-10 ms
+# (fusedrnn and fusedrnn.torch alike). So every sample of a provider whose call
+# takes under WARMUP_BELOW_S is preceded by SAMPLE_WARMUP_S of its own calls (at
+# least one), untimed; longer calls amortise the wake within the sample. And the
+# order of the providers is shuffled every round, so that no provider always
+# follows the same one.
 SAMPLE_WARMUP_S = 0.02
+WARMUP_BELOW_S = 0.1
 
 
 def _run_for(call: Callable[[], object], seconds: float) -> None:
@@ -409,16 +414,16 @@ def _run_for(call: Callable[[], object], seconds: float) -> None:
 
 
 def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int,
-                     min_sample_s: float,
-                     numpy_blas: Sequence[str] = ()) -> Dict[str, Tuple[List[float], int]]:
+                     min_sample_s: float, numpy_blas: Sequence[str] = (),
+                     seed: int = 0) -> Dict[str, Tuple[List[float], int]]:
     """Per provider: (seconds per call of each sample, calls per sample).
 
     Each provider has already run once (the check). One more call sizes its sample;
-    then the samples go round-robin, starting one provider later each round. Before
-    each sample the provider runs untimed: for NUMPY_BLAS_SETTLE_S when the call
-    before was one of ``numpy_blas`` (providers that run NumPy's BLAS; the check
-    counts as one of their calls), otherwise for SAMPLE_WARMUP_S when its calls are
-    shorter than that.
+    then each round takes one sample of every provider, in a random order (seeded).
+    Before each sample the provider runs untimed: for NUMPY_BLAS_SETTLE_S when the
+    call before was one of ``numpy_blas`` (providers that run NumPy's BLAS; the check
+    counts as one of their calls), otherwise for SAMPLE_WARMUP_S when its calls take
+    under WARMUP_BELOW_S.
     """
     names = list(calls)
     blas = set(numpy_blas) & set(names)
@@ -429,7 +434,7 @@ def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int,
         nonlocal after_blas
         if after_blas:
             _run_for(calls[name], NUMPY_BLAS_SETTLE_S)
-        elif per_call.get(name, math.inf) < SAMPLE_WARMUP_S:
+        elif per_call.get(name, math.inf) < WARMUP_BELOW_S:
             _run_for(calls[name], SAMPLE_WARMUP_S)
         t = _time_sample(calls[name], n)
         after_blas = name in blas
@@ -440,9 +445,9 @@ def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int,
         per_call[name] = t = sample(name, 1)
         per_sample[name] = max(1, min(10000, math.ceil(min_sample_s / max(t, 1e-9))))
     samples: Dict[str, List[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+    order = random.Random(seed)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             samples[name].append(sample(name, per_sample[name]))
     return {name: (samples[name], per_sample[name]) for name in names}
 
