@@ -206,23 +206,30 @@ def test_probes():
 
 
 def test_ceilings_floor(monkeypatch):
-    """floor = max(FLOPs at the peak, reads x steps x W_hh bytes at the read rate)."""
-    monkeypatch.setattr(fusedrnn._core, "probe_fma_gflops", lambda threads: 100.0)
-    monkeypatch.setattr(fusedrnn._core, "probe_stream_gbps", lambda nbytes, threads: 50.0)
+    """floor = max(FLOPs at the peak, reads x steps x W_hh bytes at the read rate), at
+    the better of the limits measured before and after the grid."""
+    rates = {"peak": [80.0, 100.0], "read": [50.0, 40.0]}
+    monkeypatch.setattr(fusedrnn._core, "probe_fma_gflops", lambda threads: rates["peak"].pop(0))
+    monkeypatch.setattr(fusedrnn._core, "probe_stream_gbps",
+                        lambda nbytes, threads: rates["read"].pop(0))
     c = _bench.Ceilings(2, [4 * 64 * 64 * 4])
-    assert c.read_gbps(4 * 64 * 64 * 4) == 50.0
-    for T, B, H, lengths in ((100, 1, 64, False), (100, 64, 64, False), (20, 8, 16, True)):
+    assert (c.peak_gflops, c.read_gbps(4 * 64 * 64 * 4)) == (80.0, 50.0)
+    c.remeasure()
+    assert (c.peak_gflops, c.read_gbps(4 * 64 * 64 * 4)) == (100.0, 50.0)  # the better
+    for T, B, H, lengths in ((100, 1, 64, False), (100, 64, 64, False), (20, 8, 64, True)):
         prob = _bench.make_problem("lstm", T, B, H, H, np.float32, lengths, 0)
         steps = int(prob.lengths.max()) if lengths else T
         for pass_, k in (("forward", 1), ("forward+backward", 3)):
             case = _bench.Case("lstm", T, B, H, H, pass_)
             compute = k * 2 * prob.steps * 2 * H * 4 * H / 100e9
             read = min(k, 2) * steps * 4 * H * H * 4 / 50e9
-            assert c.floor_ms(case, prob) == pytest.approx(1e3 * max(compute, read))
-    # float64: half the float32 peak
+            got = c.floor_ms(c.work(case, prob))
+            assert got == pytest.approx(1e3 * max(compute, read))
+    # float64: half the float32 peak, 8-byte weights
+    rates["read"] = [50.0]
     prob = _bench.make_problem("gru", 10, 64, 32, 32, np.float64, False, 0)
     case = _bench.Case("gru", 10, 64, 32, 32, "forward")
-    assert c.floor_ms(case, prob) == pytest.approx(
+    assert c.floor_ms(c.work(case, prob)) == pytest.approx(
         1e3 * max(2 * 640 * 64 * 96 / 50e9, 10 * 96 * 32 * 8 / 50e9))
 
 

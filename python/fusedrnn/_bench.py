@@ -467,9 +467,10 @@ class Ceilings:
     time over it is the most any implementation could show against torch in the
     same run.
 
-    Both probes keep the best of their samples, and all of them run before anything
-    else (``nbytes``: the W_hh sizes the run will need), while no other library's
-    threads are about.
+    Both probes keep the best of their samples. They run before anything else
+    (``nbytes``: the W_hh sizes the run will need), while no other library's threads
+    are about, and again after the grid (``remeasure``), keeping the better value: an
+    underestimated limit would make the floor too high.
     """
 
     def __init__(self, threads: int, nbytes: Sequence[int] = ()):
@@ -484,13 +485,27 @@ class Ceilings:
             self._read[nbytes] = fusedrnn._core.probe_stream_gbps(nbytes, self.threads)
         return self._read[nbytes]
 
-    def floor_ms(self, case: Case, prob: Problem) -> float:
+    def remeasure(self) -> None:
+        """Probe again; keep the better value of each limit."""
+        self.peak_gflops = max(self.peak_gflops,
+                               fusedrnn._core.probe_fma_gflops(self.threads))
+        for n in self._read:
+            self._read[n] = max(self._read[n],
+                                fusedrnn._core.probe_stream_gbps(n, self.threads))
+
+    @staticmethod
+    def work(case: Case, prob: Problem) -> Tuple[float, int, int, int]:
+        """What bounds a case: (FLOPs, itemsize, W_hh bytes, W_hh reads)."""
         itemsize = prob.w_hh.itemsize
-        compute_s = flops(case, prob) / (self.peak_gflops * 4.0 / itemsize * 1e9)
         steps = int(prob.lengths.max()) if prob.lengths is not None else case.T
-        nbytes = case.G * case.H * case.H * itemsize
         reads = 2 if case.pass_ == FORWARD_BACKWARD else 1
-        read_s = reads * steps * nbytes / (self.read_gbps(nbytes) * 1e9)
+        return flops(case, prob), itemsize, case.G * case.H * case.H * itemsize, reads * steps
+
+    def floor_ms(self, work: Tuple[float, int, int, int]) -> float:
+        """The floor of a case's ``work`` at the limits measured so far."""
+        n_flops, itemsize, nbytes, reads = work
+        compute_s = n_flops / (self.peak_gflops * 4.0 / itemsize * 1e9)
+        read_s = reads * nbytes / (self.read_gbps(nbytes) * 1e9)
         return 1e3 * max(compute_s, read_s)
 
 
@@ -562,6 +577,7 @@ class Row:
     cache_mib: float = math.nan  # fusedrnn providers, forward+backward: cache.nbytes
     peak_mib: float = math.nan  # and the peak of working memory
     floor_ms: float = math.nan  # the case's lower bound on time (Ceilings.floor_ms)
+    floor_work: Tuple[float, int, int, int] = (0.0, 4, 0, 0)  # Ceilings.work of the case
 
     def csv_record(self) -> Dict[str, object]:
         c = self.case
@@ -749,13 +765,16 @@ def run(args: argparse.Namespace, out=None) -> int:
         _print_header(out, threads, torch_info, args, repeats, min_sample_s, ceilings)
         rows = _run_grid(args.cells, shapes, args.passes, providers, dtype, tol, repeats,
                          min_sample_s, threads, args, torch, out, ceilings)
+        ceilings.remeasure()
+        for r in rows:
+            r.floor_ms = ceilings.floor_ms(r.floor_work)
     finally:
         fusedrnn.set_num_threads(old_threads)
         if torch is not None:
             torch.set_num_threads(old_torch_threads)
 
     _print_summary(out, rows, providers)
-    _print_ceilings(out, rows)
+    _print_ceilings(out, rows, ceilings)
     if args.csv:
         write_csv(args.csv, rows)
         print(f"CSV written to {args.csv}", file=out)
@@ -822,11 +841,11 @@ def _run_grid(cells, shapes, passes, providers, dtype, tol, repeats, min_sample_
                     if name == "fusedrnn.ckpt" and pass_ == FORWARD:
                         continue  # inference keeps no cache: the same call as fusedrnn
                     active.append(name)
-                floor = ceilings.floor_ms(case, prob)
+                work = ceilings.work(case, prob)
                 case_rows = _run_case(case, prob, active, dtype, tol, repeats, min_sample_s,
                                       threads, args.lengths, torch)
                 for r in case_rows:
-                    r.floor_ms = floor
+                    r.floor_work = work
                     print(table_row(r), file=out, flush=True)
                 rows.extend(case_rows)
     return rows
@@ -888,7 +907,7 @@ def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, len
     return list(rows.values())
 
 
-def _print_ceilings(out, rows: Sequence[Row]) -> None:
+def _print_ceilings(out, rows: Sequence[Row], ceilings: Ceilings) -> None:
     """Per case timed by fusedrnn and torch: the floor (Ceilings.floor_ms), how close
     each came to it, and the most any implementation could be faster than torch."""
     by_case: Dict[Case, Dict[str, Row]] = {}
@@ -910,6 +929,10 @@ def _print_ceilings(out, rows: Sequence[Row]) -> None:
           "backward) at the weight read rate); no implementation that reads W_hh in this "
           "dtype once per step gets below it. % of floor = floor / median time; "
           "max speedup = torch / floor.", file=out)
+    print(f"peak {ceilings.peak_gflops:.1f} GFLOP/s (the better of the probes before and "
+          f"after the grid); W_hh read rates: "
+          + ", ".join(f"{n / 1024:g} KiB {g:.0f} GB/s" for n, g in sorted(ceilings._read.items())),
+          file=out)
     print(_line([t for t, _, _ in _CEILING_TABLE], _CEILING_TABLE, _CEILING_NUMERIC), file=out)
     for line in lines:
         print(line, file=out)
