@@ -304,6 +304,6 @@ PYBIND11_MODULE(_core, m) {
         "threads: the benchmark's compute ceiling.");
   m.def("probe_stream_gbps", &fusedrnn::probe_stream_gbps, py::arg("nbytes"),
         py::arg("threads"), py::arg("seconds") = 0.02, py::call_guard<py::gil_scoped_release>(),
-        "GB/s at which `threads` threads read a weight of `nbytes` bytes once per step (one "
-        "multiply-add per value, a barrier per pass): the benchmark's batch-1 ceiling.");
+        "GB/s at which `threads` threads read a weight of `nbytes` bytes over and over (one "
+        "multiply-add per value, no synchronisation): the benchmark's batch-1 ceiling.");
 }

@@ -456,7 +456,7 @@ class Ceilings:
     """This machine's limits on the benchmark's thread count, from fusedrnn's probes:
     the float32 multiply-add peak of the kernels' instruction set (12 register
     accumulators per thread), and the rate at which the threads read a weight of a
-    given size once per step (one multiply-add per value, a barrier per pass).
+    given size over and over (one multiply-add per value, no synchronisation).
 
     ``floor_ms`` bounds a case's time from below for any implementation that does the
     counted FLOPs and reads W_hh from memory once per step in the case's dtype (a step

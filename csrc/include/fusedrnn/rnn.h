@@ -117,9 +117,9 @@ int get_num_threads();
 const char* isa_name();
 // Benchmark ceilings (csrc/cpu/probe.cpp): float32 multiply-add peak of the
 // kernels' instruction set on `threads` threads, GFLOP/s; the rate at which
-// `threads` threads read a weight of `bytes` bytes once per barrier-separated
-// pass with one multiply-add per value, GB/s. The best of 5 samples of about
-// `seconds` each.
+// `threads` threads read a weight of `bytes` bytes over and over (each its
+// share, one multiply-add per value, no synchronisation), GB/s. The best of 5
+// samples of about `seconds` each.
 double probe_fma_gflops(int threads, double seconds);
 double probe_stream_gbps(int64_t bytes, int threads, double seconds);
 
