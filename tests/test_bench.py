@@ -148,10 +148,11 @@ def test_bench_flags_wrong_results(tmp_path, monkeypatch, capsys):
 
 
 def test_time_interleaved_settles_after_numpy_blas(monkeypatch):
-    """A sample that follows the reference's (NumPy's BLAS threads still spin), or the
-    check, is preceded by NUMPY_BLAS_SETTLE_S of untimed calls; any other sample of a
-    call that takes under WARMUP_BELOW_S by SAMPLE_WARMUP_S of them; the sizing calls
-    by nothing else. Rounds take every provider once, in changing orders."""
+    """The reference (NumPy's BLAS, whose threads spin on after a call) is timed after
+    the other providers' rounds, not in them; the first call after the check (which
+    ran it) is preceded by NUMPY_BLAS_SETTLE_S of untimed calls; every other sample
+    of a call that takes under WARMUP_BELOW_S by SAMPLE_WARMUP_S of them; the sizing
+    calls by nothing else. Rounds take every other provider once, in changing orders."""
     monkeypatch.setattr(_bench, "NUMPY_BLAS_SETTLE_S", 0.25)
     monkeypatch.setattr(_bench, "SAMPLE_WARMUP_S", 0.02)
     log = []
@@ -169,21 +170,27 @@ def test_time_interleaved_settles_after_numpy_blas(monkeypatch):
                                       numpy_blas=numpy_blas)
         assert all(len(out[n][0]) == repeats and out[n][1] == 1 for n in names)
         timed = [x for x in log if isinstance(x, str)]  # min_sample_s=0: one call each
-        assert timed[:4] == list(names)  # the sizing calls
-        rounds = [timed[4 + 4 * r:8 + 4 * r] for r in range(repeats)]
-        assert all(sorted(r) == sorted(names) for r in rounds)
+        peers = [n for n in names if n not in numpy_blas]
+        k = len(peers)
+        assert timed[:k] == peers  # the sizing calls
+        rounds = [timed[k + k * r:2 * k + k * r] for r in range(repeats)]
+        assert all(sorted(r) == sorted(peers) for r in rounds)
         assert len({tuple(r) for r in rounds}) > 1  # the order changes
         # the provider right after torch is not always the same one
-        after_torch = {timed[i + 1] for i in range(4, len(timed) - 1) if timed[i] == "torch"}
+        after_torch = {timed[i + 1] for i in range(k, k + k * repeats - 1)
+                       if timed[i] == "torch"}
         assert len(after_torch) > 1
-        expected, before = [], "reference" if numpy_blas else None
+        # the NumPy-BLAS providers: after the rounds, sizing then their samples
+        assert timed[k + k * repeats:] == [n for n in numpy_blas for _ in range(1 + repeats)]
+        expected = []
+        sizing = set()
         for i, name in enumerate(timed):
-            if before in numpy_blas:
+            if i == 0 and numpy_blas:
                 expected.append(0.25)
-            elif i >= 4 and warm:  # a sample (not a sizing call) of a short call
+            elif name in sizing and warm:  # a sample (not a sizing call) of a short call
                 expected.append(0.02)
+            sizing.add(name)
             expected.append(name)
-            before = name
         assert log == expected
 
     check(("reference",), True)

@@ -115,9 +115,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", type=_csv_list(PROVIDERS), default=",".join(PROVIDERS),
                    help="comma-separated providers (default: %(default)s; torch is "
                         "skipped when it does not import)")
-    p.add_argument("--repeats", type=_positive_int, default=5,
+    p.add_argument("--repeats", type=_positive_int,
                    help="timed samples per provider and case; the median is reported "
-                        "(default: %(default)s)")
+                        "(default 5, --quick 3)")
     p.add_argument("--min-sample-ms", type=float,
                    help="calls are repeated back to back until one sample lasts at least "
                         "this long (default 50, --quick 20)")
@@ -389,7 +389,8 @@ def _time_sample(call, n: int) -> float:
 # BLAS (the reference's matmuls) thus holds one of the cores for that long, and
 # whatever runs next gets the machine half-empty: on the 2-core development
 # machine a 2-thread LSTM forward right after a NumPy matmul ran 1.4-5x slower
-# (fusedrnn and torch alike). So after the reference, the next provider first
+# (fusedrnn and torch alike). So the reference is timed after the other
+# providers' rounds, and after the check (which runs it) the first provider
 # runs untimed for NUMPY_BLAS_SETTLE_S. (Waiting idle instead would let the
 # idle CPUs of a virtual machine halt, and the next wake-up can then stack two
 # threads on one CPU: see csrc/cpu/pool.h.)
@@ -420,34 +421,42 @@ def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int,
 
     Each provider has already run once (the check). One more call sizes its sample;
     then each round takes one sample of every provider, in a random order (seeded).
-    Before each sample the provider runs untimed: for NUMPY_BLAS_SETTLE_S when the
-    call before was one of ``numpy_blas`` (providers that run NumPy's BLAS; the check
-    counts as one of their calls), otherwise for SAMPLE_WARMUP_S when its calls take
-    under WARMUP_BELOW_S.
+    The providers named in ``numpy_blas`` (NumPy's BLAS: the reference) are kept out
+    of the rounds, whose samples their spinning threads would slow, and timed after
+    them, sample after sample; the first call after the check (which ran them) is
+    preceded by NUMPY_BLAS_SETTLE_S of untimed calls. Before every other sample a
+    provider whose calls take under WARMUP_BELOW_S runs untimed for SAMPLE_WARMUP_S.
     """
     names = list(calls)
-    blas = set(numpy_blas) & set(names)
-    after_blas = bool(blas)
+    blas = [n for n in names if n in set(numpy_blas)]
+    peers = [n for n in names if n not in blas]
+    settle = bool(blas)
     per_call: Dict[str, float] = {}
+    per_sample: Dict[str, int] = {}
+    samples: Dict[str, List[float]] = {name: [] for name in names}
 
     def sample(name: str, n: int) -> float:
-        nonlocal after_blas
-        if after_blas:
+        nonlocal settle
+        if settle:
             _run_for(calls[name], NUMPY_BLAS_SETTLE_S)
+            settle = False
         elif per_call.get(name, math.inf) < WARMUP_BELOW_S:
             _run_for(calls[name], SAMPLE_WARMUP_S)
-        t = _time_sample(calls[name], n)
-        after_blas = name in blas
-        return t
+        return _time_sample(calls[name], n)
 
-    per_sample = {}
-    for name in names:
-        per_call[name] = t = sample(name, 1)
-        per_sample[name] = max(1, min(10000, math.ceil(min_sample_s / max(t, 1e-9))))
-    samples: Dict[str, List[float]] = {name: [] for name in names}
+    def size(group: Sequence[str]) -> None:
+        for name in group:
+            per_call[name] = t = sample(name, 1)
+            per_sample[name] = max(1, min(10000, math.ceil(min_sample_s / max(t, 1e-9))))
+
+    size(peers)
     order = random.Random(seed)
     for _ in range(repeats):
-        for name in order.sample(names, len(names)):
+        for name in order.sample(peers, len(peers)):
+            samples[name].append(sample(name, per_sample[name]))
+    size(blas)
+    for name in blas:
+        for _ in range(repeats):
             samples[name].append(sample(name, per_sample[name]))
     return {name: (samples[name], per_sample[name]) for name in names}
 
@@ -735,7 +744,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    repeats = args.repeats
+    repeats = args.repeats or (3 if args.quick else 5)
     min_sample_s = (args.min_sample_ms if args.min_sample_ms is not None
                     else (20.0 if args.quick else 50.0)) / 1000.0
     dtype = np.dtype(args.dtype)

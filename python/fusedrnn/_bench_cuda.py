@@ -410,6 +410,8 @@ def run(args: argparse.Namespace, out=None) -> int:
         print(f"error: python -m fusedrnn bench --device cuda needs a CUDA GPU: {reason}",
               file=sys.stderr)
         return 2
+    if not args.repeats:  # the default: 5 (the CPU benchmark takes 3 with --quick)
+        args.repeats = 5
     try:
         shapes = (_bench.parse_shapes(args.shapes) if args.shapes
                   else [(T, B, H, H) for T, B, H in (QUICK_SHAPES if args.quick else FULL_SHAPES)])
