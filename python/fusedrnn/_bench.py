@@ -415,12 +415,12 @@ def _run_for(call: Callable[[], object], seconds: float) -> None:
 
 
 def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int,
-                     min_sample_s: float, numpy_blas: Sequence[str] = (),
-                     seed: int = 0) -> Dict[str, Tuple[List[float], int]]:
+                     min_sample_s: float,
+                     numpy_blas: Sequence[str] = ()) -> Dict[str, Tuple[List[float], int]]:
     """Per provider: (seconds per call of each sample, calls per sample).
 
     Each provider has already run once (the check). One more call sizes its sample;
-    then each round takes one sample of every provider, in a random order (seeded).
+    then each round takes one sample of every provider, in a random order (fixed seed).
     The providers named in ``numpy_blas`` (NumPy's BLAS: the reference) are kept out
     of the rounds, whose samples their spinning threads would slow, and timed after
     them, sample after sample; the first call after the check (which ran them) is
@@ -450,7 +450,7 @@ def time_interleaved(calls: Dict[str, Callable[[], object]], repeats: int,
             per_sample[name] = max(1, min(10000, math.ceil(min_sample_s / max(t, 1e-9))))
 
     size(peers)
-    order = random.Random(seed)
+    order = random.Random(0)
     for _ in range(repeats):
         for name in order.sample(peers, len(peers)):
             samples[name].append(sample(name, per_sample[name]))
@@ -942,7 +942,7 @@ def _print_ceilings(out, rows: Sequence[Row], ceilings: Ceilings) -> None:
           f"after the grid); W_hh read rates: "
           + ", ".join(f"{n / 1024:g} KiB {g:.0f} GB/s" for n, g in sorted(ceilings._read.items())),
           file=out)
-    print(_line([t for t, _, _ in _CEILING_TABLE], _CEILING_TABLE, _CEILING_NUMERIC), file=out)
+    print(table_header(_CEILING_TABLE, _CEILING_NUMERIC), file=out)
     for line in lines:
         print(line, file=out)
 
