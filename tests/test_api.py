@@ -272,6 +272,77 @@ def test_gemm_column_tasks(semantics, rng):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_one_short_sequences(cell, proj, dtype, rng):
+    """B = 1 and T <= 4: the steps multiply W_hh (and W_hr) as stored, without packing,
+    and an input projection of <= 4 rows runs on the same product instead of BLAS
+    (rnn_impl.h, raw_weights and kRawGemmRows); T = 5 takes the packed panel. I = 37
+    and H = 70 leave partial vectors in k and in the last unit block. Checked against
+    the reference, with and without checkpointing (whose backward recomputes the
+    steps), and bitwise across thread counts."""
+    for T in (1, 2, 4, 5):
+        for semantics in ({}, {"lengths": True}, {"mask": True, "reverse": True},
+                          {"batch_first": True, "reverse": True}):
+            args, kw, dy, dh_n, dc_n = make_problem(cell, T, 1, 37, 70, dtype, rng, proj=proj,
+                                                    **semantics)
+            if "lengths" in kw:
+                kw["lengths"] = np.array([T - 1])
+            ry, rh, rc, rcache = reference.forward(*args, **kw)
+            rg = reference.backward(rcache, dy, dh_n, dc_n)
+            old = fusedrnn.get_num_threads()
+            results = []
+            try:
+                for n, ck in ((1, False), (2, False), (1, 1), (2, 1)):
+                    fusedrnn.set_num_threads(n)
+                    y, h_n, c_n, cache = fusedrnn.forward(*args, **kw, checkpoint=ck)
+                    g = fusedrnn.backward(cache, dy, dh_n, dc_n)
+                    out = [("y", y, ry), ("h_n", h_n, rh), ("c_n", c_n, rc)] + [
+                        (k, g[k], rg[k]) for k in GRAD_KEYS if rg.get(k) is not None]
+                    for name, a, r in out:
+                        assert_close(f"T={T} {semantics} {name}", a, r, TOL[dtype])
+                    results.append([a for _, a, _ in out])
+            finally:
+                fusedrnn.set_num_threads(old)
+            # thread counts; and the outputs with checkpointing, which cuts the input
+            # projection per segment: the raw product gives each value the same way
+            # whatever the cut (BLAS at T = 5 need not; gradients sum per segment)
+            pairs = [(results[0], results[1]), (results[2], results[3])]
+            if T <= 4:
+                pairs.append((results[0][:3], results[2][:3]))
+            for one, two in pairs:
+                for a, b in zip(one, two):
+                    np.testing.assert_array_equal(a, b)
+
+
+def test_portable_kernels_batch_one(tmp_path):
+    """The portable build of the kernels (FUSEDRNN_ISA=generic: 4 float lanes) on the
+    paths of test_batch_one_short_sequences and on the packed panel, against the
+    reference, in a fresh process (the choice is made at import)."""
+    code = (
+        "import numpy as np, fusedrnn\n"
+        "from fusedrnn import reference\n"
+        "assert fusedrnn._core.isa() == 'generic', fusedrnn._core.isa()\n"
+        "rng = np.random.default_rng(3)\n"
+        "for cell in ('rnn_tanh', 'gru', 'lstm'):\n"
+        "    G = fusedrnn.CELLS[cell]\n"
+        "    for T, B, I, H in ((1, 1, 37, 70), (3, 1, 5, 9), (6, 3, 37, 70)):\n"
+        "        x = rng.standard_normal((T, B, I)).astype(np.float32)\n"
+        "        w = [rng.standard_normal(s).astype(np.float32) * 0.3\n"
+        "             for s in ((G * H, I), (G * H, H), (G * H,), (G * H,))]\n"
+        "        y, h, c, cache = fusedrnn.forward(cell, x, *w)\n"
+        "        ry, rh, rc, rcache = reference.forward(cell, x, *w)\n"
+        "        assert np.abs(y - ry).max() < 1e-5, (cell, T, B)\n"
+        "        dy = rng.standard_normal(y.shape).astype(np.float32)\n"
+        "        g, rg = fusedrnn.backward(cache, dy), reference.backward(rcache, dy)\n"
+        "        for k in ('x', 'w_ih', 'w_hh'):\n"
+        "            assert np.abs(g[k] - rg[k]).max() < 1e-4 * max(1, np.abs(rg[k]).max()), k\n"
+        "print('ok')\n")
+    env = dict(os.environ, FUSEDRNN_ISA="generic")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_concurrent_calls_match_serial(rng):
     args, kw, dy, dh_n, dc_n = make_problem("gru", 30, 8, 32, 48, np.float64, rng, lengths=True)
     y, h_n, _, cache = fusedrnn.forward(*args, **kw)

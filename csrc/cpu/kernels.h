@@ -29,6 +29,8 @@ struct FwdStep {
   Cell cell;
   int64_t H, Hp, n;        // n: rows computed at this step (a prefix of the batch)
   const S* wp;             // forward panel of W_hh
+  const S* w;              // or W_hh as stored, [G*H, ldw] row-major (forward_step_raw),
+  int64_t ldw;             // nullptr: the panel
   const S* bx;             // [nub][G][U]
   const S* bhn;            // [nub][U] (gru), else nullptr
   const S* in;             // [n, ld_in] rows the tile multiplies (k < K): h, or m for Proj
@@ -92,6 +94,11 @@ struct Kernels {
   void (*backward_point)(const BwdStep<S>& a, int64_t ub0, int64_t ub1);
   // Backward, product half: out (+)= dgh W for the step's rows.
   void (*backward_product)(const BwdStep<S>& a, int64_t ub0, int64_t ub1);
+  // out[r, j] = sum_k x[r, k] w[j, k] for r < n, j in [j0, j1), on w as
+  // stored (no packing; for products of few rows). Each output's value does
+  // not depend on j0, j1.
+  void (*matmul_nt)(const S* x, int64_t ldx, int64_t n, const S* w, int64_t ldw, int64_t K,
+                    S* out, int64_t ldo, int64_t j0, int64_t j1);
   // Benchmark probes (csrc/cpu/probe.cpp): iters rounds of 12 register
   // multiply-adds; one multiply-add pass over w[0 .. n).
   S (*probe_fma)(int64_t iters, S m);

@@ -9,6 +9,8 @@
 // values backward needs. Gate pre-activations never go to memory.
 #pragma once
 
+#include <utility>
+
 #include "kernels.h"
 #include "simd.h"
 #include "../cells/gru.h"
@@ -217,6 +219,100 @@ void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0, int64_t k0, int64
     for (int j = 0; j < NU; ++j) forward_epilogue<C, S>(a, r0 + r, u0 + j, acc[r][j]);
 }
 
+// ------------------------------------------------- products on raw weights
+// A product on the weight as the caller stores it, row-major [outputs, K]:
+// one vector accumulator per output over k (lane l sums k = l, l+U, ... in
+// order), then a fixed tree over the lanes. Each output's sum is the same
+// whichever block or thread computes it. No packing: for one row of h or x
+// a pass over the weight is all the work there is, and a packed copy would
+// cost a second pass per call.
+
+// Lane sums of U vectors, in order: r[v] = the sum of a[v]'s lanes, by the
+// same tree for every v (pairs, then pairs of pairs, ...). Each level sums the
+// even and odd lanes of two vectors laid end to end.
+template <typename Vt, size_t... I>
+inline Vt evens(Vt x, Vt y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, int(2 * I)...);
+}
+template <typename Vt, size_t... I>
+inline Vt odds(Vt x, Vt y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, int(2 * I + 1)...);
+}
+template <typename S>
+inline V<S> lane_sums(V<S>* a) {
+  constexpr int U = Vec<S>::L;
+  const auto idx = std::make_index_sequence<size_t(U)>{};
+  for (int n = U; n > 1; n /= 2)
+    for (int i = 0; i < n / 2; ++i)
+      a[i] = evens(a[2 * i], a[2 * i + 1], idx) + odds(a[2 * i], a[2 * i + 1], idx);
+  return a[0];
+}
+
+// r[v] = sum_k x[k] w[v * ldw + k] for v < valid (rows v >= valid are not
+// read; their lanes are 0). Row by row, so the weight is read in address
+// order: four accumulators per row (k in groups of 4U; lane l of
+// accumulator j sums k = jU + l, jU + l + 4U, ...), then (a0 + a1) + (a2 + a3).
+template <typename S>
+inline V<S> dot_block(const S* w, int64_t ldw, int valid, const S* x, int64_t K) {
+  using Vt = V<S>;
+  constexpr int U = Vec<S>::L;
+  Vt sum[U];
+  for (int v = 0; v < U; ++v) {
+    sum[v] = Vt{};
+    if (v >= valid) continue;
+    const S* row = w + v * ldw;
+    Vt a0{}, a1{}, a2{}, a3{};
+    int64_t k = 0;
+    for (; k + 4 * U <= K; k += 4 * U) {
+      a0 += load(row + k) * load(x + k);
+      a1 += load(row + k + U) * load(x + k + U);
+      a2 += load(row + k + 2 * U) * load(x + k + 2 * U);
+      a3 += load(row + k + 3 * U) * load(x + k + 3 * U);
+    }
+    for (; k + U <= K; k += U) a0 += load(row + k) * load(x + k);
+    if (k < K) a1 += load_part(row + k, int(K - k)) * load_part(x + k, int(K - k));
+    sum[v] = (a0 + a1) + (a2 + a3);
+  }
+  return lane_sums<S>(sum);
+}
+
+// out[r, j] = sum_k x[r, k] w[j, k] for rows r < n and outputs j in [j0, j1).
+template <typename S>
+void matmul_nt(const S* x, int64_t ldx, int64_t n, const S* w, int64_t ldw, int64_t K, S* out,
+               int64_t ldo, int64_t j0, int64_t j1) {
+  constexpr int U = Vec<S>::L;
+  for (int64_t j = j0; j < j1; j += U) {
+    const int valid = j1 - j < U ? int(j1 - j) : U;
+    for (int64_t r = 0; r < n; ++r) {  // the block's rows of w stay in L1 across rows
+      const V<S> v = dot_block(w + j * ldw, ldw, valid, x + r * ldx, K);
+      if (valid == U) store(out + r * ldo + j, v);
+      else store_part(out + r * ldo + j, v, valid);
+    }
+  }
+}
+
+// forward_step on the raw weight (a.w): the same epilogue, gate g of unit
+// block u from rows g*H + u*U ... of a.w. Unit blocks in chunks, gates outer
+// within a chunk, so each gate's rows are read as one run of memory.
+template <Cell C, typename S>
+void forward_step_raw(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
+  constexpr int G = gates_c(C);
+  constexpr int U = Vec<S>::L;
+  constexpr int64_t CH = 16;  // unit blocks per chunk
+  V<S> acc[CH][G];
+  for (int64_t r = 0; r < a.n; ++r)
+    for (int64_t u0 = ub0; u0 < ub1; u0 += CH) {
+      const int64_t u1 = u0 + CH < ub1 ? u0 + CH : ub1;
+      for (int g = 0; g < G; ++g)
+        for (int64_t u = u0; u < u1; ++u) {
+          const int valid = a.H - u * U < U ? int(a.H - u * U) : U;
+          acc[u - u0][g] =
+              dot_block(a.w + (g * a.H + u * U) * a.ldw, a.ldw, valid, a.in + r * a.ld_in, a.K);
+        }
+      for (int64_t u = u0; u < u1; ++u) forward_epilogue<C, S>(a, r, u, acc[u - u0]);
+    }
+}
+
 // Unit blocks [ub0, ub1) for MR rows starting at r0, NU blocks at a time.
 template <Cell C, typename S, int MR, int NU>
 void forward_rows(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1, int64_t k0,
@@ -243,6 +339,7 @@ void forward_rows_mr(const FwdStep<S>& a, int64_t r0, int64_t ub0, int64_t ub1, 
 
 template <Cell C, typename S>
 void forward_step(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
+  if (a.w) return forward_step_raw<C, S>(a, ub0, ub1);
   constexpr int G = gates_c(C);
   constexpr int U = Vec<S>::L;
   constexpr int MR = tile_mr(G), NU = tile_nu(G, MR);
@@ -480,7 +577,7 @@ template <typename S>
 const Kernels<S>* table() {
   static const Kernels<S> k{FUSEDRNN_ISA_NAME, Vec<S>::L, pack_fwd<S>, pack_bwd<S>,
                             forward_step_any<S>, backward_point_any<S>, backward_product<S>,
-                            probe_fma<S>, probe_stream<S>};
+                            matmul_nt<S>, probe_fma<S>, probe_stream<S>};
   return &k;
 }
 

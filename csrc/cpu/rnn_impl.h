@@ -94,6 +94,24 @@ inline int choose_threads(int64_t nub, int64_t B, int64_t G, int64_t H) {
   return n < 1 ? 1 : int(n);
 }
 
+// Whether a layer's steps multiply the recurrent weights as stored
+// (forward_step_raw) rather than a packed panel: at batch 1 a step is one pass
+// over W_hh either way, and packing costs about one more pass per call; the
+// panel's pass is faster (one stream in the kernel's order), so packing pays
+// from a few steps on. Measured at H = 64 ... 1024: raw is as fast or faster
+// up to T = 4 for every cell. Fixed by the shape, so a checkpointed backward
+// recomputes exactly forward's steps.
+constexpr int64_t kRawSteps = 4;
+inline bool raw_weights(int64_t B, int64_t T) { return B == 1 && T <= kRawSteps; }
+
+// The input projection of a layer of at most this many rows in all runs on
+// the raw-weight product (Kernels::matmul_nt) instead of BLAS, whose packing
+// of W_ih costs more than the product itself at a few rows (T = 1, B = 1:
+// 2x faster at H = 256). Decided per layer, not per segment: each value is
+// then computed the same way with and without checkpointing.
+constexpr int64_t kRawGemmRows = 4;
+inline bool raw_input(int64_t N, bool loop) { return !loop && N <= kRawGemmRows; }
+
 // Rows of [rows, H] (user layout) into [rows, Hp] with zero padding; a null
 // src stands for zeros (an argument passed as None).
 template <typename S>
@@ -188,6 +206,8 @@ struct Stepper {
   int64_t T, B, H, Hp, P, Pp, E;
   bool proj, batch_first;
   const S *wp, *wr, *bx, *bhn;
+  const S *w_raw, *wr_raw;  // raw_weights: W_hh [G*H, P] and W_hr [P, H] as stored,
+                            // used instead of the panels wp, wr (else nullptr)
   const uint8_t* mask;   // [T, B] or nullptr
   S* y;                  // user output [T, B, P] (or [B, T, P]), or a [B, P] scratch row
   bool y_scratch;        // y is the scratch: every step writes it
@@ -207,6 +227,8 @@ struct Stepper {
     a.Hp = Hp;
     a.n = sched.count[t];
     a.wp = wp;
+    a.w = w_raw;
+    a.ldw = P;
     a.bx = bx;
     a.bhn = bhn;
     a.in = h;
@@ -237,6 +259,8 @@ struct Stepper {
       b.H = P;
       b.Hp = Pp;
       b.wp = wr;
+      b.w = wr_raw;
+      b.ldw = H;
       b.bx = b.bhn = nullptr;
       b.in = a.m;
       b.K = H;
@@ -275,15 +299,29 @@ inline GemmTasks gemm_tasks(int64_t rows, int64_t cols, int64_t inner) {
 }
 
 // gx rows [r0, r1) = x rows W_ihᵀ, in the tasks of gemm_tasks (fixed by the
-// segment's size, so a recomputation repeats forward's BLAS calls exactly).
-// gx is segment-relative. prepare(a, b) fills x's rows [a, b) first
-// (forward's gather): in each row task, or, with column tasks, split between
-// the threads before a barrier. Ends without a barrier.
+// segment's size, so a recomputation repeats forward's BLAS calls exactly),
+// or, when raw (raw_input), by K.matmul_nt with the columns split between the
+// threads. gx is segment-relative. prepare(a, b)
+// fills x's rows [a, b) first (forward's gather): in each row task, or, with
+// column tasks, split between the threads before a barrier. Ends without a
+// barrier.
 template <typename S, typename Prepare>
-void input_gemm(Team& team, int tid, int64_t r0, int64_t r1, const S* x, int64_t I,
-                const S* w_ih, S* gx, int64_t GHp, bool loop, Prepare&& prepare) {
+void input_gemm(const Kernels<S>& K, Team& team, int tid, int64_t r0, int64_t r1, const S* x,
+                int64_t I, const S* w_ih, S* gx, int64_t GHp, bool loop, bool raw,
+                Prepare&& prepare) {
   const int nt = team.size();
-  const GemmTasks g = gemm_tasks(r1 - r0, GHp, I);
+  const int64_t rows = r1 - r0;
+  if (raw) {
+    int64_t a, b;
+    split(rows, nt, tid, &a, &b);
+    prepare(r0 + a, r0 + b);
+    team.barrier();
+    const int64_t blocks = GHp / K.lanes;  // GHp is whole unit blocks
+    split(blocks, nt, tid, &a, &b);
+    K.matmul_nt(x + r0 * I, I, rows, w_ih, I, I, gx, GHp, a * K.lanes, b * K.lanes);
+    return;
+  }
+  const GemmTasks g = gemm_tasks(rows, GHp, I);
   if (g.nc > 1) {
     int64_t a, b;
     split(r1 - r0, nt, tid, &a, &b);
@@ -343,6 +381,7 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   const std::vector<Segment> segs = segments_of(sched, steps, ck);
   const bool save = p.training && ck == 0;
   const bool loop = tiny_layer(N, GHp, I, P);
+  const bool raw_in = raw_input(N, loop);
 
   std::unique_ptr<Cache<S>> cache;
   Buffer<S> x_tmp, gx_tmp, w_ih_tmp;
@@ -392,13 +431,14 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   Buffer<S> bx, bhn;
   pack_biases<C, S>(p.b_ih, p.b_hh, H, nub, U, &bx, &bhn);
 
-  Buffer<S> wp(checked_mul(checked_mul(nub, P), G * U));
+  const bool raw = raw_weights(B, T);
+  Buffer<S> wp(raw ? 0 : checked_mul(checked_mul(nub, P), G * U));
   Buffer<S> hA(checked_mul(B, Pp)), hB(checked_mul(B, Pp));
   Buffer<S> c(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
   copy_rows_padded(hA.data(), Pp, p.h0, P, sched.perm.data(), B);
   copy_n(hB.data(), hA.data(), B * Pp);
   // projection: its forward panel, and m = o*tanh(c') of a step when not saving
-  Buffer<S> wr(proj ? checked_mul(checked_mul(nubP, H), U) : 0);
+  Buffer<S> wr(proj && !raw ? checked_mul(checked_mul(nubP, H), U) : 0);
   Buffer<S> m_step(proj && !save ? checked_mul(B, Hp) : 0);
   if (C == Cell::Lstm) copy_rows_padded(c.data(), Hp, p.c0, H, sched.perm.data(), B);
 
@@ -411,6 +451,8 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     Stepper<C, S> st{K, sched, T, B, H, Hp, P, Pp, E, proj, bf};
     st.wp = wp.data();
     st.wr = wr.data();
+    st.w_raw = raw ? p.w_hh : nullptr;
+    st.wr_raw = raw && proj ? p.w_hr : nullptr;
     st.bx = bx.data();
     st.bhn = bhn.data();
     st.mask = reinterpret_cast<const uint8_t*>(p.mask);
@@ -426,8 +468,10 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     split(nub, nt, tid, &st.ub0, &st.ub1);
     split(nubP, nt, tid, &st.pb0, &st.pb1);
     // this thread's part of the W_hh (and W_hr) panels
-    K.pack_fwd(p.w_hh, G, H, P, wp.data(), st.ub0, st.ub1);
-    if (proj) K.pack_fwd(p.w_hr, 1, P, H, wr.data(), st.pb0, st.pb1);
+    if (!raw) {
+      K.pack_fwd(p.w_hh, G, H, P, wp.data(), st.ub0, st.ub1);
+      if (proj) K.pack_fwd(p.w_hr, 1, P, H, wr.data(), st.pb0, st.pb1);
+    }
     S* h = hA.data();
     S* h_next = hB.data();
     for (size_t i = 0; i < segs.size(); ++i) {
@@ -437,7 +481,7 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
         if (C == Cell::Lstm) copy_n(cache->ck_c.data() + i * B * Hp, c.data(), B * Hp);
       }
       // 1. input rows and input projection, in row tasks
-      input_gemm<S>(team, tid, sg.r0, sg.r1, x_gemm, I, w_ih_gemm, gx, GHp, loop,
+      input_gemm<S>(K, team, tid, sg.r0, sg.r1, x_gemm, I, w_ih_gemm, gx, GHp, loop, raw_in,
                     [&](int64_t r0, int64_t r1) {
                       if (!direct_x) {
                         for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
@@ -522,6 +566,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   const std::vector<Segment> segs = segments_of(sched, steps, ck);
   const int64_t R = max_rows(segs);  // rows of the largest segment (N for the full cache)
   const bool loop = tiny_layer(sched.N, GHp, I, P);
+  const bool raw_in = raw_input(sched.N, loop);
 
   // Gate gradients of a segment's rows; the weight gradients sum over segments.
   Buffer<S> dgx(checked_mul(R, GHp)), dgh_own(C == Cell::Gru ? checked_mul(R, GHp) : 0);
@@ -544,9 +589,10 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   const int threads = choose_threads(std::max(nub, nubP), B, G, H);
   const int64_t scratch_per_thread = B * 2 * G * U;
   Buffer<S> scratch;
+  const bool raw = raw_weights(B, T);
   if (recompute) {
-    wp.resize(checked_mul(checked_mul(nub, P), G * U));
-    if (proj) wr.resize(checked_mul(checked_mul(nubP, H), U));
+    if (!raw) wp.resize(checked_mul(checked_mul(nub, P), G * U));
+    if (proj && !raw) wr.resize(checked_mul(checked_mul(nubP, H), U));
     hA.resize(checked_mul(B, Pp));
     hB.resize(checked_mul(B, Pp));
     if (C == Cell::Lstm) c.resize(checked_mul(B, Hp));
@@ -626,6 +672,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
     if (recompute) {
       st.wp = wp.data();
       st.wr = wr.data();
+      st.w_raw = raw ? cache.w_hh.data() : nullptr;
+      st.wr_raw = raw && proj ? cache.w_hr.data() : nullptr;
       st.bx = cache.bx.data();
       st.bhn = cache.bhn.data();
       st.mask = cache.mask.empty() ? nullptr : cache.mask.data();
@@ -642,8 +690,10 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       st.ub1 = ub1;
       st.pb0 = pb0;
       st.pb1 = pb1;
-      K.pack_fwd(cache.w_hh.data(), G, H, P, wp.data(), ub0, ub1);
-      if (proj) K.pack_fwd(cache.w_hr.data(), 1, P, H, wr.data(), pb0, pb1);
+      if (!raw) {
+        K.pack_fwd(cache.w_hh.data(), G, H, P, wp.data(), ub0, ub1);
+        if (proj) K.pack_fwd(cache.w_hr.data(), 1, P, H, wr.data(), pb0, pb1);
+      }
     }
     K.pack_bwd(cache.w_hh.data(), G, H, Hp, P, wb.data(), pb0, pb1);
     if (proj) K.pack_bwd(cache.w_hr.data(), 1, P, Pp, H, wrb.data(), ub0, ub1);
@@ -660,8 +710,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
           copy_n(hB.data(), hA.data(), B * Pp);
           if (C == Cell::Lstm) copy_n(c.data(), cache.ck_c.data() + i * B * Hp, B * Hp);
         }
-        input_gemm<S>(team, tid, sg.r0, sg.r1, cache.x.data(), I, cache.w_ih.data(),
-                      gates_r.data(), GHp, loop, [](int64_t, int64_t) {});
+        input_gemm<S>(K, team, tid, sg.r0, sg.r1, cache.x.data(), I, cache.w_ih.data(),
+                      gates_r.data(), GHp, loop, raw_in, [](int64_t, int64_t) {});
         team.barrier();
         S* h = hA.data();
         S* h_next = hB.data();
