@@ -278,13 +278,14 @@ def test_batch_one_short_sequences(cell, proj, dtype, rng):
     """B = 1 and T <= 4: the steps multiply W_hh (and W_hr) as stored, without packing,
     and an input projection of <= 4 rows runs on the same product instead of BLAS
     (rnn_impl.h, raw_weights and kRawGemmRows); T = 5 takes the packed panel. I = 37
-    and H = 70 leave partial vectors in k and in the last unit block. Checked against
-    the reference, with and without checkpointing (whose backward recomputes the
-    steps), and bitwise across thread counts."""
-    for T in (1, 2, 4, 5):
+    and H = 70 or 650 leave partial vectors in k and in the last unit block; the
+    layers of H = 70 run on one thread (choose_threads), those of H = 650 on all.
+    Checked against the reference, with and without checkpointing (whose backward
+    recomputes the steps), and bitwise across thread counts."""
+    for T, H in ((1, 70), (2, 70), (4, 70), (5, 70), (2, 650)):
         for semantics in ({}, {"lengths": True}, {"mask": True, "reverse": True},
                           {"batch_first": True, "reverse": True}):
-            args, kw, dy, dh_n, dc_n = make_problem(cell, T, 1, 37, 70, dtype, rng, proj=proj,
+            args, kw, dy, dh_n, dc_n = make_problem(cell, T, 1, 37, H, dtype, rng, proj=proj,
                                                     **semantics)
             if "lengths" in kw:
                 kw["lengths"] = np.array([T - 1])
