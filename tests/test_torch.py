@@ -311,6 +311,32 @@ def test_gradcheck(cell):
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
+def test_parametrized_and_replaced_weights():
+    """A weight under torch.nn.utils.parametrize (not in the module's _parameters: read
+    through its attribute) and a Parameter replaced by assignment are what the layers
+    use, as in torch.nn."""
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(I, H, dtype=torch.float64)
+    m = frnn.convert(torch.nn.GRU(I, H, dtype=torch.float64))
+    m.load_state_dict(ref.state_dict())
+    for mod in (ref, m):
+        torch.nn.utils.parametrize.register_parametrization(mod, "weight_hh_l0", Double())
+        mod.bias_ih_l0 = torch.nn.Parameter(torch.full((3 * H,), 0.25, dtype=torch.float64))
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    out, h = m(x)
+    out_ref, h_ref = ref(x)
+    assert rel_err(out.detach().numpy(), out_ref.detach().numpy()) <= TOL[torch.float64]
+    out.sum().backward()
+    out_ref.sum().backward()
+    for name in ("parametrizations.weight_hh_l0.original", "bias_ih_l0"):
+        g, g_ref = m.get_parameter(name).grad, ref.get_parameter(name).grad
+        assert rel_err(g.numpy(), g_ref.numpy()) <= TOL[torch.float64], name
+
+
 def test_double_backward_raises_clear_error():
     m = frnn.LSTM(I, H, dtype=torch.float64)
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)

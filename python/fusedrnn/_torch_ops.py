@@ -229,15 +229,9 @@ def _hidden_sizes(cell: str, w_hh_size, w_hr_size) -> Tuple[object, object]:
     return H, P
 
 
-def _layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                   b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
-                   w_hr: Optional[Tensor], lengths: Optional[Tensor], cell: str,
-                   reverse: bool, batch_first: bool, training: bool,
-                   checkpoint: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One layer, one direction: fusedrnn.forward on tensors; returns (y, h_n, c_n, handle).
-
-    checkpoint: 0 keeps the full cache, -1 the state every ceil(sqrt(T)) steps, k > 0
-    every k steps (``fusedrnn.forward(..., checkpoint=)``)."""
+def _run_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first,
+                 training, checkpoint):
+    """fusedrnn.forward on tensors: (y, h_n, c_n or None, cache or None)."""
     check_device(x, "x")
     ck = True if checkpoint == -1 else checkpoint or False
     # the CUDA backend takes torch tensors as they are and returns torch tensors (lengths
@@ -247,7 +241,20 @@ def _layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor]
         cell, arg(x), arg(w_ih), arg(w_hh), arg(b_ih), arg(b_hh), arg(h0), arg(c0),
         lengths=arg(lengths), reverse=reverse, batch_first=batch_first, training=training,
         w_hr=arg(w_hr), checkpoint=ck)
-    y, h_n, c_n = result(y), result(h_n), result(c_n)
+    return result(y), result(h_n), result(c_n), cache
+
+
+def _layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                   b_hh: Optional[Tensor], h0: Optional[Tensor], c0: Optional[Tensor],
+                   w_hr: Optional[Tensor], lengths: Optional[Tensor], cell: str,
+                   reverse: bool, batch_first: bool, training: bool,
+                   checkpoint: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer, one direction: fusedrnn.forward on tensors; returns (y, h_n, c_n, handle).
+
+    checkpoint: 0 keeps the full cache, -1 the state every ceil(sqrt(T)) steps, k > 0
+    every k steps (``fusedrnn.forward(..., checkpoint=)``)."""
+    y, h_n, c_n, cache = _run_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell,
+                                      reverse, batch_first, training, checkpoint)
     c_n = x.new_empty(0) if c_n is None else c_n
     # the handle is a CPU tensor for every device (module docstring: Devices)
     handle = _make_handle(cache) if training else torch.empty(0, dtype=torch.int64)
@@ -419,12 +426,15 @@ def run_layer(cell: str, x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[T
     # here) costs about 50 µs, six times a small layer's whole call. Anything else
     # (torch.compile, tensor subclasses, dispatch or function modes, functorch) goes
     # through the operator.
-    if _plain_eager(tensors):
-        op = _EagerLayer.apply if training else _layer_forward
-    else:
-        op = torch.ops.fusedrnn.layer_forward
-    y, h_n, c_n, _ = op(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse,
-                        batch_first, training, ck)
+    args = (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first,
+            training, ck)
+    if not _plain_eager(tensors):
+        y, h_n, c_n, _ = torch.ops.fusedrnn.layer_forward(*args)
+    elif training:
+        y, h_n, c_n, _ = _EagerLayer.apply(*args)
+    else:  # the implementation without the op's placeholders (empty c_n, handle)
+        y, h_n, c_n, _ = _run_forward(*args)
+        return y, h_n, c_n
     return y, h_n, (c_n if cell == "lstm" else None)
 
 

@@ -23,6 +23,7 @@ P output size of a layer (proj_size, or H), D directions (1 or 2), L num_layers.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import List, Optional, Tuple
 
@@ -31,9 +32,13 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from ._torch_ops import check_device, check_dtype, checkpoint_code, run_layer
+from ._torch_ops import (check_device, check_dtype, checkpoint_code, run_layer,
+                         supported_dtypes)
 
 __all__ = ["RNN", "GRU", "LSTM", "convert"]
+
+#: the dtypes fusedrnn runs on the CPU
+_CPU_DTYPES = supported_dtypes("cpu")
 
 #: torch.nn mode -> fusedrnn cell
 _CELLS = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru", "LSTM": "lstm"}
@@ -55,7 +60,10 @@ class _FusedRNNBase(torch.nn.RNNBase):
     # ----------------------------------------------------------------- checks
 
     def _weight(self, name: str) -> Tensor:
-        return getattr(self, name)
+        # the registered Parameter, or (parametrized, or set as a plain attribute) the
+        # attribute: getattr alone goes through Module.__getattr__, ~1 us a weight
+        w = self._parameters.get(name)
+        return w if w is not None else getattr(self, name)
 
     def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
         """torch.nn's checks (same exception types), plus what fusedrnn can run."""
@@ -72,14 +80,17 @@ class _FusedRNNBase(torch.nn.RNNBase):
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {input.size(-1)}")
-        if input.device != w.device:
+        device = input.device
+        if device != w.device:
             raise RuntimeError(
                 f"Input and parameter tensors are not at the same device, found input "
-                f"tensor at {input.device} and parameter tensor at {w.device}")
+                f"tensor at {device} and parameter tensor at {w.device}")
+        if device.type == "cpu" and w.dtype in _CPU_DTYPES:
+            return  # what fusedrnn runs everywhere (the common case, without the calls below)
         check_device(input)
         who = f"fusedrnn.torch.{type(self).__name__}"
-        check_dtype(w.dtype, w.device, who)
-        if input.device.type == "cuda":
+        check_dtype(w.dtype, device, who)
+        if device.type == "cuda":
             self._check_cuda_features(who)
 
     def _check_cuda_features(self, who: str) -> None:
@@ -195,11 +206,8 @@ class _FusedRNNBase(torch.nn.RNNBase):
 
     def _layer_weights(self, layer: int, direction: int):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; None where absent."""
-        sfx = "_reverse" if direction == 1 else ""
-        w = lambda kind: self._weight(f"{kind}_l{layer}{sfx}")  # noqa: E731
-        b_ih, b_hh = (w("bias_ih"), w("bias_hh")) if self.bias else (None, None)
-        w_hr = w("weight_hr") if self.proj_size > 0 else None
-        return w("weight_ih"), w("weight_hh"), b_ih, b_hh, w_hr
+        names = _layer_names(layer, direction, bool(self.bias), self.proj_size > 0)
+        return tuple(None if n is None else self._weight(n) for n in names)
 
     def _run_stack(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
                    lengths: Optional[Tensor], batch_first: bool):
@@ -225,7 +233,21 @@ class _FusedRNNBase(torch.nn.RNNBase):
             x = ys[0] if D == 1 else torch.cat(ys, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, p=self.dropout, training=True)
-        return x, torch.stack(h_n), (torch.stack(c_n) if c_n else None)
+        return x, _stack(h_n), (_stack(c_n) if c_n else None)
+
+
+def _stack(ts: List[Tensor]) -> Tensor:
+    """torch.stack, by a view for one tensor (the common single-layer case)."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_names(layer: int, direction: int, bias: bool, proj: bool):
+    """torch.nn's parameter names (w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and
+    direction; None where the module has no such parameter."""
+    sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+    return (f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}" if bias else None,
+            f"bias_hh{sfx}" if bias else None, f"weight_hr{sfx}" if proj else None)
 
 
 class _PaddingGather(torch.autograd.Function):
