@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -72,6 +73,74 @@ def test_pool_workers_are_not_left_bound_to_one_cpu():
         assert all(m == main for m in masks.values()), (main, masks)
     finally:
         fusedrnn.set_num_threads(old)
+
+
+_OPENMP_SCRIPT = """
+import os, sys, time
+import numpy as np
+sys.path.insert(0, {tests!r})
+import fusedrnn
+from fusedrnn import _core
+from conftest import make_problem
+
+fusedrnn.set_num_threads(2)
+# B * G * H * H >= 2^16 and over 2^20 multiply-adds: every call runs on 2 threads
+args, kw, dy, dh_n, dc_n = make_problem("lstm", 5, 4, 32, 128, np.float32,
+                                        np.random.default_rng(0))
+
+def run():
+    y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
+    return [y, h_n, c_n] + list(fusedrnn.backward(cache, dy, dh_n, dc_n).values())
+
+def same(a, b):
+    return all((x is None and y is None) or np.array_equal(x, y) for x, y in zip(a, b))
+
+def allowed(task):
+    with open(f"/proc/self/task/{{task}}/status") as f:
+        return [l for l in f if l.startswith("Cpus_allowed_list:")][0]
+
+own = run()
+assert _core.threads_backend() == "fusedrnn", _core.threads_backend()
+import torch
+torch.set_num_threads(2)
+(torch.ones(2000, 2000) @ torch.ones(2000, 2000)).sum()  # OpenMP's threads, now spinning
+omp = run()
+assert _core.threads_backend() == {backend!r}, _core.threads_backend()
+assert same(own, omp)
+for _ in range(3):  # over 100 us apart: the wake-up placement binds threads, which unbind
+    time.sleep(0.01)
+    run()
+main = allowed(str(os.getpid()))
+assert all(allowed(t) == main for t in os.listdir("/proc/self/task")), "a thread left bound"
+pid = os.fork()
+if pid == 0:  # OpenMP is not usable after fork: the child runs on fusedrnn's threads
+    ok = same(run(), own) and _core.threads_backend() == "fusedrnn"
+    os._exit(0 if ok else 3)
+assert os.waitpid(pid, 0)[1] == 0, "the forked child failed"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,
+                    reason="Linux, 2 CPUs")
+@pytest.mark.parametrize("env", ["default", "FUSEDRNN_OPENMP=0"])
+def test_jobs_run_on_openmp_threads_once_loaded(env):
+    """With an OpenMP runtime in the process (torch's), calls run on its threads, not on
+    fusedrnn's pool (csrc/cpu/pool.h), with bitwise the same results; no thread is left
+    bound to one CPU by the wake-up placement; a forked child runs on fusedrnn's own
+    threads; FUSEDRNN_OPENMP=0 keeps fusedrnn's pool. In a fresh process, which loads
+    torch halfway."""
+    pytest.importorskip("torch")
+    environ = dict(os.environ)
+    environ.pop("FUSEDRNN_OPENMP", None)
+    if env != "default":
+        environ["FUSEDRNN_OPENMP"] = "0"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = _OPENMP_SCRIPT.format(tests=tests,
+                                 backend="openmp" if env == "default" else "fusedrnn")
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
 
 
 def _rss_bytes():

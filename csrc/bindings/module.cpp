@@ -298,6 +298,9 @@ PYBIND11_MODULE(_core, m) {
         "Start a new peak measurement from the bytes alive now.");
   m.def("isa", []() { return std::string(fusedrnn::isa_name()); },
         "Instruction set of the kernels in use: avx512, avx2 or generic.");
+  m.def("threads_backend", []() { return std::string(fusedrnn::threads_backend()); },
+        "Whose threads ran the last call that used several: openmp (the process's OpenMP "
+        "runtime, e.g. torch's), fusedrnn (its own pool), or '' before any.");
   m.def("probe_fma_gflops", &fusedrnn::probe_fma_gflops, py::arg("threads"),
         py::arg("seconds") = 0.02, py::call_guard<py::gil_scoped_release>(),
         "float32 multiply-add peak (GFLOP/s) of the kernels' instruction set on `threads` "

@@ -21,6 +21,17 @@
 // wake-up only, and the scheduler stays free to move the thread afterwards.
 // Jobs that follow the last one within 100 µs skip this (about 4 µs): the
 // workers' CPUs have not been idle long enough to be halted.
+//
+// OpenMP (Linux): when the process has loaded an OpenMP runtime (torch does),
+// jobs run on its threads instead (GOMP_parallel, looked up at run time;
+// fusedrnn does not link one). After its own parallel work (every torch op
+// on CPU tensors of some size) the runtime's threads spin for milliseconds
+// before they sleep; fusedrnn's own threads would then share the cores with
+// them, and a layer right after a torch op ran about 2x slower. The same
+// wake-up placement applies to the OpenMP threads of the caller's team, by
+// their kernel thread ids, and a thread bound for a wake-up that did not run
+// the job is unbound by the caller afterwards. Not inside an OpenMP parallel
+// region, nor in a child after fork(); FUSEDRNN_OPENMP=0 turns it off.
 #pragma once
 
 #if defined(__linux__)
@@ -37,6 +48,36 @@
 #include <vector>
 
 namespace fusedrnn {
+
+// Wake-up placement of a job's workers 0 .. workers-1 (tid 1 ..): see above.
+// Used with *g_busy held (one job at a time).
+class Placement {
+ public:
+  void resize(size_t workers);
+  // Before waking: binds each worker to one CPU by bind(k, cpu set) (false:
+  // not bound), unless the last job ended less than 100 µs ago.
+  template <typename Bind>
+  void place(int workers, Bind&& bind);
+  // On worker k, first thing: widen its binding again. Returns whether it was bound.
+  bool widen(int k);
+  // On worker k, last thing: the CPU it ends on (where the next job prefers it).
+  void ended(int k);
+  void job_done();
+  bool pinned(int k) const { return k < int(pinned_.size()) && pinned_[size_t(k)]; }
+#if defined(__linux__)
+  const cpu_set_t& allowed() const { return allowed_; }
+
+ private:
+  int choose(int k, cpu_set_t* used, int* next) const;
+  std::vector<int> last_cpu_;  // [k]: the CPU worker k ended its last job on, or -1
+  std::vector<char> pinned_;   // [k]: bound to one CPU for this wake-up
+  cpu_set_t allowed_;          // the caller's allowed CPUs for this job
+  std::chrono::steady_clock::time_point last_end_{};  // when the last job ended
+#else
+ private:
+  std::vector<char> pinned_;
+#endif
+};
 
 class Team {
  public:
@@ -62,7 +103,6 @@ class ThreadPool {
   ~ThreadPool();
   void worker_loop(int tid);
   static ThreadPool* instance(int workers);
-  void place(int workers);  // wake-up placement of workers 1 .. workers (see above)
 
   std::vector<std::thread> threads_;
   std::mutex mu_;
@@ -73,12 +113,7 @@ class ThreadPool {
   long generation_ = 0;
   int pending_ = 0;     // workers still running the current job
   bool stop_ = false;
-#if defined(__linux__)
-  std::vector<int> last_cpu_;     // [tid - 1]: the CPU a worker ended its last job on, or -1
-  std::vector<char> pinned_;      // [tid - 1]: bound to one CPU for this wake-up
-  cpu_set_t allowed_;             // the caller's allowed CPUs for this job
-  std::chrono::steady_clock::time_point last_end_{};  // when the last job ended
-#endif
+  Placement placement_;  // worker k is tid k + 1
 };
 
 }  // namespace fusedrnn

@@ -1,7 +1,8 @@
 // fusedrnn: the number of threads a call may use.
 //
-// All parallel work runs on fusedrnn's own pool (pool.h); the large GEMMs are
-// split between its threads, each calling the wheel's OpenBLAS on its own
+// All parallel work runs on fusedrnn's own pool, or on the OpenMP runtime's
+// threads when the process has one loaded (pool.h); the large GEMMs are split
+// between the threads, each calling the wheel's OpenBLAS on its own
 // part. OpenBLAS itself is therefore kept single-threaded: its idle threads
 // would otherwise spin on the same cores as the recurrence.
 #include <atomic>

@@ -115,6 +115,10 @@ void set_num_threads(int n);
 int get_num_threads();
 // Name of the SIMD kernels in use: "avx512", "avx2" or "generic".
 const char* isa_name();
+// Whose threads ran the last call that used several: "openmp" (the OpenMP
+// runtime the process had loaded, e.g. torch's), "fusedrnn" (its own pool),
+// or "" before any such call (csrc/cpu/pool.h).
+const char* threads_backend();
 // Benchmark ceilings (csrc/cpu/probe.cpp): float32 multiply-add peak of the
 // kernels' instruction set on `threads` threads, GFLOP/s; the rate at which
 // `threads` threads read a weight of `bytes` bytes over and over (each its
