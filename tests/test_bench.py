@@ -147,6 +147,37 @@ def test_bench_flags_wrong_results(tmp_path, monkeypatch, capsys):
     assert check["fusedrnn"].startswith("MISMATCH")
 
 
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_bench_model(tmp_path, monkeypatch, capsys):
+    """--model: the layer inside Embedding -> layer -> Linear, torch.nn's layer against
+    fusedrnn.torch's, checked (outputs and every parameter's gradient) before timing; a
+    model whose results differ is flagged MISMATCH and fails the run."""
+    from fusedrnn import _bench_model
+
+    path = tmp_path / "m.csv"
+    args = ["bench", "--model", "--repeats", "1", "--min-sample-ms", "0", "--cells",
+            "gru,lstm", "--shapes", "3,2,8", "--csv", str(path)]
+    assert main(args) == 0
+    print(capsys.readouterr().out)
+    _, rows = read_csv(path)
+    assert [(r["cell"], r["pass"], r["provider"]) for r in rows] == [
+        (c, p, n) for c in ("gru", "lstm") for p in ("forward", "forward+backward")
+        for n in ("torch", "fusedrnn.torch")]
+    assert all(r["check"] == "ok" and float(r["ms"]) > 0 for r in rows)
+
+    real = _bench_model._models
+
+    def perturbed(torch, cell, H, seed):  # one weight of fusedrnn.torch's layer changed
+        ref, fused = real(torch, cell, H, seed)
+        with torch.no_grad():
+            fused.rnn.weight_hh_l0[0, 0] += 0.5
+        return ref, fused
+
+    monkeypatch.setattr(_bench_model, "_models", perturbed)
+    assert main(args[:-2] + ["--passes", "forward"]) == 1
+    assert "MISMATCH(logits)" in capsys.readouterr().out
+
+
 def test_time_interleaved_settles_after_numpy_blas(monkeypatch):
     """The reference (NumPy's BLAS, whose threads spin on after a call) is timed after
     the other providers' rounds, not in them; the first call after the check (which

@@ -138,6 +138,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true",
                    help="exit with status 1 when any result disagrees with fusedrnn's")
     p.add_argument("--seed", type=int, default=0, help="seed of the random problems")
+    p.add_argument("--model", action="store_true",
+                   help="time the layer inside a model, Embedding -> layer -> Linear, with "
+                        "torch.nn's layer and with fusedrnn.torch's (needs torch; see "
+                        "fusedrnn/_bench_model.py); default shapes T,B,H 1,1,256 100,8,256 "
+                        "100,32,256")
 
 
 def _csv_list(allowed):
@@ -738,6 +743,10 @@ def write_plot(path: str, rows: Sequence[Row], out=sys.stdout) -> None:
 def run(args: argparse.Namespace, out=None) -> int:
     """Run the benchmark described by parsed ``bench`` arguments; returns the exit status."""
     out = out or sys.stdout
+    if getattr(args, "model", False):
+        from . import _bench_model  # noqa: PLC0415
+
+        return _bench_model.run(args, out)
     try:
         shapes = (parse_shapes(args.shapes) if args.shapes
                   else [(T, B, H, H) for T, B, H in (QUICK_SHAPES if args.quick else FULL_SHAPES)])
