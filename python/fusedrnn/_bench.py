@@ -740,6 +740,15 @@ def write_plot(path: str, rows: Sequence[Row], out=sys.stdout) -> None:
 # Driver
 # --------------------------------------------------------------------------
 
+def sampling(args: argparse.Namespace) -> Tuple[int, float]:
+    """(samples per provider, seconds a sample lasts at least) from --repeats,
+    --min-sample-ms and --quick."""
+    repeats = args.repeats or (3 if args.quick else 5)
+    min_sample_ms = args.min_sample_ms if args.min_sample_ms is not None else (
+        20.0 if args.quick else 50.0)
+    return repeats, min_sample_ms / 1000.0
+
+
 def run(args: argparse.Namespace, out=None) -> int:
     """Run the benchmark described by parsed ``bench`` arguments; returns the exit status."""
     out = out or sys.stdout
@@ -753,9 +762,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    repeats = args.repeats or (3 if args.quick else 5)
-    min_sample_s = (args.min_sample_ms if args.min_sample_ms is not None
-                    else (20.0 if args.quick else 50.0)) / 1000.0
+    repeats, min_sample_s = sampling(args)
     dtype = np.dtype(args.dtype)
     tol = TOLERANCE[args.dtype]
     providers = list(args.providers)

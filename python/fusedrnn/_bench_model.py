@@ -109,9 +109,7 @@ def run(args, out=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    repeats = args.repeats or (3 if args.quick else 5)
-    min_sample_s = (args.min_sample_ms if args.min_sample_ms is not None
-                    else (20.0 if args.quick else 50.0)) / 1000.0
+    repeats, min_sample_s = _bench.sampling(args)
     threads = args.threads or fusedrnn.get_num_threads()
     old = fusedrnn.get_num_threads(), torch.get_num_threads()
     fusedrnn.set_num_threads(threads)
