@@ -10,6 +10,7 @@
 #if defined(__linux__)
 #include <dlfcn.h>
 #include <link.h>
+#include <sys/syscall.h>
 #endif
 
 #include <algorithm>
@@ -230,11 +231,18 @@ const OpenMP* openmp() {
 
 // The OpenMP team of the last job: its caller, and for each worker its
 // kernel thread id (0: unknown) and placement. Used with *g_busy held.
+// Only threads that may run wherever the caller may are placed: a binding of
+// the user's (OMP_PROC_BIND, GOMP_CPU_AFFINITY, ...) is left alone.
 struct OpenMPTeam {
   pthread_t caller{};
   std::vector<long> tid;      // [k]: team thread k + 1 in the last job
-  std::vector<long> tid_now;  // [k]: written by the threads of the current job
+  std::vector<char> free;     // [k]: ... and its CPUs were the caller's then
+  std::vector<long> tid_now;  // written by the threads of the current job
+  std::vector<char> free_now;
   std::vector<char> widened;  // [k]: thread k + 1 of the current job undid its binding
+#if defined(__linux__)
+  cpu_set_t caller_cpus;      // the caller's allowed CPUs for the current job
+#endif
   Placement placement;
 } g_omp_team;
 
@@ -246,11 +254,18 @@ struct OpenMPJob {
 
 long this_thread_id() {
 #if defined(__linux__)
-  return long(gettid());
+  return long(syscall(SYS_gettid));
 #else
   return 0;
 #endif
 }
+
+#if defined(__linux__)
+// Whether kernel thread id t is a thread of this process (ids are reused).
+bool own_thread(long t) {
+  return t > 0 && syscall(SYS_tgkill, long(getpid()), t, 0) == 0;
+}
+#endif
 
 // Runs on each thread of the OpenMP team. A team of another size than asked
 // for (an OpenMP thread limit) runs the job on its first thread alone.
@@ -270,7 +285,14 @@ void openmp_trampoline(void* p) {
     return;
   }
   (*j.job)(tid, *j.team);
-  if (tid > 0 && tid <= int(rec.tid_now.size())) rec.placement.ended(tid - 1);
+  if (tid > 0 && tid <= int(rec.tid_now.size())) {
+    rec.placement.ended(tid - 1);
+#if defined(__linux__)
+    cpu_set_t mine;
+    rec.free_now[size_t(tid - 1)] = sched_getaffinity(0, sizeof mine, &mine) == 0 &&
+                                    CPU_EQUAL(&mine, &rec.caller_cpus);
+#endif
+  }
 }
 
 // A job on the OpenMP team of n threads, with wake-up placement of the
@@ -283,14 +305,21 @@ void run_openmp(const OpenMP* omp, int n, const ThreadPool::Job& job) {
     rec.tid.assign(rec.tid.size(), 0);
     rec.caller = me;
   }
-  if (rec.tid.size() < workers) rec.tid.resize(workers, 0);
+  if (rec.tid.size() < workers) {
+    rec.tid.resize(workers, 0);
+    rec.free.resize(workers, 0);
+  }
   rec.tid_now.assign(rec.tid.size(), 0);
+  rec.free_now.assign(rec.tid.size(), 0);
   rec.widened.assign(rec.tid.size(), 0);
   rec.placement.resize(rec.tid.size());
 #if defined(__linux__)
+  if (sched_getaffinity(0, sizeof rec.caller_cpus, &rec.caller_cpus) != 0)
+    CPU_ZERO(&rec.caller_cpus);
   rec.placement.place(int(workers), [&](int k, const cpu_set_t& one) {
     const long t = rec.tid[size_t(k)];
-    return t > 0 && sched_setaffinity(pid_t(t), sizeof one, &one) == 0;
+    return rec.free[size_t(k)] && own_thread(t) &&
+           sched_setaffinity(pid_t(t), sizeof one, &one) == 0;
   });
 #endif
   Team team(n);
@@ -299,10 +328,11 @@ void run_openmp(const OpenMP* omp, int n, const ThreadPool::Job& job) {
   for (size_t k = 0; k < workers; ++k) {
 #if defined(__linux__)
     // a thread bound for this wake-up that did not run the job: unbind it
-    if (rec.placement.pinned(int(k)) && !rec.widened[k])
+    if (rec.placement.pinned(int(k)) && !rec.widened[k] && own_thread(rec.tid[k]))
       sched_setaffinity(pid_t(rec.tid[k]), sizeof(cpu_set_t), &rec.placement.allowed());
 #endif
     rec.tid[k] = rec.tid_now[k];
+    rec.free[k] = rec.free_now[k];
   }
   rec.placement.job_done();
 }
@@ -384,10 +414,12 @@ int ThreadPool::run(int n, const Job& job) {
   }
   g_backend.store("fusedrnn");
   ThreadPool* pool = instance(n - 1);
+#if defined(__linux__)
   pool->placement_.place(n - 1, [&](int k, const cpu_set_t& one) {
     return pthread_setaffinity_np(pool->threads_[size_t(k)].native_handle(), sizeof one,
                                   &one) == 0;
   });
+#endif
   Team team(n);
   {
     std::lock_guard<std::mutex> lock(pool->mu_);
