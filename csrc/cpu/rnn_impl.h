@@ -306,32 +306,28 @@ inline GemmTasks gemm_tasks(int64_t rows, int64_t cols, int64_t inner) {
 // gx rows [r0, r1) = x rows W_ihᵀ, in the tasks of gemm_tasks (fixed by the
 // segment's size, so a recomputation repeats forward's BLAS calls exactly),
 // or, when raw (raw_input), by K.matmul_nt with the columns split between the
-// threads. gx is segment-relative. prepare(a, b)
-// fills x's rows [a, b) first (forward's gather): in each row task, or, with
-// column tasks, split between the threads before a barrier. Ends without a
-// barrier.
+// threads. gx is segment-relative. prepare(a, b) fills x's rows [a, b) first
+// (forward's gather): in each row task, or, when the threads split the
+// columns (column tasks, raw), split between the threads before a barrier.
+// Ends without a barrier.
 template <typename S, typename Prepare>
 void input_gemm(const Kernels<S>& K, Team& team, int tid, int64_t r0, int64_t r1, const S* x,
                 int64_t I, const S* w_ih, S* gx, int64_t GHp, bool loop, bool raw,
                 Prepare&& prepare) {
   const int nt = team.size();
   const int64_t rows = r1 - r0;
-  if (raw) {
+  const GemmTasks g = gemm_tasks(rows, GHp, I);
+  if (raw || g.nc > 1) {
     int64_t a, b;
     split(rows, nt, tid, &a, &b);
     prepare(r0 + a, r0 + b);
     team.barrier();
-    const int64_t blocks = GHp / K.lanes;  // GHp is whole unit blocks
-    split(blocks, nt, tid, &a, &b);
+  }
+  if (raw) {
+    int64_t a, b;
+    split(GHp / K.lanes, nt, tid, &a, &b);  // GHp is whole unit blocks
     K.matmul_nt(x + r0 * I, I, rows, w_ih, I, I, gx, GHp, a * K.lanes, b * K.lanes);
     return;
-  }
-  const GemmTasks g = gemm_tasks(rows, GHp, I);
-  if (g.nc > 1) {
-    int64_t a, b;
-    split(r1 - r0, nt, tid, &a, &b);
-    prepare(r0 + a, r0 + b);
-    team.barrier();
   }
   for (int64_t i = tid; i < g.count(); i += nt) {
     int64_t a, b, c0, c1;
