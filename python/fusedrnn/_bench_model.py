@@ -14,11 +14,9 @@ first: outputs, and with backward the gradients, agree with torch.nn's.
 
 from __future__ import annotations
 
-import csv
-import os
 import statistics
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import fusedrnn
 
@@ -36,7 +34,23 @@ _TORCH_CLASS = {"lstm": ("LSTM", {}), "gru": ("GRU", {}),
                 "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
 _COLUMNS = ("cell", "T", "B", "H", "pass", "provider", "ms", "spread", "speedup vs torch",
             "check")
-_WIDTHS = (9, 5, 5, 6, 17, 15, 10, 7, 17, 12)
+
+
+class ModelRow(dict):
+    """One provider's result for one case, keyed by _COLUMNS (for _bench.write_csv)."""
+
+    def csv_record(self) -> Dict[str, object]:
+        return {c: (f"{v:.6g}" if isinstance(v, float) else v) for c, v in self.items()}
+
+
+#: the table (_bench.table_header / table_row): (title, width, format) per column
+_TABLE = tuple(zip(_COLUMNS, (9, 5, 5, 6, 17, 15, 10, 7, 17, 12), (
+    *(lambda r, c=c: str(r[c]) for c in _COLUMNS[:6]),
+    lambda r: _bench._fmt_ms(r["ms"]),
+    lambda r: f"{r['spread']:.0f}%",
+    lambda r: f"{r['speedup vs torch']:.2f}x",
+    lambda r: r["check"])))
+_NUMERIC = set(_COLUMNS[6:])
 
 
 def _models(torch, cell: str, H: int, seed: int):
@@ -90,11 +104,6 @@ def _bind(torch, model, tokens, targets, backward: bool):
     return call, outputs
 
 
-def _line(values: Sequence[str]) -> str:
-    return "  ".join(v.ljust(w) if i < 6 else v.rjust(w)
-                     for i, (v, w) in enumerate(zip(values, _WIDTHS))).rstrip()
-
-
 def run(args, out=None) -> int:
     """The model benchmark for parsed ``bench`` arguments (--cells, --shapes, --passes,
     --repeats, --min-sample-ms, --threads, --seed, --csv); returns the exit status."""
@@ -118,9 +127,8 @@ def run(args, out=None) -> int:
           f"-> Linear(H, {VOCAB}); float32, {threads} threads (torch and fusedrnn), torch "
           f"{torch.__version__}; median of {repeats} interleaved samples of >= "
           f"{min_sample_s * 1e3:g} ms", file=out)
-    print(_line(_COLUMNS), file=out)
-    print("-" * len(_line(_COLUMNS)), file=out, flush=True)
-    rows: List[Dict[str, object]] = []
+    print(_bench.table_header(_TABLE, _NUMERIC), file=out, flush=True)
+    rows: List[ModelRow] = []
     failed = False
     try:
         for cell in args.cells:
@@ -130,40 +138,19 @@ def run(args, out=None) -> int:
                                               args.seed)
                     failed |= not ok
                     for r in case_rows:
-                        print(_line([str(r[c]) if not isinstance(r[c], float) else
-                                     _fmt(c, r[c]) for c in _COLUMNS]), file=out, flush=True)
+                        print(_bench.table_row(r, _TABLE, _NUMERIC), file=out, flush=True)
                     rows += case_rows
     finally:
         fusedrnn.set_num_threads(old[0])
         torch.set_num_threads(old[1])
     if args.csv:
-        _write_csv(args.csv, rows)
+        _bench.write_csv(args.csv, rows, columns=_COLUMNS)
         print(f"CSV written to {args.csv}", file=out)
     return 1 if failed else 0
 
 
-def _write_csv(path: str, rows: Sequence[Dict[str, object]]) -> None:
-    d = os.path.dirname(path)
-    if d:
-        os.makedirs(d, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c])
-                        for c in _COLUMNS})
-
-
-def _fmt(column: str, v: float) -> str:
-    if column == "speedup vs torch":
-        return f"{v:.2f}x"
-    if column == "spread":
-        return f"{v:.0f}%"
-    return _bench._fmt_ms(v)
-
-
 def _run_case(torch, cell, T, B, H, pass_, repeats, min_sample_s,
-              seed) -> Tuple[List[Dict[str, object]], bool]:
+              seed) -> Tuple[List[ModelRow], bool]:
     backward = pass_ == _bench.FORWARD_BACKWARD
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (T, B), generator=gen)
@@ -181,7 +168,7 @@ def _run_case(torch, cell, T, B, H, pass_, repeats, min_sample_s,
     rows = []
     for name, (samples, _) in timed.items():
         spread = (max(samples) - min(samples)) / statistics.median(samples)  # as _bench's
-        rows.append({"cell": cell, "T": T, "B": B, "H": H, "pass": pass_, "provider": name,
-                     "ms": ms[name], "spread": 100.0 * spread,
-                     "speedup vs torch": ms["torch"] / ms[name], "check": check})
+        rows.append(ModelRow(cell=cell, T=T, B=B, H=H, provider=name, ms=ms[name],
+                             spread=100.0 * spread, check=check,
+                             **{"pass": pass_, "speedup vs torch": ms["torch"] / ms[name]}))
     return rows, check == "ok"
