@@ -82,6 +82,7 @@ sys.path.insert(0, {tests!r})
 import fusedrnn
 from fusedrnn import _core
 from conftest import make_problem
+from test_robustness import _cpus_allowed
 
 fusedrnn.set_num_threads(2)
 # B * G * H * H >= 2^16 and over 2^20 multiply-adds: every call runs on 2 threads
@@ -95,10 +96,6 @@ def run():
 def same(a, b):
     return all((x is None and y is None) or np.array_equal(x, y) for x, y in zip(a, b))
 
-def allowed(task):
-    with open(f"/proc/self/task/{{task}}/status") as f:
-        return [l for l in f if l.startswith("Cpus_allowed_list:")][0]
-
 own = run()
 assert _core.threads_backend() == "fusedrnn", _core.threads_backend()
 import torch
@@ -110,8 +107,8 @@ assert same(own, omp)
 for _ in range(3):  # over 100 us apart: the wake-up placement binds threads, which unbind
     time.sleep(0.01)
     run()
-main = allowed(str(os.getpid()))
-assert all(allowed(t) == main for t in os.listdir("/proc/self/task")), "a thread left bound"
+main = _cpus_allowed(str(os.getpid()))
+assert all(_cpus_allowed(t) == main for t in os.listdir("/proc/self/task")), "a thread left bound"
 pid = os.fork()
 if pid == 0:  # OpenMP is not usable after fork: the child runs on fusedrnn's threads
     ok = same(run(), own) and _core.threads_backend() == "fusedrnn"
