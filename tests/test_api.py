@@ -276,19 +276,21 @@ def test_gemm_column_tasks(semantics, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_batch_one_short_sequences(cell, proj, dtype, rng):
     """B = 1 and T <= 4: the steps multiply W_hh (and W_hr) as stored, without packing,
-    and an input projection of <= 4 rows runs on the same product instead of BLAS
-    (rnn_impl.h, raw_weights and kRawGemmRows); T = 5 takes the packed panel. I = 37
+    forward and backward, and the input projection, the weight gradients and dx of a
+    layer of <= 4 rows run on the same products instead of BLAS (rnn_impl.h,
+    raw_weights and kRawGemmRows); T = 5 takes the packed panels. I = 37
     and H = 70 or 650 leave partial vectors in k and in the last unit block; the
     layers of H = 70 run on one thread (choose_threads), those of H = 650 on all.
     Checked against the reference, with and without checkpointing (whose backward
-    recomputes the steps), and bitwise across thread counts."""
-    for T, H in ((1, 70), (2, 70), (4, 70), (5, 70), (2, 650)):
+    recomputes the steps), and bitwise across thread counts. B = 3 at T = 1: packed
+    panels, but a layer of <= 4 rows, so its products skip BLAS."""
+    for T, B, H in ((1, 1, 70), (2, 1, 70), (4, 1, 70), (5, 1, 70), (2, 1, 650), (1, 3, 70)):
         for semantics in ({}, {"lengths": True}, {"mask": True, "reverse": True},
                           {"batch_first": True, "reverse": True}):
-            args, kw, dy, dh_n, dc_n = make_problem(cell, T, 1, 37, H, dtype, rng, proj=proj,
+            args, kw, dy, dh_n, dc_n = make_problem(cell, T, B, 37, H, dtype, rng, proj=proj,
                                                     **semantics)
             if "lengths" in kw:
-                kw["lengths"] = np.array([T - 1])
+                kw["lengths"] = np.array([T - 1] + [T] * (B - 1))
             ry, rh, rc, rcache = reference.forward(*args, **kw)
             rg = reference.backward(rcache, dy, dh_n, dc_n)
             old = fusedrnn.get_num_threads()

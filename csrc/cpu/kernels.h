@@ -56,6 +56,8 @@ struct BwdStep {
   Cell cell;
   int64_t H, Hp, n;
   const S* wb;             // backward panel of W_hh
+  const S* w;              // or W_hh as stored, [G*K, ldw] row-major, ldw = the
+  int64_t ldw;             // output units (raw product, B = 1); nullptr: the panel
   const S* gates;          // [n, G*Hp] saved activated gates of the step
   const S* extra;          // saved extra values of the step
   const S* hprev;          // [n, Hp] saved state before the step
@@ -99,6 +101,12 @@ struct Kernels {
   // not depend on j0, j1.
   void (*matmul_nt)(const S* x, int64_t ldx, int64_t n, const S* w, int64_t ldw, int64_t K,
                     S* out, int64_t ldo, int64_t j0, int64_t j1);
+  // out[r, j] (+)= sum_k a[r*sr + k*sk] w[k*ldw + j] for r < n, j in [j0, j1),
+  // on w as stored (no packing; for products of few rows or a few-row inner
+  // dimension); accumulate: add to out. Each output sums k in order, so its
+  // value does not depend on j0, j1.
+  void (*matmul_nn)(const S* a, int64_t sr, int64_t sk, int64_t n, const S* w, int64_t ldw,
+                    int64_t K, S* out, int64_t ldo, int64_t j0, int64_t j1, bool accumulate);
   // Benchmark probes (csrc/cpu/probe.cpp): iters rounds of 12 register
   // multiply-adds; one multiply-add pass over w[0 .. n).
   S (*probe_fma)(int64_t iters, S m);

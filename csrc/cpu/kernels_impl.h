@@ -9,6 +9,7 @@
 // values backward needs. Gate pre-activations never go to memory.
 #pragma once
 
+#include <algorithm>
 #include <utility>
 
 #include "kernels.h"
@@ -291,6 +292,42 @@ void matmul_nt(const S* x, int64_t ldx, int64_t n, const S* w, int64_t ldw, int6
   }
 }
 
+// out[.., NV vectors] (+)= sum_k a[k*sk] w[k*ldw + ..] for one row of out, the
+// last vector with `last` lanes (U: whole). k in order, one multiply-add per
+// k on each accumulator.
+template <typename S, int NV>
+inline void nn_tile(const S* a, int64_t sk, const S* w, int64_t ldw, int64_t K, S* out, int last,
+                    bool accumulate) {
+  using Vt = V<S>;
+  constexpr int U = Vec<S>::L;
+  auto ld = [&](const S* p, int v) { return v == NV - 1 && last < U ? load_part(p, last) : load(p); };
+  Vt c[NV];
+  for (int v = 0; v < NV; ++v) c[v] = accumulate ? ld(out + v * U, v) : Vt{};
+  for (int64_t k = 0; k < K; ++k) {
+    const Vt d = splat(a[k * sk]);
+    const S* wk = w + k * ldw;
+    for (int v = 0; v < NV; ++v) c[v] += d * ld(wk + v * U, v);
+  }
+  for (int v = 0; v < NV; ++v) {
+    if (v == NV - 1 && last < U) store_part(out + v * U, c[v], last);
+    else store(out + v * U, c[v]);
+  }
+}
+
+template <typename S>
+void matmul_nn(const S* a, int64_t sr, int64_t sk, int64_t n, const S* w, int64_t ldw, int64_t K,
+               S* out, int64_t ldo, int64_t j0, int64_t j1, bool accumulate) {
+  constexpr int U = Vec<S>::L, NV = 8;
+  for (int64_t r = 0; r < n; ++r) {
+    const S* ar = a + r * sr;
+    S* o = out + r * ldo;
+    int64_t j = j0;
+    for (; j + NV * U <= j1; j += NV * U) nn_tile<S, NV>(ar, sk, w + j, ldw, K, o + j, U, accumulate);
+    for (; j < j1; j += U)
+      nn_tile<S, 1>(ar, sk, w + j, ldw, K, o + j, j1 - j < U ? int(j1 - j) : U, accumulate);
+  }
+}
+
 // forward_step on the raw weight (a.w): the same epilogue, gate g of unit
 // block u from rows g*H + u*U ... of a.w. Unit blocks in chunks, gates outer
 // within a chunk, so each gate's rows are read as one run of memory.
@@ -486,6 +523,18 @@ void backward_rows_mr(const BwdStep<S>& a, int64_t G, int64_t r0, int64_t ub0, i
 template <typename S>
 void backward_product(const BwdStep<S>& a, int64_t ub0, int64_t ub1) {
   const int64_t G = a.G;
+  if (a.w) {  // W as stored: gate by gate, columns [ub0*U, ub1*U) that exist
+    constexpr int U = Vec<S>::L;
+    if (ub0 >= ub1) return;
+    const int64_t c0 = ub0 * U, c1 = ub1 * U < a.ldw ? ub1 * U : a.ldw, GKp = G * a.Kp;
+    for (int64_t g = 0; g < G; ++g)
+      matmul_nn<S>(a.dgh + g * a.Kp, GKp, 1, a.n, a.w + g * a.K * a.ldw, a.ldw, a.K, a.out,
+                   a.ld_out, c0, c1, a.accumulate || g > 0);
+    if (!a.accumulate)  // padding lanes: zeros, as the panel's zero columns give
+      for (int64_t r = 0; r < a.n; ++r)
+        std::fill(a.out + r * a.ld_out + c1, a.out + r * a.ld_out + ub1 * U, S(0));
+    return;
+  }
   constexpr int MR = tile_mr(1), NU = tile_nu(1, MR);
   const int64_t n = a.n, groups = (n + MR - 1) / MR;
   if (groups <= 2) {  // each group with the widest tile its row count allows
@@ -577,7 +626,7 @@ template <typename S>
 const Kernels<S>* table() {
   static const Kernels<S> k{FUSEDRNN_ISA_NAME, Vec<S>::L, pack_fwd<S>, pack_bwd<S>,
                             forward_step_any<S>, backward_point_any<S>, backward_product<S>,
-                            matmul_nt<S>, probe_fma<S>, probe_stream<S>};
+                            matmul_nt<S>, matmul_nn<S>, probe_fma<S>, probe_stream<S>};
   return &k;
 }
 

@@ -569,6 +569,18 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   const int64_t R = max_rows(segs);  // rows of the largest segment (N for the full cache)
   const bool loop = tiny_layer(sched.N, GHp, I, P);
   const bool raw_in = raw_input(sched.N, loop);
+  // C[M, N] (beta 0: =, 1: +=) op(A) B, op(A) = A or Aᵀ (ta): the backward's
+  // products. A layer of at most kRawGemmRows rows runs them on K.matmul_nn:
+  // their inner dimension (weight gradients) or their rows (dx) are those
+  // rows, and BLAS would cost more in set-up (C's zeroing, packing) than the
+  // product.
+  auto product = [&](bool ta, int64_t M, int64_t N, int64_t Kd, const S* A, int64_t lda,
+                     const S* Bm, int64_t ldb, S beta, S* Cm, int64_t ldc) {
+    if (raw_in)
+      K.matmul_nn(A, ta ? 1 : lda, ta ? lda : 1, M, Bm, ldb, Kd, Cm, ldc, 0, N, beta != S(0));
+    else
+      gemm<S>(ta, false, M, N, Kd, 1, A, lda, Bm, ldb, beta, Cm, ldc, loop);
+  };
 
   // Gate gradients of a segment's rows; the weight gradients sum over segments.
   Buffer<S> dgx(checked_mul(R, GHp)), dgh_own(C == Cell::Gru ? checked_mul(R, GHp) : 0);
@@ -576,10 +588,12 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   Buffer<S> dh(checked_mul(B, Pp)), dc(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
   copy_rows_padded(dh.data(), Pp, p.dh_n, P, sched.perm.data(), B);
   if (C == Cell::Lstm) copy_rows_padded(dc.data(), Hp, p.dc_n, H, sched.perm.data(), B);
-  // W_hh's backward panel: output units are the state's (P of them)
-  Buffer<S> wb(checked_mul(checked_mul(nubP, GHp), U));
+  // W_hh's backward panel: output units are the state's (P of them); none
+  // when the products read W_hh as stored (raw_weights)
+  const bool raw = raw_weights(B, T);
+  Buffer<S> wb(raw ? 0 : checked_mul(checked_mul(nubP, GHp), U));
   // projection: W_hr's backward panel, dL/dh' of every step, dL/dm of a step
-  Buffer<S> wrb(proj ? checked_mul(checked_mul(nub, Pp), U) : 0);
+  Buffer<S> wrb(proj && !raw ? checked_mul(checked_mul(nub, Pp), U) : 0);
   Buffer<S> dproj(proj ? checked_mul(R, Pp) : 0), dm(proj ? checked_mul(B, Hp) : 0);
   const bool direct_dx = sched.identity && !bf;
   Buffer<S> dxp(direct_dx ? 0 : checked_mul(R, I));
@@ -591,7 +605,6 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   const int threads = choose_threads(std::max(nub, nubP), B, G, H);
   const int64_t scratch_per_thread = B * 2 * G * U;
   Buffer<S> scratch;
-  const bool raw = raw_weights(B, T);
   if (recompute) {
     if (!raw) wp.resize(checked_mul(checked_mul(nub, P), G * U));
     if (proj && !raw) wr.resize(checked_mul(checked_mul(nubP, H), U));
@@ -625,6 +638,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       a.Hp = Hp;
       a.n = sched.count[t];
       a.wb = wb.data();
+      a.w = raw ? cache.w_hh.data() : nullptr;
+      a.ldw = P;
       a.gates = saved(cache.gates, gates_r, GHp, r0) + rel * GHp;
       a.extra = saved(cache.extra, extra_r, E, r0) + rel * E;
       a.hprev = saved(cache.hprev, hprev_r, Pp, r0) + rel * Pp;
@@ -657,6 +672,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       a.Hp = Pp;
       a.n = sched.count[t];
       a.wb = wrb.data();
+      a.w = raw ? cache.w_hr.data() : nullptr;
+      a.ldw = H;
       a.valid = cache.mask.empty() ? nullptr : cache.mask.data() + t * B;
       a.dy = p.dy ? step_base(p.dy, bf, T, B, t, P, &a.dy_stride) : nullptr;
       a.perm = sched.perm.data();
@@ -697,8 +714,10 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         if (proj) K.pack_fwd(cache.w_hr.data(), 1, P, H, wr.data(), pb0, pb1);
       }
     }
-    K.pack_bwd(cache.w_hh.data(), G, H, Hp, P, wb.data(), pb0, pb1);
-    if (proj) K.pack_bwd(cache.w_hr.data(), 1, P, Pp, H, wrb.data(), ub0, ub1);
+    if (!raw) {
+      K.pack_bwd(cache.w_hh.data(), G, H, Hp, P, wb.data(), pb0, pb1);
+      if (proj) K.pack_bwd(cache.w_hr.data(), 1, P, Pp, H, wrb.data(), ub0, ub1);
+    }
     const int64_t wt = weight_task(G, H), per_gate = (H + wt - 1) / wt;
     for (size_t i = segs.size(); i-- > 0;) {
       const Segment& sg = segs[i];
@@ -758,11 +777,11 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         const int64_t k1 = std::min(H, k0 + wt);
         const S* dg = (hh ? dgh : dgx.data()) + g * Hp + k0;
         if (hh)
-          gemm<S>(true, false, k1 - k0, P, rows, 1, dg, GHp, saved(cache.hprev, hprev_r, Pp, r0),
-                  Pp, zero_or_add, p.dw_hh + (g * H + k0) * P, P, loop);
+          product(true, k1 - k0, P, rows, dg, GHp, saved(cache.hprev, hprev_r, Pp, r0), Pp,
+                  zero_or_add, p.dw_hh + (g * H + k0) * P, P);
         else
-          gemm<S>(true, false, k1 - k0, I, rows, 1, dg, GHp, cache.x.data() + r0 * I, I,
-                  zero_or_add, p.dw_ih + (g * H + k0) * I, I, loop);
+          product(true, k1 - k0, I, rows, dg, GHp, cache.x.data() + r0 * I, I, zero_or_add,
+                  p.dw_ih + (g * H + k0) * I, I);
         add_column_sums((hh ? p.db_hh : p.db_ih) + g * H + k0, zero_or_add == S(0), dg, rows,
                         k1 - k0, GHp);
       }
@@ -770,8 +789,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       if (proj)
         for (int64_t k0 = tid * wt; k0 < P; k0 += nt * wt) {
           const int64_t k1 = std::min(P, k0 + wt);
-          gemm<S>(true, false, k1 - k0, H, rows, 1, dproj.data() + k0, Pp,
-                  saved(cache.m, m_r, Hp, r0), Hp, zero_or_add, p.dw_hr + k0 * H, H, loop);
+          product(true, k1 - k0, H, rows, dproj.data() + k0, Pp, saved(cache.m, m_r, Hp, r0), Hp,
+                  zero_or_add, p.dw_hr + k0 * H, H);
         }
       // Input gradient of the segment's rows, in the tasks of gemm_tasks.
       const GemmTasks dxt = gemm_tasks(rows, I, GHp);
@@ -786,8 +805,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       for (int64_t k = tid; k < dxt.count(); k += nt) {
         int64_t a, b, c0, c1;
         dxt.at(k, &a, &b, &c0, &c1);
-        gemm<S>(false, false, b - a, c1 - c0, GHp, 1, dgx.data() + a * GHp, GHp,
-                cache.w_ih.data() + c0, I, 0, dx_rows + a * I + c0, I, loop);
+        product(false, b - a, c1 - c0, GHp, dgx.data() + a * GHp, GHp, cache.w_ih.data() + c0, I,
+                S(0), dx_rows + a * I + c0, I);
         if (!direct_dx && dxt.nc == 1) scatter_dx(a, b);
       }
       if (!direct_dx && dxt.nc > 1) {

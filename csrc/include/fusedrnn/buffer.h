@@ -1,4 +1,5 @@
-// fusedrnn: an owning, 64-byte aligned, uninitialised array of T, whose
+// fusedrnn: an owning, 64-byte aligned, uninitialised array of T (NaN in
+// checking builds, FUSEDRNN_POISON_BUFFERS), whose
 // memory comes from (and returns to) a small cache of large blocks
 // (csrc/cpu/workspace.cpp).
 #pragma once
@@ -44,6 +45,11 @@ class Buffer {
     if (n == 0) return;
     p_ = static_cast<T*>(workspace_alloc(checked_mul(n, sizeof(T))));
     n_ = n;
+#ifdef FUSEDRNN_POISON_BUFFERS
+    // Checking builds: new contents are NaN (all bits set), so a value read
+    // before it is written shows in the results instead of passing unseen.
+    std::memset(p_, 0xff, n_ * sizeof(T));
+#endif
   }
   void zero() {
     if (n_) std::memset(p_, 0, n_ * sizeof(T));
