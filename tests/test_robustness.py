@@ -251,3 +251,63 @@ def test_cache_size_formula(cell, proj):
     floats = N * (I + Pp + G * Hp + E) + G * Hp * I + G * H * P + (P * H if proj else 0)
     bookkeeping = 8 * (B + 2 * T)  # row order and per-step counts, int64
     assert cache.nbytes == 4 * floats + bookkeeping
+
+
+@pytest.mark.parametrize("H", [16, 13])
+@pytest.mark.parametrize("cell,proj", [("gru", 0), ("lstm", 3)])
+def test_shared_weights_are_held_by_the_cache(cell, proj, H):
+    """forward with share_weights (fusedrnn.torch's eager training): the cache refers to
+    the weight arrays instead of copying them, holds them alive, and gives the same
+    gradients bitwise; its nbytes leaves them out. H = 13 needs padded W_ih rows, so
+    W_ih is still copied there. Checked with the caller's only references dropped and
+    the freed memory's likely successors filled with other values."""
+    import gc
+
+    T, B, I = 4, 3, 16
+    args, kw, dy, dh_n, dc_n = make_problem(cell, T, B, I, H, np.float32,
+                                            np.random.default_rng(11), proj=proj)
+    _, _, _, plain = fusedrnn.forward(*args, **kw)
+    want = fusedrnn.backward(plain, dy, dh_n, dc_n)
+    args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    kw = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    y, _, _, shared = fusedrnn._forward(*args, **kw, share_weights=True)
+    sizes = [a.nbytes for a in (args[2], args[3], kw.get("w_hr")) if a is not None]
+    del args[2:4]
+    kw.pop("w_hr", None)
+    gc.collect()
+    junk = [np.full(n // 4, np.nan, np.float32) for n in sizes for _ in range(4)]
+    got = fusedrnn.backward(shared, dy, dh_n, dc_n)
+    for k in GRAD_KEYS:
+        if want.get(k) is not None:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    lanes = {"avx512": 16, "avx2": 8, "generic": 4}[fusedrnn._core.isa()]
+    kept_ih = H % lanes != 0  # W_ih copied (padded) unless H fills whole unit blocks
+    G, P = fusedrnn.CELLS[cell], proj or H
+    Hp = -(-H // lanes) * lanes
+    left_out = 4 * (G * H * P + P * H * bool(proj) + (0 if kept_ih else G * Hp * I))
+    assert plain.nbytes - shared.nbytes == left_out
+    del junk
+
+
+def test_result_arrays_are_independent():
+    """Results of 64 KiB or more live in fusedrnn's kept blocks (output_alloc), reused
+    once an array is freed: every array is its own memory while it lives, writable,
+    C-contiguous, and survives the cache, the call and later calls unchanged."""
+    args, kw, dy, dh_n, dc_n = make_problem("gru", 30, 8, 128, 128, np.float32,
+                                            np.random.default_rng(12))
+    y, h_n, _, cache = fusedrnn.forward(*args, **kw)
+    assert y.nbytes >= 2**16 and y.flags.c_contiguous and y.flags.writeable
+    first = fusedrnn.backward(cache, dy, dh_n, dc_n)
+    keep = {k: v.copy() for k, v in first.items() if v is not None}
+    big = [k for k, v in keep.items() if v.nbytes >= 2**16]
+    assert "w_hh" in big and "x" in big
+    second = fusedrnn.backward(cache, dy, dh_n, dc_n)
+    for k in big:
+        assert not np.shares_memory(first[k], second[k]), k
+        second[k][...] = np.nan
+    del cache, second
+    third = fusedrnn.backward(fusedrnn.forward(*args, **kw)[3], dy, dh_n, dc_n)
+    for k, v in keep.items():
+        np.testing.assert_array_equal(first[k], v, err_msg=k)
+        np.testing.assert_array_equal(third[k], v, err_msg=k)
+    assert np.all(np.isfinite(y))

@@ -1185,3 +1185,56 @@ def test_cuda_caches_freed_inference_and_errors():
     ck.checkpoint = True
     with pytest.raises(ValueError, match="checkpoint"):
         ck(x)
+
+
+@pytest.mark.parametrize("proj", [False, True])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+def test_weights_changed_in_place_before_backward_are_refused(cell, proj):
+    """Eager training on the CPU: the forward's cache reads the module's weights
+    themselves instead of copies (_EagerLayer, share_weights) and saves them for
+    backward. Changing one in place between forward and backward (optimizer.step()
+    first) then raises autograd's error, as torch.nn does, rather than differentiating
+    with other weights than the forward used: W_hh and W_hr always; W_ih when x requires
+    grad or with checkpointing (otherwise no gradient depends on it, and backward runs
+    with the forward's gradients). torch.nn refuses too, except for W_ih with
+    checkpointing, which it does not have.
+    H = 16 fills whole unit blocks, so W_ih is shared too; H = 10 does not (copied)."""
+    if proj and cell != "lstm":
+        pytest.skip("projection: lstm only")
+    name, kw = CELLS[cell]
+    if proj:
+        kw = dict(kw, proj_size=4)
+    x0 = torch.randn(3, 2, 5)
+    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0"] + (["weight_hr_l0"] if proj else [])
+    for hidden, pname, x_grad, ck in itertools.product((16, 10), names, (False, True),
+                                                       (False, True)):
+        refused = pname in ("weight_hh_l0", "weight_hr_l0") or (
+            pname == "weight_ih_l0" and (x_grad or ck))
+        torch.manual_seed(0)
+        ref = getattr(torch.nn, name)(5, hidden, **kw)
+        m = getattr(frnn, name)(5, hidden, **kw)
+        m.load_state_dict(ref.state_dict())
+        m.checkpoint = ck
+        grads = {}
+        for mod in (ref, m):
+            x = x0.clone().requires_grad_(x_grad)
+            y = mod(x)[0]
+            if mod is m:
+                with torch.no_grad():
+                    getattr(m, pname).add_(1.0)
+            if mod is m and refused:
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    y.pow(2).sum().backward()
+                continue
+            y.pow(2).sum().backward()
+            grads[mod] = [p.grad for p in mod.parameters()] + ([x.grad] if x_grad else [])
+        if not refused:  # the gradients of the forward that ran
+            for a, b in zip(grads[ref], grads[m]):
+                assert rel_err(b, a) < 1e-4, (hidden, pname, x_grad, ck)
+        elif pname != "weight_ih_l0" or x_grad:  # torch.nn refuses too
+            m2 = getattr(torch.nn, name)(5, hidden, **kw)
+            y = m2(x0.clone().requires_grad_(x_grad))[0]
+            with torch.no_grad():
+                getattr(m2, pname).add_(1.0)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()

@@ -12,6 +12,7 @@
 #include <cblas.h>
 
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -63,9 +64,30 @@ struct Optional {
   const scalar_t* data() const { return ptr; }
 };
 
+// A new C-contiguous result array. Large ones live in fusedrnn's kept blocks
+// (output_alloc) rather than in fresh pages from the system, whose first
+// touch faults page by page: a training loop at T = 1 spent more time in
+// those faults than in the math. The array's base is a capsule that returns
+// the block.
 template <typename scalar_t>
 py::array_t<scalar_t> new_array(const std::vector<int64_t>& shape, bool zero) {
-  py::array_t<scalar_t> a(shape);
+  std::size_t n = 1;
+  for (int64_t d : shape) n = checked_mul(n, std::size_t(d));
+  const std::size_t bytes = checked_mul(n, sizeof(scalar_t));
+  py::array_t<scalar_t> a;
+  if (bytes < output_block_min()) {
+    a = py::array_t<scalar_t>(shape);
+  } else {
+    struct Block {
+      void* p;
+      std::size_t bytes;
+      ~Block() { output_free(p, bytes); }
+    };
+    std::unique_ptr<Block> b(new Block{output_alloc(bytes), bytes});
+    py::capsule owner(b.get(), [](void* q) { delete static_cast<Block*>(q); });
+    scalar_t* data = static_cast<scalar_t*>(b.release()->p);
+    a = py::array_t<scalar_t>(shape, data, owner);
+  }
   if (zero && a.size()) std::memset(a.mutable_data(), 0, size_t(a.nbytes()));
   return a;
 }
@@ -76,7 +98,8 @@ template <typename scalar_t>
 py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle w_hh_in,
                        py::handle b_ih_in, py::handle b_hh_in, py::handle h0_in,
                        py::handle c0_in, py::handle lengths_in, py::handle mask_in, bool reverse,
-                       bool batch_first, bool training, py::handle w_hr_in, int64_t checkpoint) {
+                       bool batch_first, bool training, py::handle w_hr_in, int64_t checkpoint,
+                       bool share_weights) {
   if (x_in.ndim() != 3)
     throw py::value_error("x must have 3 dimensions, got shape " + shape_str(shape_of(x_in)));
   const int64_t G = gates_of(cell);
@@ -159,6 +182,7 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
   p.y = y.mutable_data();
   p.h_n = h_n.mutable_data();
   p.c_n = lstm ? c_n_arr.mutable_data() : nullptr;
+  p.share_weights = share_weights;
 
   std::shared_ptr<CacheBase> cache;
   {
@@ -166,22 +190,27 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
     cache = fusedrnn::forward<scalar_t>(p);
   }
   py::object cache_obj = cache ? py::cast(cache) : py::none();
+  // a cache that refers to the weights keeps the arrays it read alive
+  if (cache && share_weights)
+    cache_obj.attr("_weights") =
+        py::make_tuple(w_ih, w_hh, proj ? py::object(w_hr.array) : py::object(py::none()));
   return py::make_tuple(y, h_n, c_n, cache_obj);
 }
 
 py::tuple forward_py(const std::string& cell_s, py::handle x_in, py::handle w_ih,
                      py::handle w_hh, py::handle b_ih, py::handle b_hh, py::handle h0,
                      py::handle c0, py::handle lengths, py::handle mask, bool reverse,
-                     bool batch_first, bool training, py::handle w_hr, int64_t checkpoint) {
+                     bool batch_first, bool training, py::handle w_hr, int64_t checkpoint,
+                     bool share_weights) {
   const Cell cell = parse_cell(cell_s);
   py::array x = py::array::ensure(x_in);
   if (!x) throw py::type_error("x must be an array");
   if (x.dtype().is(py::dtype::of<float>()))
     return forward_impl<float>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask, reverse,
-                               batch_first, training, w_hr, checkpoint);
+                               batch_first, training, w_hr, checkpoint, share_weights);
   if (x.dtype().is(py::dtype::of<double>()))
     return forward_impl<double>(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, mask, reverse,
-                                batch_first, training, w_hr, checkpoint);
+                                batch_first, training, w_hr, checkpoint, share_weights);
   throw py::type_error("x must have dtype float32 or float64, got " +
                        std::string(py::str(x.dtype())));
 }
@@ -192,7 +221,7 @@ py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::hand
   const int64_t T = cache.T, B = cache.B, I = cache.I, H = cache.H, GH = cache.G * H;
   const int64_t P = cache.P;
   const bool lstm = cache.cell == Cell::Lstm, bf = cache.batch_first;
-  const bool proj = cache.w_hr.size() > 0;
+  const bool proj = cache.proj;
   Optional<scalar_t> dy("dy", dy_in, bf ? std::vector<int64_t>{B, T, P}
                                          : std::vector<int64_t>{T, B, P});
   Optional<scalar_t> dh_n("dh_n", dh_n_in, {B, P});
@@ -252,8 +281,10 @@ py::tuple backward_py(const std::shared_ptr<CacheBase>& cache, py::handle dy, py
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fusedrnn compiled CPU kernels (private; use the fusedrnn package)";
 
+  // dynamic_attr: a cache made with share_weights holds the weight arrays it reads
   py::class_<CacheBase, std::shared_ptr<CacheBase>>(m, "Cache",
-                                                    "What forward keeps for backward (opaque).")
+                                                    "What forward keeps for backward (opaque).",
+                                                    py::dynamic_attr())
       .def_property_readonly("cell", [](const CacheBase& c) { return cell_name(c.cell); })
       .def_property_readonly("T", [](const CacheBase& c) { return c.T; })
       .def_property_readonly("B", [](const CacheBase& c) { return c.B; })
@@ -280,7 +311,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("forward", &forward_py, py::arg("cell"), py::arg("x"), py::arg("w_ih"), py::arg("w_hh"),
         py::arg("b_ih"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("lengths"),
         py::arg("mask"), py::arg("reverse"), py::arg("batch_first"), py::arg("training"),
-        py::arg("w_hr") = py::none(), py::arg("checkpoint") = 0);
+        py::arg("w_hr") = py::none(), py::arg("checkpoint") = 0,
+        py::arg("share_weights") = false);
   m.def("backward", &backward_py, py::arg("cache"), py::arg("dy"), py::arg("dh_n"),
         py::arg("dc_n"));
   m.def("set_num_threads", &fusedrnn::set_num_threads, py::arg("n"));

@@ -86,16 +86,20 @@ inline int64_t time_of_row(const Schedule& s, int64_t r) {
 inline constexpr int gates_c(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
 
 // Threads for a layer: no more than unit blocks, and one when a step is so
-// small that a barrier would cost more than the work it shares, or (macs > 0:
-// forward) when the whole call is: waking a worker costs 15-60 us on a
-// virtual machine whose idle CPU has halted. At 2^20 multiply-adds (LSTM
-// H = 256: T = 2, B = 1) one thread and two take about as long back to back,
-// and one is 15-20% faster with 0.2 ms between calls (as in a decoding loop).
-inline int choose_threads(int64_t nub, int64_t B, int64_t G, int64_t H, int64_t macs = 0) {
+// small that a barrier would cost more than the work it shares, or when the
+// whole call is: waking a worker costs 15-60 us on a virtual machine whose
+// idle CPU has halted. macs: the forward's multiply-adds, N*G*H*(I+P), for
+// forward and backward alike (backward does about twice as many). At 2^20
+// (LSTM H = 256: T = 2, B = 1) one thread and two take about as long back to
+// back for the forward, and one is 15-20% faster with 0.2 ms between calls
+// (as in a decoding loop); backward alone: one thread is as fast or faster up
+// to about the same size (rnn_tanh 1 x 8 x 256: 1.18x, lstm 2 x 1 x 256:
+// 0.97x), and two win beyond it (lstm 1 x 1 x 512: 0.67x).
+inline int choose_threads(int64_t nub, int64_t B, int64_t G, int64_t H, int64_t macs) {
   int64_t n = get_num_threads();
   if (n > nub) n = nub;
   if (B * G * H * H < (int64_t(1) << 16)) n = 1;
-  if (macs > 0 && macs <= (int64_t(1) << 20)) n = 1;
+  if (macs <= (int64_t(1) << 20)) n = 1;
   return n < 1 ? 1 : int(n);
 }
 
@@ -388,14 +392,16 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   Buffer<S> x_tmp, gx_tmp, w_ih_tmp;
   S *xp = nullptr, *gx;
   S* w_ih_pad = nullptr;  // W_ih with gate blocks padded to Hp rows
+  // the cache refers to the caller's weights; W_ih only when it needs no padding
+  const bool share = p.training && p.share_weights, share_ih = share && Hp == H;
   if (p.training) {
     cache = std::make_unique<Cache<S>>();
     cache->x.resize(checked_mul(N, I));
-    cache->w_ih.resize(checked_mul(GHp, I));
-    cache->w_hh.resize(checked_mul(G * H, P));
-    if (proj) cache->w_hr.resize(checked_mul(P, H));
+    if (!share_ih) cache->w_ih.resize(checked_mul(GHp, I));
+    if (!share) cache->w_hh.resize(checked_mul(G * H, P));
+    if (proj && !share) cache->w_hr.resize(checked_mul(P, H));
     xp = cache->x.data();
-    w_ih_pad = cache->w_ih.data();
+    w_ih_pad = share_ih ? nullptr : cache->w_ih.data();
     if (save) {
       cache->hprev.resize(checked_mul(N, Pp));
       cache->gates.resize(checked_mul(N, GHp));
@@ -538,9 +544,16 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
     cache->batch_first = bf;
     cache->has_lengths = p.lengths != nullptr;
     cache->checkpoint = ck;
+    cache->proj = proj;
     if (p.mask) cache->mask.assign(p.mask, p.mask + T * B);
-    copy_n(cache->w_hh.data(), p.w_hh, G * H * P);
-    if (proj) copy_n(cache->w_hr.data(), p.w_hr, P * H);
+    if (share_ih) cache->w_ih_ext = p.w_ih;
+    if (share) {
+      cache->w_hh_ext = p.w_hh;
+      cache->w_hr_ext = proj ? p.w_hr : nullptr;
+    } else {
+      copy_n(cache->w_hh.data(), p.w_hh, G * H * P);
+      if (proj) copy_n(cache->w_hr.data(), p.w_hr, P * H);
+    }
     if (ck) {
       cache->bx = std::move(bx);
       cache->bhn = std::move(bhn);
@@ -560,7 +573,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   const int64_t E = C == Cell::Lstm ? 2 * Hp : C == Cell::Gru ? Hp : 0;
   const Schedule& sched = cache.sched;
   const bool bf = cache.batch_first;
-  const bool proj = C == Cell::Lstm && cache.w_hr.size() > 0;
+  const bool proj = C == Cell::Lstm && cache.proj;
   const int64_t P = cache.P, nubP = (P + U - 1) / U, Pp = cache.Pp;
   if (Hp != nub * U || Pp != nubP * U) throw std::logic_error("fusedrnn: cache from other kernels");
   const std::vector<int64_t> steps = executed_steps(sched, cache.reverse);
@@ -602,7 +615,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   // checkpoint before its backward steps.
   const bool recompute = ck > 0;
   Buffer<S> wp, wr, hA, hB, c, hprev_r, gates_r, extra_r, m_r, y_r;
-  const int threads = choose_threads(std::max(nub, nubP), B, G, H);
+  const int threads = choose_threads(std::max(nub, nubP), B, G, H,
+                                     std::max<int64_t>(sched.N * G * H * (I + P), 1));
   const int64_t scratch_per_thread = B * 2 * G * U;
   Buffer<S> scratch;
   if (recompute) {
@@ -638,7 +652,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       a.Hp = Hp;
       a.n = sched.count[t];
       a.wb = wb.data();
-      a.w = raw ? cache.w_hh.data() : nullptr;
+      a.w = raw ? cache.w_hh_data() : nullptr;
       a.ldw = P;
       a.gates = saved(cache.gates, gates_r, GHp, r0) + rel * GHp;
       a.extra = saved(cache.extra, extra_r, E, r0) + rel * E;
@@ -672,7 +686,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       a.Hp = Pp;
       a.n = sched.count[t];
       a.wb = wrb.data();
-      a.w = raw ? cache.w_hr.data() : nullptr;
+      a.w = raw ? cache.w_hr_data() : nullptr;
       a.ldw = H;
       a.valid = cache.mask.empty() ? nullptr : cache.mask.data() + t * B;
       a.dy = p.dy ? step_base(p.dy, bf, T, B, t, P, &a.dy_stride) : nullptr;
@@ -691,8 +705,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
     if (recompute) {
       st.wp = wp.data();
       st.wr = wr.data();
-      st.w_raw = raw ? cache.w_hh.data() : nullptr;
-      st.wr_raw = raw && proj ? cache.w_hr.data() : nullptr;
+      st.w_raw = raw ? cache.w_hh_data() : nullptr;
+      st.wr_raw = raw && proj ? cache.w_hr_data() : nullptr;
       st.bx = cache.bx.data();
       st.bhn = cache.bhn.data();
       st.mask = cache.mask.empty() ? nullptr : cache.mask.data();
@@ -710,13 +724,13 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       st.pb0 = pb0;
       st.pb1 = pb1;
       if (!raw) {
-        K.pack_fwd(cache.w_hh.data(), G, H, P, wp.data(), ub0, ub1);
-        if (proj) K.pack_fwd(cache.w_hr.data(), 1, P, H, wr.data(), pb0, pb1);
+        K.pack_fwd(cache.w_hh_data(), G, H, P, wp.data(), ub0, ub1);
+        if (proj) K.pack_fwd(cache.w_hr_data(), 1, P, H, wr.data(), pb0, pb1);
       }
     }
     if (!raw) {
-      K.pack_bwd(cache.w_hh.data(), G, H, Hp, P, wb.data(), pb0, pb1);
-      if (proj) K.pack_bwd(cache.w_hr.data(), 1, P, Pp, H, wrb.data(), ub0, ub1);
+      K.pack_bwd(cache.w_hh_data(), G, H, Hp, P, wb.data(), pb0, pb1);
+      if (proj) K.pack_bwd(cache.w_hr_data(), 1, P, Pp, H, wrb.data(), ub0, ub1);
     }
     const int64_t wt = weight_task(G, H), per_gate = (H + wt - 1) / wt;
     for (size_t i = segs.size(); i-- > 0;) {
@@ -731,7 +745,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
           copy_n(hB.data(), hA.data(), B * Pp);
           if (C == Cell::Lstm) copy_n(c.data(), cache.ck_c.data() + i * B * Hp, B * Hp);
         }
-        input_gemm<S>(K, team, tid, sg.r0, sg.r1, cache.x.data(), I, cache.w_ih.data(),
+        input_gemm<S>(K, team, tid, sg.r0, sg.r1, cache.x.data(), I, cache.w_ih_data(),
                       gates_r.data(), GHp, loop, raw_in, [](int64_t, int64_t) {});
         team.barrier();
         S* h = hA.data();
@@ -805,7 +819,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       for (int64_t k = tid; k < dxt.count(); k += nt) {
         int64_t a, b, c0, c1;
         dxt.at(k, &a, &b, &c0, &c1);
-        product(false, b - a, c1 - c0, GHp, dgx.data() + a * GHp, GHp, cache.w_ih.data() + c0, I,
+        product(false, b - a, c1 - c0, GHp, dgx.data() + a * GHp, GHp, cache.w_ih_data() + c0, I,
                 S(0), dx_rows + a * I + c0, I);
         if (!direct_dx && dxt.nc == 1) scatter_dx(a, b);
       }

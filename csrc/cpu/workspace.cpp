@@ -8,6 +8,11 @@
 // smallest kept block that is large enough and at most twice its size.
 // Blocks under 64 KiB are kept per thread instead (at most 8 of each
 // power-of-two size, about 1 MiB a thread), without a lock.
+//
+// The arrays that calls return (outputs, gradients) of 64 KiB or more come
+// from the same kept blocks and return to them when freed (output_alloc):
+// a training loop gets the pages back that the last step's gradients had.
+// They are not counted as working memory.
 #include <pthread.h>
 
 #include <atomic>
@@ -79,6 +84,44 @@ struct ForkHook {
   }
 } g_fork_hook;
 
+// A kept block of [bytes, 2 * bytes] (the smallest), or nullptr.
+void* take_cached(std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::size_t best = g_blocks->size();
+  for (std::size_t i = 0; i < g_blocks->size(); ++i) {
+    const std::size_t b = (*g_blocks)[i].bytes;
+    if (b >= bytes && b / 2 <= bytes && (best == g_blocks->size() || b < (*g_blocks)[best].bytes))
+      best = i;
+  }
+  if (best == g_blocks->size()) return nullptr;
+  void* p = (*g_blocks)[best].p;
+  g_cached -= (*g_blocks)[best].bytes;
+  (*g_blocks)[best] = g_blocks->back();
+  g_blocks->pop_back();
+  return p;
+}
+
+// Keeps a freed block of at least kMinCached bytes (or frees it).
+void keep_block(void* p, std::size_t bytes) {
+  if (bytes > kMaxBytes) {
+    std::free(p);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(g_mu);
+  // Make room: drop the largest kept blocks first.
+  while (!g_blocks->empty() && (g_blocks->size() >= kMaxBlocks || g_cached + bytes > kMaxBytes)) {
+    std::size_t big = 0;
+    for (std::size_t i = 1; i < g_blocks->size(); ++i)
+      if ((*g_blocks)[i].bytes > (*g_blocks)[big].bytes) big = i;
+    std::free((*g_blocks)[big].p);
+    g_cached -= (*g_blocks)[big].bytes;
+    (*g_blocks)[big] = g_blocks->back();
+    g_blocks->pop_back();
+  }
+  g_blocks->push_back({p, bytes});
+  g_cached += bytes;
+}
+
 }  // namespace
 
 void* workspace_alloc(std::size_t bytes) {
@@ -92,24 +135,8 @@ void* workspace_alloc(std::size_t bytes) {
     count_alloc(bytes);
     return p;
   }
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    std::size_t best = g_blocks->size();
-    for (std::size_t i = 0; i < g_blocks->size(); ++i) {
-      const std::size_t b = (*g_blocks)[i].bytes;
-      if (b >= bytes && b / 2 <= bytes && (best == g_blocks->size() || b < (*g_blocks)[best].bytes))
-        best = i;
-    }
-    if (best != g_blocks->size()) {
-      void* p = (*g_blocks)[best].p;
-      g_cached -= (*g_blocks)[best].bytes;
-      (*g_blocks)[best] = g_blocks->back();
-      g_blocks->pop_back();
-      count_alloc(bytes);
-      return p;
-    }
-  }
-  void* p = std::aligned_alloc(64, bytes);
+  void* p = take_cached(bytes);
+  if (!p) p = std::aligned_alloc(64, bytes);
   if (!p) throw std::bad_alloc();
   count_alloc(bytes);
   return p;
@@ -125,24 +152,24 @@ void workspace_free(void* p, std::size_t bytes) {
     else std::free(p);
     return;
   }
-  if (bytes >= kMinCached && bytes <= kMaxBytes) {
-    std::lock_guard<std::mutex> lock(g_mu);
-    // Make room: drop the largest kept blocks first.
-    while (!g_blocks->empty() &&
-           (g_blocks->size() >= kMaxBlocks || g_cached + bytes > kMaxBytes)) {
-      std::size_t big = 0;
-      for (std::size_t i = 1; i < g_blocks->size(); ++i)
-        if ((*g_blocks)[i].bytes > (*g_blocks)[big].bytes) big = i;
-      std::free((*g_blocks)[big].p);
-      g_cached -= (*g_blocks)[big].bytes;
-      (*g_blocks)[big] = g_blocks->back();
-      g_blocks->pop_back();
-    }
-    g_blocks->push_back({p, bytes});
-    g_cached += bytes;
-    return;
-  }
-  std::free(p);
+  keep_block(p, bytes);
+}
+
+std::size_t output_block_min() { return kMinCached; }
+
+void* output_alloc(std::size_t bytes) {
+  bytes = (bytes + 63) / 64 * 64;
+  void* p = bytes >= kMinCached ? take_cached(bytes) : nullptr;
+  if (!p) p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
+void output_free(void* p, std::size_t bytes) {
+  if (!p) return;
+  bytes = (bytes + 63) / 64 * 64;
+  if (bytes >= kMinCached) keep_block(p, bytes);
+  else std::free(p);
 }
 
 std::size_t workspace_cached_bytes() {

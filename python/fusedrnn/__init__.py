@@ -59,6 +59,18 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     Returns:
         y [T, B, H] (or [B, T, H]), h_n [B, H], c_n [B, H] or None, cache.
     """
+    return _forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, mask=mask,
+                    reverse=reverse, batch_first=batch_first, training=training, w_hr=w_hr,
+                    checkpoint=checkpoint)
+
+
+def _forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, lengths=None,
+             mask=None, reverse=False, batch_first=False, training=True, w_hr=None,
+             checkpoint=False, share_weights=False):
+    """``forward``; ``share_weights`` (CPU): the cache refers to the weight arrays and holds
+    them, instead of copies, so it is only for callers that guarantee the weights do not
+    change while the cache lives (fusedrnn.torch's eager training: autograd's check of
+    saved tensors refuses a backward after an in-place change, as for torch.nn)."""
     if type(x) is not np.ndarray and _device.is_device_array(x):
         return _device.forward(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, mask=mask,
                                reverse=reverse, batch_first=batch_first, training=training,
@@ -68,7 +80,8 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
                                training=training, w_hr=w_hr, checkpoint=checkpoint,
                                zeros_for_none=False)
     return _core.forward(a.cell, a.x, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.h0, a.c0, a.lengths,
-                         a.mask, a.reverse, a.batch_first, a.training, a.w_hr, a.checkpoint)
+                         a.mask, a.reverse, a.batch_first, a.training, a.w_hr, a.checkpoint,
+                         share_weights)
 
 
 def backward(cache, dy, dh_n=None, dc_n=None):

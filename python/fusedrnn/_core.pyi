@@ -46,6 +46,7 @@ def forward(
     training: bool,
     w_hr: Optional[np.ndarray] = None,
     checkpoint: int = 0,
+    share_weights: bool = False,  # cache refers to (and holds) w_ih, w_hh, w_hr: no copies
 ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[Cache]]: ...
 def backward(
     cache: Cache,

@@ -229,18 +229,23 @@ def _hidden_sizes(cell: str, w_hh_size, w_hr_size) -> Tuple[object, object]:
     return H, P
 
 
+_SHARE = {"share_weights": True}
+
+
 def _run_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first,
-                 training, checkpoint):
-    """fusedrnn.forward on tensors: (y, h_n, c_n or None, cache or None)."""
+                 training, checkpoint, share_weights=False):
+    """fusedrnn.forward on tensors: (y, h_n, c_n or None, cache or None). share_weights
+    (CPU): the cache refers to the weights instead of copying them (see _EagerLayer)."""
     check_device(x, "x")
     ck = True if checkpoint == -1 else checkpoint or False
     # the CUDA backend takes torch tensors as they are and returns torch tensors (lengths
     # may be a CPU or a CUDA integer tensor); the CPU backend takes NumPy views
     arg, result = (_dev, _as_is) if _on_cuda(x) else (_np, _from_np)
-    y, h_n, c_n, cache = fusedrnn.forward(
+    run, extra = (fusedrnn._forward, _SHARE) if share_weights else (fusedrnn.forward, {})
+    y, h_n, c_n, cache = run(
         cell, arg(x), arg(w_ih), arg(w_hh), arg(b_ih), arg(b_hh), arg(h0), arg(c0),
         lengths=arg(lengths), reverse=reverse, batch_first=batch_first, training=training,
-        w_hr=arg(w_hr), checkpoint=ck)
+        w_hr=arg(w_hr), checkpoint=ck, **extra)
     return result(y), result(h_n), result(c_n), cache
 
 
@@ -253,8 +258,15 @@ def _layer_forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor]
 
     checkpoint: 0 keeps the full cache, -1 the state every ceil(sqrt(T)) steps, k > 0
     every k steps (``fusedrnn.forward(..., checkpoint=)``)."""
+    return _forward_outputs(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse,
+                            batch_first, training, checkpoint, False)
+
+
+def _forward_outputs(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse,
+                     batch_first, training, checkpoint, share_weights):
+    """_layer_forward's outputs; share_weights as _run_forward's."""
     y, h_n, c_n, cache = _run_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell,
-                                      reverse, batch_first, training, checkpoint)
+                                      reverse, batch_first, training, checkpoint, share_weights)
     c_n = x.new_empty(0) if c_n is None else c_n
     # the handle is a CPU tensor for every device (module docstring: Devices)
     handle = _make_handle(cache) if training else torch.empty(0, dtype=torch.int64)
@@ -285,10 +297,18 @@ def _handle_device(x: Tensor) -> torch.device:
     return x.device if x.device.type == "meta" else torch.device("cpu")
 
 
-def _forward_setup_context(ctx, inputs, output):
+def _forward_setup_context(ctx, inputs, output, shared=False):
     x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first, training = \
         inputs[:13]
-    ctx.save_for_backward(output[3])
+    if shared:
+        # the cache reads the weights themselves: saved here, autograd refuses a backward
+        # after they changed in place (optimizer.step() before backward), as for torch.nn.
+        # W_ih only where backward needs it: for dx, or to recompute checkpointed steps
+        # (otherwise the gradients do not depend on it, and torch.nn runs too)
+        need_ih = x.requires_grad or inputs[13] != 0
+        ctx.save_for_backward(output[3], w_hh, w_hr, w_ih if need_ih else None)
+    else:
+        ctx.save_for_backward(output[3])
     ctx.cell = cell
     ctx.training = training
     ctx.batch_first = batch_first
@@ -310,7 +330,7 @@ def _forward_backward(ctx, dy, dh_n, dc_n, _dhandle):
         # that silently act as constants. (AOTAutograd traces this with grad disabled;
         # a compiled graph refuses double backward itself.)
         _no_double_backward(ctx)
-    (handle,) = ctx.saved_tensors
+    handle = ctx.saved_tensors[0]  # (unpacking checks the versions of the saved weights)
     x_size, w_ih_size, w_hh_size, w_hr_size = ctx.sizes
     dc_n = dc_n if ctx.cell == "lstm" else None
     op = _layer_backward if _plain_eager((handle, dy, dh_n, dc_n)) else \
@@ -329,12 +349,16 @@ layer_forward.register_autograd(_forward_backward, setup_context=_forward_setup_
 
 class _EagerLayer(torch.autograd.Function):
     """layer_forward with its autograd formula, for plain eager mode (run_layer): the same
-    setup_context and backward, without the operator dispatch around them."""
+    setup_context and backward, without the operator dispatch around them. On the CPU
+    the cache refers to the weights rather than copying them (share_weights; a copy of
+    the weights was most of a short sequence's forward), and they are saved for backward,
+    whose version check guards them."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        out = _layer_forward(*inputs)
-        _forward_setup_context(ctx, inputs, out)
+        shared = not _on_cuda(inputs[0])
+        out = _forward_outputs(*inputs, shared)
+        _forward_setup_context(ctx, inputs, out, shared)
         ctx.mark_non_differentiable(out[3])
         return out
 

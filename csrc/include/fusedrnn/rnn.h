@@ -34,6 +34,9 @@ struct ForwardParams {
   scalar_t* y;              // [T, B, P], or [B, T, P]; zero-filled by the caller when lengths
   scalar_t* h_n;            // [B, P]   (P = H unless projected)
   scalar_t* c_n;            // [B, H] (lstm), else nullptr
+  bool share_weights;       // training: the cache refers to w_hh, w_hr (and w_ih when H
+                            // fills whole unit blocks) instead of copying them; the
+                            // caller keeps them alive and unchanged while the cache lives
 };
 
 template <typename scalar_t>
@@ -70,6 +73,7 @@ struct CacheBase {
   int64_t T = 0, B = 0, I = 0, H = 0, G = 0, Hp = 0;
   int64_t P = 0, Pp = 0;  // state size (H, or the projection size) and its padding
   bool reverse = false, batch_first = false, has_lengths = false;
+  bool proj = false;          // lstm with projection (w_hr)
   int64_t checkpoint = 0;     // k > 0: only ck_h/ck_c every k steps (no hprev, gates, extra, m)
   Schedule sched;
   std::vector<uint8_t> mask;  // [T, B] when a mask was given, else empty
@@ -93,6 +97,13 @@ struct Cache : CacheBase {
   Buffer<scalar_t> ck_h;   // [ceil(steps / k), B, Pp]
   Buffer<scalar_t> ck_c;   // lstm: [ceil(steps / k), B, Hp]
   Buffer<scalar_t> bx, bhn;
+  // share_weights: the caller's weights, used instead of the copies above
+  const scalar_t* w_ih_ext = nullptr;
+  const scalar_t* w_hh_ext = nullptr;
+  const scalar_t* w_hr_ext = nullptr;
+  const scalar_t* w_ih_data() const { return w_ih_ext ? w_ih_ext : w_ih.data(); }
+  const scalar_t* w_hh_data() const { return w_hh_ext ? w_hh_ext : w_hh.data(); }
+  const scalar_t* w_hr_data() const { return w_hr_ext ? w_hr_ext : w_hr.data(); }
   bool is_double() const override { return sizeof(scalar_t) == 8; }
   std::size_t nbytes() const override {
     return x.nbytes() + hprev.nbytes() + gates.nbytes() + extra.nbytes() + w_ih.nbytes() +
