@@ -111,10 +111,20 @@ def test_bench_options(tmp_path, capsys):
                "--lengths", "--shapes", "6,3,4,5;4,2,3", "--ref-limit", "60",
                "--cells", "lstm,rnn_sigmoid", "--passes", "forward+backward",
                "--csv", str(path)])
-    print(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    print(out)
     assert rc == 0
     _, rows = read_csv(path)
     got = {(r["cell"], r["T"], r["provider"]) for r in rows}
+    # with lengths, fusedrnn also at full length (fusedrnn.full), and the ratio of the two
+    by = {(r["cell"], r["T"], r["provider"]): r for r in rows}
+    for cell, T in (("lstm", "6"), ("lstm", "4"), ("rnn_sigmoid", "6")):
+        f, full = by[(cell, T, "fusedrnn")], by[(cell, T, "fusedrnn.full")]
+        assert full["check"] == "-" and full["speedup_vs_torch"] == ""
+        ratio = float(f["ms"]) / float(full["ms"])
+        line = next(s for s in out.splitlines() if s.startswith(f"  {cell} ") and f"T={T} " in s)
+        printed = float(line.split()[-3].rstrip("x"))  # "... <ratio>x  (work <w>x)"
+        assert abs(printed - ratio) < 0.006, (line, ratio)
     # 6*3*5 = 90 > 60: no reference there; rnn_sigmoid: no torch
     assert ("lstm", "6", "reference") not in got
     assert ("lstm", "4", "reference") in got

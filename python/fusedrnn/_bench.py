@@ -51,7 +51,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -64,6 +64,8 @@ __all__ = ["add_arguments", "run", "FULL_SHAPES", "QUICK_SHAPES", "CSV_COLUMNS"]
 FORWARD = "forward"
 FORWARD_BACKWARD = "forward+backward"
 PASSES = (FORWARD, FORWARD_BACKWARD)
+#: --lengths: fusedrnn on the same problem at full length, for the ratio of the two
+FULL = "fusedrnn.full"
 #: ``fusedrnn.torch``: the PyTorch drop-in modules (fusedrnn/torch.py) on the same problem
 PROVIDERS = ("fusedrnn", "reference", "torch", "fusedrnn.torch", "fusedrnn.ckpt")
 DEFAULT_CELLS = ("lstm", "gru", "rnn_tanh")
@@ -127,7 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="element type (default: %(default)s)")
     p.add_argument("--lengths", action="store_true",
                    help="variable-length rows: lengths uniform in [T/4, T] (torch via "
-                        "pack_padded_sequence(enforce_sorted=False))")
+                        "pack_padded_sequence(enforce_sorted=False)); fusedrnn also runs "
+                        "each shape at full length (provider fusedrnn.full, interleaved) "
+                        "for the ratio of the two")
     p.add_argument("--ref-limit", type=int, default=DEFAULT_REF_LIMIT, metavar="N",
                    help="run the reference only where T*B*H <= N; 0 = always "
                         "(default: %(default)s)")
@@ -799,6 +803,7 @@ def run(args: argparse.Namespace, out=None) -> int:
             torch.set_num_threads(old_torch_threads)
 
     _print_summary(out, rows, providers)
+    _print_lengths(out, rows)
     _print_ceilings(out, rows, ceilings)
     if args.csv:
         write_csv(args.csv, rows)
@@ -866,6 +871,8 @@ def _run_grid(cells, shapes, passes, providers, dtype, tol, repeats, min_sample_
                     if name == "fusedrnn.ckpt" and pass_ == FORWARD:
                         continue  # inference keeps no cache: the same call as fusedrnn
                     active.append(name)
+                if args.lengths and "fusedrnn" in active:
+                    active.append(FULL)  # the same call without lengths, for the ratio
                 work = ceilings.work(case, prob)
                 case_rows = _run_case(case, prob, active, dtype, tol, repeats, min_sample_s,
                                       threads, args.lengths, torch)
@@ -889,6 +896,11 @@ def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, len
                 from . import torch as fusedrnn_torch  # noqa: PLC0415 - imports torch
 
                 call, to_arrays = bind_torch(torch, case, prob, fusedrnn_torch)
+            elif n == FULL:  # other results (rows run to T): timed, not compared
+                call, _ = bind_numpy_api(fusedrnn, case, replace(prob, lengths=None))
+                call()
+                calls[n] = call
+                continue
             else:
                 call, to_arrays = bind_numpy_api(reference if n == "reference" else fusedrnn,
                                                  case, prob, checkpoint=n == "fusedrnn.ckpt")
@@ -916,15 +928,17 @@ def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, len
         rows[base].check = f"MISMATCH(vs {','.join(bad)})" if bad else "ok"
     del outputs
 
-    work = flops(case, prob)
     for n, (samples, k) in time_interleaved(calls, repeats, min_sample_s,
                                             numpy_blas=("reference",)).items():
         r = rows[n]
         r.ms = 1e3 * statistics.median(samples)
         r.ms_min, r.ms_max = 1e3 * min(samples), 1e3 * max(samples)
         r.calls_per_sample = k
+        work = flops(case, replace(prob, lengths=None) if n == FULL else prob)
         r.gflops = work / (r.ms * 1e-3) / 1e9
     for r in rows.values():
+        if r.provider == FULL:  # not the same work as the others
+            continue
         if "torch" in rows and not math.isnan(rows["torch"].ms):
             r.speedup_vs_torch = rows["torch"].ms / r.ms
         if "reference" in rows and not math.isnan(rows["reference"].ms):
@@ -967,6 +981,28 @@ _CEILING_TABLE = tuple((title, width, None) for title, width in (
     ("cell", 8), ("T", 5), ("B", 5), ("I", 6), ("H", 6), ("pass", 16), ("floor ms", 9),
     ("fusedrnn % of floor", 19), ("torch % of floor", 16), ("max speedup vs torch", 20)))
 _CEILING_NUMERIC = {t for t, _, _ in _CEILING_TABLE} - {"cell", "pass"}
+
+
+def _print_lengths(out, rows: Sequence[Row]) -> None:
+    """--lengths: fusedrnn's time with lengths over its time at full length (FULL), both
+    timed interleaved in this run, next to the share of the work the lengths leave."""
+    by_case: Dict[Case, Dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.provider] = r
+    lines = []
+    for case, rs in by_case.items():
+        f, full = rs.get("fusedrnn"), rs.get(FULL)
+        if f is None or full is None or math.isnan(f.ms) or math.isnan(full.ms):
+            continue
+        work = (f.gflops * f.ms) / (full.gflops * full.ms)  # sum(lengths) / (T*B)
+        lines.append(f"  {case.cell:<9} T={case.T:<4} B={case.B:<4} H={case.H:<5} "
+                     f"{case.pass_:<16} {f.ms / full.ms:.2f}x  (work {work:.2f}x)")
+    if lines:
+        print(file=out)
+        print("variable lengths: fusedrnn's median / its median on the same shape at full "
+              "length (provider fusedrnn.full, interleaved in this run)", file=out)
+        for line in lines:
+            print(line, file=out)
 
 
 def _print_summary(out, rows: Sequence[Row], providers: Sequence[str]) -> None:
