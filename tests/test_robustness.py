@@ -290,16 +290,17 @@ def test_shared_weights_are_held_by_the_cache(cell, proj, H):
 
 
 def test_result_arrays_are_independent():
-    """Results of 64 KiB or more live in fusedrnn's kept blocks (output_alloc), reused
+    """Results of 1 MiB or more live in fusedrnn's kept blocks (output_alloc), reused
     once an array is freed: every array is its own memory while it lives, writable,
     C-contiguous, and survives the cache, the call and later calls unchanged."""
-    args, kw, dy, dh_n, dc_n = make_problem("gru", 30, 8, 128, 128, np.float32,
+    args, kw, dy, dh_n, dc_n = make_problem("lstm", 64, 16, 256, 256, np.float32,
                                             np.random.default_rng(12))
     y, h_n, _, cache = fusedrnn.forward(*args, **kw)
-    assert y.nbytes >= 2**16 and y.flags.c_contiguous and y.flags.writeable
+    assert y.nbytes >= 2**20 and y.flags.c_contiguous and y.flags.writeable
+    assert not y.flags.owndata and y.base is not None  # a kept block, owned by its capsule
     first = fusedrnn.backward(cache, dy, dh_n, dc_n)
     keep = {k: v.copy() for k, v in first.items() if v is not None}
-    big = [k for k, v in keep.items() if v.nbytes >= 2**16]
+    big = [k for k, v in keep.items() if v.nbytes >= 2**20]
     assert "w_hh" in big and "x" in big
     second = fusedrnn.backward(cache, dy, dh_n, dc_n)
     for k in big:

@@ -13,7 +13,7 @@
 // Blocks under 64 KiB are kept per thread instead (at most 8 of each
 // power-of-two size, about 1 MiB a thread), without a lock.
 //
-// The arrays that calls return (outputs, gradients) of 64 KiB or more come
+// The arrays that calls return (outputs, gradients) of 1 MiB or more come
 // from the same kept blocks and return to them when freed (output_alloc):
 // a training loop gets the pages back that the last step's gradients had.
 // They are not counted as working memory.
@@ -175,7 +175,12 @@ void workspace_free(void* p, std::size_t bytes) {
   keep_block(p, bytes);
 }
 
-std::size_t output_block_min() { return kMinCached; }
+// Result arrays below this come from malloc, whose recently freed memory is still
+// in cache (C's heap serves them without faults; above about this size it maps
+// fresh pages for each, until its thresholds adapt).
+constexpr std::size_t kMinOutput = std::size_t(1) << 20;
+
+std::size_t output_block_min() { return kMinOutput; }
 
 void* output_alloc(std::size_t bytes) {
   bytes = (bytes + 63) / 64 * 64;
