@@ -300,7 +300,9 @@ inline void nn_tile(const S* a, int64_t sk, const S* w, int64_t ldw, int64_t K, 
                     bool accumulate) {
   using Vt = V<S>;
   constexpr int U = Vec<S>::L;
-  auto ld = [&](const S* p, int v) { return v == NV - 1 && last < U ? load_part(p, last) : load(p); };
+  auto ld = [&](const S* p, int v) {
+    return v == NV - 1 && last < U ? load_part(p, last) : load(p);
+  };
   Vt c[NV];
   for (int v = 0; v < NV; ++v) c[v] = accumulate ? ld(out + v * U, v) : Vt{};
   for (int64_t k = 0; k < K; ++k) {
@@ -322,7 +324,8 @@ void matmul_nn(const S* a, int64_t sr, int64_t sk, int64_t n, const S* w, int64_
     const S* ar = a + r * sr;
     S* o = out + r * ldo;
     int64_t j = j0;
-    for (; j + NV * U <= j1; j += NV * U) nn_tile<S, NV>(ar, sk, w + j, ldw, K, o + j, U, accumulate);
+    for (; j + NV * U <= j1; j += NV * U)
+      nn_tile<S, NV>(ar, sk, w + j, ldw, K, o + j, U, accumulate);
     for (; j < j1; j += U)
       nn_tile<S, 1>(ar, sk, w + j, ldw, K, o + j, j1 - j < U ? int(j1 - j) : U, accumulate);
   }
