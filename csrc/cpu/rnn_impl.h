@@ -88,18 +88,20 @@ inline constexpr int gates_c(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::G
 // Threads for a layer: no more than unit blocks, and one when a step is so
 // small that a barrier would cost more than the work it shares, or when the
 // whole call is: waking a worker costs 15-60 us on a virtual machine whose
-// idle CPU has halted. macs: the forward's multiply-adds, N*G*H*(I+P), for
-// forward and backward alike (backward does about twice as many). At 2^20
+// idle CPU has halted. The whole call's size is the forward's multiply-adds,
+// N*G*H*(I+P) over the layer's N rows, for forward and backward alike
+// (backward does about twice as many). At 2^20
 // (LSTM H = 256: T = 2, B = 1) one thread and two take about as long back to
 // back for the forward, and one is 15-20% faster with 0.2 ms between calls
 // (as in a decoding loop); backward alone: one thread is as fast or faster up
 // to about the same size (rnn_tanh 1 x 8 x 256: 1.18x, lstm 2 x 1 x 256:
 // 0.97x), and two win beyond it (lstm 1 x 1 x 512: 0.67x).
-inline int choose_threads(int64_t nub, int64_t B, int64_t G, int64_t H, int64_t macs) {
+inline int choose_threads(int64_t nub, int64_t B, int64_t N, int64_t G, int64_t H, int64_t I,
+                          int64_t P) {
   int64_t n = get_num_threads();
   if (n > nub) n = nub;
   if (B * G * H * H < (int64_t(1) << 16)) n = 1;
-  if (macs <= (int64_t(1) << 20)) n = 1;
+  if (N * G * H * (I + P) <= (int64_t(1) << 20)) n = 1;
   return n < 1 ? 1 : int(n);
 }
 
@@ -449,8 +451,7 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   Buffer<S> m_step(proj && !save ? checked_mul(B, Hp) : 0);
   if (C == Cell::Lstm) copy_rows_padded(c.data(), Hp, p.c0, H, sched.perm.data(), B);
 
-  const int threads =
-      choose_threads(std::max(nub, nubP), B, G, H, std::max<int64_t>(N * G * H * (I + P), 1));
+  const int threads = choose_threads(std::max(nub, nubP), B, N, G, H, I, P);
   const int64_t scratch_per_thread = B * 2 * G * U;
   Buffer<S> scratch(checked_mul(threads, scratch_per_thread));
 
@@ -615,8 +616,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   // checkpoint before its backward steps.
   const bool recompute = ck > 0;
   Buffer<S> wp, wr, hA, hB, c, hprev_r, gates_r, extra_r, m_r, y_r;
-  const int threads = choose_threads(std::max(nub, nubP), B, G, H,
-                                     std::max<int64_t>(sched.N * G * H * (I + P), 1));
+  const int threads = choose_threads(std::max(nub, nubP), B, sched.N, G, H, I, P);
   const int64_t scratch_per_thread = B * 2 * G * U;
   Buffer<S> scratch;
   if (recompute) {

@@ -107,6 +107,14 @@ void* take_cached(std::size_t bytes) {
   return p;
 }
 
+// A block of at least kMinCached bytes: a kept one, else a new one.
+void* take_or_alloc(std::size_t bytes) {
+  void* p = take_cached(bytes);
+  if (!p) p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
 // Frees kept block i (the lock held).
 void drop_block(std::size_t i) {
   std::free((*g_blocks)[i].p);
@@ -155,9 +163,7 @@ void* workspace_alloc(std::size_t bytes) {
     count_alloc(bytes);
     return p;
   }
-  void* p = take_cached(bytes);
-  if (!p) p = std::aligned_alloc(64, bytes);
-  if (!p) throw std::bad_alloc();
+  void* p = take_or_alloc(bytes);
   count_alloc(bytes);
   return p;
 }
@@ -183,18 +189,11 @@ constexpr std::size_t kMinOutput = std::size_t(1) << 20;
 std::size_t output_block_min() { return kMinOutput; }
 
 void* output_alloc(std::size_t bytes) {
-  bytes = (bytes + 63) / 64 * 64;
-  void* p = bytes >= kMinCached ? take_cached(bytes) : nullptr;
-  if (!p) p = std::aligned_alloc(64, bytes);
-  if (!p) throw std::bad_alloc();
-  return p;
+  return take_or_alloc((bytes + 63) / 64 * 64);
 }
 
 void output_free(void* p, std::size_t bytes) {
-  if (!p) return;
-  bytes = (bytes + 63) / 64 * 64;
-  if (bytes >= kMinCached) keep_block(p, bytes);
-  else std::free(p);
+  if (p) keep_block(p, (bytes + 63) / 64 * 64);
 }
 
 std::size_t workspace_cached_bytes() {

@@ -21,9 +21,9 @@ void workspace_release();  // return every cached block to the system
 std::size_t workspace_in_use_bytes();
 std::size_t workspace_peak_bytes();
 void workspace_reset_peak();
-// Memory for the arrays a call returns, 64-byte aligned; blocks of at least
-// output_block_min() bytes come from and return to the kept blocks, and none
-// counts as working memory. Any thread may free.
+// Memory for an array a call returns of at least output_block_min() bytes
+// (smaller ones come from NumPy), 64-byte aligned: from and back to the kept
+// blocks, not counted as working memory. Any thread may free.
 void* output_alloc(std::size_t bytes);  // throws std::bad_alloc
 void output_free(void* p, std::size_t bytes);
 std::size_t output_block_min();
