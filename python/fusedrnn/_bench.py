@@ -946,14 +946,19 @@ def _run_case(case, prob, names, dtype, tol, repeats, min_sample_s, threads, len
     return list(rows.values())
 
 
-def _print_ceilings(out, rows: Sequence[Row], ceilings: Ceilings) -> None:
-    """Per case timed by fusedrnn and torch: the floor (Ceilings.floor_ms), how close
-    each came to it, and the most any implementation could be faster than torch."""
+def _by_case(rows: Sequence[Row]) -> Dict[Case, Dict[str, Row]]:
+    """Rows grouped by case, then by provider."""
     by_case: Dict[Case, Dict[str, Row]] = {}
     for r in rows:
         by_case.setdefault(r.case, {})[r.provider] = r
+    return by_case
+
+
+def _print_ceilings(out, rows: Sequence[Row], ceilings: Ceilings) -> None:
+    """Per case timed by fusedrnn and torch: the floor (Ceilings.floor_ms), how close
+    each came to it, and the most any implementation could be faster than torch."""
     lines = []
-    for case, rs in by_case.items():
+    for case, rs in _by_case(rows).items():
         f, t = rs.get("fusedrnn"), rs.get("torch")
         if f is None or t is None or math.isnan(f.ms) or math.isnan(t.ms):
             continue
@@ -986,11 +991,8 @@ _CEILING_NUMERIC = {t for t, _, _ in _CEILING_TABLE} - {"cell", "pass"}
 def _print_lengths(out, rows: Sequence[Row]) -> None:
     """--lengths: fusedrnn's time with lengths over its time at full length (FULL), both
     timed interleaved in this run, next to the share of the work the lengths leave."""
-    by_case: Dict[Case, Dict[str, Row]] = {}
-    for r in rows:
-        by_case.setdefault(r.case, {})[r.provider] = r
     lines = []
-    for case, rs in by_case.items():
+    for case, rs in _by_case(rows).items():
         f, full = rs.get("fusedrnn"), rs.get(FULL)
         if f is None or full is None or math.isnan(f.ms) or math.isnan(full.ms):
             continue
