@@ -56,6 +56,13 @@ def make_problem(cell, T, B, I, H, dtype, rng, lengths=False, mask=False, revers
     return args, kw, dy, r(B, P), (r(B, H) if cell == "lstm" else None)
 
 
+def padded(n):
+    """n rounded up to whole float32 vectors of the kernels in use (Ĥ, P̂ of
+    docs/memory.md)."""
+    lanes = {"avx512": 16, "avx2": 8, "generic": 4}[fusedrnn._core.isa()]
+    return -(-n // lanes) * lanes
+
+
 def rel_err(a, ref):
     """max |a - ref| / max |ref| (0 when both are empty or all zero)."""
     if a is None or ref is None:

@@ -14,7 +14,7 @@ import pytest
 import fusedrnn
 from fusedrnn import _core, reference
 
-from conftest import GRAD_KEYS, SEMANTICS, TOL, assert_close, make_problem, rel_err
+from conftest import GRAD_KEYS, SEMANTICS, TOL, assert_close, make_problem, padded, rel_err
 
 CASES = [(cell, 0) for cell in fusedrnn.CELLS] + [("lstm", 3)]
 
@@ -125,9 +125,7 @@ def test_cache_size_formula(cell, proj):
     cache = fusedrnn.forward(*args, **kw, checkpoint=k)[3]
     N, steps = int(np.sum(kw["lengths"])), int(np.max(kw["lengths"]))
     G, P = fusedrnn.CELLS[cell], proj or H
-    lanes = {"avx512": 16, "avx2": 8, "generic": 4}[_core.isa()]
-    pad = lambda n: -(-n // lanes) * lanes  # noqa: E731
-    Hp, Pp, S = pad(H), pad(P), math.ceil(steps / k)
+    Hp, Pp, S = padded(H), padded(P), math.ceil(steps / k)
     floats = (N * I + S * B * (Pp + (Hp if cell == "lstm" else 0)) + G * Hp * I + G * H * P
               + (P * H if proj else 0) + G * Hp + (Hp if cell == "gru" else 0))
     bookkeeping = 8 * (B + 2 * T)

@@ -13,7 +13,7 @@ import pytest
 import fusedrnn
 from fusedrnn import reference
 
-from conftest import GRAD_KEYS, TOL, assert_close, make_problem
+from conftest import GRAD_KEYS, TOL, assert_close, make_problem, padded
 
 
 def _child_forward(queue):
@@ -244,9 +244,7 @@ def test_cache_size_formula(cell, proj):
     _, _, _, cache = fusedrnn.forward(*args, **kw)
     N = int(np.sum(kw["lengths"]))
     G, P = fusedrnn.CELLS[cell], proj or H
-    lanes = {"avx512": 16, "avx2": 8, "generic": 4}[fusedrnn._core.isa()]
-    pad = lambda n: -(-n // lanes) * lanes  # noqa: E731
-    Hp, Pp = pad(H), pad(P)
+    Hp, Pp = padded(H), padded(P)
     E = {"lstm": 2 * Hp, "gru": Hp}.get(cell, 0) + (Hp if proj else 0)
     floats = N * (I + Pp + G * Hp + E) + G * Hp * I + G * H * P + (P * H if proj else 0)
     bookkeeping = 8 * (B + 2 * T)  # row order and per-step counts, int64
@@ -280,10 +278,9 @@ def test_shared_weights_are_held_by_the_cache(cell, proj, H):
     for k in GRAD_KEYS:
         if want.get(k) is not None:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    lanes = {"avx512": 16, "avx2": 8, "generic": 4}[fusedrnn._core.isa()]
-    kept_ih = H % lanes != 0  # W_ih copied (padded) unless H fills whole unit blocks
+    Hp = padded(H)
+    kept_ih = Hp != H  # W_ih copied (padded) unless H fills whole unit blocks
     G, P = fusedrnn.CELLS[cell], proj or H
-    Hp = -(-H // lanes) * lanes
     left_out = 4 * (G * H * P + P * H * bool(proj) + (0 if kept_ih else G * Hp * I))
     assert plain.nbytes - shared.nbytes == left_out
     del junk
