@@ -113,7 +113,8 @@ inline void store_user(S* p, V<S> v, int lanes) {
 
 // The pointwise half of a forward tile, for one row and one unit block.
 template <Cell C, typename S>
-inline void forward_epilogue(const FwdStep<S>& a, int64_t row, int64_t u, const V<S>* acc) {
+FUSEDRNN_ALWAYS_INLINE void forward_epilogue(const FwdStep<S>& a, int64_t row, int64_t u,
+                                             const V<S>* acc) {
   using M = VecMath<S>;
   using Vt = V<S>;
   constexpr int U = Vec<S>::L;

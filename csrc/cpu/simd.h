@@ -21,6 +21,15 @@
 #error "define FUSEDRNN_ISA_NS and FUSEDRNN_VBYTES before including simd.h"
 #endif
 
+// For the pointwise math of a step: gcc left VecMath<float>::tanh and the
+// forward epilogue as calls (perf: about a quarter of an LSTM B = 8 forward's
+// recurrence), each transcendental a serial chain the next could not overlap.
+// Inlined, the recurrence of LSTM T = 100, B = 8, H = 256 runs 7-9% faster
+// (GRU 3-6%), with bitwise the same results.
+#ifndef FUSEDRNN_ALWAYS_INLINE
+#define FUSEDRNN_ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
@@ -88,7 +97,7 @@ struct VecMath<float> {
   // e^x: x = n ln2 + r, |r| <= ln2/2; e^r by a degree-6 polynomial; 2^n from
   // the exponent bits. Arguments are clamped so the result stays finite
   // (e^88.37 ~ 2.4e38) and 2^n stays a normal number or zero.
-  static inline T exp(T x) {
+  FUSEDRNN_ALWAYS_INLINE static T exp(T x) {
     const S hi = 88.3762626647949f, lo = -87.3365447504f;
     x = select(x > hi, splat(hi), x);
     x = select(x < lo, splat(lo), x);
@@ -111,7 +120,7 @@ struct VecMath<float> {
   // 1/x for x in [1, 3e38]: the hardware's approximate reciprocal refined by
   // one Newton step (relative error ~1e-7, like a division, at a third of
   // its cost); a plain division where no such instruction is compiled in.
-  static inline T recip(T x) {
+  FUSEDRNN_ALWAYS_INLINE static T recip(T x) {
 #if FUSEDRNN_VBYTES == 64 && defined(__AVX512F__)
     const T r = (T)_mm512_rcp14_ps((__m512)x);
     return r * (2.0f - x * r);
@@ -122,10 +131,10 @@ struct VecMath<float> {
     return 1.0f / x;
 #endif
   }
-  static inline T sigmoid(T x) { return recip(1.0f + exp(-x)); }
+  FUSEDRNN_ALWAYS_INLINE static T sigmoid(T x) { return recip(1.0f + exp(-x)); }
   // tanh: odd polynomial near 0 (where 1 - 2/(e^2x + 1) would cancel),
   // 1 - 2/(e^(2|x|) + 1) with the sign of x elsewhere.
-  static inline T tanh(T x) {
+  FUSEDRNN_ALWAYS_INLINE static T tanh(T x) {
     const T ax = select(x < 0.0f, -x, x);
     const T z = x * x;
     T p = splat(-5.70498872745e-3f);
