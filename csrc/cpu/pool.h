@@ -4,7 +4,9 @@
 // tid 0) and returns when all are done. Inside fn, Team::barrier() syncs the
 // n threads (a spinning sense-reversing barrier: one per recurrent step costs
 // well under a microsecond). Idle workers sleep on a condition variable, so
-// they never compete with BLAS threads between jobs.
+// they do not compete with BLAS threads between jobs; first they spin for up
+// to 100 µs after a job for the next one, and the caller spins as long for
+// the workers' end of a job (pool.cpp, kSpin: a wake-up costs more than that).
 //
 // A caller that finds the pool busy (another Python thread is using it) runs
 // its job alone on its own thread; results do not depend on the thread count.
@@ -110,8 +112,9 @@ class ThreadPool {
   const Job* job_ = nullptr;
   Team* team_ = nullptr;
   int active_ = 0;      // workers taking part in the current job
-  long generation_ = 0;
-  int pending_ = 0;     // workers still running the current job
+  // written under mu_; read without it too (the spin before sleeping)
+  std::atomic<long> generation_{0};
+  std::atomic<int> pending_{0};  // workers still running the current job
   bool stop_ = false;
   Placement placement_;  // worker k is tid k + 1
 };
