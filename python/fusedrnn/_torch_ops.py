@@ -288,14 +288,20 @@ def _forward_setup_context(ctx, inputs, output):
     x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, cell, reverse, batch_first, training = \
         inputs[:13]
     ctx.save_for_backward(output[3])
-    ctx.cell = cell
     ctx.training = training
+    _keep_for_grads(ctx, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, cell, batch_first)
+
+
+def _keep_for_grads(ctx, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, cell, batch_first):
+    """What _input_grads reads from ctx besides the saved tensors."""
+    ctx.cell = cell
     ctx.batch_first = batch_first
     ctx.sizes = (list(x.shape), list(w_ih.shape), list(w_hh.shape),
                  None if w_hr is None else list(w_hr.shape))
     ctx.dtype = x.dtype
     ctx.device = x.device
-    ctx.given = tuple(t is not None for t in (b_ih, b_hh, h0, c0, w_hr))
+    ctx.given = (b_ih is not None, b_hh is not None, h0 is not None, c0 is not None,
+                 w_hr is not None)
     ctx.set_materialize_grads(False)  # unused outputs -> None -> zeros inside the kernel
 
 
@@ -303,6 +309,13 @@ def _forward_backward(ctx, dy, dh_n, dc_n, _dhandle):
     if not ctx.training:
         raise RuntimeError("fusedrnn: backward through layer_forward(..., training=False); "
                            "call it with training=True to differentiate it")
+    return _input_grads(ctx, dy, dh_n, dc_n) + (None,) * 6  # lengths, cell, flags, checkpoint
+
+
+def _input_grads(ctx, dy, dh_n, dc_n):
+    """The gradients of (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr), None for inputs not
+    given, through the cache behind the handle that ctx saved first (and what
+    _keep_for_grads put on ctx)."""
     if torch.is_grad_enabled():
         # backward(create_graph=True) in eager mode: the gradients would have to be
         # differentiable, and fusedrnn's are not; refuse rather than return gradients
@@ -310,17 +323,17 @@ def _forward_backward(ctx, dy, dh_n, dc_n, _dhandle):
         # a compiled graph refuses double backward itself.)
         _no_double_backward(ctx)
     handle = ctx.saved_tensors[0]  # (unpacking checks the versions of the saved weights)
-    x_size, w_ih_size, w_hh_size, w_hr_size = ctx.sizes
     dc_n = dc_n if ctx.cell == "lstm" else None
-    op = _layer_backward if _plain_eager((handle, dy, dh_n, dc_n)) else \
-        torch.ops.fusedrnn.layer_backward  # (see run_layer)
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = op(
-        handle, dy, dh_n, dc_n, ctx.cell, ctx.batch_first, x_size, w_ih_size, w_hh_size,
-        w_hr_size, ctx.dtype, ctx.device)
+    if _plain_eager((handle, dy, dh_n, dc_n)):  # (see run_layer; and compiled autograd)
+        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _grads(handle, dy, dh_n, dc_n)
+    else:
+        x_size, w_ih_size, w_hh_size, w_hr_size = ctx.sizes
+        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = torch.ops.fusedrnn.layer_backward(
+            handle, dy, dh_n, dc_n, ctx.cell, ctx.batch_first, x_size, w_ih_size, w_hh_size,
+            w_hr_size, ctx.dtype, ctx.device)
     has_b_ih, has_b_hh, has_h0, has_c0, has_w_hr = ctx.given
     return (dx, dw_ih, dw_hh, db_ih if has_b_ih else None, db_hh if has_b_hh else None,
-            dh0 if has_h0 else None, dc0 if has_c0 else None, dw_hr if has_w_hr else None,
-            None, None, None, None, None, None)  # lengths, cell, flags, checkpoint
+            dh0 if has_h0 else None, dc0 if has_c0 else None, dw_hr if has_w_hr else None)
 
 
 layer_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
@@ -329,7 +342,7 @@ layer_forward.register_autograd(_forward_backward, setup_context=_forward_setup_
 class _EagerLayer(torch.autograd.Function):
     """layer_forward with its autograd formula, for plain eager mode (run_layer), with
     less glue than the operator's: (y, h_n, c_n or None) out, the non-tensor arguments
-    in one tuple, fusedrnn.backward called directly. The handle is saved as for the
+    in one tuple, no check of the training flag. The handle is saved as for the
     operator (autograd releases it, and so the cache, after a backward without
     retain_graph; torch.utils.checkpoint's recomputed forward saves a new one). On the
     CPU the cache refers to the weights rather than copying them (share_weights; a copy
@@ -352,40 +365,12 @@ class _EagerLayer(torch.autograd.Function):
         need_ih = shared and (x.requires_grad or checkpoint != 0)
         ctx.save_for_backward(_make_handle(cache), w_hh if shared else None,
                               w_hr if shared else None, w_ih if need_ih else None)
-        ctx.cell = cell
-        ctx.config = config
-        ctx.sizes = (x.shape, w_ih.shape, w_hh.shape, None if w_hr is None else w_hr.shape)
-        ctx.dtype = x.dtype
-        ctx.device = x.device
-        ctx.given = (b_ih is not None, b_hh is not None, h0 is not None, c0 is not None,
-                     w_hr is not None)
-        ctx.set_materialize_grads(False)  # unused outputs -> None -> zeros inside the kernel
+        _keep_for_grads(ctx, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, cell, batch_first)
         return y, h_n, c_n
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
-        if torch.is_grad_enabled():
-            _no_double_backward(ctx)  # as in _forward_backward
-        handle = ctx.saved_tensors[0]  # (unpacking checks the versions of the saved weights)
-        dc_n = dc_n if ctx.cell == "lstm" else None
-        if _plain_eager((dy, dh_n, dc_n)):
-            cache = _find_cache(handle)
-            arg, t = (_dev, _as_is) if isinstance(cache, fusedrnn._device.DeviceCache) else \
-                (_np, _from_np)
-            g = fusedrnn.backward(cache, arg(dy), arg(dh_n), arg(dc_n))
-            dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = (
-                t(g["x"]), t(g["h0"]), t(g["c0"]), t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]),
-                t(g["b_hh"]), t(g["w_hr"]))
-        else:  # traced (compiled autograd): through the operator
-            x_size, w_ih_size, w_hh_size, w_hr_size = ctx.sizes
-            dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = torch.ops.fusedrnn.layer_backward(
-                handle, dy, dh_n, dc_n, ctx.cell, ctx.config[2], list(x_size),
-                list(w_ih_size), list(w_hh_size), None if w_hr_size is None else list(w_hr_size),
-                ctx.dtype, ctx.device)
-        has_b_ih, has_b_hh, has_h0, has_c0, has_w_hr = ctx.given
-        return (dx, dw_ih, dw_hh, db_ih if has_b_ih else None, db_hh if has_b_hh else None,
-                dh0 if has_h0 else None, dc0 if has_c0 else None, dw_hr if has_w_hr else None,
-                None, None)  # lengths, config
+        return _input_grads(ctx, dy, dh_n, dc_n) + (None, None)  # lengths, config
 
 
 # --------------------------------------------------------------------------
@@ -407,15 +392,20 @@ def _layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor]
     CUDA memory) and does not need ``device``: compiled backward graphs cached on disk by
     an earlier fusedrnn, whose schema had no ``device``, still run (the AOTAutograd cache
     key does not cover a custom op's autograd formula)."""
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _grads(handle, dy, dh_n, dc_n)
+    empty = torch.empty(0, dtype=dtype, device=dx.device)
+    return (dx, dh0, empty if dc0 is None else dc0, dw_ih, dw_hh, db_ih, db_hh,
+            empty.clone() if dw_hr is None else dw_hr)
+
+
+def _grads(handle: Tensor, dy, dh_n, dc_n):
+    """fusedrnn.backward on the cache behind ``handle``, as tensors: (dx, dh0, dc0, dw_ih,
+    dw_hh, db_ih, db_hh, dw_hr), dc0 and dw_hr None where the layer has none."""
     cache = _find_cache(handle)
     arg, t = (_dev, _as_is) if isinstance(cache, fusedrnn._device.DeviceCache) else (_np, _from_np)
     g = fusedrnn.backward(cache, arg(dy), arg(dh_n), arg(dc_n))
-    dx = t(g["x"])
-    empty = torch.empty(0, dtype=dtype, device=dx.device)
-    dc0 = empty if g["c0"] is None else t(g["c0"])
-    dw_hr = empty.clone() if g["w_hr"] is None else t(g["w_hr"])
-    return (dx, t(g["h0"]), dc0, t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]), t(g["b_hh"]),
-            dw_hr)
+    return (t(g["x"]), t(g["h0"]), t(g["c0"]), t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]),
+            t(g["b_hh"]), t(g["w_hr"]))
 
 
 layer_backward = torch.library.custom_op("fusedrnn::layer_backward", mutates_args=())(
