@@ -32,7 +32,8 @@ The autograd formula (``register_autograd``) calls ``layer_backward``, so eager
 autograd and ``torch.compile`` (which traces the formula into its backward graph)
 take the same path. In plain eager mode (``_plain_eager``) ``run_layer`` skips the
 operator dispatch: the implementation runs directly, or, when training, inside
-``_EagerLayer``, an autograd.Function with the same formula. ``layer_backward`` has
+``_EagerLayer``, an autograd.Function that saves the same handle and computes the
+same gradients (``_input_grads``) with less glue. ``layer_backward`` has
 an autograd formula that raises: double backward is not supported. The fake (meta)
 implementations only compute shapes.
 
