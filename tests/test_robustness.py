@@ -331,6 +331,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 200)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page faults: getrusage")
+@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="the sanitizer's allocator replaces the C heap this is about")
 @pytest.mark.parametrize("cell,gates", [("rnn_tanh", 1), ("gru", 3)])
 def test_training_steps_do_not_fault_in_their_gradients(cell, gates):
     """A NumPy training loop at T = 1, H = 256, each step's results alive until the
