@@ -90,6 +90,18 @@ struct ForkHook {
   }
 } g_fork_hook;
 
+// Sizes are kept in whole 64-byte lines.
+std::size_t rounded(std::size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+// Takes kept block i out of the list (the lock held); returns its memory.
+void* remove_block(std::size_t i) {
+  void* p = (*g_blocks)[i].p;
+  g_cached -= (*g_blocks)[i].bytes;
+  (*g_blocks)[i] = g_blocks->back();
+  g_blocks->pop_back();
+  return p;
+}
+
 // A kept block of [bytes, 2 * bytes] (the smallest), or nullptr.
 void* take_cached(std::size_t bytes) {
   std::lock_guard<std::mutex> lock(g_mu);
@@ -99,12 +111,7 @@ void* take_cached(std::size_t bytes) {
     if (b >= bytes && b / 2 <= bytes && (best == g_blocks->size() || b < (*g_blocks)[best].bytes))
       best = i;
   }
-  if (best == g_blocks->size()) return nullptr;
-  void* p = (*g_blocks)[best].p;
-  g_cached -= (*g_blocks)[best].bytes;
-  (*g_blocks)[best] = g_blocks->back();
-  g_blocks->pop_back();
-  return p;
+  return best == g_blocks->size() ? nullptr : remove_block(best);
 }
 
 // A block of at least kMinCached bytes: a kept one, else a new one.
@@ -116,12 +123,7 @@ void* take_or_alloc(std::size_t bytes) {
 }
 
 // Frees kept block i (the lock held).
-void drop_block(std::size_t i) {
-  std::free((*g_blocks)[i].p);
-  g_cached -= (*g_blocks)[i].bytes;
-  (*g_blocks)[i] = g_blocks->back();
-  g_blocks->pop_back();
-}
+void drop_block(std::size_t i) { std::free(remove_block(i)); }
 
 // Keeps a freed block of at least kMinCached bytes (or frees it).
 void keep_block(void* p, std::size_t bytes) {
@@ -153,7 +155,7 @@ void keep_block(void* p, std::size_t bytes) {
 }  // namespace
 
 void* workspace_alloc(std::size_t bytes) {
-  bytes = (bytes + 63) / 64 * 64;
+  bytes = rounded(bytes);
   if (bytes < kMinCached) {
     const int c = small_class(bytes);
     void* p = nullptr;
@@ -170,7 +172,7 @@ void* workspace_alloc(std::size_t bytes) {
 
 void workspace_free(void* p, std::size_t bytes) {
   if (!p) return;
-  bytes = (bytes + 63) / 64 * 64;
+  bytes = rounded(bytes);
   g_in_use.fetch_sub(bytes, std::memory_order_relaxed);
   if (bytes < kMinCached) {
     const int c = small_class(bytes);
@@ -192,11 +194,11 @@ constexpr std::size_t kMinOutput = std::size_t(128) << 10;
 std::size_t output_block_min() { return kMinOutput; }
 
 void* output_alloc(std::size_t bytes) {
-  return take_or_alloc((bytes + 63) / 64 * 64);
+  return take_or_alloc(rounded(bytes));
 }
 
 void output_free(void* p, std::size_t bytes) {
-  if (p) keep_block(p, (bytes + 63) / 64 * 64);
+  if (p) keep_block(p, rounded(bytes));
 }
 
 std::size_t workspace_cached_bytes() {
