@@ -184,6 +184,26 @@ FUSEDRNN_ALWAYS_INLINE void forward_epilogue(const FwdStep<S>& a, int64_t row, i
   store_user(a.y + a.perm[row] * a.y_stride + col, h_new, lanes);
 }
 
+// The epilogue's input projection (gx) and user output (y) of a tile's rows
+// and unit blocks, requested before its k loop: for long sequences gx was
+// written by the input GEMM long before (megabytes ago) and y is fresh
+// memory, and the epilogue's loads from them otherwise wait on memory after
+// the k loop, where nothing else is left to overlap them (rnn_tanh
+// B = 64, H = 512: a sixth of the tile's time on the gx load).
+template <int G, int MR, int NU, typename S>
+FUSEDRNN_ALWAYS_INLINE void prefetch_epilogue(const FwdStep<S>& a, int64_t r0, int64_t u0) {
+  constexpr int U = Vec<S>::L;
+  for (int r = 0; r < MR; ++r) {
+    if (r0 + r >= a.n) break;
+    const S* gx = a.gx + (r0 + r) * G * a.Hp + u0 * U;
+    for (int j = 0; j < NU; ++j)
+      for (int g = 0; g < G; ++g) __builtin_prefetch(gx + g * a.Hp + j * U, 1, 3);
+    if (a.m) continue;  // (projection: the epilogue writes m, not y)
+    const S* y = a.y + a.perm[r0 + r] * a.y_stride + u0 * U;
+    for (int j = 0; j < NU; ++j) __builtin_prefetch(y + j * U, 1, 3);
+  }
+}
+
 // One tile over k in [k0, k1). part == nullptr: the whole k range in one
 // pass. Otherwise part holds the tile's partial sums [MR][NU][G][U] between
 // k chunks (H too large for a panel chunk to stay in L1); the epilogue runs
@@ -201,6 +221,8 @@ void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0, int64_t k0, int64
         acc[r][j][g] = part && k0 > 0 ? load(part + ((r * NU + j) * G + g) * U) : Vt{};
   const S* wp = a.wp + u0 * panel;
   const S* h = a.in + r0 * ld;
+  if constexpr (C != Cell::Proj)
+    if (!part || k1 == K) prefetch_epilogue<G, MR, NU>(a, r0, u0);
   for (int64_t k = k0; k < k1; ++k) {
     Vt w[NU][G];
     for (int j = 0; j < NU; ++j)
@@ -395,11 +417,14 @@ void forward_step(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
   // for every row of the step.
   static_assert(NU <= 2, "a tail chunk of unit blocks must be a single block");
   const bool chunked = H > KC && a.scratch;
+  // chunks of equal length (a short last one would leave the epilogue's
+  // prefetch no time: gru H = 512 was 170 + 170 + 170 + 2)
+  const int64_t chunks = chunked ? (H + KC - 1) / KC : 1, kc = (H + chunks - 1) / chunks;
   for (int64_t u = ub0; u < ub1; u += NU) {
     const int64_t u1 = u + NU < ub1 ? u + NU : ub1;
     const int64_t nu = u1 - u;
-    for (int64_t k0 = 0; k0 < H; k0 += chunked ? KC : H) {
-      const int64_t k1 = chunked && k0 + KC < H ? k0 + KC : H;
+    for (int64_t k0 = 0; k0 < H; k0 += kc) {
+      const int64_t k1 = k0 + kc < H ? k0 + kc : H;
       int64_t r = 0;
       for (; r + MR <= n; r += MR)
         forward_rows<C, S, MR, NU>(a, r, u, u1, k0, k1,
