@@ -94,16 +94,41 @@ struct VecMath<float> {
 
   static inline T select(I mask, T a, T b) { return mask ? a : b; }
 
+  // x limited to [lo, hi]; NaN stays NaN. With AVX2/AVX-512 one min and one max
+  // (their result is the second operand, x, when either is NaN) instead of two
+  // compare-and-blend pairs: the same values, a few instructions fewer in each
+  // exp of a step's pointwise math.
+  FUSEDRNN_ALWAYS_INLINE static T clamp(T x, S hi, S lo) {
+#if FUSEDRNN_VBYTES == 64 && defined(__AVX512F__)
+    return (T)_mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), (__m512)x));
+#elif FUSEDRNN_VBYTES == 32 && defined(__AVX2__)
+    return (T)_mm256_max_ps(_mm256_set1_ps(lo), _mm256_min_ps(_mm256_set1_ps(hi), (__m256)x));
+#else
+    x = select(x > hi, splat(hi), x);
+    return select(x < lo, splat(lo), x);
+#endif
+  }
+  // floor(x) for |x| < 2^31 (exp's argument range): the rounding instruction,
+  // or truncation corrected downwards.
+  FUSEDRNN_ALWAYS_INLINE static T floor(T x) {
+#if FUSEDRNN_VBYTES == 64 && defined(__AVX512F__)
+    return (T)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#elif FUSEDRNN_VBYTES == 32 && defined(__AVX2__)
+    return (T)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+    const T n = __builtin_convertvector(__builtin_convertvector(x, I), T);
+    return select(n > x, n - 1.0f, n);
+#endif
+  }
+
   // e^x: x = n ln2 + r, |r| <= ln2/2; e^r by a degree-6 polynomial; 2^n from
   // the exponent bits. Arguments are clamped so the result stays finite
   // (e^88.37 ~ 2.4e38) and 2^n stays a normal number or zero.
   FUSEDRNN_ALWAYS_INLINE static T exp(T x) {
     const S hi = 88.3762626647949f, lo = -87.3365447504f;
-    x = select(x > hi, splat(hi), x);
-    x = select(x < lo, splat(lo), x);
+    x = clamp(x, hi, lo);
     const T fx = x * 1.44269504088896341f + 0.5f;
-    T n = __builtin_convertvector(__builtin_convertvector(fx, I), T);
-    n = select(n > fx, n - 1.0f, n);  // floor
+    const T n = floor(fx);
     const T r = x - n * 0.693359375f - n * -2.12194440e-4f;
     T p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
