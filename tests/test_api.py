@@ -238,6 +238,28 @@ def test_results_identical_across_thread_counts(cell, rng):
                     np.testing.assert_array_equal(g[k], results[0][2][k], err_msg=k)
 
 
+@pytest.mark.parametrize("cell,H", [("lstm", 300), ("gru", 300), ("rnn_tanh", 520)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_recurrent_products_in_k_chunks(cell, H, dtype, rng):
+    """Where H is longer than the L1 chunk of a forward tile's k loop (128 for lstm,
+    170 for gru, 256 for rnn: kernels_impl.h, forward_step), a step's product runs in
+    chunks of equal length (here 3 x 100, 2 x 150, 3 x 174) with the partial sums kept
+    between them, and the epilogue runs after the last one. B = 7 leaves a short row
+    tile for every cell (3 + 3 + 1, 4 + 3, 6 + 1). Against the reference, and training
+    and inference forwards equal bitwise."""
+    for semantics in ({}, {"lengths": True}, {"mask": True, "reverse": True}):
+        args, kw, dy, dh_n, dc_n = make_problem(cell, 3, 7, 9, H, dtype, rng, **semantics)
+        ry, rh, rc, rcache = reference.forward(*args, **kw)
+        rg = reference.backward(rcache, dy, dh_n, dc_n)
+        y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
+        g = fusedrnn.backward(cache, dy, dh_n, dc_n)
+        out = [("y", y, ry), ("h_n", h_n, rh), ("c_n", c_n, rc)] + [
+            (k, g[k], rg[k]) for k in GRAD_KEYS if rg.get(k) is not None]
+        for name, a, r in out:
+            assert_close(f"{semantics} {name}", a, r, TOL[dtype])
+        np.testing.assert_array_equal(fusedrnn.forward(*args, **kw, training=False)[0], y)
+
+
 @pytest.mark.parametrize("semantics", [{}, {"batch_first": True}, {"mask": True, "reverse": True},
                                        {"lengths": True, "batch_first": True}])
 def test_gemm_column_tasks(semantics, rng):
