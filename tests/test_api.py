@@ -238,6 +238,12 @@ def test_results_identical_across_thread_counts(cell, rng):
                     np.testing.assert_array_equal(g[k], results[0][2][k], err_msg=k)
 
 
+def _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
+    """(name, compiled, reference) for the outputs and every gradient the reference has."""
+    return [("y", y, ry), ("h_n", h_n, rh), ("c_n", c_n, rc)] + [
+        (k, g[k], rg[k]) for k in GRAD_KEYS if rg.get(k) is not None]
+
+
 @pytest.mark.parametrize("cell,H", [("lstm", 300), ("gru", 300), ("rnn_tanh", 520)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_recurrent_products_in_k_chunks(cell, H, dtype, rng):
@@ -253,9 +259,7 @@ def test_recurrent_products_in_k_chunks(cell, H, dtype, rng):
         rg = reference.backward(rcache, dy, dh_n, dc_n)
         y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
         g = fusedrnn.backward(cache, dy, dh_n, dc_n)
-        out = [("y", y, ry), ("h_n", h_n, rh), ("c_n", c_n, rc)] + [
-            (k, g[k], rg[k]) for k in GRAD_KEYS if rg.get(k) is not None]
-        for name, a, r in out:
+        for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
             assert_close(f"{semantics} {name}", a, r, TOL[dtype])
         np.testing.assert_array_equal(fusedrnn.forward(*args, **kw, training=False)[0], y)
 
@@ -282,8 +286,7 @@ def test_gemm_column_tasks(semantics, rng):
             fusedrnn.set_num_threads(n)
             y, h_n, c_n, cache = fusedrnn.forward(*args, **kw, checkpoint=ck)
             g = fusedrnn.backward(cache, dy, dh_n, dc_n)
-            for name, a, r in [("y", y, ry), ("h_n", h_n, rh), ("c_n", c_n, rc)] + [
-                    (k, g[k], rg[k]) for k in GRAD_KEYS if rg.get(k) is not None]:
+            for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
                 assert_close(name, a, r, TOL[np.float64])
             if not ck:
                 results.append([y, h_n, c_n] + [g[k] for k in GRAD_KEYS if g[k] is not None])
@@ -322,8 +325,7 @@ def test_batch_one_short_sequences(cell, proj, dtype, rng):
                     fusedrnn.set_num_threads(n)
                     y, h_n, c_n, cache = fusedrnn.forward(*args, **kw, checkpoint=ck)
                     g = fusedrnn.backward(cache, dy, dh_n, dc_n)
-                    out = [("y", y, ry), ("h_n", h_n, rh), ("c_n", c_n, rc)] + [
-                        (k, g[k], rg[k]) for k in GRAD_KEYS if rg.get(k) is not None]
+                    out = _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg)
                     for name, a, r in out:
                         assert_close(f"T={T} {semantics} {name}", a, r, TOL[dtype])
                     results.append([a for _, a, _ in out])
