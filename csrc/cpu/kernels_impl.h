@@ -193,8 +193,7 @@ FUSEDRNN_ALWAYS_INLINE void forward_epilogue(const FwdStep<S>& a, int64_t row, i
 template <int G, int MR, int NU, typename S>
 FUSEDRNN_ALWAYS_INLINE void prefetch_epilogue(const FwdStep<S>& a, int64_t r0, int64_t u0) {
   constexpr int U = Vec<S>::L;
-  for (int r = 0; r < MR; ++r) {
-    if (r0 + r >= a.n) break;
+  for (int r = 0; r < MR; ++r) {  // (a tile's MR rows all exist, as for its epilogue)
     const S* gx = a.gx + (r0 + r) * G * a.Hp + u0 * U;
     for (int j = 0; j < NU; ++j)
       for (int g = 0; g < G; ++g) __builtin_prefetch(gx + g * a.Hp + j * U, 1, 3);
