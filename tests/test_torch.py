@@ -705,6 +705,70 @@ def test_eager_fast_path_equals_the_operator(cell, monkeypatch):
         assert torch.equal(a, b)
 
 
+INFERENCE_CASES = [  # (module, input kind, constructor options, h0 given)
+    ("RNN", "padded", dict(num_layers=3, bidirectional=True), True),
+    ("RNN", "unbatched", dict(nonlinearity="relu", bias=False), True),
+    ("GRU", "packed", dict(num_layers=2, bidirectional=True, batch_first=True), True),
+    ("GRU", "padded", dict(batch_first=True), False),
+    ("LSTM", "padded", dict(num_layers=2, bidirectional=True, proj_size=P), True),
+    ("LSTM", "packed", dict(num_layers=2), False),
+    ("LSTM", "unbatched", dict(bidirectional=True), True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name, input_kind, options, given", INFERENCE_CASES)
+def test_inference_stack_equals_run_layer(name, input_kind, options, given, dtype,
+                                          monkeypatch):
+    """A call that nothing differentiates runs the module's whole stack on NumPy views
+    (_torch_ops.run_stack_inference); outputs and states are bitwise those of the
+    per-layer path (run_layer), for every option and input kind; with anything that
+    requires grad under grad mode, the call keeps its cache (per-layer path)."""
+    torch.manual_seed(0)
+    m = getattr(frnn, name)(I, H, dtype=dtype, **options)
+    D = 2 if m.bidirectional else 1
+    Pout = m.proj_size or H
+    batch = input_kind != "unbatched"
+    x = torch.randn(*((B, T, I) if m.batch_first else (T, B, I)) if batch else (T, I),
+                    dtype=dtype)
+    lengths = torch.tensor([T, 2, 4])
+    xin = x if input_kind != "packed" else pack_padded_sequence(
+        x, lengths, batch_first=m.batch_first, enforce_sorted=False)
+    lead = (m.num_layers * D, B) if batch else (m.num_layers * D,)
+    hx = None
+    if given:
+        h0 = torch.randn(*lead, Pout, dtype=dtype)
+        hx = (h0, torch.randn(*lead, H, dtype=dtype)) if name == "LSTM" else h0
+
+    def call():
+        out, state = m(xin, hx)
+        out = out.data if isinstance(out, PackedSequence) else out
+        return [out, *(state if isinstance(state, tuple) else (state,))]
+
+    used = []
+    real = _torch_ops.run_stack_inference
+    monkeypatch.setattr(frnn, "run_stack_inference",
+                        lambda *a: used.append(1) or real(*a))
+    with torch.no_grad():
+        fast = call()
+    m.requires_grad_(False)
+    frozen = call()  # grad mode on, nothing requires grad
+    assert len(used) == 2
+    monkeypatch.setattr(frnn, "direct_inference", lambda tensors: False)
+    slow = call()
+    assert len(used) == 2
+    for a, b, c in zip(fast, frozen, slow):
+        assert a.dtype == c.dtype and a.shape == c.shape
+        assert torch.equal(a, c) and torch.equal(b, c)
+    m.requires_grad_(True)
+    monkeypatch.setattr(frnn, "direct_inference", _torch_ops.direct_inference)
+    base = _torch_ops.live_caches()
+    training = call()  # grad mode, weights require grad: a cache per layer and direction
+    assert len(used) == 2 and _torch_ops.live_caches() == base + m.num_layers * D
+    for a, c in zip(training, slow):
+        assert torch.equal(a.detach(), c)
+
+
 def test_jit_trace_records_the_operator():
     """torch.jit.trace records operators: the traced module must call fusedrnn's, not
     replay the traced input's outputs as constants."""

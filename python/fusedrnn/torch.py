@@ -32,8 +32,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from ._torch_ops import (check_device, check_dtype, checkpoint_code, run_layer,
-                         supported_dtypes)
+from ._torch_ops import (check_device, check_dtype, checkpoint_code, direct_inference,
+                         run_layer, run_stack_inference, supported_dtypes)
 
 __all__ = ["RNN", "GRU", "LSTM", "convert"]
 
@@ -76,17 +76,18 @@ class _FusedRNNBase(torch.nn.RNNBase):
         if input.dim() != expected_input_dim:
             raise RuntimeError(
                 f"input must have {expected_input_dim} dimensions, got {input.dim()}")
-        if self.input_size != input.size(-1):
+        if self.input_size != input.shape[-1]:
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {input.size(-1)}")
-        device = input.device
-        if device != w.device:
+        if input.is_cpu and w.is_cpu:  # (is_cpu: a tenth of the time of .device)
+            if w.dtype in _CPU_DTYPES:
+                return  # what fusedrnn runs everywhere (the common case, without the calls below)
+            device = input.device
+        elif (device := input.device) != w.device:
             raise RuntimeError(
                 f"Input and parameter tensors are not at the same device, found input "
                 f"tensor at {device} and parameter tensor at {w.device}")
-        if device.type == "cpu" and w.dtype in _CPU_DTYPES:
-            return  # what fusedrnn runs everywhere (the common case, without the calls below)
         check_device(input)
         who = f"fusedrnn.torch.{type(self).__name__}"
         check_dtype(w.dtype, device, who)
@@ -107,13 +108,13 @@ class _FusedRNNBase(torch.nn.RNNBase):
                 f"for CUDA tensors, or train with checkpointing on the CPU")
 
     def _check_hidden(self, hx: Tensor, input: Tensor, expected, msg: str) -> None:
-        if tuple(hx.shape) != tuple(expected):
+        if hx.shape != expected:  # (torch.Size is a tuple)
             raise RuntimeError(msg.format(tuple(expected), list(hx.size())))
         if hx.dtype != input.dtype:
             raise RuntimeError(
                 f"Expected the hidden state to have the input's dtype {input.dtype}, "
                 f"got {hx.dtype}")
-        if hx.device != input.device:
+        if not (hx.is_cpu and input.is_cpu) and hx.device != input.device:
             raise RuntimeError(
                 f"Input and hidden tensors are not at the same device, found input tensor at "
                 f"{input.device} and hidden tensor at {hx.device}")
@@ -129,7 +130,6 @@ class _FusedRNNBase(torch.nn.RNNBase):
     def _forward(self, input, hx=None):
         """torch.nn's forward: argument handling mirrors torch.nn.RNN/GRU/LSTM.forward."""
         lstm = self.mode == "LSTM"
-        name = {"LSTM": "LSTM", "GRU": "GRU"}.get(self.mode, "RNN")
         packed = isinstance(input, PackedSequence)
         is_batched = True
         batch_dim = 0 if self.batch_first else 1
@@ -148,6 +148,7 @@ class _FusedRNNBase(torch.nn.RNNBase):
                 hx = self.permute_hidden(hx, sorted_indices)
         else:
             if input.dim() not in (2, 3):
+                name = {"LSTM": "LSTM", "GRU": "GRU"}.get(self.mode, "RNN")
                 tail = "tensor instead" if name == "RNN" else "instead"
                 raise ValueError(
                     f"{name}: Expected input to be 2D or 3D, got {input.dim()}D {tail}")
@@ -204,10 +205,12 @@ class _FusedRNNBase(torch.nn.RNNBase):
         hidden = (h_n, c_n) if lstm else h_n
         return out, self.permute_hidden(hidden, unsorted_indices)
 
-    def _layer_weights(self, layer: int, direction: int):
-        """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; None where absent."""
-        names = _layer_names(layer, direction, bool(self.bias), self.proj_size > 0)
-        return tuple(None if n is None else self._weight(n) for n in names)
+    def _stack_weights(self) -> List[tuple]:
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of every layer and direction (layer l, direction d
+        at l * D + d); None where absent."""
+        return [tuple(None if n is None else self._weight(n) for n in names)
+                for names in _stack_names(self.num_layers, 2 if self.bidirectional else 1,
+                                          bool(self.bias), self.proj_size > 0)]
 
     def _run_stack(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
                    lengths: Optional[Tensor], batch_first: bool):
@@ -215,13 +218,19 @@ class _FusedRNNBase(torch.nn.RNNBase):
         h_n [L*D, B, P], c_n [L*D, B, H] or None). One fused call per layer and direction."""
         cell = _CELLS[self.mode]
         D = 2 if self.bidirectional else 1
+        L = self.num_layers
+        weights = self._stack_weights()
+        dropout = self.dropout > 0 and self.training and L > 1
+        if not dropout and direct_inference((x, h0, c0, lengths, *_flat(weights))):
+            return run_stack_inference(cell, x, weights, h0, c0, lengths, D, batch_first,
+                                       self.checkpoint)
         h_n: List[Tensor] = []
         c_n: List[Tensor] = []
-        for layer in range(self.num_layers):
+        for layer in range(L):
             ys = []
             for d in range(D):
                 k = layer * D + d
-                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, d)
+                w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
                 y, h, c = run_layer(cell, x, w_ih, w_hh, b_ih, b_hh,
                                     None if h0 is None else h0[k],
                                     None if c0 is None else c0[k],
@@ -231,14 +240,25 @@ class _FusedRNNBase(torch.nn.RNNBase):
                 if c is not None:
                     c_n.append(c)
             x = ys[0] if D == 1 else torch.cat(ys, dim=2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+            if dropout and layer < L - 1:
                 x = F.dropout(x, p=self.dropout, training=True)
         return x, _stack(h_n), (_stack(c_n) if c_n else None)
+
+
+def _flat(weights) -> Tuple[Optional[Tensor], ...]:
+    """The tensors of _run_stack's per-layer weight tuples, in one tuple."""
+    return weights[0] if len(weights) == 1 else tuple(w for ws in weights for w in ws)
 
 
 def _stack(ts: List[Tensor]) -> Tensor:
     """torch.stack, by a view for one tensor (the common single-layer case)."""
     return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+
+@functools.lru_cache(maxsize=None)
+def _stack_names(L: int, D: int, bias: bool, proj: bool):
+    """_layer_names of every layer and direction: layer l, direction d at l * D + d."""
+    return tuple(_layer_names(layer, d, bias, proj) for layer in range(L) for d in range(D))
 
 
 @functools.lru_cache(maxsize=None)
