@@ -643,7 +643,7 @@ def test_unsupported_dtype_is_a_clear_error():
 def test_cuda_tensors_without_cuda_backend_name_the_fix(monkeypatch):
     """CUDA tensors need the CUDA extension and a device: otherwise a RuntimeError that
     quotes fusedrnn.cuda_status() and names the fixes; with both, check_device passes."""
-    fake = types.SimpleNamespace(device=torch.device("cuda", 0))
+    fake = types.SimpleNamespace(device=torch.device("cuda", 0), is_cpu=False)
     status = "fusedrnn was built without its CUDA extension (test)"
     monkeypatch.setattr(fusedrnn, "cuda_available", lambda: False)
     monkeypatch.setattr(fusedrnn, "cuda_status", lambda: status)
@@ -656,7 +656,8 @@ def test_cuda_tensors_without_cuda_backend_name_the_fix(monkeypatch):
     monkeypatch.setattr(fusedrnn, "cuda_available", lambda: True)
     _torch_ops.check_device(fake, "x")  # dispatched to the CUDA backend, no error
     with pytest.raises(RuntimeError, match="CPU tensors .* and CUDA tensors"):
-        _torch_ops.check_device(types.SimpleNamespace(device=torch.device("meta")), "x")
+        _torch_ops.check_device(
+            types.SimpleNamespace(device=torch.device("meta"), is_cpu=False), "x")
 
 
 def test_meta_module_runs_shapes_only():

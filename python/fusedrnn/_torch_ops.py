@@ -116,9 +116,9 @@ def check_device(t: Tensor, name: str = "input") -> None:
     """Raise a clear error for tensors fusedrnn cannot run: CPU tensors always run; CUDA
     tensors when fusedrnn's CUDA backend is built and sees a device
     (``fusedrnn.cuda_available()``)."""
-    kind = t.device.type
-    if kind == "cpu":
+    if t.is_cpu:  # (a tenth of the time of t.device.type)
         return
+    kind = t.device.type
     if kind == "cuda":
         # Under torch.compile the availability query would be a graph break (a call into
         # the extension); the op's real implementation checks again when it runs.
@@ -139,7 +139,7 @@ def check_device(t: Tensor, name: str = "input") -> None:
 
 def _on_cuda(t: Tensor) -> bool:
     """The dispatch rule of both ops: CUDA tensors run on the CUDA backend."""
-    return t.device.type == "cuda"
+    return t.is_cuda
 
 
 def checkpoint_code(checkpoint) -> int:

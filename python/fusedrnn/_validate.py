@@ -231,7 +231,8 @@ def backward_args(cache, cache_type, dy, dh_n=None, dc_n=None,
                         f"from the same module's forward, got {type(cache).__name__}")
     T, B, H, P, dtype = cache.T, cache.B, cache.H, cache.P, np.dtype(cache.dtype)
     n = "P" if P != H else "H"  # the state's size: P with a projection
-    yshape, ylegend = ((B, T, P), f"[B, T, {n}]") if cache.batch_first else ((T, B, P), f"[T, B, {n}]")
+    yshape, ylegend = (((B, T, P), lambda: f"[B, T, {n}]") if cache.batch_first
+                       else ((T, B, P), lambda: f"[T, B, {n}]"))
     z = zeros_for_none
     if dy is not None:
         dy = _array("dy", dy, dtype, yshape, ylegend)
