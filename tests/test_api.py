@@ -264,6 +264,39 @@ def test_recurrent_products_in_k_chunks(cell, H, dtype, rng):
         np.testing.assert_array_equal(fusedrnn.forward(*args, **kw, training=False)[0], y)
 
 
+@pytest.mark.parametrize("cell,H", [("rnn_tanh", 256), ("gru", 128), ("lstm", 128)])
+def test_weight_gradients_in_row_chunks(cell, H, rng):
+    """A layer that runs at least 2048 rows cuts the rows of its weight-gradient products
+    into chunks (rnn_impl.h, weight_tasks: here 4 for rnn_tanh H = 256 at full length,
+    2 otherwise), each chunk after the first summed into a buffer of its own and added
+    in chunk order. Against the reference with and without checkpointing (segments of
+    5 steps, split into chunks of their own rows), with lengths, and bitwise across
+    thread counts."""
+    for semantics in ({}, {"lengths": True, "batch_first": True}):
+        # (scale: W_hh's spectral radius below 1; at 0.5 rounding differences grow
+        # chaotically over the 40 steps)
+        args, kw, dy, dh_n, dc_n = make_problem(cell, 40, 120, 16, H, np.float64, rng,
+                                                scale=0.05, **semantics)
+        ry, rh, rc, rcache = reference.forward(*args, **kw)
+        rg = reference.backward(rcache, dy, dh_n, dc_n)
+        old = fusedrnn.get_num_threads()
+        results = []
+        try:
+            for n, ck in ((1, False), (2, False), (3, False), (2, 5)):
+                fusedrnn.set_num_threads(n)
+                y, h_n, c_n, cache = fusedrnn.forward(*args, **kw, checkpoint=ck)
+                g = fusedrnn.backward(cache, dy, dh_n, dc_n)
+                for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
+                    assert_close(f"{semantics} checkpoint={ck} {name}", a, r, TOL[np.float64])
+                if not ck:
+                    results.append([g[k] for k in GRAD_KEYS if g[k] is not None])
+        finally:
+            fusedrnn.set_num_threads(old)
+        for other in results[1:]:
+            for a, b in zip(other, results[0]):
+                np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("semantics", [{}, {"batch_first": True}, {"mask": True, "reverse": True},
                                        {"lengths": True, "batch_first": True}])
 def test_gemm_column_tasks(semantics, rng):

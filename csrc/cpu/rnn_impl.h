@@ -76,7 +76,30 @@ inline int64_t row_task(int64_t N) {
   n = n <= 1 ? 1 : n == 2 ? 2 : (n + 3) / 4 * 4;
   return (N + n - 1) / n;
 }
-inline int64_t weight_task(int64_t G, int64_t H) { return task_size(G * H, 64, 256); }  // of dW
+// The weight-gradient tasks of a layer's backward: blocks of `rows` rows of
+// one gate's part of dW_ih or dW_hh (with their bias gradient), each over one
+// of `chunks` equal chunks of a segment's rows. Each task's BLAS call repacks
+// its chunk of the shared operand (x or h: every row of the chunk, all
+// columns), once per row block: with blocks of task_size(G*H) rows, rnn_tanh
+// B = 64, H = 512 repacked x and h 8 times each, 6% of a training call's
+// samples. So when a layer has enough rows, the blocks grow to up to 256 rows
+// and the rows are cut into chunks instead, for about as many tasks as before
+// (2 to 4 chunks of at least 1024 rows); chunk c > 0 sums into a buffer of its
+// own (at most 16 MiB for all), added to dW afterwards in the order of c.
+// Otherwise (chunks == 1) the blocks stay as they were. Fixed by the shape
+// alone, so results do not depend on the thread count.
+struct WeightTasks {
+  int64_t rows, chunks;
+};
+inline WeightTasks weight_tasks(int64_t G, int64_t H, int64_t I, int64_t P, int64_t N,
+                                int64_t itemsize) {
+  const int64_t small = task_size(G * H, 64, 256), big = std::min<int64_t>(256, (H + 63) / 64 * 64);
+  const int64_t ratio = ((H + small - 1) / small + (H + big - 1) / big - 1) / ((H + big - 1) / big);
+  int64_t chunks = std::min<int64_t>({ratio, 4, N / 1024});
+  const int64_t bytes = G * H * (I + P + 2) * itemsize;  // one chunk's buffer
+  while (chunks > 1 && (chunks - 1) * bytes > (int64_t(16) << 20)) --chunks;
+  return chunks > 1 ? WeightTasks{big, chunks} : WeightTasks{small, 1};
+}
 
 // Time step of packed row r (the last t whose rows start at or before r).
 inline int64_t time_of_row(const Schedule& s, int64_t r) {
@@ -361,6 +384,12 @@ void add_column_sums(S* db, bool set, const S* a, int64_t rows, int64_t cols, in
   }
 }
 
+// dst[0 .. n) += src[0 .. n)
+template <typename S>
+void add_to(S* __restrict dst, const S* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
 // ---------------------------------------------------------------- forward
 
 template <Cell C, typename S>
@@ -611,6 +640,14 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   Buffer<S> dproj(proj ? checked_mul(R, Pp) : 0), dm(proj ? checked_mul(B, Hp) : 0);
   const bool direct_dx = sched.identity && !bf;
   Buffer<S> dxp(direct_dx ? 0 : checked_mul(R, I));
+  // Partial weight gradients of row chunks 1 .. kc-1 (see WeightTasks).
+  const WeightTasks dw = weight_tasks(G, H, I, P, sched.N, int64_t(sizeof(S)));
+  Buffer<S> dw_part_ih_buf(checked_mul(checked_mul(dw.chunks - 1, G * H), I));
+  Buffer<S> dw_part_hh_buf(checked_mul(checked_mul(dw.chunks - 1, G * H), P));
+  Buffer<S> db_part_buf(checked_mul(dw.chunks - 1, 2 * G * H));
+  S* const dw_part_ih = dw_part_ih_buf.data();
+  S* const dw_part_hh = dw_part_hh_buf.data();
+  S* const db_part = db_part_buf.data();
 
   // Checkpointed: each segment's saved values are recomputed from its
   // checkpoint before its backward steps.
@@ -732,7 +769,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       K.pack_bwd(cache.w_hh_data(), G, H, Hp, P, wb.data(), pb0, pb1);
       if (proj) K.pack_bwd(cache.w_hr_data(), 1, P, Pp, H, wrb.data(), ub0, ub1);
     }
-    const int64_t wt = weight_task(G, H), per_gate = (H + wt - 1) / wt;
+    const int64_t wt = dw.rows, per_gate = (H + wt - 1) / wt, kc = dw.chunks;
+    const int64_t dw_tasks = 2 * G * per_gate * kc;
     for (size_t i = segs.size(); i-- > 0;) {
       const Segment& sg = segs[i];
       const int64_t r0 = sg.r0, rows = sg.r1 - sg.r0;
@@ -784,20 +822,28 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
       }
       // Weight and bias gradients of the segment's rows, in tasks of wt rows
       // of one gate block of dW_ih or of dW_hh (with that block's bias
-      // gradient); added to the sums of the later segments.
-      for (int64_t task = tid; task < 2 * G * per_gate; task += nt) {
-        const bool hh = task >= G * per_gate;
-        const int64_t g = task % (G * per_gate) / per_gate, k0 = task % per_gate * wt;
+      // gradient) over one of kc chunks of the rows. Chunk 0 adds to the sums
+      // of the later segments; chunk c > 0 sets its partial sums, which are
+      // added after the dx tasks, in the order of c (WeightTasks).
+      for (int64_t task = tid; task < dw_tasks; task += nt) {
+        const int64_t c = task % kc, blk = task / kc;
+        const bool hh = blk >= G * per_gate;
+        const int64_t g = blk % (G * per_gate) / per_gate, k0 = blk % per_gate * wt;
         const int64_t k1 = std::min(H, k0 + wt);
-        const S* dg = (hh ? dgh : dgx.data()) + g * Hp + k0;
+        int64_t a, b;
+        split(rows, int(kc), int(c), &a, &b);
+        const S* dg = (hh ? dgh : dgx.data()) + a * GHp + g * Hp + k0;
+        const S beta = c == 0 ? zero_or_add : S(0);
+        S* dw_out = c == 0 ? (hh ? p.dw_hh : p.dw_ih) : (hh ? dw_part_hh : dw_part_ih) +
+                                                            (c - 1) * G * H * (hh ? P : I);
+        S* db_out = c == 0 ? (hh ? p.db_hh : p.db_ih) : db_part + ((c - 1) * 2 + hh) * G * H;
         if (hh)
-          product(true, k1 - k0, P, rows, dg, GHp, saved(cache.hprev, hprev_r, Pp, r0), Pp,
-                  zero_or_add, p.dw_hh + (g * H + k0) * P, P);
+          product(true, k1 - k0, P, b - a, dg, GHp, saved(cache.hprev, hprev_r, Pp, r0) + a * Pp,
+                  Pp, beta, dw_out + (g * H + k0) * P, P);
         else
-          product(true, k1 - k0, I, rows, dg, GHp, cache.x.data() + r0 * I, I, zero_or_add,
-                  p.dw_ih + (g * H + k0) * I, I);
-        add_column_sums((hh ? p.db_hh : p.db_ih) + g * H + k0, zero_or_add == S(0), dg, rows,
-                        k1 - k0, GHp);
+          product(true, k1 - k0, I, b - a, dg, GHp, cache.x.data() + (r0 + a) * I, I, beta,
+                  dw_out + (g * H + k0) * I, I);
+        add_column_sums(db_out + g * H + k0, beta == S(0), dg, b - a, k1 - k0, GHp);
       }
       // Projection weights: dW_hr = Σ dh'ᵀ m, in tasks of rows of W_hr.
       if (proj)
@@ -828,6 +874,19 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         int64_t a, b;
         split(rows, nt, tid, &a, &b);
         scatter_dx(a, b);
+      }
+      // The partial weight and bias gradients of chunks 1 .. kc-1, added in that
+      // order to chunk 0's: each thread its share of dW's rows.
+      if (kc > 1) {
+        team.barrier();
+        int64_t o0, o1;
+        split(G * H, nt, tid, &o0, &o1);
+        for (int64_t c = 1; c < kc; ++c) {
+          add_to(p.dw_ih + o0 * I, dw_part_ih + ((c - 1) * G * H + o0) * I, (o1 - o0) * I);
+          add_to(p.dw_hh + o0 * P, dw_part_hh + ((c - 1) * G * H + o0) * P, (o1 - o0) * P);
+          add_to(p.db_ih + o0, db_part + (c - 1) * 2 * G * H + o0, o1 - o0);
+          add_to(p.db_hh + o0, db_part + ((c - 1) * 2 + 1) * G * H + o0, o1 - o0);
+        }
       }
       // The next segment overwrites the gate gradients and recomputed values.
       if (i > 0) team.barrier();
