@@ -264,6 +264,31 @@ def test_recurrent_products_in_k_chunks(cell, H, dtype, rng):
         np.testing.assert_array_equal(fusedrnn.forward(*args, **kw, training=False)[0], y)
 
 
+def _threads_and_checkpoint_versus_reference(args, kw, dy, dh_n, dc_n, checkpoint, label=""):
+    """Forward and backward of one float64 problem on 1, 2 and 3 threads, and on 2 with
+    ``checkpoint``: every run against the reference, and the runs without checkpointing
+    bitwise equal to each other."""
+    ry, rh, rc, rcache = reference.forward(*args, **kw)
+    rg = reference.backward(rcache, dy, dh_n, dc_n)
+    old = fusedrnn.get_num_threads()
+    results = []
+    try:
+        for n, ck in ((1, False), (2, False), (3, False), (2, checkpoint)):
+            fusedrnn.set_num_threads(n)
+            y, h_n, c_n, cache = fusedrnn.forward(*args, **kw, checkpoint=ck)
+            g = fusedrnn.backward(cache, dy, dh_n, dc_n)
+            outputs = _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg)
+            for name, a, r in outputs:
+                assert_close(f"{label}checkpoint={ck} {name}", a, r, TOL[np.float64])
+            if not ck:
+                results.append([a for _, a, _ in outputs])
+    finally:
+        fusedrnn.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("cell,H", [("rnn_tanh", 256), ("gru", 128), ("lstm", 128)])
 def test_weight_gradients_in_row_chunks(cell, H, rng):
     """A layer that runs at least 2048 rows cuts the rows of its weight-gradient products
@@ -277,24 +302,7 @@ def test_weight_gradients_in_row_chunks(cell, H, rng):
         # chaotically over the 40 steps)
         args, kw, dy, dh_n, dc_n = make_problem(cell, 40, 120, 16, H, np.float64, rng,
                                                 scale=0.05, **semantics)
-        ry, rh, rc, rcache = reference.forward(*args, **kw)
-        rg = reference.backward(rcache, dy, dh_n, dc_n)
-        old = fusedrnn.get_num_threads()
-        results = []
-        try:
-            for n, ck in ((1, False), (2, False), (3, False), (2, 5)):
-                fusedrnn.set_num_threads(n)
-                y, h_n, c_n, cache = fusedrnn.forward(*args, **kw, checkpoint=ck)
-                g = fusedrnn.backward(cache, dy, dh_n, dc_n)
-                for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
-                    assert_close(f"{semantics} checkpoint={ck} {name}", a, r, TOL[np.float64])
-                if not ck:
-                    results.append([g[k] for k in GRAD_KEYS if g[k] is not None])
-        finally:
-            fusedrnn.set_num_threads(old)
-        for other in results[1:]:
-            for a, b in zip(other, results[0]):
-                np.testing.assert_array_equal(a, b)
+        _threads_and_checkpoint_versus_reference(args, kw, dy, dh_n, dc_n, 5, f"{semantics} ")
 
 
 @pytest.mark.parametrize("semantics", [{}, {"batch_first": True}, {"mask": True, "reverse": True},
@@ -310,24 +318,7 @@ def test_gemm_column_tasks(semantics, rng):
                                             **semantics)
     if "lengths" in kw:
         kw["lengths"] = np.array([4, 1, 3])  # 8 rows run
-    ry, rh, rc, rcache = reference.forward(*args, **kw)
-    rg = reference.backward(rcache, dy, dh_n, dc_n)
-    old = fusedrnn.get_num_threads()
-    results = []
-    try:
-        for n, ck in ((1, False), (2, False), (3, False), (2, 2)):
-            fusedrnn.set_num_threads(n)
-            y, h_n, c_n, cache = fusedrnn.forward(*args, **kw, checkpoint=ck)
-            g = fusedrnn.backward(cache, dy, dh_n, dc_n)
-            for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
-                assert_close(name, a, r, TOL[np.float64])
-            if not ck:
-                results.append([y, h_n, c_n] + [g[k] for k in GRAD_KEYS if g[k] is not None])
-    finally:
-        fusedrnn.set_num_threads(old)
-    for other in results[1:]:
-        for a, b in zip(other, results[0]):
-            np.testing.assert_array_equal(a, b)
+    _threads_and_checkpoint_versus_reference(args, kw, dy, dh_n, dc_n, 2)
 
 
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 5)])
