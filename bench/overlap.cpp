@@ -13,12 +13,12 @@
 //   mixed    both in one loop, instruction by instruction
 // Build and run (x86-64 with AVX2/FMA):
 //   g++ -O3 -mavx2 -mfma -pthread bench/overlap.cpp -o /tmp/overlap && /tmp/overlap
-// On the 2-core development machine (README, "How close to the machine"), two runs of
-// three rounds: stream 6.2-8.6, compute 3.7, serial 10.5-11.7, mixed 9.3-9.6 us a step.
-// Mixed hides 0.4-0.7 us of the compute's 3.7 under the stream (against the best
-// stream-only rounds): the loop is bound by its loads (20 per 16 FMAs), and with 16
-// vector registers the cached product cannot keep its weights in registers beside
-// the stream's accumulators.
+// On the 2-core development machine (README, "How close to the machine"), four runs of
+// three rounds: stream 6.2-8.6, compute 3.7-4.0, serial 10.5-11.8, mixed 9.3-11.1 us
+// a step (median 9.6). Mixed hides at most 0.6 us of the compute's 3.7 under the
+// stream (against the best stream-only rounds): the loop is bound by its loads (20 per
+// 16 FMAs), and with 16 vector registers the cached product cannot keep its weights
+// in registers beside the stream's accumulators.
 #include <immintrin.h>
 
 #include <atomic>
@@ -49,51 +49,51 @@ float* filled(size_t n, int mod) {
   return p;
 }
 
+// One k of the stream: h[k] times the 4 gates' weights of a K x 4 x 8 panel.
+inline void stream_k(__m256* acc, const float* wp, const float* h, int k) {
+  const __m256 hb = _mm256_broadcast_ss(h + k);
+  for (int g = 0; g < 4; ++g)
+    acc[g] = _mm256_fmadd_ps(hb, _mm256_load_ps(wp + (k * 4 + g) * 8), acc[g]);
+}
+
+// One k of the cached product: 2 rows of x times the 4 gates' weights.
+inline void cached_k(__m256* acc, const float* wq, const float* x, int k) {
+  for (int r = 0; r < 2; ++r) {
+    const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+    for (int g = 0; g < 4; ++g)
+      acc[r * 4 + g] = _mm256_fmadd_ps(xb, _mm256_load_ps(wq + (k * 4 + g) * 8), acc[r * 4 + g]);
+  }
+}
+
+__m256 sum(const __m256* acc, int n) {
+  __m256 s = acc[0];
+  for (int j = 1; j < n; ++j) s = _mm256_add_ps(s, acc[j]);
+  return s;
+}
+
 // One block of the stream: h (K values) times a K x 4 x 8 panel.
 __m256 stream_block(const float* wp, const float* h) {
   __m256 acc[4] = {};
-  for (int k = 0; k < K; ++k) {
-    const __m256 hb = _mm256_broadcast_ss(h + k);
-    for (int g = 0; g < 4; ++g)
-      acc[g] = _mm256_fmadd_ps(hb, _mm256_load_ps(wp + (k * 4 + g) * 8), acc[g]);
-  }
-  return _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  for (int k = 0; k < K; ++k) stream_k(acc, wp, h, k);
+  return sum(acc, 4);
 }
 
 // As many FMAs on a cached panel: 2 rows of x over K/2 values of k.
 __m256 compute_block(const float* wq, const float* x) {
   __m256 acc[8] = {};
-  for (int k = 0; k < K / 2; ++k)
-    for (int r = 0; r < 2; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
-      for (int g = 0; g < 4; ++g)
-        acc[r * 4 + g] = _mm256_fmadd_ps(xb, _mm256_load_ps(wq + (k * 4 + g) * 8), acc[r * 4 + g]);
-    }
-  __m256 s = acc[0];
-  for (int j = 1; j < 8; ++j) s = _mm256_add_ps(s, acc[j]);
-  return s;
+  for (int k = 0; k < K / 2; ++k) cached_k(acc, wq, x, k);
+  return sum(acc, 8);
 }
 
 // Both, interleaved: two k of the stream, then one k of the cached product.
 __m256 mixed_block(const float* wp, const float* h, const float* wq, const float* x) {
-  __m256 acc[4] = {}, ga[8] = {};
+  __m256 acc[12] = {};  // the stream's 4, then the cached product's 8
   for (int k = 0; k < K; k += 2) {
-    for (int kk = k; kk < k + 2; ++kk) {
-      const __m256 hb = _mm256_broadcast_ss(h + kk);
-      for (int g = 0; g < 4; ++g)
-        acc[g] = _mm256_fmadd_ps(hb, _mm256_load_ps(wp + (kk * 4 + g) * 8), acc[g]);
-    }
-    const int q = k / 2;
-    for (int r = 0; r < 2; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * K + q);
-      for (int g = 0; g < 4; ++g)
-        ga[r * 4 + g] = _mm256_fmadd_ps(xb, _mm256_load_ps(wq + (q * 4 + g) * 8), ga[r * 4 + g]);
-    }
+    stream_k(acc, wp, h, k);
+    stream_k(acc, wp, h, k + 1);
+    cached_k(acc + 4, wq, x, k / 2);
   }
-  __m256 s = acc[0];
-  for (int j = 1; j < 4; ++j) s = _mm256_add_ps(s, acc[j]);
-  for (int j = 0; j < 8; ++j) s = _mm256_add_ps(s, ga[j]);
-  return s;
+  return sum(acc, 12);
 }
 
 double run(Mode mode, int threads) {
