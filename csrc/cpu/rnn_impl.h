@@ -84,8 +84,9 @@ inline int64_t row_task(int64_t N) {
 // B = 64, H = 512 repacked x and h 8 times each, 6% of a training call's
 // samples. So when a layer has enough rows, the blocks grow to up to 256 rows
 // and the rows are cut into chunks instead, for about as many tasks as before
-// (2 to 4 chunks of at least 1024 rows); chunk c > 0 sums into a buffer of its
-// own (at most 16 MiB for all), added to dW afterwards in the order of c.
+// (2 to 4 chunks, at least 1024 of the layer's rows each; a checkpointed
+// segment cuts its own rows into as many); chunk c > 0 sums into a buffer of
+// its own (at most 16 MiB for all), added to dW afterwards in the order of c.
 // Otherwise (chunks == 1) the blocks stay as they were. Fixed by the shape
 // alone, so results do not depend on the thread count.
 struct WeightTasks {
