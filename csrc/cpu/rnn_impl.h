@@ -95,8 +95,8 @@ struct WeightTasks {
 inline WeightTasks weight_tasks(int64_t G, int64_t H, int64_t I, int64_t P, int64_t N,
                                 int64_t itemsize) {
   const int64_t small = task_size(G * H, 64, 256), big = std::min<int64_t>(256, (H + 63) / 64 * 64);
-  const int64_t ratio = ((H + small - 1) / small + (H + big - 1) / big - 1) / ((H + big - 1) / big);
-  int64_t chunks = std::min<int64_t>({ratio, 4, N / 1024});
+  const int64_t small_blocks = (H + small - 1) / small, big_blocks = (H + big - 1) / big;
+  int64_t chunks = std::min<int64_t>({(small_blocks + big_blocks - 1) / big_blocks, 4, N / 1024});
   const int64_t bytes = G * H * (I + P + 2) * itemsize;  // one chunk's buffer
   while (chunks > 1 && (chunks - 1) * bytes > (int64_t(16) << 20)) --chunks;
   return chunks > 1 ? WeightTasks{big, chunks} : WeightTasks{small, 1};
@@ -643,12 +643,14 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   Buffer<S> dxp(direct_dx ? 0 : checked_mul(R, I));
   // Partial weight gradients of row chunks 1 .. kc-1 (see WeightTasks).
   const WeightTasks dw = weight_tasks(G, H, I, P, sched.N, int64_t(sizeof(S)));
-  Buffer<S> dw_part_ih_buf(checked_mul(checked_mul(dw.chunks - 1, G * H), I));
-  Buffer<S> dw_part_hh_buf(checked_mul(checked_mul(dw.chunks - 1, G * H), P));
-  Buffer<S> db_part_buf(checked_mul(dw.chunks - 1, 2 * G * H));
-  S* const dw_part_ih = dw_part_ih_buf.data();
-  S* const dw_part_hh = dw_part_hh_buf.data();
-  S* const db_part = db_part_buf.data();
+  Buffer<S> dw_part_ih(checked_mul(checked_mul(dw.chunks - 1, G * H), I));
+  Buffer<S> dw_part_hh(checked_mul(checked_mul(dw.chunks - 1, G * H), P));
+  Buffer<S> db_part(checked_mul(dw.chunks - 1, 2 * G * H));
+  // chunk c > 0's partial sums of dW_hh (hh) or dW_ih, and of their bias gradient
+  auto part_w = [&](bool hh, int64_t c) {
+    return (hh ? dw_part_hh : dw_part_ih).data() + (c - 1) * G * H * (hh ? P : I);
+  };
+  auto part_b = [&](bool hh, int64_t c) { return db_part.data() + ((c - 1) * 2 + hh) * G * H; };
 
   // Checkpointed: each segment's saved values are recomputed from its
   // checkpoint before its backward steps.
@@ -835,9 +837,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         split(rows, int(kc), int(c), &a, &b);
         const S* dg = (hh ? dgh : dgx.data()) + a * GHp + g * Hp + k0;
         const S beta = c == 0 ? zero_or_add : S(0);
-        S* dw_out = c == 0 ? (hh ? p.dw_hh : p.dw_ih) : (hh ? dw_part_hh : dw_part_ih) +
-                                                            (c - 1) * G * H * (hh ? P : I);
-        S* db_out = c == 0 ? (hh ? p.db_hh : p.db_ih) : db_part + ((c - 1) * 2 + hh) * G * H;
+        S* dw_out = c == 0 ? (hh ? p.dw_hh : p.dw_ih) : part_w(hh, c);
+        S* db_out = c == 0 ? (hh ? p.db_hh : p.db_ih) : part_b(hh, c);
         if (hh)
           product(true, k1 - k0, P, b - a, dg, GHp, saved(cache.hprev, hprev_r, Pp, r0) + a * Pp,
                   Pp, beta, dw_out + (g * H + k0) * P, P);
@@ -882,12 +883,13 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         team.barrier();
         int64_t o0, o1;
         split(G * H, nt, tid, &o0, &o1);
-        for (int64_t c = 1; c < kc; ++c) {
-          add_to(p.dw_ih + o0 * I, dw_part_ih + ((c - 1) * G * H + o0) * I, (o1 - o0) * I);
-          add_to(p.dw_hh + o0 * P, dw_part_hh + ((c - 1) * G * H + o0) * P, (o1 - o0) * P);
-          add_to(p.db_ih + o0, db_part + (c - 1) * 2 * G * H + o0, o1 - o0);
-          add_to(p.db_hh + o0, db_part + ((c - 1) * 2 + 1) * G * H + o0, o1 - o0);
-        }
+        for (int64_t c = 1; c < kc; ++c)
+          for (bool hh : {false, true}) {
+            const int64_t cols = hh ? P : I;
+            add_to((hh ? p.dw_hh : p.dw_ih) + o0 * cols, part_w(hh, c) + o0 * cols,
+                   (o1 - o0) * cols);
+            add_to((hh ? p.db_hh : p.db_ih) + o0, part_b(hh, c) + o0, o1 - o0);
+          }
       }
       // The next segment overwrites the gate gradients and recomputed values.
       if (i > 0) team.barrier();
