@@ -105,34 +105,51 @@ def test_16bit_matches_reference(cell, semantics, algo, dtype, rng):
     check(out, TOL[dtype])
 
 
+def expected_gemms(algo, G, I, H, running):
+    """(m, n, k) of every product a forward+backward should run when step t has
+    running[t] running rows: the input projection and the three deferred
+    weight-gradient products over the rows that run, and (standard algorithm)
+    each step's recurrent product forward and backward over its running rows.
+    Products with no rows are not run."""
+    R = sum(running)
+    log = [(G * H, R, I), (I, R, G * H), (I, G * H, R), (H, G * H, R)] if R else []
+    if algo == "standard":  # the persistent kernels multiply inside
+        log += [(G * H, n, H) for n in running if n] + [(H, n, G * H) for n in running if n]
+    return sorted(log)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-def test_lengths_multiply_running_rows_only(cell, rng):
-    """No product of the standard algorithm includes a row past its end,
-    sorted lengths or not: each step's recurrent GEMM, forward and backward,
-    has as many rows as the step has running rows (unsorted lengths pack
-    them first). The persistent kernels skip such rows by construction; both
-    match the reference."""
-    T, B, I, H = 7, 5, 6, 7  # I != H, and T * B != G * H: the products are told apart by shape
+def test_products_cover_valid_steps_only(cell, rng):
+    """No product includes a step that is not valid (a row past its end with
+    lengths, a missing value with a mask), sorted lengths or not, in either
+    direction and layout: the input projection and the deferred products have
+    as many rows as there are valid steps, and each step's recurrent GEMM,
+    forward and backward, as many as the step has valid rows (rows that are
+    not a prefix of the batch are packed first). Both algorithms match the
+    reference."""
+    T, B, I, H = 7, 5, 6, 7
     G = fusedrnn.CELLS[cell]
-    for lengths in ([7, 7, 3, 1, 0], [0, 2, 7, 1, 5], [3, 7, 3, 7, 1], [1, 1, 1, 1, 1],
-                    [0, 0, 0, 0, 0]):
-        args, kw, dy, dh_n, dc_n = make_problem(cell, T, B, I, H, np.float64, rng)
-        kw["lengths"] = np.array(lengths)
-        for reverse in (False, True):
-            kw["reverse"] = reverse
-            running = sorted(sum(n > t for n in lengths) for t in range(T))
-            running = [n for n in running if n > 0]
+    m = rng.random((T, B)) < 0.6
+    cases = [{"lengths": np.array(n)} for n in ([7, 7, 3, 1, 0], [0, 2, 7, 1, 5],
+                                                 [3, 7, 3, 7, 1], [1, 1, 1, 1, 1],
+                                                 [0, 0, 0, 0, 0], [7, 7, 7, 7, 7])]
+    cases += [{"mask": m}, {"mask": np.zeros((T, B), bool)}, {"mask": np.ones((T, B), bool)}]
+    for case in cases:
+        valid = (np.arange(T)[:, None] < case["lengths"][None, :] if "lengths" in case
+                 else case["mask"])
+        running = valid.sum(axis=1).tolist()
+        for reverse, batch_first in ((False, False), (True, False), (False, True)):
+            args, kw, dy, dh_n, dc_n = make_problem(cell, T, B, I, H, np.float64, rng,
+                                                    reverse=reverse, batch_first=batch_first)
+            kw.update(case)
+            if batch_first and "mask" in case:
+                kw["mask"] = case["mask"].T
             for algo in ALGOS:
                 emu.take_gemm_log()
                 out, _, _ = run(cell, (args, kw, dy, dh_n, dc_n), "float32", algo)
                 check(out, TOL["float32"])
-                log = [tuple(g) for g in emu.take_gemm_log()]
-                # forward's products are (G*H) x n x H, backward's H x n x (G*H)
-                rec = sorted(n for m, n, k in log if (m, k) in ((G * H, H), (H, G * H)))
-                if algo == "standard":
-                    assert rec == sorted(running * 2), (lengths, log)
-                else:  # the recurrent products run inside the persistent kernels
-                    assert rec == [], (lengths, log)
+                log = sorted(tuple(g) for g in emu.take_gemm_log())
+                assert log == expected_gemms(algo, G, I, H, running), (case, reverse, algo)
 
 
 @pytest.mark.parametrize("algo", ALGOS)

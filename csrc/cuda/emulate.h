@@ -30,6 +30,7 @@
 #include <ucontext.h>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -177,9 +178,20 @@ inline int sms() {
   return n > 0 ? n : 4;
 }
 
+// A launch configuration a GPU refuses (cudaErrorInvalidConfiguration, which
+// the backend would meet at its next error check): an empty grid or block, or
+// more than 1024 threads or 65535 blocks in y. Refused here at once.
+inline void check_config(dim3 grid, dim3 block) {
+  if (grid.x == 0 || grid.y == 0 || block.x == 0 || block.x > 1024 || grid.y > 65535)
+    throw std::runtime_error("emulated launch: invalid configuration (grid " +
+                             std::to_string(grid.x) + " x " + std::to_string(grid.y) +
+                             ", block " + std::to_string(block.x) + ")");
+}
+
 // An ordinary launch: every (block, thread) in turn.
 template <typename F>
 void run(dim3 grid, dim3 block, F&& body) {
+  check_config(grid, block);
   ThreadCtx& c = ctx();
   const ThreadCtx saved = c;
   c.grid_dim = grid;
@@ -212,6 +224,7 @@ Launcher<K> launcher(dim3 grid, dim3 block, K kernel) {
 // A cooperative launch: all threads as fibers, with real barriers.
 template <typename F>
 void run_cooperative(int blocks, int threads, std::size_t smem, F&& body) {
+  check_config(dim3(blocks > 0 ? blocks : 0), dim3(threads > 0 ? threads : 0));
   constexpr std::size_t kStack = 256 * 1024;
   Barrier grid_barrier(blocks * threads);
   const int warps = (threads + 31) / 32;

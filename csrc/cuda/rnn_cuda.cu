@@ -158,27 +158,24 @@ __global__ void from_float(const float* src, Tout* dst, int64_t n) {
   if (i < n) dst[i] = from_f<Tout>(src[i]);
 }
 
-// Zero the rows of x (x's row order, [N, I]) whose step is not valid: the
-// cached copy feeds dW_ih = dgates^T x, where 0 * NaN in padding would be NaN.
-template <typename T>
-__global__ void zero_invalid_rows(T* x, int64_t I, int64_t T_, int64_t B, bool batch_first,
-                                  const int32_t* lengths, const uint8_t* mask) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= T_ * B * I) return;
-  const int64_t r = i / I;
-  const int64_t t = batch_first ? r % T_ : r / B, b = batch_first ? r / T_ : r % B;
-  const bool valid = lengths ? t < lengths[b] : mask[t * B + b] != 0;
-  if (!valid) x[i] = from_f<T>(0.f);
-}
-
-// dst[i * W + j] = src[rows[i] * ld + j], i < n, j < W: the running rows of a
-// step, packed for its product when they are not a prefix of the batch.
+// dst[i * W + j] = src[rows[i] * ld + j], i < n, j < W: rows gathered into a
+// packed block (see RunningRows).
 template <typename T>
 __global__ void gather_rows(T* dst, const T* src, int64_t ld, const int32_t* rows, int64_t n,
                             int64_t W) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n * W) return;
   dst[i] = src[rows[i / W] * ld + i % W];
+}
+
+// dst[rows[i] * ld + j] = src[i * W + j], i < n, j < W: packed rows back to
+// their places (rows are distinct).
+template <typename T>
+__global__ void scatter_rows(T* dst, int64_t ld, const T* src, const int32_t* rows, int64_t n,
+                             int64_t W) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n * W) return;
+  dst[rows[i / W] * ld + i % W] = src[i];
 }
 
 // dst[rows[i] * ld + j] += src[i * W + j], i < n, j < W (rows are distinct).
@@ -225,7 +222,8 @@ void colsum(Scratch& scratch, cudaStream_t st, const T* a, int64_t rows, int64_t
 
 struct FwdStep {
   int64_t B, H, t, row0, bstride;
-  const float* gx;  // [N, G*H], x's row order
+  const float* gx;  // [rows, G*H]: x's row order, or packed (prow)
+  const int32_t* prow;  // [T*B]: (t, b)'s packed row, or null (see RunningRows)
   const float* gh;  // [B, G*H]: this step's recurrent product (rows of running steps)
   const int32_t* ghslot;  // [B] row b's row of gh, or null: row b (see RunningRows)
   const void *b_ih, *b_hh;
@@ -259,7 +257,7 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
   float h_new = to_f(h_old), c_new = 0.f;
   if constexpr (C == Cell::Lstm) c_new = s.cprev[b * s.cprev_ld + j];
   if (valid) {
-    const float* gx = s.gx + r * GH + j;
+    const float* gx = s.gx + (s.prow ? s.prow[s.t * s.B + b] : r) * GH + j;
     const Tio* bi = static_cast<const Tio*>(s.b_ih);
     const Tio* bh = static_cast<const Tio*>(s.b_hh);
     float xa[G], ha[G];
@@ -524,8 +522,9 @@ struct BwdStep {
   int64_t cprev_ld;
   const void* hprev;  // gru: state entering the step
   int64_t hprev_ld;
-  void* dgx;  // [N, G*H]: gradient w.r.t. the input-side pre-activations
-  void* dgh;  // [N, G*H]: w.r.t. the recurrent product (gru only; else dgx)
+  void* dgx;  // [rows, G*H]: gradient w.r.t. the input-side pre-activations
+  void* dgh;  // [rows, G*H]: w.r.t. the recurrent product (gru only; else dgx)
+  const int32_t* prow;  // as FwdStep's: dgx and dgh rows are packed, or x's when null
   const int32_t* lengths;
   const uint8_t* mask;
 };
@@ -558,17 +557,13 @@ __device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j
   // carried state, so its gradient flows into that state.
   const bool dy_counts = s.dy && (valid || !s.lengths);
   const float dh = s.dh[i] + (dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * H + j]) : 0.f);
-  Tio* dgx = static_cast<Tio*>(s.dgx) + r * GH + j;
-  Tio* dgh = C == Cell::Gru ? static_cast<Tio*>(s.dgh) + r * GH + j : nullptr;
-  if (!valid) {
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      dgx[g * H] = from_f<Tio>(0.f);
-      if (dgh) dgh[g * H] = from_f<Tio>(0.f);
-    }
+  if (!valid) {  // no dgates row: invalid steps exist only with packed rows (prow)
     s.dh[i] = dh;
     return;
   }
+  const int64_t gr = s.prow ? s.prow[s.t * s.B + b] : r;
+  Tio* dgx = static_cast<Tio*>(s.dgx) + gr * GH + j;
+  Tio* dgh = C == Cell::Gru ? static_cast<Tio*>(s.dgh) + gr * GH + j : nullptr;
   if constexpr (C == Cell::Lstm) {
     using L = cell::Lstm<DevMath>;
     const float* gs = s.gates + r * 4 * H + j;
@@ -625,8 +620,8 @@ constexpr int kDhUnits = 8;  // units per warp item: each dgates row is read onc
 
 template <Cell C, typename Tio>
 __device__ __forceinline__ void persistent_dh(const PersistentBwdParams& a, const Tio* wt,
-                                              const Tio* dgh, int64_t row0, int64_t bs,
-                                              int64_t j0, int64_t Ue, int64_t t, float* dh) {
+                                              const Tio* dgh, int64_t j0, int64_t Ue, int64_t t,
+                                              float* dh) {
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   const int64_t H = a.step.H, B = a.step.B, GH = G * H;
   const int64_t chunks = (Ue + kDhUnits - 1) / kDhUnits;
@@ -634,10 +629,11 @@ __device__ __forceinline__ void persistent_dh(const PersistentBwdParams& a, cons
   for (int64_t o = warp; o < B * chunks; o += nwarps) {
     const int64_t b = o / chunks, u0 = (o % chunks) * kDhUnits;
     const int nu = static_cast<int>(min(static_cast<int64_t>(kDhUnits), Ue - u0));
-    // Rows whose step was not valid have zero dgates: nothing to add.
+    // Rows whose step was not valid have no dgates: nothing to add.
     if (!valid_step(a.step.lengths, a.step.mask, t, B, b)) continue;
+    const int64_t r = a.step.prow ? a.step.prow[t * B + b] : a.sb.p.row0(t) + b * a.sb.p.bstride();
     float sum[kDhUnits];
-    warp_dots(dgh + (row0 + b * bs) * GH, wt + u0 * GH, GH, nu, GH, lane, sum);
+    warp_dots(dgh + r * GH, wt + u0 * GH, GH, nu, GH, lane, sum);
     if (lane == 0)
       for (int u = 0; u < nu; ++u) dh[b * H + j0 + u0 + u] += sum[u];
   }
@@ -658,12 +654,11 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentB
     wt[u * GH + row] = w_hh[row * H + j0 + u];
   }
   __syncthreads();
-  const int64_t bs = a.sb.p.bstride();
   const Tio* dgh = static_cast<const Tio*>(C == Cell::Gru ? a.step.dgh : a.step.dgx);
   int64_t t_done = -1;  // the step whose dgates the next recurrent product reads
   for (int64_t s = T - 1; s >= 0; --s) {
     if (t_done >= 0)
-      persistent_dh<C, Tio>(a, wt, dgh, a.sb.p.row0(t_done), bs, j0, Ue, t_done, a.step.dh);
+      persistent_dh<C, Tio>(a, wt, dgh, j0, Ue, t_done, a.step.dh);
     __syncthreads();
     BwdStep f = a.step;
     place_bwd<Tio>(f, a.sb, s);
@@ -672,7 +667,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentB
     t_done = f.t;
     grid.sync();
   }
-  persistent_dh<C, Tio>(a, wt, dgh, a.sb.p.row0(t_done), bs, j0, Ue, t_done, a.step.dh);
+  persistent_dh<C, Tio>(a, wt, dgh, j0, Ue, t_done, a.step.dh);
 }
 
 PersistentConfig persistent_bwd_config(const Problem& p) {
@@ -697,59 +692,73 @@ bool launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParam
   return launch_persistent(persistent_bwd<C, Tio>, c, p.device, st, a);
 }
 
-// Rows [0, active) hold every row still running at step t: the product of a
-// step skips the finished rows at the end of the batch (all of them when
-// lengths are sorted longest first, as PyTorch's packed sequences are).
-int64_t active_rows(const std::vector<int32_t>& lengths, int64_t t, int64_t B) {
-  if (lengths.empty()) return B;
-  for (int64_t b = B; b > 0; --b)
-    if (lengths[b - 1] > t) return b;
-  return 0;
-}
-
-// With unsorted lengths the running rows of a step need not be a prefix of
-// the batch (lengths [2, 7, 5]: at t = 3 rows 1 and 2 run, row 0 does not).
-// Such steps gather their running rows into a packed block for the product,
-// so no finished row is multiplied: rows[offset[t] .. offset[t] + count[t])
-// lists step t's running rows in batch order, slot[t * B + b] is row b's
-// place in that list (0 for rows that do not run; never read). gather is
-// false when every step's running rows are a prefix (no lengths, or lengths
-// sorted longest first): then nothing is packed.
+// Which rows run at each step: the valid ones (DESIGN.md §2), every row
+// without lengths or mask. When some step is not valid, the valid steps are
+// numbered in one packed order, step by step (t ascending) and in batch order
+// within a step: (t, b) is packed row prow[t * B + b] = offset[t] + slot[t * B
+// + b], -1 when it does not run. The input projection, the gate gradients
+// and the deferred weight-gradient products then cover those rows only, and
+// step t's rows are the contiguous block [offset[t], offset[t] + count[t]).
+// A step whose running rows are a prefix of the batch (every step with
+// lengths sorted longest first, as PyTorch's packed sequences) multiplies
+// them in place; other steps gather them for their recurrent product
+// (forward) and scatter its result (backward). So no product includes a
+// step that is not valid (lengths [2, 7, 5]: at t = 3 rows 1 and 2 run).
 struct RunningRows {
-  bool gather = false;
-  std::vector<int32_t> rows, slot;
+  int64_t T, B;
+  bool packed = false;  // some step is not valid: rows are packed
+  int64_t valid = 0;    // rows that run (the packed rows)
   std::vector<int64_t> offset, count;
-  const int32_t* d_rows = nullptr;  // device copies (scratch), set by upload
-  const int32_t* d_slot = nullptr;
+  std::vector<char> is_prefix;
+  // One host block, uploaded as one: rows [valid] (packed row -> batch row),
+  // xrows [valid] (packed row -> x's row), slot [T*B], prow [T*B].
+  std::vector<int32_t> host;
+  const int32_t *d_rows = nullptr, *d_xrows = nullptr, *d_slot = nullptr, *d_prow = nullptr;
 
-  RunningRows(const std::vector<int32_t>& lengths, int64_t T, int64_t B) {
-    if (lengths.empty()) return;
+  RunningRows(const Problem& p, const std::vector<int32_t>& lengths,
+              const std::vector<uint8_t>& mask)
+      : T(p.T), B(p.B) {
+    valid = valid_steps(p, lengths, mask);
+    packed = valid < T * B;
+    if (!packed) return;
+    if (T * B > INT32_MAX)  // the row indices below are int32, as cuBLAS's dimensions
+      throw std::invalid_argument("T * B = " + std::to_string(T * B) +
+                                  " rows exceed the CUDA backend's limit of 2^31 - 1");
+    auto runs = [&](int64_t t, int64_t b) {
+      return lengths.empty() ? mask[t * B + b] != 0 : t < lengths[b];
+    };
     offset.assign(T, 0);
     count.assign(T, 0);
-    slot.assign(T * B, 0);
+    is_prefix.assign(T, 1);
+    host.assign(2 * valid + 2 * T * B, -1);
+    int32_t *rows = host.data(), *xrows = rows + valid, *slot = xrows + valid, *prow = slot + T * B;
+    int64_t n = 0;
     for (int64_t t = 0; t < T; ++t) {
-      offset[t] = static_cast<int64_t>(rows.size());
-      for (int64_t b = 0; b < B; ++b)
-        if (lengths[b] > t) {
-          slot[t * B + b] = static_cast<int32_t>(rows.size() - offset[t]);
-          rows.push_back(static_cast<int32_t>(b));
-        }
-      count[t] = static_cast<int64_t>(rows.size()) - offset[t];
-      gather = gather || count[t] < active_rows(lengths, t, B);
+      offset[t] = n;
+      for (int64_t b = 0; b < B; ++b) {
+        if (!runs(t, b)) continue;
+        is_prefix[t] = is_prefix[t] && b == n - offset[t];
+        slot[t * B + b] = static_cast<int32_t>(n - offset[t]);
+        prow[t * B + b] = static_cast<int32_t>(n);
+        rows[n] = static_cast<int32_t>(b);
+        xrows[n] = static_cast<int32_t>(p.row0(t) + b * p.bstride());
+        ++n;
+      }
+      count[t] = n - offset[t];
     }
   }
-  // Whether step t packs its running rows.
-  bool packs(int64_t t) const { return gather && count[t] > 0; }
+  // Rows of step t's recurrent product; whether they are rows [0, n(t)) of the batch.
+  int64_t n(int64_t t) const { return packed ? count[t] : B; }
+  bool prefix(int64_t t) const { return !packed || is_prefix[t]; }
   void upload(Scratch& scratch, cudaStream_t st) {
-    if (!gather) return;
-    int32_t* r = scratch.alloc<int32_t>(static_cast<int64_t>(rows.size()));
-    int32_t* sl = scratch.alloc<int32_t>(static_cast<int64_t>(slot.size()));
-    check(cudaMemcpyAsync(r, rows.data(), rows.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
+    if (!packed) return;
+    int32_t* d = scratch.alloc<int32_t>(static_cast<int64_t>(host.size()));
+    check(cudaMemcpyAsync(d, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
                           st), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(sl, slot.data(), slot.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
-                          st), "cudaMemcpyAsync");
-    d_rows = r;
-    d_slot = sl;
+    d_rows = d;
+    d_xrows = d + valid;
+    d_slot = d + 2 * valid;
+    d_prow = d + 2 * valid + T * B;
   }
 };
 
@@ -796,7 +805,10 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     return;
   }
   Scratch scratch(st);
-  float* gx = scratch.alloc<float>(N * GH);
+  RunningRows run(p, in.lengths, in.mask);
+  run.upload(scratch, st);
+  const int64_t R = run.packed ? run.valid : N;  // rows of the input projection
+  float* gx = scratch.alloc<float>(R * GH);
   float* gh = scratch.alloc<float>(B * GH);
   const int32_t* d_len = nullptr;
   const uint8_t* d_mask = nullptr;
@@ -806,12 +818,21 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
   float* c0f = nullptr;
   Tio* hbuf[2] = {nullptr, nullptr};
   float* cbuf[2] = {nullptr, nullptr};
-  const void* x = in.x;
+  const void* x = in.x;  // the input projection's rows
   const void* w_hh = in.w_hh;
+  if (run.packed) {  // the valid rows of x (into the cache, which keeps them for dW_ih)
+    if (cache && cache->x_rows != R) throw std::logic_error("fusedrnn: cache made for other rows");
+    Tio* xp = cache ? cache->at<Tio>(cache->x_off) : scratch.alloc<Tio>(R * I);
+    if (R > 0)
+      FUSEDRNN_LAUNCH(blocks_for(R * I), kThreads, 0, st, gather_rows<Tio>)(
+          xp, static_cast<const Tio*>(in.x), I, run.d_xrows, R, I);
+    x = xp;
+  }
   if (cache) {
     const std::size_t es = sizeof(Tio);
-    check(cudaMemcpyAsync(cache->mem + cache->x_off, in.x, N * I * es, cudaMemcpyDeviceToDevice, st),
-          "cudaMemcpyAsync");
+    if (!run.packed)
+      check(cudaMemcpyAsync(cache->mem + cache->x_off, in.x, N * I * es, cudaMemcpyDeviceToDevice,
+                            st), "cudaMemcpyAsync");
     check(cudaMemcpyAsync(cache->mem + cache->wih_off, in.w_ih, GH * I * es,
                           cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
     check(cudaMemcpyAsync(cache->mem + cache->whh_off, in.w_hh, GH * H * es,
@@ -842,16 +863,11 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     check(cudaMemcpyAsync(const_cast<uint8_t*>(d_mask), in.mask.data(), T * B,
                           cudaMemcpyHostToDevice, st), "cudaMemcpyAsync");
 
-  if (cache && (d_len || d_mask))
-    FUSEDRNN_LAUNCH(blocks_for(N * I), kThreads, 0, st, zero_invalid_rows<Tio>)(
-        cache->at<Tio>(cache->x_off), I, T, B, p.batch_first, d_len, d_mask);
-
-  // Input projection of every row: gx = x W_ih^T.
-  gemm(st, dev, blas::T, blas::N, GH, N, I, 1.f, in.w_ih, bt, I, x, bt, I, 0.f, gx,
-             blas::R32F, GH);
+  // Input projection of every row that runs: gx = x W_ih^T.
+  gemm(st, dev, blas::T, blas::N, GH, R, I, 1.f, in.w_ih, bt, I, x, bt, I, 0.f, gx, blas::R32F, GH);
   // The step's fields that do not change between steps, and the state buffers.
   FwdStep base{};
-  base.B = B; base.H = H; base.bstride = bs; base.gx = gx; base.gh = gh;
+  base.B = B; base.H = H; base.bstride = bs; base.gx = gx; base.prow = run.d_prow; base.gh = gh;
   base.b_ih = in.b_ih; base.b_hh = in.b_hh; base.gates = gates; base.y = y;
   base.lengths = d_len; base.mask = d_mask;
   const StateBuffers sb{p, hs, hbuf[0], hbuf[1], cs, cbuf[0], cbuf[1], c0f, h_n,
@@ -880,23 +896,20 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     // auto: the standard loop below (the state buffers are the same)
   }
 
-  RunningRows run(in.lengths, T, B);
-  run.upload(scratch, st);
-  Tio* packed = run.gather ? scratch.alloc<Tio>(B * H) : nullptr;  // a step's running rows of h
+  Tio* packed = run.packed ? scratch.alloc<Tio>(B * H) : nullptr;  // a step's running rows of h
   for (int64_t s = 0; s < T; ++s) {
     FwdStep f = base;
     place_fwd<Tio>(f, sb, s);
-    if (run.packs(f.t)) {
-      const int64_t n = run.count[f.t];
+    const int64_t n = run.n(f.t);
+    if (run.prefix(f.t)) {
+      gemm(st, dev, blas::T, blas::N, GH, n, H, 1.f, w_hh, bt, H, f.hprev, bt, f.hprev_ld, 0.f, gh,
+           blas::R32F, GH);
+    } else if (n > 0) {
       FUSEDRNN_LAUNCH(blocks_for(n * H), kThreads, 0, st, gather_rows<Tio>)(
           packed, static_cast<const Tio*>(f.hprev), f.hprev_ld, run.d_rows + run.offset[f.t], n, H);
       gemm(st, dev, blas::T, blas::N, GH, n, H, 1.f, w_hh, bt, H, packed, bt, H, 0.f, gh,
            blas::R32F, GH);
       f.ghslot = run.d_slot + f.t * B;
-    } else {
-      const int64_t active = active_rows(in.lengths, f.t, B);
-      gemm(st, dev, blas::T, blas::N, GH, active, H, 1.f, w_hh, bt, H, f.hprev, bt,
-           f.hprev_ld, 0.f, gh, blas::R32F, GH);
     }
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, fwd_step<C, Tio>)(f);
   }
@@ -916,6 +929,12 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   const std::size_t es = sizeof(Tio);
   c.use_on(st);
   Scratch scratch(st);
+  auto zero_weight_grads = [&] {
+    check(cudaMemsetAsync(g.w_ih, 0, GH * I * es, st), "cudaMemsetAsync");
+    check(cudaMemsetAsync(g.w_hh, 0, GH * H * es, st), "cudaMemsetAsync");
+    check(cudaMemsetAsync(g.b_ih, 0, GH * es, st), "cudaMemsetAsync");
+    check(cudaMemsetAsync(g.b_hh, 0, GH * es, st), "cudaMemsetAsync");
+  };
   if (N == 0) {  // nothing ran: the state gradients pass through, the rest is 0
     if (B) {
       FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.h0), H,
@@ -924,15 +943,16 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
         FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.c0), H,
                                                               static_cast<const Tio*>(dc_n), B, H);
     }
-    check(cudaMemsetAsync(g.w_ih, 0, GH * I * es, st), "cudaMemsetAsync");
-    check(cudaMemsetAsync(g.w_hh, 0, GH * H * es, st), "cudaMemsetAsync");
-    check(cudaMemsetAsync(g.b_ih, 0, GH * es, st), "cudaMemsetAsync");
-    check(cudaMemsetAsync(g.b_hh, 0, GH * es, st), "cudaMemsetAsync");
+    zero_weight_grads();
     check(cudaGetLastError(), "fusedrnn backward");
     return;
   }
-  Tio* dgx = scratch.alloc<Tio>(N * GH);
-  Tio* dgh = C == Cell::Gru ? scratch.alloc<Tio>(N * GH) : dgx;
+  RunningRows run(p, c.lengths, c.mask);
+  run.upload(scratch, st);
+  const int64_t R = run.packed ? run.valid : N;  // rows of dgates, as forward's input projection
+  if (c.x_rows != R) throw std::logic_error("fusedrnn: cache made for other rows");
+  Tio* dgx = scratch.alloc<Tio>(R * GH);
+  Tio* dgh = C == Cell::Gru ? scratch.alloc<Tio>(R * GH) : dgx;
   float* dh = scratch.alloc<float>(B * H);
   float* dc = lstm ? scratch.alloc<float>(B * H) : nullptr;
   FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(static_cast<const Tio*>(dh_n), dh, B * H);
@@ -950,7 +970,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   BwdStep base{};
   base.B = B; base.H = H; base.bstride = bs; base.dy = dy; base.dh = dh; base.dc = dc;
   base.gates = c.at<float>(c.gates_off); base.cs = cs; base.dgx = dgx; base.dgh = dgh;
-  base.lengths = d_len; base.mask = d_mask;
+  base.prow = run.d_prow; base.lengths = d_len; base.mask = d_mask;
   const StateBuffers sb{p, const_cast<Tio*>(hs), nullptr, nullptr, const_cast<float*>(cs),
                         nullptr, nullptr, const_cast<float*>(c0f), nullptr, nullptr};
 
@@ -959,37 +979,53 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     PersistentBwdParams a{base, sb, whh, 0};
     persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
   }
-  RunningRows run(persistent_done ? std::vector<int32_t>() : c.lengths, T, B);
-  run.upload(scratch, st);
-  Tio* packed = run.gather ? scratch.alloc<Tio>(B * GH) : nullptr;  // a step's running rows of dgh
-  float* dh_packed = run.gather ? scratch.alloc<float>(B * H) : nullptr;
+  float* dh_packed = run.packed ? scratch.alloc<float>(B * H) : nullptr;
   for (int64_t s = T - 1; s >= 0 && !persistent_done; --s) {
     BwdStep b = base;
     place_bwd<Tio>(b, sb, s);
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, bwd_step<C, Tio>)(b);
-    if (run.packs(b.t)) {  // dh[running rows] += their dgh W_hh
-      const int64_t n = run.count[b.t];
-      const int32_t* rows = run.d_rows + run.offset[b.t];
-      FUSEDRNN_LAUNCH(blocks_for(n * GH), kThreads, 0, st, gather_rows<Tio>)(
-          packed, dgh + b.row0 * GH, bs * GH, rows, n, GH);
-      gemm(st, dev, blas::N, blas::N, H, n, GH, 1.f, whh, bt, H, packed, bt, GH, 0.f, dh_packed,
+    // dh[running rows] += their dgh W_hh; packed, a step's rows are contiguous
+    const int64_t n = run.n(b.t);
+    const Tio* dgh_t = run.packed ? dgh + run.offset[b.t] * GH : dgh + b.row0 * GH;
+    const int64_t ld = run.packed ? GH : bs * GH;
+    if (run.prefix(b.t)) {
+      gemm(st, dev, blas::N, blas::N, H, n, GH, 1.f, whh, bt, H, dgh_t, bt, ld, 1.f, dh,
            blas::R32F, H);
-      FUSEDRNN_LAUNCH(blocks_for(n * H), kThreads, 0, st, scatter_add_rows)(dh, H, dh_packed, rows,
-                                                                            n, H);
-    } else {
-      const int64_t active = active_rows(c.lengths, b.t, B);
-      gemm(st, dev, blas::N, blas::N, H, active, GH, 1.f, whh, bt, H, dgh + b.row0 * GH, bt,
-           bs * GH, 1.f, dh, blas::R32F, H);
+    } else if (n > 0) {
+      gemm(st, dev, blas::N, blas::N, H, n, GH, 1.f, whh, bt, H, dgh_t, bt, ld, 0.f, dh_packed,
+           blas::R32F, H);
+      FUSEDRNN_LAUNCH(blocks_for(n * H), kThreads, 0, st, scatter_add_rows)(
+          dh, H, dh_packed, run.d_rows + run.offset[b.t], n, H);
     }
   }
   FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dh, static_cast<Tio*>(g.h0), B * H);
   if (lstm) FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dc, static_cast<Tio*>(g.c0), B * H);
-  // Deferred products over all rows.
-  gemm(st, dev, blas::N, blas::N, I, N, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, g.x, bt, I);
-  gemm(st, dev, blas::N, blas::T, I, GH, N, 1.f, xc, bt, I, dgx, bt, GH, 0.f, g.w_ih, bt, I);
-  gemm(st, dev, blas::N, blas::T, H, GH, N, 1.f, hs, bt, H, dgh, bt, GH, 0.f, g.w_hh, bt, H);
-  colsum<Tio>(scratch, st, dgx, N, GH, static_cast<Tio*>(g.b_ih));
-  colsum<Tio>(scratch, st, dgh, N, GH, static_cast<Tio*>(g.b_hh));
+  // Deferred products over the R rows that ran (packed: dx goes back to x's
+  // rows, 0 elsewhere; the states entering them are gathered for dW_hh).
+  const Tio* hrows = hs;
+  if (!run.packed) {
+    gemm(st, dev, blas::N, blas::N, I, N, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, g.x, bt, I);
+  } else {
+    check(cudaMemsetAsync(g.x, 0, N * I * es, st), "cudaMemsetAsync");
+    if (R > 0) {
+      Tio* dxp = scratch.alloc<Tio>(R * I);
+      gemm(st, dev, blas::N, blas::N, I, R, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, dxp, bt, I);
+      FUSEDRNN_LAUNCH(blocks_for(R * I), kThreads, 0, st, scatter_rows<Tio>)(
+          static_cast<Tio*>(g.x), I, dxp, run.d_xrows, R, I);
+      Tio* hp = scratch.alloc<Tio>(R * H);
+      FUSEDRNN_LAUNCH(blocks_for(R * H), kThreads, 0, st, gather_rows<Tio>)(hp, hs, H, run.d_xrows,
+                                                                            R, H);
+      hrows = hp;
+    }
+  }
+  if (R == 0) {
+    zero_weight_grads();
+  } else {
+    gemm(st, dev, blas::N, blas::T, I, GH, R, 1.f, xc, bt, I, dgx, bt, GH, 0.f, g.w_ih, bt, I);
+    gemm(st, dev, blas::N, blas::T, H, GH, R, 1.f, hrows, bt, H, dgh, bt, GH, 0.f, g.w_hh, bt, H);
+    colsum<Tio>(scratch, st, dgx, R, GH, static_cast<Tio*>(g.b_ih));
+    colsum<Tio>(scratch, st, dgh, R, GH, static_cast<Tio*>(g.b_hh));
+  }
   check(cudaGetLastError(), "fusedrnn backward");
 }
 
@@ -1027,7 +1063,8 @@ Cache::Cache(const Problem& prob, const ForwardIn& in) : p(prob), lengths(in.len
     off += align256(bytes);
     return o;
   };
-  x_off = take(checked_mul(checked_mul(N, I), es));
+  x_rows = valid_steps(p, lengths, mask);
+  x_off = take(checked_mul(checked_mul(static_cast<std::size_t>(x_rows), I), es));
   wih_off = take(checked_mul(checked_mul(GH, I), es));
   whh_off = take(checked_mul(checked_mul(GH, H), es));
   hprev_off = take(checked_mul(checked_mul(N, H), es));
@@ -1057,6 +1094,19 @@ void Cache::use_on(cudaStream_t st) const {
   cudaEventDestroy(ev);
   check(e, "cudaStreamWaitEvent");
   last_stream = st;
+}
+
+int64_t valid_steps(const Problem& p, const std::vector<int32_t>& lengths,
+                    const std::vector<uint8_t>& mask) {
+  int64_t n = 0;
+  if (!lengths.empty()) {
+    for (int32_t l : lengths) n += std::min<int64_t>(std::max<int64_t>(l, 0), p.T);
+  } else if (!mask.empty()) {
+    for (uint8_t m : mask) n += m != 0;
+  } else {
+    n = p.N();
+  }
+  return n;
 }
 
 Algo choose_algo(const Problem& p) {

@@ -75,6 +75,10 @@ class Cache {
   void use_on(cudaStream_t st) const;
   std::size_t nbytes = 0;
   char* mem = nullptr;
+  // The rows of x kept for dW_ih: all T*B in x's row order, or, when some
+  // step is not valid (lengths, mask), only the valid ones, packed (see
+  // RunningRows in rnn_cuda.cu).
+  int64_t x_rows = 0;
   // byte offsets into mem
   std::size_t x_off = 0, wih_off = 0, whh_off = 0, hprev_off = 0, cs_off = 0, gates_off = 0,
               c0_off = 0, len_off = 0, mask_off = 0;
@@ -88,6 +92,10 @@ class Cache {
 // Saved gate values per row: lstm i, f, g, o; gru r, z, n and W_hn h + b_hn;
 // rnn the new state h' (its activation's derivative needs only that).
 inline int saved_width(Cell c) { return c == Cell::Lstm || c == Cell::Gru ? 4 : 1; }
+
+// How many steps (t, b) are valid (DESIGN.md §2): T*B without lengths or mask.
+int64_t valid_steps(const Problem& p, const std::vector<int32_t>& lengths,
+                    const std::vector<uint8_t>& mask);
 
 // The algorithm Algo::Auto picks for a problem (see docs/cuda.md).
 Algo choose_algo(const Problem& p);
