@@ -322,6 +322,40 @@ def test_gemm_column_tasks(semantics, rng):
 
 
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 5)])
+def test_unwanted_input_gradients_are_not_computed(cell, proj, rng):
+    """fusedrnn._backward(..., need_x, need_h0, need_c0): a gradient not wanted comes
+    back as None (no dx product; without dh0, no recurrent product for the first step),
+    and every other gradient is bitwise the one backward computes. B = 1 and T = 1-2
+    (W_hh read as stored, the first step's product is all of it), larger B with
+    lengths, a mask, reverse, batch_first and checkpointing, on 1 and 2 threads."""
+    problems = [(1, 1, {}), (2, 1, {"reverse": True}), (9, 5, {"lengths": True}),
+                (9, 5, {"mask": True, "batch_first": True}),
+                (9, 5, {"lengths": True, "reverse": True, "checkpoint": 3})]
+    old = fusedrnn.get_num_threads()
+    try:
+        for (T, B, semantics), threads in zip(problems * 2, [1] * 5 + [2] * 5):
+            fusedrnn.set_num_threads(threads)
+            semantics = dict(semantics)
+            ck = semantics.pop("checkpoint", False)
+            args, kw, dy, dh_n, dc_n = make_problem(cell, T, B, 6, 11, np.float64, rng,
+                                                    proj=proj, **semantics)
+            cache = fusedrnn.forward(*args, **kw, checkpoint=ck)[3]
+            full = fusedrnn.backward(cache, dy, dh_n, dc_n)
+            for need in ((False, True, True), (True, False, True), (True, True, False),
+                         (False, False, False)):
+                g = fusedrnn._backward(cache, dy, dh_n, dc_n, *need)
+                skipped = {k for k, n in zip(("x", "h0", "c0"), need) if not n}
+                for k in GRAD_KEYS:
+                    label = f"T={T} {semantics} need={need} {k}"
+                    if k in skipped or full[k] is None:
+                        assert g[k] is None, label
+                    else:
+                        np.testing.assert_array_equal(g[k], full[k], err_msg=label)
+    finally:
+        fusedrnn.set_num_threads(old)
+
+
+@pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 5)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_batch_one_short_sequences(cell, proj, dtype, rng):
     """B = 1 and T <= 4: the steps multiply W_hh (and W_hr) as stored, without packing,

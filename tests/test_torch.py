@@ -182,6 +182,55 @@ def test_parity_with_torch_nn(cell, input_kind, dtype):
           f"worst relative error {worst:.2e}")
 
 
+@pytest.mark.parametrize("cell,proj", [(c, 0) for c in CELLS] + [("lstm", P)])
+def test_input_gradients_only_where_wanted(cell, proj, monkeypatch):
+    """Backward asks the kernel for the gradients of x, h0 and c0 only where autograd
+    wants them (fusedrnn._backward's need_x, need_h0, need_c0): not for data that does
+    not require grad nor for a detached or absent initial state, but for layer 1's input
+    (layer 0's output) and for whichever of h0 and c0 requires grad. The gradients that
+    are computed match torch.nn's (2 layers, bidirectional, padded and packed)."""
+    needs = []
+    real = fusedrnn._backward
+
+    def spy(cache, dy, dh_n=None, dc_n=None, need_x=True, need_h0=True, need_c0=True):
+        needs.append((need_x, need_h0, need_c0))
+        return real(cache, dy, dh_n, dc_n, need_x, need_h0, need_c0)
+
+    monkeypatch.setattr(fusedrnn, "_backward", spy)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([T, 2, 4])
+    Hout = proj or H
+    # which of (h0, c0) require grad; None: no initial state
+    for state in (None, (False, False), (True, False), (False, True)):
+        if cell != "lstm" and state is not None and state[1]:
+            continue
+        for kind in ("padded", "packed"):
+            ref, ours = make_pair(cell, torch.float64, proj, num_layers=2, bidirectional=True)
+            x = torch.randn(T, B, I, generator=gen, dtype=torch.float64)
+            hx = None
+            if state is not None:
+                h = torch.randn(4, B, Hout, generator=gen, dtype=torch.float64)
+                c = torch.randn(4, B, H, generator=gen, dtype=torch.float64)
+            results = []
+            for m in (ref, ours):
+                if state is not None:
+                    hx = (h.clone().requires_grad_(state[0]), c.clone().requires_grad_(state[1]))
+                    hx = hx if cell == "lstm" else hx[0]
+                out, h_n, _ = run(m, cell, x, hx, kind, lengths, False)
+                wanted = list(m.parameters())
+                if state is not None:
+                    wanted += [t for t in (hx if cell == "lstm" else (hx,)) if t.requires_grad]
+                results.append(torch.autograd.grad((out * out).sum() + h_n.sum(), wanted))
+            needs_x = [n[0] for n in needs]
+            assert needs_x == [True, True, False, False], needs_x  # layer 1, then layer 0
+            want_h0 = state is not None and state[0]
+            want_c0 = state is not None and state[1]
+            assert all(n[1:] == (want_h0, want_c0) for n in needs), (state, needs)
+            needs.clear()
+            for a, b in zip(*results):
+                assert rel_err(b.numpy(), a.numpy()) <= TOL[torch.float64], (state, kind)
+
+
 @pytest.mark.parametrize("input_kind", INPUTS)
 def test_parity_lstm_projection(input_kind):
     for i, combo in enumerate(COMBOS):

@@ -217,7 +217,7 @@ py::tuple forward_py(const std::string& cell_s, py::handle x_in, py::handle w_ih
 
 template <typename scalar_t>
 py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::handle dh_n_in,
-                        py::handle dc_n_in) {
+                        py::handle dc_n_in, bool need_x, bool need_h0, bool need_c0) {
   const int64_t T = cache.T, B = cache.B, I = cache.I, H = cache.H, GH = cache.G * H;
   const int64_t P = cache.P;
   const bool lstm = cache.cell == Cell::Lstm, bf = cache.batch_first;
@@ -228,13 +228,20 @@ py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::hand
   if (!lstm && !dc_n_in.is_none()) throw py::value_error("dc_n is only used by cell 'lstm'");
   Optional<scalar_t> dc_n("dc_n", dc_n_in, {B, H});
 
-  auto dx = new_array<scalar_t>(bf ? std::vector<int64_t>{B, T, I}
-                                   : std::vector<int64_t>{T, B, I},
-                                cache.has_lengths);
-  auto dh0 = new_array<scalar_t>({B, P}, false);
-  py::object dc0 = py::none();
-  py::array_t<scalar_t> dc0_arr;
-  if (lstm) {
+  // Gradients not wanted (need_*) are not computed and come back as None.
+  py::object dx = py::none(), dh0 = py::none(), dc0 = py::none();
+  py::array_t<scalar_t> dx_arr, dh0_arr, dc0_arr;
+  if (need_x) {
+    dx_arr = new_array<scalar_t>(bf ? std::vector<int64_t>{B, T, I}
+                                    : std::vector<int64_t>{T, B, I},
+                                 cache.has_lengths);
+    dx = dx_arr;
+  }
+  if (need_h0) {
+    dh0_arr = new_array<scalar_t>({B, P}, false);
+    dh0 = dh0_arr;
+  }
+  if (lstm && need_c0) {
     dc0_arr = new_array<scalar_t>({B, H}, false);
     dc0 = dc0_arr;
   }
@@ -253,9 +260,9 @@ py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::hand
   p.dy = dy.data();
   p.dh_n = dh_n.data();
   p.dc_n = dc_n.data();
-  p.dx = dx.mutable_data();
-  p.dh0 = dh0.mutable_data();
-  p.dc0 = lstm ? dc0_arr.mutable_data() : nullptr;
+  p.dx = need_x ? dx_arr.mutable_data() : nullptr;
+  p.dh0 = need_h0 ? dh0_arr.mutable_data() : nullptr;
+  p.dc0 = lstm && need_c0 ? dc0_arr.mutable_data() : nullptr;
   p.dw_ih = dw_ih.mutable_data();
   p.dw_hh = dw_hh.mutable_data();
   p.dw_hr = proj ? dw_hr_arr.mutable_data() : nullptr;
@@ -269,11 +276,13 @@ py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::hand
 }
 
 py::tuple backward_py(const std::shared_ptr<CacheBase>& cache, py::handle dy, py::handle dh_n,
-                      py::handle dc_n) {
+                      py::handle dc_n, bool need_x, bool need_h0, bool need_c0) {
   if (!cache) throw py::type_error("backward needs the cache returned by forward(training=True)");
   if (cache->is_double())
-    return backward_impl<double>(static_cast<const Cache<double>&>(*cache), dy, dh_n, dc_n);
-  return backward_impl<float>(static_cast<const Cache<float>&>(*cache), dy, dh_n, dc_n);
+    return backward_impl<double>(static_cast<const Cache<double>&>(*cache), dy, dh_n, dc_n,
+                                 need_x, need_h0, need_c0);
+  return backward_impl<float>(static_cast<const Cache<float>&>(*cache), dy, dh_n, dc_n, need_x,
+                              need_h0, need_c0);
 }
 
 }  // namespace
@@ -314,7 +323,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("w_hr") = py::none(), py::arg("checkpoint") = 0,
         py::arg("share_weights") = false);
   m.def("backward", &backward_py, py::arg("cache"), py::arg("dy"), py::arg("dh_n"),
-        py::arg("dc_n"));
+        py::arg("dc_n"), py::arg("need_x") = true, py::arg("need_h0") = true,
+        py::arg("need_c0") = true);
   m.def("set_num_threads", &fusedrnn::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fusedrnn::get_num_threads);
   m.def("blas_config", []() { return std::string(scipy_openblas_get_config()); });

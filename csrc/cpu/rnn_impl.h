@@ -640,7 +640,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   Buffer<S> wrb(proj && !raw ? checked_mul(checked_mul(nub, Pp), U) : 0);
   Buffer<S> dproj(proj ? checked_mul(R, Pp) : 0), dm(proj ? checked_mul(B, Hp) : 0);
   const bool direct_dx = sched.identity && !bf;
-  Buffer<S> dxp(direct_dx ? 0 : checked_mul(R, I));
+  Buffer<S> dxp(direct_dx || !p.dx ? 0 : checked_mul(R, I));
   // Partial weight gradients of row chunks 1 .. kc-1 (see WeightTasks).
   const WeightTasks dw = weight_tasks(G, H, I, P, sched.N, int64_t(sizeof(S)));
   Buffer<S> dw_part_ih(checked_mul(checked_mul(dw.chunks - 1, G * H), I));
@@ -804,7 +804,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         K.backward_point(step_args(steps[sg.s1 - 1], r0), ub0, ub1);
         team.barrier();
         for (size_t s = sg.s1; s-- > sg.s0;) {
-          K.backward_product(step_args(steps[s], r0), ub0, ub1);
+          // the first step's product gives only dh0
+          if (s > 0 || p.dh0) K.backward_product(step_args(steps[s], r0), ub0, ub1);
           if (s > sg.s0) K.backward_point(step_args(steps[s - 1], r0), ub0, ub1);
           team.barrier();
         }
@@ -818,7 +819,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
           K.backward_product(proj_args(steps[s], r0), ub0, ub1);
           K.backward_point(step_args(steps[s], r0), ub0, ub1);
           team.barrier();
-          K.backward_product(step_args(steps[s], r0), pb0, pb1);
+          if (s > 0 || p.dh0) K.backward_product(step_args(steps[s], r0), pb0, pb1);
           if (s > sg.s0) K.backward_point(proj_args(steps[s - 1], r0), pb0, pb1);
           team.barrier();
         }
@@ -854,9 +855,10 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
           product(true, k1 - k0, H, rows, dproj.data() + k0, Pp, saved(cache.m, m_r, Hp, r0), Hp,
                   zero_or_add, p.dw_hr + k0 * H, H);
         }
-      // Input gradient of the segment's rows, in the tasks of gemm_tasks.
-      const GemmTasks dxt = gemm_tasks(rows, I, GHp);
-      S* dx_rows = direct_dx ? p.dx + r0 * I : dxp.data();
+      // Input gradient of the segment's rows, in the tasks of gemm_tasks
+      // (none when it is not wanted).
+      const GemmTasks dxt = gemm_tasks(p.dx ? rows : 0, I, GHp);
+      S* dx_rows = !p.dx ? nullptr : direct_dx ? p.dx + r0 * I : dxp.data();
       auto scatter_dx = [&](int64_t a, int64_t b) {  // dx rows [a, b) to the user's layout
         for (int64_t r = r0 + a, t = time_of_row(sched, r0 + a); r < r0 + b; ++r) {
           while (r >= sched.offset[t] + sched.count[t]) ++t;
@@ -904,8 +906,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
     if (proj) std::fill(p.dw_hr, p.dw_hr + P * H, S(0));
   }
   for (int64_t j = 0; j < B; ++j) {
-    copy_n(p.dh0 + sched.perm[j] * P, dh.data() + j * Pp, P);
-    if (C == Cell::Lstm) copy_n(p.dc0 + sched.perm[j] * H, dc.data() + j * Hp, H);
+    if (p.dh0) copy_n(p.dh0 + sched.perm[j] * P, dh.data() + j * Pp, P);
+    if (C == Cell::Lstm && p.dc0) copy_n(p.dc0 + sched.perm[j] * H, dc.data() + j * Hp, H);
   }
 }
 

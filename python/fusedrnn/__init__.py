@@ -96,10 +96,19 @@ def backward(cache, dy, dh_n=None, dc_n=None):
         dict with keys x, h0, c0 (None unless lstm), w_ih, w_hh, b_ih, b_hh,
         w_hr (None unless forward had a projection).
     """
+    return _backward(cache, dy, dh_n, dc_n)
+
+
+def _backward(cache, dy, dh_n=None, dc_n=None, need_x=True, need_h0=True, need_c0=True):
+    """``backward``; on the CPU, a gradient of x, h0 or c0 that is not wanted
+    (need_*=False) is not computed and comes back as None: no dx product, and without
+    dh0 no recurrent product for the first step (fusedrnn.torch, for inputs that do not
+    require grad). The CUDA backend computes them all."""
     if isinstance(cache, _device.DeviceCache):
         return _device.backward(cache, dy, dh_n, dc_n)
     d = _validate.backward_args(cache, Cache, dy, dh_n, dc_n, zeros_for_none=False)
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _core.backward(cache, d.dy, d.dh_n, d.dc_n)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _core.backward(
+        cache, d.dy, d.dh_n, d.dc_n, need_x, need_h0, need_c0)
     return {"x": dx, "h0": dh0, "c0": dc0, "w_ih": dw_ih, "w_hh": dw_hh, "b_ih": db_ih,
             "b_hh": db_hh, "w_hr": dw_hr}
 

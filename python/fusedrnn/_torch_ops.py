@@ -330,7 +330,11 @@ def _input_grads(ctx, dy, dh_n, dc_n):
     handle = ctx.saved_tensors[0]  # (unpacking checks the versions of the saved weights)
     dc_n = dc_n if ctx.cell == "lstm" else None
     if _plain_eager((handle, dy, dh_n, dc_n)):  # (see run_layer; and compiled autograd)
-        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _grads(handle, dy, dh_n, dc_n)
+        # the gradients of x, h0 and c0 only where autograd wants them: none is
+        # computed for a first layer's data or a detached or absent initial state
+        need = ctx.needs_input_grad
+        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _grads(handle, dy, dh_n, dc_n,
+                                                                 need[0], need[5], need[6])
     else:
         x_size, w_ih_size, w_hh_size, w_hr_size = ctx.sizes
         dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = torch.ops.fusedrnn.layer_backward(
@@ -403,12 +407,17 @@ def _layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor]
             empty.clone() if dw_hr is None else dw_hr)
 
 
-def _grads(handle: Tensor, dy, dh_n, dc_n):
+def _grads(handle: Tensor, dy, dh_n, dc_n, need_x=True, need_h0=True, need_c0=True):
     """fusedrnn.backward on the cache behind ``handle``, as tensors: (dx, dh0, dc0, dw_ih,
-    dw_hh, db_ih, db_hh, dw_hr), dc0 and dw_hr None where the layer has none."""
+    dw_hh, db_ih, db_hh, dw_hr), dc0 and dw_hr None where the layer has none, and on the
+    CPU dx, dh0 and dc0 None where not wanted (fusedrnn._backward)."""
     cache = _find_cache(handle)
-    arg, t = (_dev, _as_is) if isinstance(cache, fusedrnn._device.DeviceCache) else (_np, _from_np)
-    g = fusedrnn.backward(cache, arg(dy), arg(dh_n), arg(dc_n))
+    if isinstance(cache, fusedrnn._device.DeviceCache):
+        g = fusedrnn.backward(cache, _dev(dy), _dev(dh_n), _dev(dc_n))
+        t = _as_is
+    else:
+        g = fusedrnn._backward(cache, _np(dy), _np(dh_n), _np(dc_n), need_x, need_h0, need_c0)
+        t = _from_np
     return (t(g["x"]), t(g["h0"]), t(g["c0"]), t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]),
             t(g["b_hh"]), t(g["w_hr"]))
 

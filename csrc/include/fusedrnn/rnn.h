@@ -44,9 +44,10 @@ struct BackwardParams {
   const scalar_t* dy;    // [T, B, P], or [B, T, P]; nullptr for zeros
   const scalar_t* dh_n;  // [B, P], or nullptr for zeros
   const scalar_t* dc_n;  // [B, H] (lstm), or nullptr for zeros
-  scalar_t* dx;          // [T, B, I], or [B, T, I]; zero-filled by the caller when lengths
-  scalar_t* dh0;         // [B, P]
-  scalar_t* dc0;         // [B, H] (lstm), else nullptr
+  scalar_t* dx;          // [T, B, I], or [B, T, I]; zero-filled by the caller when lengths;
+                         // nullptr: not wanted (not computed)
+  scalar_t* dh0;         // [B, P]; nullptr: not wanted (the first step's product is skipped)
+  scalar_t* dc0;         // [B, H] (lstm), else nullptr; nullptr for lstm: not wanted
   scalar_t* dw_ih;       // [G*H, I]
   scalar_t* dw_hh;       // [G*H, P]
   scalar_t* dw_hr;       // [P, H] with a projection, else nullptr
