@@ -153,6 +153,49 @@ def test_products_cover_valid_steps_only(cell, rng):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_unwanted_input_gradients_are_not_computed(cell, algo, rng):
+    """fusedrnn._backward(..., need_x, need_h0, need_c0) on the device: a gradient not
+    wanted comes back as None, its product is not run (no dx GEMM; without dh0, no
+    recurrent GEMM for the first step in the standard algorithm), and every other
+    gradient is bitwise the one of a backward that computes them all."""
+    T, B, I, H = 7, 5, 6, 7
+    G = fusedrnn.CELLS[cell]
+    for semantics in ("plain", "lengths", "reverse_mask", "batch_first_lengths"):
+        (args, kw, dy, dh_n, dc_n) = make_problem(cell, T, B, I, H, np.float64, rng,
+                                                  **SEMANTICS[semantics])
+        dev = [to_device(a, "float32") for a in args[1:]]
+        cache = _device.forward(cell, *dev, **kw, algo=algo)[3]
+        grads_in = [to_device(a, "float32") for a in (dy, dh_n, dc_n)]
+        if "lengths" in kw:
+            valid = np.arange(T)[:, None] < np.asarray(kw["lengths"])[None, :]
+        elif "mask" in kw:
+            valid = kw["mask"].T if kw["batch_first"] else kw["mask"]
+        else:
+            valid = np.ones((T, B), bool)
+        R, first = int(valid.sum()), int(valid[T - 1 if kw["reverse"] else 0].sum())
+        emu.take_gemm_log()
+        full = {k: host(v) for k, v in fusedrnn.backward(cache, *grads_in).items()}
+        full_log = [tuple(g) for g in emu.take_gemm_log()]
+        for need in ((False, True, True), (True, False, True), (True, True, False),
+                     (False, False, False)):
+            g = fusedrnn._backward(cache, *grads_in, *need)
+            log = sorted(tuple(m) for m in emu.take_gemm_log())
+            want_log = list(full_log)
+            if not need[0] and R:
+                want_log.remove((I, R, G * H))  # dx
+            if not need[1] and algo == "standard" and first:
+                want_log.remove((H, first, G * H))  # the first step's dh product
+            assert log == sorted(want_log), (semantics, need)
+            skipped = {k for k, n in zip(("x", "h0", "c0"), need) if not n}
+            for k in GRADS:
+                if k in skipped or full[k] is None:
+                    assert g[k] is None, (semantics, need, k)
+                else:
+                    np.testing.assert_array_equal(host(g[k]), full[k], err_msg=f"{need} {k}")
+
+
+@pytest.mark.parametrize("algo", ALGOS)
 def test_larger_problem(algo, rng):
     """More hidden units than one warp's lanes and several warps' worth of rows."""
     problem = make_problem("lstm", 3, 3, 40, 37, np.float64, rng, lengths=True)

@@ -1090,10 +1090,10 @@ def test_packed_lengths_stay_on_the_host_for_device_data():
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cuda_branch_of_the_ops_passes_tensors_through(cell, monkeypatch):
-    """The ops' CUDA branch, with stand-in fusedrnn.forward/backward that run the CPU
+    """The ops' CUDA branch, with stand-in fusedrnn.forward/_backward that run the CPU
     kernels: the backend gets the module's tensors themselves (no NumPy conversion, no
     copy), its torch results come back as they are, and the results match torch.nn."""
-    real_forward, real_backward = fusedrnn.forward, fusedrnn.backward
+    real_forward, real_backward = fusedrnn.forward, fusedrnn._backward
     from fusedrnn import _device
 
     class StandInCache(_device.DeviceCache):
@@ -1113,16 +1113,17 @@ def test_cuda_branch_of_the_ops_passes_tensors_through(cell, monkeypatch):
         t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
         return t(y), t(h_n), t(c_n), None if cache is None else StandInCache(cache)
 
-    def backward(cache, dy, dh_n=None, dc_n=None):
+    def backward(cache, dy, dh_n=None, dc_n=None, need_x=True, need_h0=True, need_c0=True):
         assert isinstance(cache, StandInCache)
         for a in (dy, dh_n, dc_n):
             assert a is None or isinstance(a, torch.Tensor), type(a)
         seen["backward"] += 1
-        g = real_backward(cache.inner, host(dy), host(dh_n), host(dc_n))
+        g = real_backward(cache.inner, host(dy), host(dh_n), host(dc_n), need_x, need_h0,
+                          need_c0)
         return {k: None if v is None else torch.from_numpy(v) for k, v in g.items()}
 
     monkeypatch.setattr(fusedrnn, "forward", forward)
-    monkeypatch.setattr(fusedrnn, "backward", backward)
+    monkeypatch.setattr(fusedrnn, "_backward", backward)
     monkeypatch.setattr(_torch_ops, "_on_cuda", lambda t: True)
     for kind in ("packed", "padded"):
         compare(cell, torch.float64, kind, num_layers=2, bidirectional=True, h0=True)

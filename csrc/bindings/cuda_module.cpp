@@ -349,15 +349,15 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
         const Problem& p = cache->p;
         const int dev = p.device;
         const bool lstm = p.cell == Cell::Lstm;
-        const bool rows = p.T * p.B > 0;
         Grads g;
         const void* dyp = device_ptr("dy", dy, dev, true);
         const void* dhp = device_ptr("dh_n", dh_n, dev, true);
         const void* dcp = device_ptr("dc_n", dc_n, dev, true);
         if (dc_n && !lstm) throw py::value_error("dc_n is only used by cell 'lstm'");
-        g.x = device_out("dx", dx, dev, !rows);
-        g.h0 = device_out("dh0", dh0, dev, p.B == 0);
-        g.c0 = lstm ? device_out("dc0", dc0, dev, p.B == 0) : nullptr;
+        // dx, dh0, dc0: 0 when not wanted (not computed)
+        g.x = device_out("dx", dx, dev, true);
+        g.h0 = device_out("dh0", dh0, dev, true);
+        g.c0 = lstm ? device_out("dc0", dc0, dev, true) : nullptr;
         g.w_ih = device_out("dw_ih", dw_ih, dev, false);
         g.w_hh = device_out("dw_hh", dw_hh, dev, false);
         g.b_ih = device_out("db_ih", db_ih, dev, false);

@@ -614,6 +614,7 @@ struct PersistentBwdParams {
   StateBuffers sb;
   const void* w_hh;
   int U;
+  bool dh0;  // whether dh0 is wanted: the last recurrent product gives only that
 };
 
 constexpr int kDhUnits = 8;  // units per warp item: each dgates row is read once per 8 units
@@ -667,7 +668,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentB
     t_done = f.t;
     grid.sync();
   }
-  persistent_dh<C, Tio>(a, wt, dgh, j0, Ue, t_done, a.step.dh);
+  if (a.dh0) persistent_dh<C, Tio>(a, wt, dgh, j0, Ue, t_done, a.step.dh);
 }
 
 PersistentConfig persistent_bwd_config(const Problem& p) {
@@ -936,13 +937,12 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     check(cudaMemsetAsync(g.b_hh, 0, GH * es, st), "cudaMemsetAsync");
   };
   if (N == 0) {  // nothing ran: the state gradients pass through, the rest is 0
-    if (B) {
+    if (B && g.h0)
       FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.h0), H,
                                                             static_cast<const Tio*>(dh_n), B, H);
-      if (lstm)
-        FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.c0), H,
-                                                              static_cast<const Tio*>(dc_n), B, H);
-    }
+    if (B && lstm && g.c0)
+      FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.c0), H,
+                                                            static_cast<const Tio*>(dc_n), B, H);
     zero_weight_grads();
     check(cudaGetLastError(), "fusedrnn backward");
     return;
@@ -976,7 +976,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
 
   bool persistent_done = false;
   if (c.algo == Algo::Persistent && persistent_bwd_config(p).ok) {
-    PersistentBwdParams a{base, sb, whh, 0};
+    PersistentBwdParams a{base, sb, whh, 0, g.h0 != nullptr};
     persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
   }
   float* dh_packed = run.packed ? scratch.alloc<float>(B * H) : nullptr;
@@ -984,6 +984,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     BwdStep b = base;
     place_bwd<Tio>(b, sb, s);
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, bwd_step<C, Tio>)(b);
+    if (s == 0 && !g.h0) break;  // the first step's product gives only dh0
     // dh[running rows] += their dgh W_hh; packed, a step's rows are contiguous
     const int64_t n = run.n(b.t);
     const Tio* dgh_t = run.packed ? dgh + run.offset[b.t] * GH : dgh + b.row0 * GH;
@@ -998,20 +999,27 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
           dh, H, dh_packed, run.d_rows + run.offset[b.t], n, H);
     }
   }
-  FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dh, static_cast<Tio*>(g.h0), B * H);
-  if (lstm) FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dc, static_cast<Tio*>(g.c0), B * H);
+  if (g.h0)
+    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dh, static_cast<Tio*>(g.h0),
+                                                                        B * H);
+  if (lstm && g.c0)
+    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dc, static_cast<Tio*>(g.c0),
+                                                                        B * H);
   // Deferred products over the R rows that ran (packed: dx goes back to x's
   // rows, 0 elsewhere; the states entering them are gathered for dW_hh).
   const Tio* hrows = hs;
   if (!run.packed) {
-    gemm(st, dev, blas::N, blas::N, I, N, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, g.x, bt, I);
+    if (g.x)
+      gemm(st, dev, blas::N, blas::N, I, N, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, g.x, bt, I);
   } else {
-    check(cudaMemsetAsync(g.x, 0, N * I * es, st), "cudaMemsetAsync");
-    if (R > 0) {
+    if (g.x) check(cudaMemsetAsync(g.x, 0, N * I * es, st), "cudaMemsetAsync");
+    if (g.x && R > 0) {
       Tio* dxp = scratch.alloc<Tio>(R * I);
       gemm(st, dev, blas::N, blas::N, I, R, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, dxp, bt, I);
       FUSEDRNN_LAUNCH(blocks_for(R * I), kThreads, 0, st, scatter_rows<Tio>)(
           static_cast<Tio*>(g.x), I, dxp, run.d_xrows, R, I);
+    }
+    if (R > 0) {
       Tio* hp = scratch.alloc<Tio>(R * H);
       FUSEDRNN_LAUNCH(blocks_for(R * H), kThreads, 0, st, gather_rows<Tio>)(hp, hs, H, run.d_xrows,
                                                                             R, H);

@@ -114,8 +114,10 @@ struct Grads {
 };
 
 // Backward through a cache, on stream (the caller's). dy [T, B, H] in y's
-// layout, dh_n, dc_n [B, H]; each may be null (zeros). Every gradient is
-// written (none may be null; c0 only for lstm).
+// layout, dh_n, dc_n [B, H]; each may be null (zeros). The weight and bias
+// gradients are always written; x, h0 and c0 (lstm) only where not null: a
+// null one is not wanted, and without h0 the first step's recurrent product,
+// which gives only dh0, is skipped.
 void backward(const Cache& cache, cudaStream_t stream, const void* dy, const void* dh_n,
               const void* dc_n, const Grads& g);
 

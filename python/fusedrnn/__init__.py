@@ -100,12 +100,11 @@ def backward(cache, dy, dh_n=None, dc_n=None):
 
 
 def _backward(cache, dy, dh_n=None, dc_n=None, need_x=True, need_h0=True, need_c0=True):
-    """``backward``; on the CPU, a gradient of x, h0 or c0 that is not wanted
-    (need_*=False) is not computed and comes back as None: no dx product, and without
-    dh0 no recurrent product for the first step (fusedrnn.torch, for inputs that do not
-    require grad). The CUDA backend computes them all."""
+    """``backward``; a gradient of x, h0 or c0 that is not wanted (need_*=False) is not
+    computed and comes back as None: no dx product, and without dh0 no recurrent product
+    for the first step (fusedrnn.torch, for inputs that do not require grad)."""
     if isinstance(cache, _device.DeviceCache):
-        return _device.backward(cache, dy, dh_n, dc_n)
+        return _device.backward(cache, dy, dh_n, dc_n, need_x, need_h0, need_c0)
     d = _validate.backward_args(cache, Cache, dy, dh_n, dc_n, zeros_for_none=False)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _core.backward(
         cache, d.dy, d.dh_n, d.dc_n, need_x, need_h0, need_c0)

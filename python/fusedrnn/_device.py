@@ -488,8 +488,10 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     return w(y), w(h_n), w(c_n), cache
 
 
-def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None):
-    """``fusedrnn.backward`` for a cache from a device forward."""
+def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None, need_x=True, need_h0=True,
+             need_c0=True):
+    """``fusedrnn._backward`` for a cache from a device forward: the gradients of x, h0
+    and c0 only where wanted (need_*), else None."""
     xv = cache._x
     T, B, I, H, G = cache.T, cache.B, cache.I, cache.H, _validate.GATES[cache.cell]
     yshape, ylegend = ((B, T, H), "[B, T, H]") if cache.batch_first else ((T, B, H), "[T, B, H]")
@@ -500,9 +502,9 @@ def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None):
     dcv = None if dc_n is None else _check("dc_n", dc_n, xv, (B, H), "[B, H]")
     stream = _stream_of(dyv if dyv is not None else xv)
     alloc = _allocator(xv, stream)
-    dx, dxp = alloc((B, T, I) if cache.batch_first else (T, B, I))
-    dh0, dh0p = alloc((B, H))
-    dc0, dc0p = alloc((B, H)) if cache.cell == "lstm" else (None, 0)
+    dx, dxp = alloc((B, T, I) if cache.batch_first else (T, B, I)) if need_x else (None, 0)
+    dh0, dh0p = alloc((B, H)) if need_h0 else (None, 0)
+    dc0, dc0p = alloc((B, H)) if cache.cell == "lstm" and need_c0 else (None, 0)
     dw_ih, a = alloc((G * H, I))
     dw_hh, b = alloc((G * H, H))
     db_ih, c = alloc((G * H,))

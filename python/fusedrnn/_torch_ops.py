@@ -409,15 +409,11 @@ def _layer_backward(handle: Tensor, dy: Optional[Tensor], dh_n: Optional[Tensor]
 
 def _grads(handle: Tensor, dy, dh_n, dc_n, need_x=True, need_h0=True, need_c0=True):
     """fusedrnn.backward on the cache behind ``handle``, as tensors: (dx, dh0, dc0, dw_ih,
-    dw_hh, db_ih, db_hh, dw_hr), dc0 and dw_hr None where the layer has none, and on the
-    CPU dx, dh0 and dc0 None where not wanted (fusedrnn._backward)."""
+    dw_hh, db_ih, db_hh, dw_hr), dc0 and dw_hr None where the layer has none, and dx, dh0
+    and dc0 None where not wanted (fusedrnn._backward)."""
     cache = _find_cache(handle)
-    if isinstance(cache, fusedrnn._device.DeviceCache):
-        g = fusedrnn.backward(cache, _dev(dy), _dev(dh_n), _dev(dc_n))
-        t = _as_is
-    else:
-        g = fusedrnn._backward(cache, _np(dy), _np(dh_n), _np(dc_n), need_x, need_h0, need_c0)
-        t = _from_np
+    arg, t = (_dev, _as_is) if isinstance(cache, fusedrnn._device.DeviceCache) else (_np, _from_np)
+    g = fusedrnn._backward(cache, arg(dy), arg(dh_n), arg(dc_n), need_x, need_h0, need_c0)
     return (t(g["x"]), t(g["h0"]), t(g["c0"]), t(g["w_ih"]), t(g["w_hh"]), t(g["b_ih"]),
             t(g["b_hh"]), t(g["w_hr"]))
 
