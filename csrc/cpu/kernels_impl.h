@@ -23,10 +23,17 @@ namespace FUSEDRNN_ISA_NS {
 
 constexpr int gates_c(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
 
-// Accumulator budget: MR * NU * G vectors (<= 12 of the 16/32 registers).
-constexpr int tile_mr(int G) { return G == 4 ? 3 : G == 3 ? 4 : 6; }
+// Accumulator budget: MR * NU * G vectors, 12 of the 16 vector registers
+// (AVX2 and narrower), 24 of AVX-512's 32: twice the rows per tile, so each
+// weight vector loaded serves twice the multiply-adds.
+constexpr int kAccumulators = FUSEDRNN_VBYTES == 64 ? 24 : 12;
+constexpr int tile_mr(int G) {
+  return (G == 4 ? 3 : G == 3 ? 4 : 6) * (kAccumulators / 12);
+}
 constexpr int tile_nu(int G, int mr) {
-  return 12 / (G * mr) < 1 ? 1 : 12 / (G * mr) > 8 ? 8 : 12 / (G * mr);
+  return kAccumulators / (G * mr) < 1 ? 1
+         : kAccumulators / (G * mr) > 8 ? 8
+                                         : kAccumulators / (G * mr);
 }
 
 // ------------------------------------------------------------------ packing
