@@ -208,6 +208,25 @@ def test_num_threads_roundtrip():
         fusedrnn.set_num_threads(old)
 
 
+def test_l2_cache_size_as_the_system_reports_it():
+    """The L2 size that decides whether a small inference call spreads its weights over
+    the threads' caches (rnn_impl.h, weights_fit_l2s) is the system's: sysconf, else
+    sysfs, else 0."""
+    n = fusedrnn._core.l2_cache_bytes()
+    assert isinstance(n, int) and n >= 0
+    try:
+        sc = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        sc = -1
+    if sc > 0:
+        assert n == sc
+    elif os.path.exists("/sys/devices/system/cpu/cpu0/cache/index2/size"):
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            text = f.read().strip()
+        unit = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+        assert n == int(text.rstrip("KM")) * unit
+
+
 def test_num_threads_from_environment():
     code = "import fusedrnn; print(fusedrnn.get_num_threads())"
     env = dict(os.environ, FUSEDRNN_NUM_THREADS="3")

@@ -338,6 +338,9 @@ PYBIND11_MODULE(_core, m) {
         "The most bytes of working memory alive at once since workspace_reset_peak().");
   m.def("workspace_reset_peak", &fusedrnn::workspace_reset_peak,
         "Start a new peak measurement from the bytes alive now.");
+  m.def("l2_cache_bytes", &fusedrnn::l2_cache_bytes,
+        "One core's L2 cache in bytes as fusedrnn reads it (0: unknown); from 1 MiB, an "
+        "inference call whose weights fit the threads' L2s but not one core's runs on several.");
   m.def("isa", []() { return std::string(fusedrnn::isa_name()); },
         "Instruction set of the kernels in use: avx512, avx2 or generic.");
   m.def("threads_backend", []() { return std::string(fusedrnn::threads_backend()); },

@@ -5,7 +5,10 @@
 // between the threads, each calling the wheel's OpenBLAS on its own
 // part. OpenBLAS itself is therefore kept single-threaded: its idle threads
 // would otherwise spin on the same cores as the recurrence.
+#include <unistd.h>
+
 #include <atomic>
+#include <fstream>
 
 #include <cblas.h>
 
@@ -23,5 +26,26 @@ struct BlasSingleThreaded {
 
 void set_num_threads(int n) { g_threads.store(n < 1 ? 1 : n); }
 int get_num_threads() { return g_threads.load(); }
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    long v = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (v > 0) return int64_t(v);
+    std::ifstream f("/sys/devices/system/cpu/cpu0/cache/index2/size");
+    int64_t n = 0;
+    char unit = 0;
+    if (f >> n) {
+      f >> unit;
+      if (unit == 'K') n <<= 10;
+      else if (unit == 'M') n <<= 20;
+      return n;
+    }
+    return int64_t(0);
+  }();
+  return bytes;
+}
 
 }  // namespace fusedrnn

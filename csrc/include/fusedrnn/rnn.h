@@ -125,6 +125,8 @@ void backward(const Cache<scalar_t>& cache, const BackwardParams<scalar_t>& p);
 // inside it).
 void set_num_threads(int n);
 int get_num_threads();
+// Bytes of one core's L2 cache (sysconf, else sysfs), 0 when unknown.
+int64_t l2_cache_bytes();
 // Name of the SIMD kernels in use: "avx512", "avx2" or "generic".
 const char* isa_name();
 // Whose threads ran the last call that used several: "openmp" (the OpenMP
