@@ -92,6 +92,20 @@ py::array_t<scalar_t> new_array(const std::vector<int64_t>& shape, bool zero) {
   return a;
 }
 
+// A result that not every call has: new_array when `want`, else None; *data
+// is its buffer, nullptr when there is none (the kernels' "not wanted").
+template <typename scalar_t>
+py::object optional_array(bool want, const std::vector<int64_t>& shape, bool zero,
+                          scalar_t** data) {
+  if (!want) {
+    *data = nullptr;
+    return py::none();
+  }
+  auto a = new_array<scalar_t>(shape, zero);
+  *data = a.mutable_data();
+  return std::move(a);
+}
+
 constexpr int64_t kMaxDim = int64_t(1) << 30;
 
 template <typename scalar_t>
@@ -150,14 +164,9 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
                                                   : std::vector<int64_t>{T, B, P};
   auto y = new_array<scalar_t>(yshape, !lengths_in.is_none());
   auto h_n = new_array<scalar_t>({B, P}, false);
-  py::object c_n = py::none();
-  py::array_t<scalar_t> c_n_arr;
-  if (lstm) {
-    c_n_arr = new_array<scalar_t>({B, H}, false);
-    c_n = c_n_arr;
-  }
 
   ForwardParams<scalar_t> p{};
+  py::object c_n = optional_array<scalar_t>(lstm, {B, H}, false, &p.c_n);
   p.cell = cell;
   p.T = T;
   p.B = B;
@@ -181,7 +190,6 @@ py::tuple forward_impl(Cell cell, py::array x_in, py::handle w_ih_in, py::handle
   p.mask = mask_in.is_none() ? nullptr : mask.data();
   p.y = y.mutable_data();
   p.h_n = h_n.mutable_data();
-  p.c_n = lstm ? c_n_arr.mutable_data() : nullptr;
   p.share_weights = share_weights;
 
   std::shared_ptr<CacheBase> cache;
@@ -228,44 +236,24 @@ py::tuple backward_impl(const Cache<scalar_t>& cache, py::handle dy_in, py::hand
   if (!lstm && !dc_n_in.is_none()) throw py::value_error("dc_n is only used by cell 'lstm'");
   Optional<scalar_t> dc_n("dc_n", dc_n_in, {B, H});
 
+  BackwardParams<scalar_t> p{};
   // Gradients not wanted (need_*) are not computed and come back as None.
-  py::object dx = py::none(), dh0 = py::none(), dc0 = py::none();
-  py::array_t<scalar_t> dx_arr, dh0_arr, dc0_arr;
-  if (need_x) {
-    dx_arr = new_array<scalar_t>(bf ? std::vector<int64_t>{B, T, I}
-                                    : std::vector<int64_t>{T, B, I},
-                                 cache.has_lengths);
-    dx = dx_arr;
-  }
-  if (need_h0) {
-    dh0_arr = new_array<scalar_t>({B, P}, false);
-    dh0 = dh0_arr;
-  }
-  if (lstm && need_c0) {
-    dc0_arr = new_array<scalar_t>({B, H}, false);
-    dc0 = dc0_arr;
-  }
+  py::object dx = optional_array<scalar_t>(
+      need_x, bf ? std::vector<int64_t>{B, T, I} : std::vector<int64_t>{T, B, I},
+      cache.has_lengths, &p.dx);
+  py::object dh0 = optional_array<scalar_t>(need_h0, {B, P}, false, &p.dh0);
+  py::object dc0 = optional_array<scalar_t>(lstm && need_c0, {B, H}, false, &p.dc0);
   auto dw_ih = new_array<scalar_t>({GH, I}, false);
   auto dw_hh = new_array<scalar_t>({GH, P}, false);
-  py::object dw_hr = py::none();
-  py::array_t<scalar_t> dw_hr_arr;
-  if (proj) {
-    dw_hr_arr = new_array<scalar_t>({P, H}, false);
-    dw_hr = dw_hr_arr;
-  }
+  py::object dw_hr = optional_array<scalar_t>(proj, {P, H}, false, &p.dw_hr);
   auto db_ih = new_array<scalar_t>({GH}, false);
   auto db_hh = new_array<scalar_t>({GH}, false);
 
-  BackwardParams<scalar_t> p{};
   p.dy = dy.data();
   p.dh_n = dh_n.data();
   p.dc_n = dc_n.data();
-  p.dx = need_x ? dx_arr.mutable_data() : nullptr;
-  p.dh0 = need_h0 ? dh0_arr.mutable_data() : nullptr;
-  p.dc0 = lstm && need_c0 ? dc0_arr.mutable_data() : nullptr;
   p.dw_ih = dw_ih.mutable_data();
   p.dw_hh = dw_hh.mutable_data();
-  p.dw_hr = proj ? dw_hr_arr.mutable_data() : nullptr;
   p.db_ih = db_ih.mutable_data();
   p.db_hh = db_hh.mutable_data();
   {
