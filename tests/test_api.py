@@ -210,7 +210,7 @@ def test_num_threads_roundtrip():
 
 def test_l2_cache_size_as_the_system_reports_it():
     """The L2 size that decides whether a small inference call spreads its weights over
-    the threads' caches (rnn_impl.h, weights_fit_l2s) is the system's: sysconf, else
+    the threads' caches (rnn_impl.h, threads_for_l2) is the system's: sysconf, else
     sysfs, else 0."""
     n = fusedrnn._core.l2_cache_bytes()
     assert isinstance(n, int) and n >= 0

@@ -127,10 +127,10 @@ inline constexpr int gates_c(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::G
 // core, T = 1, B = 1, H = 256, back to back: lstm 53 -> 23 us, gru 30 ->
 // 19 us; in a torch model, a GRU step 81-91 -> 46-48 us, and the Linear after
 // it 33-36 -> 21-23 us). With 512 KiB of L2, as on the AMD EPYC the rule
-// above was measured on, nothing changes. weights_fit_l2s: how many of the
+// above was measured on, nothing changes. threads_for_l2: how many of the
 // n threads such a call takes, the fewest (at least 2) whose L2s hold it; 1
 // where the rule does not apply.
-inline int64_t weights_fit_l2s(int64_t weight_bytes, int64_t n) {
+inline int64_t threads_for_l2(int64_t weight_bytes, int64_t n) {
   const int64_t l2 = l2_cache_bytes();
   if (n < 2 || l2 < (int64_t(1) << 20) || 2 * weight_bytes <= l2) return 1;
   const int64_t need = (4 * weight_bytes + 3 * l2 - 1) / (3 * l2);
@@ -141,7 +141,7 @@ inline int choose_threads(int64_t nub, int64_t B, int64_t N, int64_t G, int64_t 
   int64_t n = get_num_threads();
   if (n > nub) n = nub;
   if (B * G * H * H < (int64_t(1) << 16)) n = 1;
-  if (N * G * H * (I + P) <= (int64_t(1) << 20)) n = weights_fit_l2s(weight_bytes, n);
+  if (N * G * H * (I + P) <= (int64_t(1) << 20)) n = threads_for_l2(weight_bytes, n);
   return n < 1 ? 1 : int(n);
 }
 
