@@ -56,6 +56,34 @@ def make_problem(cell, T, B, I, H, dtype, rng, lengths=False, mask=False, revers
     return args, kw, dy, r(B, P), (r(B, H) if cell == "lstm" else None)
 
 
+def valid_steps(kw, T, B):
+    """Which steps (t, b) run, time-major [T, B] (DESIGN.md section 2), for forward's
+    keyword arguments: t < lengths[b], else the mask (given [B, T] with batch_first),
+    else every step."""
+    if kw.get("lengths") is not None:
+        return np.arange(T)[:, None] < np.asarray(kw["lengths"])[None, :]
+    if kw.get("mask") is not None:
+        mask = np.asarray(kw["mask"])
+        return mask.T if kw.get("batch_first") else mask
+    return np.ones((T, B), bool)
+
+
+#: (need_x, need_h0, need_c0) of fusedrnn._backward: each gradient left out alone, and all
+NEEDS = ((False, True, True), (True, False, True), (True, True, False), (False, False, False))
+
+
+def assert_wanted_gradients(g, full, need, keys, label="", host=lambda a: a):
+    """g from fusedrnn._backward(..., *need) against full, a backward that computed them
+    all: None for the gradients of x, h0, c0 not wanted (and where full has none), every
+    other one bitwise full's (host: g's arrays as NumPy arrays)."""
+    skipped = {k for k, n in zip(("x", "h0", "c0"), need) if not n}
+    for k in keys:
+        if k in skipped or full[k] is None:
+            assert g[k] is None, f"{label} need={need} {k}"
+        else:
+            np.testing.assert_array_equal(host(g[k]), full[k], err_msg=f"{label} need={need} {k}")
+
+
 def padded(n):
     """n rounded up to whole float32 vectors of the kernels in use (Ĥ, P̂ of
     docs/memory.md)."""

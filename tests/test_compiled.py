@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import fusedrnn
 from fusedrnn import reference
 
-from conftest import CELLS, GRAD_KEYS, SEMANTICS, TOL, assert_close, make_problem
+from conftest import CELLS, GRAD_KEYS, SEMANTICS, TOL, assert_close, make_problem, valid_steps
 
 
 def run_both(args, kw, dy, dh_n, dc_n):
@@ -151,10 +151,7 @@ def test_nan_in_missing_steps_reaches_nothing(cell, semantics, rng):
                                             **SEMANTICS[semantics])
     x = args[1].copy()
     bf = kw["batch_first"]
-    if "lengths" in kw:
-        valid = np.arange(6)[:, None] < kw["lengths"][None, :]
-    else:
-        valid = kw["mask"].T if bf else kw["mask"]
+    valid = valid_steps(kw, 6, 4)
     (x.transpose(1, 0, 2) if bf else x)[~valid] = np.nan
     args[1] = x
     check_against_reference(args, kw, dy, dh_n, dc_n, TOL[np.float64])

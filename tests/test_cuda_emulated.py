@@ -23,7 +23,8 @@ import pytest
 import fusedrnn
 from fusedrnn import _device, reference
 
-from conftest import CELLS, SEMANTICS, make_problem, rel_err
+from conftest import (CELLS, NEEDS, SEMANTICS, assert_wanted_gradients, make_problem, rel_err,
+                      valid_steps)
 
 emu = pytest.importorskip("fusedrnn._cuda_emu", reason="built only with FUSEDRNN_CUDA_EMULATOR=ON")
 
@@ -135,9 +136,7 @@ def test_products_cover_valid_steps_only(cell, rng):
                                                  [0, 0, 0, 0, 0], [7, 7, 7, 7, 7])]
     cases += [{"mask": m}, {"mask": np.zeros((T, B), bool)}, {"mask": np.ones((T, B), bool)}]
     for case in cases:
-        valid = (np.arange(T)[:, None] < case["lengths"][None, :] if "lengths" in case
-                 else case["mask"])
-        running = valid.sum(axis=1).tolist()
+        running = valid_steps(case, T, B).sum(axis=1).tolist()
         for reverse, batch_first in ((False, False), (True, False), (False, True)):
             args, kw, dy, dh_n, dc_n = make_problem(cell, T, B, I, H, np.float64, rng,
                                                     reverse=reverse, batch_first=batch_first)
@@ -167,18 +166,12 @@ def test_unwanted_input_gradients_are_not_computed(cell, algo, rng):
         dev = [to_device(a, "float32") for a in args[1:]]
         cache = _device.forward(cell, *dev, **kw, algo=algo)[3]
         grads_in = [to_device(a, "float32") for a in (dy, dh_n, dc_n)]
-        if "lengths" in kw:
-            valid = np.arange(T)[:, None] < np.asarray(kw["lengths"])[None, :]
-        elif "mask" in kw:
-            valid = kw["mask"].T if kw["batch_first"] else kw["mask"]
-        else:
-            valid = np.ones((T, B), bool)
+        valid = valid_steps(kw, T, B)
         R, first = int(valid.sum()), int(valid[T - 1 if kw["reverse"] else 0].sum())
         emu.take_gemm_log()
         full = {k: host(v) for k, v in fusedrnn.backward(cache, *grads_in).items()}
         full_log = [tuple(g) for g in emu.take_gemm_log()]
-        for need in ((False, True, True), (True, False, True), (True, True, False),
-                     (False, False, False)):
+        for need in NEEDS:
             g = fusedrnn._backward(cache, *grads_in, *need)
             log = sorted(tuple(m) for m in emu.take_gemm_log())
             want_log = list(full_log)
@@ -187,12 +180,7 @@ def test_unwanted_input_gradients_are_not_computed(cell, algo, rng):
             if not need[1] and algo == "standard" and first:
                 want_log.remove((H, first, G * H))  # the first step's dh product
             assert log == sorted(want_log), (semantics, need)
-            skipped = {k for k, n in zip(("x", "h0", "c0"), need) if not n}
-            for k in GRADS:
-                if k in skipped or full[k] is None:
-                    assert g[k] is None, (semantics, need, k)
-                else:
-                    np.testing.assert_array_equal(host(g[k]), full[k], err_msg=f"{need} {k}")
+            assert_wanted_gradients(g, full, need, GRADS, semantics, host)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -217,14 +205,11 @@ def test_empty(cell, T, B, algo, rng):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_nan_in_skipped_steps_stays_out(cell, semantics, algo, rng):
     """x at padded or masked-out steps may hold anything, NaN included: the
-    results equal those with zeros there (the cached x is cleaned before
-    dW_ih = dgates^T x, where 0 * NaN would be NaN)."""
+    results equal those with zeros there (the cache keeps only the valid rows of
+    x for dW_ih = dgates^T x, where 0 * NaN would be NaN)."""
     args, kw, dy, dh_n, dc_n = make_problem(cell, 6, 4, 5, 7, np.float64, rng, **{semantics: True})
     x = args[1]
-    if semantics == "lengths":
-        skipped = np.arange(6)[:, None] >= np.asarray(kw["lengths"])[None, :]
-    else:
-        skipped = ~kw["mask"]
+    skipped = ~valid_steps(kw, 6, 4)
     assert skipped.any()
     results = []
     for fill in (0.0, np.nan):
