@@ -1007,24 +1007,20 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
                                                                         B * H);
   // Deferred products over the R rows that ran (packed: dx goes back to x's
   // rows, 0 elsewhere; the states entering them are gathered for dW_hh).
-  const Tio* hrows = hs;
-  if (!run.packed) {
-    if (g.x)
-      gemm(st, dev, blas::N, blas::N, I, N, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, g.x, bt, I);
-  } else {
-    if (g.x) check(cudaMemsetAsync(g.x, 0, N * I * es, st), "cudaMemsetAsync");
-    if (g.x && R > 0) {
-      Tio* dxp = scratch.alloc<Tio>(R * I);
-      gemm(st, dev, blas::N, blas::N, I, R, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, dxp, bt, I);
+  if (g.x && run.packed) check(cudaMemsetAsync(g.x, 0, N * I * es, st), "cudaMemsetAsync");
+  if (g.x && R > 0) {
+    Tio* dx_rows = run.packed ? scratch.alloc<Tio>(R * I) : static_cast<Tio*>(g.x);
+    gemm(st, dev, blas::N, blas::N, I, R, GH, 1.f, wih, bt, I, dgx, bt, GH, 0.f, dx_rows, bt, I);
+    if (run.packed)
       FUSEDRNN_LAUNCH(blocks_for(R * I), kThreads, 0, st, scatter_rows<Tio>)(
-          static_cast<Tio*>(g.x), I, dxp, run.d_xrows, R, I);
-    }
-    if (R > 0) {
-      Tio* hp = scratch.alloc<Tio>(R * H);
-      FUSEDRNN_LAUNCH(blocks_for(R * H), kThreads, 0, st, gather_rows<Tio>)(hp, hs, H, run.d_xrows,
-                                                                            R, H);
-      hrows = hp;
-    }
+          static_cast<Tio*>(g.x), I, dx_rows, run.d_xrows, R, I);
+  }
+  const Tio* hrows = hs;
+  if (run.packed && R > 0) {
+    Tio* hp = scratch.alloc<Tio>(R * H);
+    FUSEDRNN_LAUNCH(blocks_for(R * H), kThreads, 0, st, gather_rows<Tio>)(hp, hs, H, run.d_xrows,
+                                                                          R, H);
+    hrows = hp;
   }
   if (R == 0) {
     zero_weight_grads();
