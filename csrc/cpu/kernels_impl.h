@@ -38,7 +38,7 @@ constexpr int tile_nu(int G, int mr) {
 
 // ------------------------------------------------------------------ packing
 
-#if FUSEDRNN_VBYTES == 32 && defined(__AVX2__)
+#if defined(__AVX2__)
 // Columns k .. k+7 of eight rows src[0..7] written as eight 8-float vectors
 // (one per column, the rows in order) to dst, dst + stride, ...: an 8 x 8
 // transpose in registers.
@@ -76,10 +76,13 @@ void pack_fwd(const S* w, int64_t G, int64_t Hr, int64_t K, S* wp, int64_t ub0, 
       for (int v = 0; v < U; ++v)
         if (u * U + v < Hr) src[valid++] = w + (g * Hr + u * U + v) * K;
       int64_t k = 0;
-#if FUSEDRNN_VBYTES == 32 && defined(__AVX2__)
-      if constexpr (U == 8 && sizeof(S) == 4)  // float: whole 8 x 8 blocks in registers
+#if defined(__AVX2__)
+      // float: whole 8 x 8 blocks in registers (two side by side for AVX-512's
+      // 16 lanes)
+      if constexpr (U % 8 == 0 && sizeof(S) == 4)
         if (valid == U)
-          for (; k + 8 <= K; k += 8) transpose8(src, k, dst + k * G * U, G * U);
+          for (; k + 8 <= K; k += 8)
+            for (int v = 0; v < U; v += 8) transpose8(src + v, k, dst + k * G * U + v, G * U);
 #endif
       for (; k < K; ++k) {
         S* d = dst + k * G * U;
