@@ -370,6 +370,55 @@ def test_unwanted_input_gradients_are_not_computed(cell, proj, rng):
 
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 5)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiled_input_projection_in_chunks(cell, proj, dtype, rng):
+    """An inference forward may make its input projection on the kernels' tiles, a
+    chunk of steps at a time, each thread its own columns (rnn_impl.h,
+    input_chunk_steps; by default only with AVX-512's tiles and enough rows). Forced on
+    here for the kernels in use, with chunks of 1, 2 and 4 steps and as computed, and
+    off: every result matches the reference, and the tiled ones are bitwise the same
+    whatever the chunk or the thread count. B = 9 and 13 leave partial row tiles, H = 90
+    a partial unit block, I = 37 a partial vector; lengths (with an empty row),
+    a mask, reverse and batch_first. The shapes are large enough for two threads
+    (choose_threads). Before each call, one on other inputs (BLAS's
+    projection) leaves other values in the reused temporaries, so a row the tiled
+    projection fails to gather shows; a counter says the tiled calls were tiled."""
+    T = 16
+    old = fusedrnn.get_num_threads()
+    try:
+        for B, semantics in ((9, {}), (13, {"lengths": True}), (13, {"lengths": True, "reverse": True}),
+                             (9, {"mask": True, "batch_first": True}), (9, {"reverse": True})):
+            args, kw, _, _, _ = make_problem(cell, T, B, 37, 90, dtype, rng, proj=proj,
+                                             scale=0.2, **semantics)
+            ry, rh, rc, _ = reference.forward(*args, **kw)
+            decoy = list(args)
+            decoy[1] = args[1] + dtype(1)
+            tiled = []
+            for mode, steps, threads in ((0, 0, 2), (1, 1, 1), (1, 1, 2), (1, 2, 2), (1, 4, 1),
+                                         (1, 4, 2), (1, 0, 2)):
+                fusedrnn._core._set_tiled_input(0, 0)
+                fusedrnn.forward(*decoy, **kw, training=False)
+                fusedrnn._core._set_tiled_input(mode, steps)
+                fusedrnn.set_num_threads(threads)
+                before = fusedrnn._core._tiled_input_calls()
+                y, h_n, c_n, _ = fusedrnn.forward(*args, **kw, training=False)
+                assert fusedrnn._core._tiled_input_calls() - before == mode
+                label = f"{semantics} mode={mode} chunk={steps} threads={threads}"
+                for name, a, r in (("y", y, ry), ("h_n", h_n, rh), ("c_n", c_n, rc)):
+                    if r is not None:
+                        assert_close(f"{label} {name}", a, r, TOL[dtype])
+                if mode:
+                    tiled.append((label, [y, h_n, c_n]))
+            for label, out in tiled[1:]:
+                for a, b in zip(tiled[0][1], out):
+                    if a is not None:
+                        np.testing.assert_array_equal(a, b, err_msg=label)
+    finally:
+        fusedrnn._core._set_tiled_input(-1, 0)
+        fusedrnn.set_num_threads(old)
+
+
+@pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_batch_one_short_sequences(cell, proj, dtype, rng):
     """B = 1 and T <= 4: the steps multiply W_hh (and W_hr) as stored, without packing,
     forward and backward, and the input projection, the weight gradients and dx of a

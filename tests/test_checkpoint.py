@@ -147,6 +147,29 @@ def _peaks(cell, T, B, H, checkpoint):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_inference_memory_with_tiled_input(cell):
+    """An inference forward keeps the pre-activations of all N rows (N*G*Hp values)
+    with BLAS's input projection, of one chunk of steps with the tiled one (chunks of
+    2 steps forced here), plus the packed W_ih (docs/memory.md)."""
+    T, B, H = 400, 16, 64
+    G, N, item = fusedrnn.CELLS[cell], T * B, 4
+    args, kw, *_ = make_problem(cell, T, B, H, H, np.float32, np.random.default_rng(11))
+    peaks = {}
+    try:
+        for mode in (0, 1):
+            _core._set_tiled_input(mode, 2)
+            base = _core.workspace_in_use_bytes()
+            _core.workspace_reset_peak()
+            fusedrnn.forward(*args, **kw, training=False)
+            peaks[mode] = _core.workspace_peak_bytes() - base
+    finally:
+        _core._set_tiled_input(-1, 0)
+    panels = item * G * H * (H + H)  # W_hh, and W_ih when tiled
+    assert item * N * G * H <= peaks[0] <= 1.05 * item * N * G * H + panels + (64 << 10)
+    assert peaks[1] <= item * 2 * B * G * H + panels + (64 << 10)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_working_memory_formula(cell):
     """Peak working memory follows the formulas of docs/memory.md (within 5% + 64 KiB of
     small buffers), and checkpointing cuts the cache and both peaks by the expected factor."""

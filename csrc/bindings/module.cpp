@@ -329,6 +329,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("l2_cache_bytes", &fusedrnn::l2_cache_bytes,
         "One core's L2 cache in bytes as fusedrnn reads it (0: unknown); from 1 MiB, an "
         "inference call whose weights fit the threads' L2s but not one core's runs on several.");
+  m.def("_set_tiled_input", &fusedrnn::set_tiled_input, py::arg("mode"), py::arg("steps") = 0,
+        "For tests: the inference forward's tiled input projection forced on (1, in chunks of "
+        "`steps` steps, 0: as computed; any instruction set), off (0) or automatic (-1).");
+  m.def("_tiled_input_calls", &fusedrnn::tiled_input_calls,
+        "For tests: how many forwards made their input projection tiled.");
   m.def("isa", []() { return std::string(fusedrnn::isa_name()); },
         "Instruction set of the kernels in use: avx512, avx2 or generic.");
   m.def("threads_backend", []() { return std::string(fusedrnn::threads_backend()); },

@@ -445,6 +445,85 @@ void forward_step(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
   }
 }
 
+// --------------------------------------------------------- input projection
+// out[r, g*Hp + u*U + v] = sum_k x[r*ldx + k] wp[u][k][g][v]: the input
+// projection of rows r < n for unit blocks [ub0, ub1), on the forward panel
+// of W_ih (K = I). A tile holds MR rows x NU blocks x G gates in registers
+// over all of k, so each value sums k in order, whatever rows and blocks a
+// call covers or which thread makes it.
+
+template <int G, int MR, int NU, typename S>
+void input_tile(const S* x, int64_t ldx, const S* wp, int64_t K, S* out, int64_t ldo,
+                int64_t Hp) {
+  using Vt = V<S>;
+  constexpr int U = Vec<S>::L;
+  const int64_t panel = K * G * U;
+  Vt acc[MR][NU][G];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NU; ++j)
+      for (int g = 0; g < G; ++g) acc[r][j][g] = Vt{};
+  for (int64_t k = 0; k < K; ++k) {
+    Vt w[NU][G];
+    for (int j = 0; j < NU; ++j)
+      for (int g = 0; g < G; ++g) w[j][g] = load(wp + j * panel + (k * G + g) * U);
+    for (int r = 0; r < MR; ++r) {
+      const Vt xb = splat(x[r * ldx + k]);
+      for (int j = 0; j < NU; ++j)
+        for (int g = 0; g < G; ++g) acc[r][j][g] += xb * w[j][g];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NU; ++j)
+      for (int g = 0; g < G; ++g) store(out + r * ldo + g * Hp + j * U, acc[r][j][g]);
+}
+
+// Rows [r0, r0 + mr), mr <= MR, unit blocks [ub0, ub1): NU blocks a tile
+// (NU = 0: the widest the register budget allows for mr rows).
+template <int G, int MR, int NU, typename S>
+void input_rows(const S* x, int64_t ldx, int mr, const S* wp, int64_t K, S* out, int64_t ldo,
+                int64_t Hp, int64_t ub0, int64_t ub1) {
+  if constexpr (MR >= 1) {
+    if (mr < MR) return input_rows<G, MR - 1, NU>(x, ldx, mr, wp, K, out, ldo, Hp, ub0, ub1);
+    constexpr int U = Vec<S>::L, W = NU ? NU : tile_nu(G, MR);
+    const int64_t panel = K * G * U;
+    int64_t u = ub0;
+    for (; u + W <= ub1; u += W)
+      input_tile<G, MR, W>(x, ldx, wp + u * panel, K, out + u * U, ldo, Hp);
+    for (; u < ub1; ++u) input_tile<G, MR, 1>(x, ldx, wp + u * panel, K, out + u * U, ldo, Hp);
+  }
+}
+
+template <int G, typename S>
+void input_product_g(const S* x, int64_t ldx, int64_t n, const S* wp, int64_t K, S* out,
+                     int64_t Hp, int64_t ub0, int64_t ub1) {
+  constexpr int MR = tile_mr(G), NU = tile_nu(G, MR);
+  const int64_t ldo = G * Hp;
+  // Unit blocks outer: a block's panel is read from further out once per
+  // call and from L2 by every row tile; the call's rows of x (a few steps'
+  // worth, see rnn_impl.h) stay in L2 meanwhile. (Rows in blocks of 256 KiB
+  // of x, each reading every panel again, was 8% slower at LSTM B = 128,
+  // I = H = 1024.)
+  const int64_t full = n / MR * MR;
+  for (int64_t u = ub0; u < ub1; u += NU) {
+    const int64_t u1 = u + NU < ub1 ? u + NU : ub1;
+    for (int64_t r = 0; r < full; r += MR)
+      input_rows<G, MR, NU>(x + r * ldx, ldx, MR, wp, K, out + r * ldo, ldo, Hp, u, u1);
+  }
+  if (full < n)
+    input_rows<G, MR, 0>(x + full * ldx, ldx, int(n - full), wp, K, out + full * ldo, ldo, Hp,
+                         ub0, ub1);
+}
+
+template <typename S>
+void input_product(const S* x, int64_t ldx, int64_t n, const S* wp, int64_t G, int64_t K,
+                   S* out, int64_t Hp, int64_t ub0, int64_t ub1) {
+  switch (G) {
+    case 4: return input_product_g<4, S>(x, ldx, n, wp, K, out, Hp, ub0, ub1);
+    case 3: return input_product_g<3, S>(x, ldx, n, wp, K, out, Hp, ub0, ub1);
+    default: return input_product_g<1, S>(x, ldx, n, wp, K, out, Hp, ub0, ub1);
+  }
+}
+
 // ------------------------------------------------------------------ backward
 
 template <Cell C, typename S>
@@ -664,7 +743,8 @@ template <typename S>
 const Kernels<S>* table() {
   static const Kernels<S> k{FUSEDRNN_ISA_NAME, Vec<S>::L, pack_fwd<S>, pack_bwd<S>,
                             forward_step_any<S>, backward_point_any<S>, backward_product<S>,
-                            matmul_nt<S>, matmul_nn<S>, probe_fma<S>, probe_stream<S>};
+                            input_product<S>, kAccumulators >= 24, matmul_nt<S>, matmul_nn<S>,
+                            probe_fma<S>, probe_stream<S>};
   return &k;
 }
 

@@ -163,6 +163,40 @@ inline bool raw_weights(int64_t B, int64_t T) { return B == 1 && T <= kRawSteps;
 constexpr int64_t kRawGemmRows = 4;
 inline bool raw_input(int64_t N, bool loop) { return !loop && N <= kRawGemmRows; }
 
+// An inference forward can make the input projection on the kernels' tiles
+// (Kernels::input_product) in chunks of a few steps, each just before its
+// steps, rather than as BLAS GEMMs over all steps before the first. Each
+// thread projects the columns of its own unit blocks, the ones its steps
+// read, so they are still in its L2 when read; after one GEMM over every
+// step, gx came from memory and the steps' loads waited on it (a build
+// without those loads ran an LSTM inference call at B = 64, H = 512 in 8-11%
+// less time).
+// The steps per chunk: as many as keep a thread's part of their gx within
+// half of its core's L2 (a quarter was 1-3% slower at B = 32 and 64, an
+// eighth 2-7%). 0: the projection stays BLAS's, where
+//  - the kernels' tiles are not the faster (Kernels::input_tiles);
+//  - training: its forward saves every step's gates anyway, and was 1-3%
+//    slower tiled (B = 64, H = 512);
+//  - the layer is tiny or has a few rows (loop, raw_in);
+//  - chunks of fewer than kTiledRows rows would not cover the sequence: each
+//    chunk reads the thread's part of W_ih again (LSTM B = 128, H = 1024,
+//    chunks of one step, was 9% slower).
+// Fixed by the shape (and L2 size); the values do not depend on it anyway.
+// (Tests force it on or off: set_tiled_input.)
+constexpr int64_t kTiledRows = 256;
+template <typename S>
+inline size_t input_chunk_steps(const Kernels<S>& K, bool training, bool loop, bool raw_in,
+                                int64_t B, int64_t GHp, int threads, size_t steps) {
+  const int forced = tiled_input_mode();
+  if (forced == 0 || training || loop || raw_in || (forced < 0 && !K.input_tiles)) return 0;
+  int64_t l2 = l2_cache_bytes();
+  if (l2 <= 0) l2 = int64_t(1) << 19;
+  const int64_t per_step = std::max<int64_t>(1, B * GHp / threads * int64_t(sizeof(S)));
+  const size_t chunk = size_t(std::max<int64_t>(1, l2 / 2 / per_step));
+  if (forced > 0) return tiled_input_steps() > 0 ? size_t(tiled_input_steps()) : chunk;
+  return chunk >= steps || int64_t(chunk) * B >= kTiledRows ? chunk : 0;
+}
+
 // Rows of [rows, H] (user layout) into [rows, Hp] with zero padding; a null
 // src stands for zeros (an argument passed as None).
 template <typename S>
@@ -428,13 +462,24 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   // hold (NaN for missing data) reaches no gradient.
   const bool direct_x = sched.identity && !bf && !p.mask;
   const std::vector<int64_t> steps = executed_steps(sched, p.reverse);
-  // Full cache: one segment, saving every step. Checkpointed: the state at
-  // the start of every k-step segment, nothing else.
-  const int64_t ck = p.training ? p.checkpoint : 0;
-  const std::vector<Segment> segs = segments_of(sched, steps, ck);
-  const bool save = p.training && ck == 0;
   const bool loop = tiny_layer(N, GHp, I, P);
   const bool raw_in = raw_input(N, loop);
+  // (inference only: a training forward on more threads than its backward,
+  // which reads the same weights, left the pair up to 13% slower)
+  const int64_t weight_bytes = (G * H * (I + P) + (proj ? P * H : 0)) * int64_t(sizeof(S));
+  const int threads = choose_threads(std::max(nub, nubP), B, N, G, H, I, P,
+                                     p.training ? 0 : weight_bytes);
+  // tiled input projection: steps per chunk (0: BLAS)
+  const size_t chunk =
+      input_chunk_steps(K, p.training, loop, raw_in, B, GHp, threads, steps.size());
+  const bool tiled_in = chunk > 0;
+  if (tiled_in) count_tiled_input_call();
+  // Full cache: one segment, saving every step. Checkpointed: the state at
+  // the start of every k-step segment, nothing else. Inference: one segment,
+  // or with tiled input one per chunk, so gx holds one chunk's rows.
+  const int64_t ck = p.training ? p.checkpoint : 0;
+  const std::vector<Segment> segs = segments_of(sched, steps, tiled_in ? int64_t(chunk) : ck);
+  const bool save = p.training && ck == 0;
 
   std::unique_ptr<Cache<S>> cache;
   Buffer<S> x_tmp, gx_tmp, w_ih_tmp;
@@ -462,7 +507,7 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   } else {
     if (!direct_x) x_tmp.resize(checked_mul(N, I));
     xp = direct_x ? nullptr : x_tmp.data();
-    if (Hp != H) {
+    if (Hp != H && !tiled_in) {  // (tiled input packs W_ih as it is)
       w_ih_tmp.resize(checked_mul(GHp, I));
       w_ih_pad = w_ih_tmp.data();
     }
@@ -497,11 +542,8 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
   Buffer<S> m_step(proj && !save ? checked_mul(B, Hp) : 0);
   if (C == Cell::Lstm) copy_rows_padded(c.data(), Hp, p.c0, H, sched.perm.data(), B);
 
-  // (inference only: a training forward on more threads than its backward,
-  // which reads the same weights, left the pair up to 13% slower)
-  const int64_t weight_bytes = (G * H * (I + P) + (proj ? P * H : 0)) * int64_t(sizeof(S));
-  const int threads = choose_threads(std::max(nub, nubP), B, N, G, H, I, P,
-                                     p.training ? 0 : weight_bytes);
+  // tiled input: the forward panel of W_ih (K = I)
+  Buffer<S> wpi(tiled_in ? checked_mul(checked_mul(nub, I), G * U) : 0);
   const int64_t scratch_per_thread = B * 2 * G * U;
   Buffer<S> scratch(checked_mul(threads, scratch_per_thread));
 
@@ -531,6 +573,22 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
       K.pack_fwd(p.w_hh, G, H, P, wp.data(), st.ub0, st.ub1);
       if (proj) K.pack_fwd(p.w_hr, 1, P, H, wr.data(), st.pb0, st.pb1);
     }
+    if (tiled_in) K.pack_fwd(p.w_ih, G, H, I, wpi.data(), st.ub0, st.ub1);
+    // x's rows [r0, r1) where the projection reads them: gathered (and
+    // masked-out rows zeroed), or copied into the cache when training
+    auto prepare = [&](int64_t r0, int64_t r1) {
+      if (!direct_x) {
+        for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
+          while (r >= sched.offset[t] + sched.count[t]) ++t;
+          const int64_t j = r - sched.offset[t];
+          S* dst = xp + r * I;
+          if (p.mask && !p.mask[t * B + j]) std::fill(dst, dst + I, S(0));
+          else copy_n(dst, row_at(p.x, bf, T, B, t, sched.perm[j], I), I);
+        }
+      } else if (p.training) {
+        copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
+      }
+    };
     S* h = hA.data();
     S* h_next = hB.data();
     for (size_t i = 0; i < segs.size(); ++i) {
@@ -539,22 +597,22 @@ std::unique_ptr<Cache<S>> forward_cell(const ForwardParams<S>& p) {
         copy_n(cache->ck_h.data() + i * B * Pp, h, B * Pp);
         if (C == Cell::Lstm) copy_n(cache->ck_c.data() + i * B * Hp, c.data(), B * Hp);
       }
-      // 1. input rows and input projection, in row tasks
-      input_gemm<S>(K, team, tid, sg.r0, sg.r1, x_gemm, I, w_ih_gemm, gx, GHp, loop, raw_in,
-                    [&](int64_t r0, int64_t r1) {
-                      if (!direct_x) {
-                        for (int64_t r = r0, t = time_of_row(sched, r0); r < r1; ++r) {
-                          while (r >= sched.offset[t] + sched.count[t]) ++t;
-                          const int64_t j = r - sched.offset[t];
-                          S* dst = xp + r * I;
-                          if (p.mask && !p.mask[t * B + j]) std::fill(dst, dst + I, S(0));
-                          else copy_n(dst, row_at(p.x, bf, T, B, t, sched.perm[j], I), I);
-                        }
-                      } else if (p.training) {
-                        copy_n(xp + r0 * I, p.x + r0 * I, (r1 - r0) * I);
-                      }
-                    });
-      team.barrier();
+      // 1. input rows and input projection: in row tasks, or (tiled input)
+      // this thread's columns, which only its own steps read
+      if (tiled_in) {
+        if (!direct_x) {
+          int64_t a, b;
+          split(sg.r1 - sg.r0, nt, tid, &a, &b);
+          prepare(sg.r0 + a, sg.r0 + b);
+          team.barrier();
+        }
+        K.input_product(x_gemm + sg.r0 * I, I, sg.r1 - sg.r0, wpi.data(), G, I, gx, Hp, st.ub0,
+                        st.ub1);
+      } else {
+        input_gemm<S>(K, team, tid, sg.r0, sg.r1, x_gemm, I, w_ih_gemm, gx, GHp, loop, raw_in,
+                      prepare);
+        team.barrier();
+      }
       // 2. the recurrence
       for (size_t s = sg.s0; s < sg.s1; ++s) {
         st.step(team, steps[s], sg.r0, h, h_next);

@@ -27,6 +27,20 @@ struct BlasSingleThreaded {
 void set_num_threads(int n) { g_threads.store(n < 1 ? 1 : n); }
 int get_num_threads() { return g_threads.load(); }
 
+namespace {
+std::atomic<int> g_tiled_mode{-1};
+std::atomic<int64_t> g_tiled_steps{0};
+std::atomic<int64_t> g_tiled_calls{0};
+}  // namespace
+void set_tiled_input(int mode, int64_t steps) {
+  g_tiled_mode.store(mode < 0 ? -1 : mode > 0 ? 1 : 0);
+  g_tiled_steps.store(steps > 0 ? steps : 0);
+}
+int tiled_input_mode() { return g_tiled_mode.load(); }
+int64_t tiled_input_steps() { return g_tiled_steps.load(); }
+int64_t tiled_input_calls() { return g_tiled_calls.load(); }
+void count_tiled_input_call() { g_tiled_calls.fetch_add(1); }
+
 int64_t l2_cache_bytes() {
   static const int64_t bytes = [] {
     long v = -1;

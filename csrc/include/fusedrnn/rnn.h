@@ -127,6 +127,15 @@ void set_num_threads(int n);
 int get_num_threads();
 // Bytes of one core's L2 cache (sysconf, else sysfs), 0 when unknown.
 int64_t l2_cache_bytes();
+// For tests: the inference forward's tiled input projection (rnn_impl.h,
+// input_chunk_steps) forced on (mode 1, chunks of `steps` steps, 0: as
+// computed; any instruction set) or off (mode 0); -1: automatic.
+// tiled_input_calls: forwards that made it tiled (the counter tests read).
+void set_tiled_input(int mode, int64_t steps);
+int tiled_input_mode();
+int64_t tiled_input_steps();
+int64_t tiled_input_calls();
+void count_tiled_input_call();
 // Name of the SIMD kernels in use: "avx512", "avx2" or "generic".
 const char* isa_name();
 // Whose threads ran the last call that used several: "openmp" (the OpenMP
