@@ -477,8 +477,9 @@ void input_tile(const S* x, int64_t ldx, const S* wp, int64_t K, S* out, int64_t
       for (int g = 0; g < G; ++g) store(out + r * ldo + g * Hp + j * U, acc[r][j][g]);
 }
 
-// Rows [r0, r0 + mr), mr <= MR, unit blocks [ub0, ub1): NU blocks a tile
-// (NU = 0: the widest the register budget allows for mr rows).
+// The first mr <= MR rows of x into those of out, unit blocks [ub0, ub1):
+// NU blocks a tile (NU = 0: the widest the register budget allows for mr
+// rows).
 template <int G, int MR, int NU, typename S>
 void input_rows(const S* x, int64_t ldx, int mr, const S* wp, int64_t K, S* out, int64_t ldo,
                 int64_t Hp, int64_t ub0, int64_t ub1) {
