@@ -385,7 +385,8 @@ def test_tiled_input_projection_in_chunks(cell, proj, dtype, rng):
     T = 16
     old = fusedrnn.get_num_threads()
     try:
-        for B, semantics in ((9, {}), (13, {"lengths": True}), (13, {"lengths": True, "reverse": True}),
+        for B, semantics in ((9, {}), (13, {"lengths": True}),
+                             (13, {"lengths": True, "reverse": True}),
                              (9, {"mask": True, "batch_first": True}), (9, {"reverse": True})):
             args, kw, _, _, _ = make_problem(cell, T, B, 37, 90, dtype, rng, proj=proj,
                                              scale=0.2, **semantics)
