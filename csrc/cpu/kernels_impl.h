@@ -213,6 +213,26 @@ FUSEDRNN_ALWAYS_INLINE void prefetch_epilogue(const FwdStep<S>& a, int64_t r0, i
   }
 }
 
+// acc[r][j][g] += sum over k in [k0, k1) of in[r * ld + k] times the panel's
+// vector g of unit block j at k (blocks `panel` values apart), k in order:
+// the k loop of every tile (forward_tile, input_tile).
+template <int G, int MR, int NU, typename S>
+FUSEDRNN_ALWAYS_INLINE void tile_k_loop(V<S> (&acc)[MR][NU][G], const S* wp, int64_t panel,
+                                        const S* in, int64_t ld, int64_t k0, int64_t k1) {
+  using Vt = V<S>;
+  constexpr int U = Vec<S>::L;
+  for (int64_t k = k0; k < k1; ++k) {
+    Vt w[NU][G];
+    for (int j = 0; j < NU; ++j)
+      for (int g = 0; g < G; ++g) w[j][g] = load(wp + j * panel + (k * G + g) * U);
+    for (int r = 0; r < MR; ++r) {
+      const Vt b = splat(in[r * ld + k]);
+      for (int j = 0; j < NU; ++j)
+        for (int g = 0; g < G; ++g) acc[r][j][g] += b * w[j][g];
+    }
+  }
+}
+
 // One tile over k in [k0, k1). part == nullptr: the whole k range in one
 // pass. Otherwise part holds the tile's partial sums [MR][NU][G][U] between
 // k chunks (H too large for a panel chunk to stay in L1); the epilogue runs
@@ -228,20 +248,9 @@ void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0, int64_t k0, int64
     for (int j = 0; j < NU; ++j)
       for (int g = 0; g < G; ++g)
         acc[r][j][g] = part && k0 > 0 ? load(part + ((r * NU + j) * G + g) * U) : Vt{};
-  const S* wp = a.wp + u0 * panel;
-  const S* h = a.in + r0 * ld;
   if constexpr (C != Cell::Proj)
     if (!part || k1 == K) prefetch_epilogue<G, MR, NU>(a, r0, u0);
-  for (int64_t k = k0; k < k1; ++k) {
-    Vt w[NU][G];
-    for (int j = 0; j < NU; ++j)
-      for (int g = 0; g < G; ++g) w[j][g] = load(wp + j * panel + (k * G + g) * U);
-    for (int r = 0; r < MR; ++r) {
-      const Vt hb = splat(h[r * ld + k]);
-      for (int j = 0; j < NU; ++j)
-        for (int g = 0; g < G; ++g) acc[r][j][g] += hb * w[j][g];
-    }
-  }
+  tile_k_loop<G, MR, NU, S>(acc, a.wp + u0 * panel, panel, a.in + r0 * ld, ld, k0, k1);
   if (part && k1 < K) {
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NU; ++j)
@@ -462,16 +471,7 @@ void input_tile(const S* x, int64_t ldx, const S* wp, int64_t K, S* out, int64_t
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NU; ++j)
       for (int g = 0; g < G; ++g) acc[r][j][g] = Vt{};
-  for (int64_t k = 0; k < K; ++k) {
-    Vt w[NU][G];
-    for (int j = 0; j < NU; ++j)
-      for (int g = 0; g < G; ++g) w[j][g] = load(wp + j * panel + (k * G + g) * U);
-    for (int r = 0; r < MR; ++r) {
-      const Vt xb = splat(x[r * ldx + k]);
-      for (int j = 0; j < NU; ++j)
-        for (int g = 0; g < G; ++g) acc[r][j][g] += xb * w[j][g];
-    }
-  }
+  tile_k_loop<G, MR, NU, S>(acc, wp, panel, x, ldx, 0, K);
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NU; ++j)
       for (int g = 0; g < G; ++g) store(out + r * ldo + g * Hp + j * U, acc[r][j][g]);
