@@ -311,12 +311,12 @@ def _threads_and_checkpoint_versus_reference(args, kw, dy, dh_n, dc_n, checkpoin
 
 @pytest.mark.parametrize("cell,H", [("rnn_tanh", 256), ("gru", 128), ("lstm", 128)])
 def test_weight_gradients_in_row_chunks(cell, H, rng):
-    """A layer that runs at least 2048 rows cuts the rows of its weight-gradient products
-    into chunks (rnn_impl.h, weight_tasks: here 4 for rnn_tanh H = 256 at full length,
-    2 otherwise), each chunk after the first summed into a buffer of its own and added
-    in chunk order. Against the reference with and without checkpointing (segments of
-    5 steps, split into chunks of their own rows), with lengths, and bitwise across
-    thread counts."""
+    """A GRU or Elman layer that runs at least 2048 rows cuts the rows of its
+    weight-gradient products into 2 chunks (rnn_impl.h, weight_tasks), the second
+    summed into a buffer of its own and added after the products; LSTM's tasks are
+    whole gates over all rows. Against the reference with and without checkpointing
+    (segments of 5 steps, split into chunks of their own rows), with lengths, and
+    bitwise across thread counts."""
     for semantics in ({}, {"lengths": True, "batch_first": True}):
         # (scale: W_hh's spectral radius below 1; at 0.5 rounding differences grow
         # chaotically over the 40 steps)

@@ -61,8 +61,8 @@ inline void split(int64_t total, int parts, int i, int64_t* begin, int64_t* end)
 // threads: every output element is computed by the same BLAS call whatever
 // the thread count, so results do not depend on it.
 // Task sizes depend on the problem's shape only: big enough that BLAS's
-// repacking of the shared operand (W_ih for row tasks, x or h for weight
-// tasks) stays small against the product, small enough for about 8 tasks.
+// repacking of the shared operand (W_ih for row tasks) stays small against
+// the product, small enough for about 8 tasks (weight tasks: WeightTasks).
 inline int64_t task_size(int64_t total, int64_t lo, int64_t hi) {
   const int64_t t = (total / 8 + 63) / 64 * 64;
   return t < lo ? lo : t > hi ? hi : t;
@@ -80,26 +80,27 @@ inline int64_t row_task(int64_t N) {
 // one gate's part of dW_ih or dW_hh (with their bias gradient), each over one
 // of `chunks` equal chunks of a segment's rows. Each task's BLAS call repacks
 // its chunk of the shared operand (x or h: every row of the chunk, all
-// columns), once per row block: with blocks of task_size(G*H) rows, rnn_tanh
-// B = 64, H = 512 repacked x and h 8 times each, 6% of a training call's
-// samples. So when a layer has enough rows, the blocks grow to up to 256 rows
-// and the rows are cut into chunks instead, for about as many tasks as before
-// (2 to 4 chunks, at least 1024 of the layer's rows each; a checkpointed
-// segment cuts its own rows into as many); chunk c > 0 sums into a buffer of
-// its own (at most 16 MiB for all), added to dW afterwards in the order of c.
-// Otherwise (chunks == 1) the blocks stay as they were. Fixed by the shape
-// alone, so results do not depend on the thread count.
+// columns), so every block a gate is cut into repacks x and h once more: in
+// blocks of 256 rows, LSTM B = 128, H = 1024 spent 7% of a training call's
+// samples repacking x and h, and whole gates took 0.94x its time (GRU 0.94x,
+// rnn_tanh 0.96x; 0.95-0.97x at H = 256-512). So the blocks are whole gates
+// (rounded up to 64 rows), and each weight's tasks are made an even number,
+// so that 2 threads get equal shares of both whatever I and H are (an odd
+// count cost rnn_tanh B = 32, H = 256, I = 16 3.5%). LSTM's 4 gates are; GRU
+// and Elman cut the rows into 2 chunks (a checkpointed segment its own rows),
+// where the layer has at least 2048 rows and the second chunk's buffer of
+// partial sums takes at most 16 MiB; it is added to chunk 0's sums after the
+// products. Else they cut each gate into 2 blocks of a multiple of 64 rows.
+// Fixed by the shape alone, so results do not depend on the thread count.
 struct WeightTasks {
   int64_t rows, chunks;
 };
 inline WeightTasks weight_tasks(int64_t G, int64_t H, int64_t I, int64_t P, int64_t N,
                                 int64_t itemsize) {
-  const int64_t small = task_size(G * H, 64, 256), big = std::min<int64_t>(256, (H + 63) / 64 * 64);
-  const int64_t small_blocks = (H + small - 1) / small, big_blocks = (H + big - 1) / big;
-  int64_t chunks = std::min<int64_t>({(small_blocks + big_blocks - 1) / big_blocks, 4, N / 1024});
-  const int64_t bytes = G * H * (I + P + 2) * itemsize;  // one chunk's buffer
-  while (chunks > 1 && (chunks - 1) * bytes > (int64_t(16) << 20)) --chunks;
-  return chunks > 1 ? WeightTasks{big, chunks} : WeightTasks{small, 1};
+  const int64_t whole = (H + 63) / 64 * 64, half = ((H + 1) / 2 + 63) / 64 * 64;
+  if (G % 2 == 0) return {whole, 1};
+  if (N >= 2048 && G * H * (I + P + 2) * itemsize <= (int64_t(16) << 20)) return {whole, 2};
+  return {half, 1};  // 2 blocks (1 where H <= 64)
 }
 
 // Time step of packed row r (the last t whose rows start at or before r).
