@@ -166,9 +166,55 @@ def test_repeated_calls_do_not_leak():
 def test_workspace_cache_is_bounded_and_releasable():
     args, kw, *_ = make_problem("lstm", 50, 32, 64, 128, np.float32, np.random.default_rng(2))
     fusedrnn.forward(*args, **kw)
-    assert 0 < fusedrnn._core.workspace_cached_bytes() <= 256 * 2**20
+    limit = fusedrnn._core.workspace_keep_limit()
+    assert limit >= 256 * 2**20
+    assert 0 < fusedrnn._core.workspace_cached_bytes() <= limit
     fusedrnn._core.workspace_release()
     assert fusedrnn._core.workspace_cached_bytes() == 0
+
+
+_LARGE_STEP = """
+import resource, sys, numpy as np, fusedrnn
+core = fusedrnn._core
+rng = np.random.default_rng(0)
+T, B, H = 100, 4096, 32
+r = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)
+x, w_ih, w_hh, b_ih, b_hh, dy = r(T, B, H), r(3 * H, H), r(3 * H, H), r(3 * H), r(3 * H), r(T, B, H)
+def step():
+    cache = fusedrnn.forward("gru", x, w_ih, w_hh, b_ih, b_hh)[3]
+    fusedrnn.backward(cache, dy)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+before = core.workspace_keep_limit()
+core.workspace_reset_peak()
+f0 = faults()
+step()
+first = faults() - f0
+peak = core.workspace_peak_bytes()
+f0 = faults()
+step()
+print(before, core.workspace_keep_limit(), peak, first, faults() - f0)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page-fault counts and sysconf as on Linux")
+@pytest.mark.skipif(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < 4 * 2**30,
+                    reason="a quarter of the memory is under the 1 GiB this step keeps")
+def test_workspace_keeps_what_a_large_step_needs():
+    """A training step of more than 256 MiB (GRU T = 100, B = 4096, H = 32: a 314 MiB
+    cache, gate gradients and dx besides) raises the keep limit to what it had alive at
+    once, so the next step takes its blocks back instead of faulting in fresh pages. In a
+    fresh process, so the limit starts at 256 MiB."""
+    out = subprocess.run([sys.executable, "-c", _LARGE_STEP], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after, peak, first, second = map(int, out.stdout.split())
+    print(f"keep limit {before / 2**20:.0f} -> {after / 2**20:.0f} MiB, working memory "
+          f"{peak / 2**20:.0f} MiB; page faults {first} then {second}")
+    assert before == 256 * 2**20
+    assert after >= peak > 256 * 2**20
+    assert first * os.sysconf("SC_PAGE_SIZE") > peak // 2  # the first step's pages are new
+    assert second < first // 20
 
 
 def test_very_long_sequence_runs():

@@ -317,7 +317,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &fusedrnn::get_num_threads);
   m.def("blas_config", []() { return std::string(scipy_openblas_get_config()); });
   m.def("workspace_cached_bytes", &fusedrnn::workspace_cached_bytes,
-        "Bytes of freed temporaries kept for reuse (at most 256 MiB).");
+        "Bytes of freed temporaries and arrays kept for reuse (at most workspace_keep_limit()).");
+  m.def("workspace_keep_limit", &fusedrnn::workspace_keep_limit,
+        "The most bytes kept for reuse: 256 MiB, or the most fusedrnn has had alive at once "
+        "(working memory and returned arrays) up to a quarter of the machine's memory.");
   m.def("workspace_release", &fusedrnn::workspace_release,
         "Return the kept temporaries to the system.");
   m.def("workspace_in_use_bytes", &fusedrnn::workspace_in_use_bytes,

@@ -4,12 +4,12 @@
 // and training allocates its cache. Returned to the system, such blocks come
 // back as fresh pages and each page faults again on first touch, which costs
 // as much as the math for short sequences. Freed blocks are kept here
-// instead, up to kMaxBlocks blocks and kMaxBytes in all; a request takes the
-// smallest kept block that is large enough and at most twice its size. Over
-// the count, the smallest block goes (the cheapest to fault in again; dropping
-// the largest first threw away a layer's gate buffer at every call once a
-// smaller shape had filled the slots: 12,800 page faults per LSTM call at
-// B = 64, H = 512); over the bytes, the longest kept ones go.
+// instead, up to kMaxBlocks blocks and keep_limit() bytes in all; a request
+// takes the smallest kept block that is large enough and at most twice its
+// size. Over the count, the smallest block goes (the cheapest to fault in
+// again; dropping the largest first threw away a layer's gate buffer at
+// every call once a smaller shape had filled the slots: 12,800 page faults
+// per LSTM call at B = 64, H = 512); over the bytes, the longest kept ones go.
 // Blocks under 64 KiB are kept per thread instead (at most 8 of each
 // power-of-two size, about 1 MiB a thread), without a lock.
 //
@@ -18,7 +18,9 @@
 // a training loop gets the pages back that the last step's gradients had.
 // They are not counted as working memory.
 #include <pthread.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
@@ -31,7 +33,7 @@ namespace fusedrnn {
 
 namespace {
 
-constexpr std::size_t kMaxBytes = std::size_t(256) << 20;
+constexpr std::size_t kMinKeepBytes = std::size_t(256) << 20;
 constexpr std::size_t kMaxBlocks = 64;
 constexpr std::size_t kMinCached = std::size_t(64) << 10;  // smaller: kept per thread
 
@@ -45,12 +47,34 @@ struct Block {
 // highest value since the last reset: the working memory that tests and the
 // benchmark report.
 std::atomic<std::size_t> g_in_use{0}, g_peak{0};
+// Bytes of returned arrays alive now (output_alloc), and the most bytes of
+// working memory and returned arrays alive at once since the start.
+std::atomic<std::size_t> g_outputs{0}, g_high{0};
+
+void raise_to(std::atomic<std::size_t>& max, std::size_t now) {
+  std::size_t m = max.load(std::memory_order_relaxed);
+  while (now > m && !max.compare_exchange_weak(m, now, std::memory_order_relaxed)) {
+  }
+}
 
 void count_alloc(std::size_t bytes) {
   const std::size_t now = g_in_use.fetch_add(bytes, std::memory_order_relaxed) + bytes;
-  std::size_t peak = g_peak.load(std::memory_order_relaxed);
-  while (now > peak && !g_peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
-  }
+  raise_to(g_peak, now);
+  raise_to(g_high, now + g_outputs.load(std::memory_order_relaxed));
+}
+
+// The bytes kept at most: 256 MiB, or as many as the process has had alive
+// at once (working memory and returned arrays) up to a quarter of the
+// machine's memory. A training step that needs more than 256 MiB gets all of
+// its blocks back at the next step; with 256 MiB, LSTM T = 50, B = 128,
+// H = 1024 (349 MiB of working memory) faulted in fresh pages for the rest
+// at every step, 5.6% of its time.
+std::size_t keep_limit() {
+  static const std::size_t quarter = [] {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && page > 0 ? std::size_t(pages) * std::size_t(page) / 4 : kMinKeepBytes;
+  }();
+  return std::max(kMinKeepBytes, std::min(quarter, g_high.load(std::memory_order_relaxed)));
 }
 
 // Small blocks (below kMinCached) are kept per thread, a few of each
@@ -127,12 +151,13 @@ void drop_block(std::size_t i) { std::free(remove_block(i)); }
 
 // Keeps a freed block of at least kMinCached bytes (or frees it).
 void keep_block(void* p, std::size_t bytes) {
-  if (bytes > kMaxBytes) {
+  const std::size_t limit = keep_limit();
+  if (bytes > limit) {
     std::free(p);
     return;
   }
   std::lock_guard<std::mutex> lock(g_mu);
-  while (g_cached + bytes > kMaxBytes) {  // over the bytes: the longest kept first
+  while (g_cached + bytes > limit) {  // over the bytes: the longest kept first
     std::size_t old = 0;
     for (std::size_t i = 1; i < g_blocks->size(); ++i)
       if ((*g_blocks)[i].seq < (*g_blocks)[old].seq) old = i;
@@ -194,12 +219,21 @@ constexpr std::size_t kMinOutput = std::size_t(128) << 10;
 std::size_t output_block_min() { return kMinOutput; }
 
 void* output_alloc(std::size_t bytes) {
-  return take_or_alloc(rounded(bytes));
+  bytes = rounded(bytes);
+  void* p = take_or_alloc(bytes);
+  const std::size_t now = g_outputs.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+  raise_to(g_high, now + g_in_use.load(std::memory_order_relaxed));
+  return p;
 }
 
 void output_free(void* p, std::size_t bytes) {
-  if (p) keep_block(p, rounded(bytes));
+  if (!p) return;
+  bytes = rounded(bytes);
+  g_outputs.fetch_sub(bytes, std::memory_order_relaxed);
+  keep_block(p, bytes);
 }
+
+std::size_t workspace_keep_limit() { return keep_limit(); }
 
 std::size_t workspace_cached_bytes() {
   std::lock_guard<std::mutex> lock(g_mu);

@@ -15,6 +15,9 @@ namespace fusedrnn {
 void* workspace_alloc(std::size_t bytes);  // 64-byte aligned; throws std::bad_alloc
 void workspace_free(void* p, std::size_t bytes);
 std::size_t workspace_cached_bytes();
+// The most bytes kept: 256 MiB, or the most the process has had alive at
+// once (working memory and returned arrays), up to a quarter of the RAM.
+std::size_t workspace_keep_limit();
 void workspace_release();  // return every cached block to the system
 // Bytes of Buffers alive now (caches included), and the most alive at once
 // since workspace_reset_peak() (which sets it to the bytes alive now).
