@@ -83,7 +83,7 @@ inline int64_t row_task(int64_t N) {
 // columns), so every block a gate is cut into repacks x and h once more: in
 // blocks of 256 rows, LSTM B = 128, H = 1024 spent 7% of a training call's
 // samples repacking x and h, and whole gates took 0.94x its time (GRU 0.94x,
-// rnn_tanh 0.96x; 0.95-0.97x at H = 256-512). So the blocks are whole gates
+// rnn_tanh 0.95x; 0.96-0.99x at H = 256-512). So the blocks are whole gates
 // (rounded up to 64 rows), and each weight's tasks are made an even number,
 // so that 2 threads get equal shares of both whatever I and H are (an odd
 // count cost rnn_tanh B = 32, H = 256, I = 16 3.5%). LSTM's 4 gates are; GRU
