@@ -708,6 +708,9 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   // Gate gradients of a segment's rows; the weight gradients sum over segments.
   Buffer<S> dgx(checked_mul(R, GHp)), dgh_own(C == Cell::Gru ? checked_mul(R, GHp) : 0);
   S* dgh = C == Cell::Gru ? dgh_own.data() : dgx.data();
+  // Both bias gradients are the column sums of the same gate gradients but
+  // GRU's: db_hh is computed once, as db_ih, and copied at the end.
+  const bool same_bias_grad = C != Cell::Gru;
   Buffer<S> dh(checked_mul(B, Pp)), dc(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
   copy_rows_padded(dh.data(), Pp, p.dh_n, P, sched.perm.data(), B);
   if (C == Cell::Lstm) copy_rows_padded(dc.data(), Hp, p.dc_n, H, sched.perm.data(), B);
@@ -925,7 +928,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
         else
           product(true, k1 - k0, I, b - a, dg, GHp, cache.x.data() + (r0 + a) * I, I, beta,
                   dw_out + (g * H + k0) * I, I);
-        add_column_sums(db_out + g * H + k0, beta == S(0), dg, b - a, k1 - k0, GHp);
+        if (!hh || !same_bias_grad)
+          add_column_sums(db_out + g * H + k0, beta == S(0), dg, b - a, k1 - k0, GHp);
       }
       // Projection weights: dW_hr = Σ dh'ᵀ m, in tasks of rows of W_hr.
       if (proj)
@@ -969,7 +973,8 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
             const int64_t cols = hh ? P : I;
             add_to((hh ? p.dw_hh : p.dw_ih) + o0 * cols, part_w(hh, c) + o0 * cols,
                    (o1 - o0) * cols);
-            add_to((hh ? p.db_hh : p.db_ih) + o0, part_b(hh, c) + o0, o1 - o0);
+            if (!hh || !same_bias_grad)
+              add_to((hh ? p.db_hh : p.db_ih) + o0, part_b(hh, c) + o0, o1 - o0);
           }
       }
       // The next segment overwrites the gate gradients and recomputed values.
@@ -977,6 +982,7 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
     }
   });
 
+  if (same_bias_grad && !segs.empty()) copy_n(p.db_hh, p.db_ih, G * H);
   if (segs.empty()) {  // no step ran: the weights have no gradient
     std::fill(p.dw_ih, p.dw_ih + G * H * I, S(0));
     std::fill(p.dw_hh, p.dw_hh + G * H * P, S(0));
