@@ -708,9 +708,9 @@ void backward_cell(const Cache<S>& cache, const BackwardParams<S>& p) {
   // Gate gradients of a segment's rows; the weight gradients sum over segments.
   Buffer<S> dgx(checked_mul(R, GHp)), dgh_own(C == Cell::Gru ? checked_mul(R, GHp) : 0);
   S* dgh = C == Cell::Gru ? dgh_own.data() : dgx.data();
-  // Both bias gradients are the column sums of the same gate gradients but
-  // GRU's: db_hh is computed once, as db_ih, and copied at the end.
-  const bool same_bias_grad = C != Cell::Gru;
+  // Where both bias gradients are the column sums of the same gate gradients
+  // (all cells but GRU), db_hh is computed once, as db_ih, and copied at the end.
+  const bool same_bias_grad = dgh == dgx.data();
   Buffer<S> dh(checked_mul(B, Pp)), dc(C == Cell::Lstm ? checked_mul(B, Hp) : 0);
   copy_rows_padded(dh.data(), Pp, p.dh_n, P, sched.perm.data(), B);
   if (C == Cell::Lstm) copy_rows_padded(dc.data(), Hp, p.dc_n, H, sched.perm.data(), B);
