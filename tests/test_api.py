@@ -267,12 +267,15 @@ def _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
 @pytest.mark.parametrize("cell,H", [("lstm", 300), ("gru", 300), ("rnn_tanh", 520)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_recurrent_products_in_k_chunks(cell, H, dtype, rng):
-    """Where H is longer than the L1 chunk of a forward tile's k loop (128 for lstm,
-    170 for gru, 256 for rnn: kernels_impl.h, forward_step), a step's product runs in
-    chunks of equal length (here 3 x 100, 2 x 150, 3 x 174) with the partial sums kept
-    between them, and the epilogue runs after the last one. B = 7 leaves a short row
-    tile for every cell (3 + 3 + 1, 4 + 3, 6 + 1). Against the reference, and training
-    and inference forwards equal bitwise."""
+    """Where H is longer than a chunk of a forward tile's k loop (kernels_impl.h,
+    kChunkBytes; float32, 16 KiB chunks: AVX2 128 for lstm, 170 for gru, 256 for rnn;
+    AVX-512 64 for lstm), a step's product runs in chunks of equal length (AVX2 here
+    3 x 100, 2 x 150, 3 x 174) with the partial sums kept between them, and the
+    epilogue runs after the last one. B = 7 leaves a short row tile for every cell
+    (AVX2 3 + 3 + 1, 4 + 3, 6 + 1). Against the reference, and training and inference
+    forwards equal bitwise. AVX-512's gru and rnn tiles take more than 7 rows, so only
+    lstm runs in chunks there: test_recurrent_products_in_k_chunks_avx2 runs this test
+    on the AVX2 kernels too."""
     for semantics in ({}, {"lengths": True}, {"mask": True, "reverse": True}):
         args, kw, dy, dh_n, dc_n = make_problem(cell, 3, 7, 9, H, dtype, rng, **semantics)
         ry, rh, rc, rcache = reference.forward(*args, **kw)
@@ -282,6 +285,42 @@ def test_recurrent_products_in_k_chunks(cell, H, dtype, rng):
         for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
             assert_close(f"{semantics} {name}", a, r, TOL[dtype])
         np.testing.assert_array_equal(fusedrnn.forward(*args, **kw, training=False)[0], y)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_recurrent_products_in_large_k_chunks(dtype, rng):
+    """A step of at least 2 row tiles on the AVX-512 kernels runs its forward product
+    in chunks of up to 256 KiB of panel (kernels_impl.h, kChunkBytesManyRows: 1024 k
+    for lstm in float32 and float64), so lstm H = 1100 runs in 2 chunks of 550 for
+    B = 13 (6 + 6 + 1 rows); the other kernels cut it into 16 KiB chunks. Lengths
+    shrink the later steps to fewer rows, which take the small chunks. Against the
+    reference."""
+    for semantics in ({}, {"lengths": True}):
+        args, kw, dy, dh_n, dc_n = make_problem("lstm", 3, 13, 9, 1100, dtype, rng,
+                                                **semantics)
+        ry, rh, rc, rcache = reference.forward(*args, **kw)
+        rg = reference.backward(rcache, dy, dh_n, dc_n)
+        y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
+        g = fusedrnn.backward(cache, dy, dh_n, dc_n)
+        for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
+            assert_close(f"{semantics} {name}", a, r, TOL[dtype])
+        np.testing.assert_array_equal(fusedrnn.forward(*args, **kw, training=False)[0], y)
+
+
+def test_recurrent_products_in_k_chunks_avx2():
+    """Where the AVX-512 kernels are in use, test_recurrent_products_in_k_chunks again
+    on the AVX2 kernels (FUSEDRNN_ISA=avx2), whose gru and rnn tiles run those
+    shapes in chunks, in a fresh process (the kernels are chosen at import)."""
+    if fusedrnn._core.isa() != "avx512":
+        pytest.skip("the kernels in use are not AVX-512's: the test itself ran on them")
+    code = ("import sys, pytest, fusedrnn\n"
+            "assert fusedrnn._core.isa() == 'avx2', fusedrnn._core.isa()\n"
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1]]))\n")
+    test = f"{__file__}::test_recurrent_products_in_k_chunks"
+    out = subprocess.run([sys.executable, "-c", code, test], capture_output=True, text=True,
+                         env=dict(os.environ, FUSEDRNN_ISA="avx2"),
+                         cwd=os.path.dirname(__file__))
+    assert out.returncode == 0 and "6 passed" in out.stdout, out.stdout + out.stderr
 
 
 def _threads_and_checkpoint_versus_reference(args, kw, dy, dh_n, dc_n, checkpoint, label=""):

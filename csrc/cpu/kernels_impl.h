@@ -27,6 +27,21 @@ constexpr int gates_c(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 
 // (AVX2 and narrower), 24 of AVX-512's 32: twice the rows per tile, so each
 // weight vector loaded serves twice the multiply-adds.
 constexpr int kAccumulators = FUSEDRNN_VBYTES == 64 ? 24 : 12;
+// The k loop of a step's forward tiles runs in chunks whose part of the panel
+// (NU unit blocks) takes at most kChunkBytes, the tiles' partial sums kept in
+// between (forward_step): 16 KiB, so a chunk stays in L1 for every row tile of
+// the step (AVX2 kernels on the 2-core Xeon, lstm B = 64, H = 512 forward:
+// 1.06x the time unchunked). AVX-512's tiles have twice the rows per weight
+// vector loaded; where a step has at least 2 row tiles (2 * MR rows) they read
+// the panel from L2 faster than they store and reload partial sums between
+// chunks (Xeon, 48 KiB L1, 2 MiB L2; forward unchunked against 16 KiB chunks:
+// lstm B = 24 0.97x, B = 64, H = 512 0.96x, B = 128, H = 1024 0.97x, gru
+// B = 64 0.96x, rnn_tanh B = 128 0.97x; lstm B = 12 and 16 0.99x), so they
+// take chunks of up to 256 KiB, which any AVX-512 CPU's L2 holds (lstm up to
+// H = 1024 in one). Fewer rows keep 16 KiB: lstm B = 8 (6 + 2 rows) took
+// 1.04x unchunked.
+constexpr int64_t kChunkBytes = 16384;
+constexpr int64_t kChunkBytesManyRows = FUSEDRNN_VBYTES == 64 ? 262144 : kChunkBytes;
 constexpr int tile_mr(int G) {
   return (G == 4 ? 3 : G == 3 ? 4 : 6) * (kAccumulators / 12);
 }
@@ -235,7 +250,7 @@ FUSEDRNN_ALWAYS_INLINE void tile_k_loop(V<S> (&acc)[MR][NU][G], const S* wp, int
 
 // One tile over k in [k0, k1). part == nullptr: the whole k range in one
 // pass. Otherwise part holds the tile's partial sums [MR][NU][G][U] between
-// k chunks (H too large for a panel chunk to stay in L1); the epilogue runs
+// k chunks (H longer than a chunk: kChunkBytes); the epilogue runs
 // after the last chunk.
 template <Cell C, typename S, int MR, int NU>
 void forward_tile(const FwdStep<S>& a, int64_t r0, int64_t u0, int64_t k0, int64_t k1, S* part) {
@@ -424,15 +439,16 @@ void forward_step(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
   constexpr int G = gates_c(C);
   constexpr int U = Vec<S>::L;
   constexpr int MR = tile_mr(G), NU = tile_nu(G, MR);
-  // k per chunk so that NU panels' chunk (kc * G * U * NU values) fits in 16 KiB of L1.
-  constexpr int64_t KC = 16384 / (G * U * NU * int64_t(sizeof(S)));
   const int64_t n = a.n, H = a.K;  // H: the length of the product's k loop
+  // k per chunk: NU panels' chunk (KC * G * U * NU values) in the chunk's bytes.
+  const int64_t KC = (n >= 2 * MR ? kChunkBytesManyRows : kChunkBytes) /
+                     (G * U * NU * int64_t(sizeof(S)));
   if (n < MR) {  // few rows: wider tiles keep enough independent accumulators
     forward_rows_mr<C, S, MR, 0>(a, 0, ub0, ub1, int(n), 0, H, nullptr);
     return;
   }
-  // Unit blocks outer, k chunks, rows inner: a panel chunk is reused from L1
-  // for every row of the step.
+  // Unit blocks outer, k chunks, rows inner: a panel chunk is reused from
+  // cache for every row of the step.
   static_assert(NU <= 2, "a tail chunk of unit blocks must be a single block");
   const bool chunked = H > KC && a.scratch;
   // chunks of equal length (a short last one would leave the epilogue's
