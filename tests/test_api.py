@@ -277,14 +277,20 @@ def test_recurrent_products_in_k_chunks(cell, H, dtype, rng):
     lstm runs in chunks there: test_recurrent_products_in_k_chunks_avx2 runs this test
     on the AVX2 kernels too."""
     for semantics in ({}, {"lengths": True}, {"mask": True, "reverse": True}):
-        args, kw, dy, dh_n, dc_n = make_problem(cell, 3, 7, 9, H, dtype, rng, **semantics)
-        ry, rh, rc, rcache = reference.forward(*args, **kw)
-        rg = reference.backward(rcache, dy, dh_n, dc_n)
-        y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
-        g = fusedrnn.backward(cache, dy, dh_n, dc_n)
-        for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
-            assert_close(f"{semantics} {name}", a, r, TOL[dtype])
-        np.testing.assert_array_equal(fusedrnn.forward(*args, **kw, training=False)[0], y)
+        _layer_versus_reference(cell, 7, H, dtype, rng, semantics)
+
+
+def _layer_versus_reference(cell, B, H, dtype, rng, semantics):
+    """One layer (T = 3, I = 9) forward and backward against the reference, and its
+    training and inference forwards equal bitwise."""
+    args, kw, dy, dh_n, dc_n = make_problem(cell, 3, B, 9, H, dtype, rng, **semantics)
+    ry, rh, rc, rcache = reference.forward(*args, **kw)
+    rg = reference.backward(rcache, dy, dh_n, dc_n)
+    y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
+    g = fusedrnn.backward(cache, dy, dh_n, dc_n)
+    for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
+        assert_close(f"{semantics} {name}", a, r, TOL[dtype])
+    np.testing.assert_array_equal(fusedrnn.forward(*args, **kw, training=False)[0], y)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -294,17 +300,9 @@ def test_recurrent_products_in_large_k_chunks(dtype, rng):
     for lstm in float32 and float64), so lstm H = 1100 runs in 2 chunks of 550 for
     B = 13 (6 + 6 + 1 rows); the other kernels cut it into 16 KiB chunks. Lengths
     shrink the later steps to fewer rows, which take the small chunks. Against the
-    reference."""
+    reference, and training and inference forwards equal bitwise."""
     for semantics in ({}, {"lengths": True}):
-        args, kw, dy, dh_n, dc_n = make_problem("lstm", 3, 13, 9, 1100, dtype, rng,
-                                                **semantics)
-        ry, rh, rc, rcache = reference.forward(*args, **kw)
-        rg = reference.backward(rcache, dy, dh_n, dc_n)
-        y, h_n, c_n, cache = fusedrnn.forward(*args, **kw)
-        g = fusedrnn.backward(cache, dy, dh_n, dc_n)
-        for name, a, r in _versus_reference(y, h_n, c_n, g, ry, rh, rc, rg):
-            assert_close(f"{semantics} {name}", a, r, TOL[dtype])
-        np.testing.assert_array_equal(fusedrnn.forward(*args, **kw, training=False)[0], y)
+        _layer_versus_reference("lstm", 13, 1100, dtype, rng, semantics)
 
 
 def test_recurrent_products_in_k_chunks_avx2():
