@@ -295,14 +295,14 @@ def _layer_versus_reference(cell, B, H, dtype, rng, semantics):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_recurrent_products_in_large_k_chunks(dtype, rng):
-    """A step of at least 2 row tiles on the AVX-512 kernels runs its forward product
+    """A step of at least 4 row tiles on the AVX-512 kernels runs its forward product
     in chunks of up to 256 KiB of panel (kernels_impl.h, kChunkBytesManyRows: 1024 k
     for lstm in float32 and float64), so lstm H = 1100 runs in 2 chunks of 550 for
-    B = 13 (6 + 6 + 1 rows); the other kernels cut it into 16 KiB chunks. Lengths
+    B = 25 (4 x 6 + 1 rows); the other kernels cut it into 16 KiB chunks. Lengths
     shrink the later steps to fewer rows, which take the small chunks. Against the
     reference, and training and inference forwards equal bitwise."""
     for semantics in ({}, {"lengths": True}):
-        _layer_versus_reference("lstm", 13, 1100, dtype, rng, semantics)
+        _layer_versus_reference("lstm", 25, 1100, dtype, rng, semantics)
 
 
 def test_recurrent_products_in_k_chunks_avx2():

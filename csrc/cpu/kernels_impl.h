@@ -32,14 +32,15 @@ constexpr int kAccumulators = FUSEDRNN_VBYTES == 64 ? 24 : 12;
 // between (forward_step): 16 KiB, so a chunk stays in L1 for every row tile of
 // the step (AVX2 kernels on the 2-core Xeon, lstm B = 64, H = 512 forward:
 // 1.06x the time unchunked). AVX-512's tiles have twice the rows per weight
-// vector loaded; where a step has at least 2 row tiles (2 * MR rows) they read
+// vector loaded; where a step has at least 4 row tiles (4 * MR rows) they read
 // the panel from L2 faster than they store and reload partial sums between
 // chunks (Xeon, 48 KiB L1, 2 MiB L2; forward unchunked against 16 KiB chunks:
 // lstm B = 24 0.97x, B = 64, H = 512 0.96x, B = 128, H = 1024 0.97x, gru
-// B = 64 0.96x, rnn_tanh B = 128 0.97x; lstm B = 12 and 16 0.99x), so they
-// take chunks of up to 256 KiB, which any AVX-512 CPU's L2 holds (lstm up to
-// H = 1024 in one). Fewer rows keep 16 KiB: lstm B = 8 (6 + 2 rows) took
-// 1.04x unchunked.
+// B = 32 and 64 0.96-0.98x, rnn_tanh B = 128 0.97x), so they take chunks of
+// up to 256 KiB, which any AVX-512 CPU's L2 holds (lstm up to H = 1024 in
+// one). Fewer rows keep 16 KiB: unchunked, lstm B = 8 (2 tiles) took 1.04x,
+// rnn_tanh B = 32 (12 + 12 + 8 rows) 1.02-1.03x; lstm B = 12 and 16 0.99x,
+// rnn_tanh B = 48 (4 tiles) 1.005x.
 constexpr int64_t kChunkBytes = 16384;
 constexpr int64_t kChunkBytesManyRows = FUSEDRNN_VBYTES == 64 ? 262144 : kChunkBytes;
 constexpr int tile_mr(int G) {
@@ -441,7 +442,7 @@ void forward_step(const FwdStep<S>& a, int64_t ub0, int64_t ub1) {
   constexpr int MR = tile_mr(G), NU = tile_nu(G, MR);
   const int64_t n = a.n, H = a.K;  // H: the length of the product's k loop
   // k per chunk: NU panels' chunk (KC * G * U * NU values) in the chunk's bytes.
-  const int64_t KC = (n >= 2 * MR ? kChunkBytesManyRows : kChunkBytes) /
+  const int64_t KC = (n >= 4 * MR ? kChunkBytesManyRows : kChunkBytes) /
                      (G * U * NU * int64_t(sizeof(S)));
   if (n < MR) {  // few rows: wider tiles keep enough independent accumulators
     forward_rows_mr<C, S, MR, 0>(a, 0, ub0, ub1, int(n), 0, H, nullptr);
