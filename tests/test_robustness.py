@@ -23,6 +23,9 @@ def _child_forward(queue):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+# JAX, when tests/test_jax.py imported it into this process, warns at every fork that its
+# own threads make forking unsafe; the child runs fusedrnn alone, no JAX.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_pool_survives_fork():
     """A child forked after the thread pool ran can still run (no deadlock)."""
     old = fusedrnn.get_num_threads()
