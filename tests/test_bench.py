@@ -188,6 +188,38 @@ def test_bench_model(tmp_path, monkeypatch, capsys):
     assert "MISMATCH(logits)" in capsys.readouterr().out
 
 
+def test_bench_jax(tmp_path, monkeypatch, capsys):
+    """--jax: fusedrnn.jax against a jax.lax.scan layer and fusedrnn itself, checked
+    (outputs, and every gradient) before timing; a peer whose results differ is flagged
+    MISMATCH and fails the run; --model with --jax is refused."""
+    pytest.importorskip("jax")
+    from fusedrnn import _bench_jax
+
+    path = tmp_path / "j.csv"
+    args = ["bench", "--jax", "--repeats", "1", "--min-sample-ms", "0", "--cells",
+            "gru,lstm,rnn_relu", "--shapes", "3,2,8", "--csv", str(path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "forward+backward: fusedrnn.jax" in out  # the summary
+    _, rows = read_csv(path)
+    assert [(r["cell"], r["pass"], r["provider"]) for r in rows] == [
+        (c, p, n) for c in ("gru", "lstm", "rnn_relu") for p in ("forward", "forward+backward")
+        for n in ("jax.lax.scan", "fusedrnn.jax", "fusedrnn")]
+    assert all(r["check"] == "ok" and float(r["ms"]) > 0 for r in rows)
+
+    real = _bench_jax.scan_layer
+
+    def off(cell):  # the peer's hidden state nudged at one step
+        layer = real(cell)
+        return lambda *a: layer(*a).at[1, 0, 0].add(0.01)
+
+    monkeypatch.setattr(_bench_jax, "scan_layer", off)
+    assert main(args[:-2] + ["--cells", "lstm", "--passes", "forward"]) == 1
+    assert "MISMATCH(y)" in capsys.readouterr().out
+    assert main(["bench", "--jax", "--model"]) == 2
+
+
 def test_time_interleaved_settles_after_numpy_blas(monkeypatch):
     """The reference (NumPy's BLAS, whose threads spin on after a call) is timed after
     the other providers' rounds, not in them; the first call after the check (which

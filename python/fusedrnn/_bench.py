@@ -147,6 +147,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "torch.nn's layer and with fusedrnn.torch's (needs torch; see "
                         "fusedrnn/_bench_model.py); default shapes T,B,H 1,1,256 100,8,256 "
                         "100,32,256")
+    p.add_argument("--jax", action="store_true",
+                   help="time fusedrnn.jax against a jax.lax.scan layer and fusedrnn itself "
+                        "(needs jax; see fusedrnn/_bench_jax.py); default shapes T,B,H "
+                        "100,1,256 100,8,256 100,32,256 100,64,512")
 
 
 def _csv_list(allowed):
@@ -685,6 +689,57 @@ def table_row(r, table=None, numeric=None) -> str:
     return _line([fmt(r) for _, _, fmt in table or _TABLE], table, numeric)
 
 
+class DictRow(dict):
+    """One provider's result for one case of the --model and --jax modes, keyed by column
+    title (for write_csv)."""
+
+    def csv_record(self) -> Dict[str, object]:
+        return {c: (f"{v:.6g}" if isinstance(v, float) else v) for c, v in self.items()}
+
+
+def peer_table(columns: Sequence[str], widths: Sequence[int]):
+    """(table, numeric) for table_header / table_row of DictRows whose columns are cell,
+    T, B, H, pass, provider, ms, spread, a speedup and check, in that order."""
+    table = tuple(zip(columns, widths, (
+        *(lambda r, c=c: str(r[c]) for c in columns[:6]),
+        lambda r: _fmt_ms(r["ms"]),
+        lambda r: f"{r['spread']:.0f}%",
+        lambda r, c=columns[8]: f"{r[c]:.2f}x",
+        lambda r: r["check"])))
+    return table, set(columns[6:])
+
+
+def run_peer_grid(out, cells, shapes, passes, run_case, table, numeric
+                  ) -> Tuple[List[DictRow], bool]:
+    """The --model and --jax modes' loop: run_case(cell, T, B, H, pass) -> (rows, ok) for
+    every case, each row printed as it comes; returns (all rows, whether a case failed)."""
+    print(table_header(table, numeric), file=out, flush=True)
+    rows: List[DictRow] = []
+    failed = False
+    for cell in cells:
+        for T, B, H in shapes:
+            for pass_ in passes:
+                case_rows, ok = run_case(cell, T, B, H, pass_)
+                failed |= not ok
+                for r in case_rows:
+                    print(table_row(r, table, numeric), file=out, flush=True)
+                rows += case_rows
+    return rows, failed
+
+
+def peer_rows(timed: Dict[str, Tuple[List[float], int]], case: Dict[str, object], check: str,
+              peer: str, speedup_column: str) -> List[DictRow]:
+    """DictRows of one case from time_interleaved's samples: median ms, spread (as the
+    layer table's) and the speedup over ``peer``, in the order of ``timed``."""
+    ms = {n: 1e3 * statistics.median(s) for n, (s, _) in timed.items()}
+    rows = []
+    for name, (samples, _) in timed.items():
+        spread = (max(samples) - min(samples)) / statistics.median(samples)
+        rows.append(DictRow(case, provider=name, ms=ms[name], spread=100.0 * spread,
+                            check=check, **{speedup_column: ms[peer] / ms[name]}))
+    return rows
+
+
 def write_csv(path: str, rows: Sequence, columns=None) -> None:
     """rows (objects with csv_record()) as CSV with the given columns."""
     d = os.path.dirname(path)
@@ -756,10 +811,17 @@ def sampling(args: argparse.Namespace) -> Tuple[int, float]:
 def run(args: argparse.Namespace, out=None) -> int:
     """Run the benchmark described by parsed ``bench`` arguments; returns the exit status."""
     out = out or sys.stdout
+    if getattr(args, "model", False) and getattr(args, "jax", False):
+        print("error: --model and --jax are separate benchmarks; pass one", file=sys.stderr)
+        return 2
     if getattr(args, "model", False):
         from . import _bench_model  # noqa: PLC0415
 
         return _bench_model.run(args, out)
+    if getattr(args, "jax", False):
+        from . import _bench_jax  # noqa: PLC0415
+
+        return _bench_jax.run(args, out)
     try:
         shapes = (parse_shapes(args.shapes) if args.shapes
                   else [(T, B, H, H) for T, B, H in (QUICK_SHAPES if args.quick else FULL_SHAPES)])

@@ -14,9 +14,8 @@ first: outputs, and with backward the gradients, agree with torch.nn's.
 
 from __future__ import annotations
 
-import statistics
 import sys
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import fusedrnn
 
@@ -36,21 +35,8 @@ _COLUMNS = ("cell", "T", "B", "H", "pass", "provider", "ms", "spread", "speedup 
             "check")
 
 
-class ModelRow(dict):
-    """One provider's result for one case, keyed by _COLUMNS (for _bench.write_csv)."""
-
-    def csv_record(self) -> Dict[str, object]:
-        return {c: (f"{v:.6g}" if isinstance(v, float) else v) for c, v in self.items()}
-
-
 #: the table (_bench.table_header / table_row): (title, width, format) per column
-_TABLE = tuple(zip(_COLUMNS, (9, 5, 5, 6, 17, 15, 10, 7, 17, 12), (
-    *(lambda r, c=c: str(r[c]) for c in _COLUMNS[:6]),
-    lambda r: _bench._fmt_ms(r["ms"]),
-    lambda r: f"{r['spread']:.0f}%",
-    lambda r: f"{r['speedup vs torch']:.2f}x",
-    lambda r: r["check"])))
-_NUMERIC = set(_COLUMNS[6:])
+_TABLE, _NUMERIC = _bench.peer_table(_COLUMNS, (9, 5, 5, 6, 17, 15, 10, 7, 17, 12))
 
 
 def _models(torch, cell: str, H: int, seed: int):
@@ -127,19 +113,11 @@ def run(args, out=None) -> int:
           f"-> Linear(H, {VOCAB}); float32, {threads} threads (torch and fusedrnn), torch "
           f"{torch.__version__}; median of {repeats} interleaved samples of >= "
           f"{min_sample_s * 1e3:g} ms", file=out)
-    print(_bench.table_header(_TABLE, _NUMERIC), file=out, flush=True)
-    rows: List[ModelRow] = []
-    failed = False
     try:
-        for cell in args.cells:
-            for T, B, H in shapes:
-                for pass_ in args.passes:
-                    case_rows, ok = _run_case(torch, cell, T, B, H, pass_, repeats, min_sample_s,
-                                              args.seed)
-                    failed |= not ok
-                    for r in case_rows:
-                        print(_bench.table_row(r, _TABLE, _NUMERIC), file=out, flush=True)
-                    rows += case_rows
+        rows, failed = _bench.run_peer_grid(
+            out, args.cells, shapes, args.passes,
+            lambda *case: _run_case(torch, *case, repeats, min_sample_s, args.seed),
+            _TABLE, _NUMERIC)
     finally:
         fusedrnn.set_num_threads(old[0])
         torch.set_num_threads(old[1])
@@ -150,7 +128,7 @@ def run(args, out=None) -> int:
 
 
 def _run_case(torch, cell, T, B, H, pass_, repeats, min_sample_s,
-              seed) -> Tuple[List[ModelRow], bool]:
+              seed) -> Tuple[List[_bench.DictRow], bool]:
     backward = pass_ == _bench.FORWARD_BACKWARD
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (T, B), generator=gen)
@@ -164,11 +142,5 @@ def _run_case(torch, cell, T, B, H, pass_, repeats, min_sample_s,
     err, where = _bench.rel_err(outputs["fusedrnn.torch"], outputs["torch"])
     check = "ok" if err <= _bench.TOLERANCE["float32"] else f"MISMATCH({where})"
     timed = _bench.time_interleaved(calls, repeats, min_sample_s)
-    ms = {n: 1e3 * statistics.median(s) for n, (s, _) in timed.items()}
-    rows = []
-    for name, (samples, _) in timed.items():
-        spread = (max(samples) - min(samples)) / statistics.median(samples)  # as _bench's
-        rows.append(ModelRow(cell=cell, T=T, B=B, H=H, provider=name, ms=ms[name],
-                             spread=100.0 * spread, check=check,
-                             **{"pass": pass_, "speedup vs torch": ms["torch"] / ms[name]}))
-    return rows, check == "ok"
+    case = {"cell": cell, "T": T, "B": B, "H": H, "pass": pass_}
+    return _bench.peer_rows(timed, case, check, "torch", "speedup vs torch"), check == "ok"
