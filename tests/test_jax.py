@@ -195,9 +195,26 @@ def test_limit_bounds_the_caches_held(rng, limit):
     for g in grads[1:]:
         for name, a, b in zip(names, g, grads[0]):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    kept = [jax.vjp(f, *vals) for _ in range(2)]
+    assert fj.cache_stats()["held"] == 2
     fj.set_cache_limit(nbytes)  # a smaller limit drops what no longer fits
-    jax.vjp(f, *vals), jax.vjp(f, *vals)
     assert fj.cache_stats()["held"] == 1
+    del kept
+
+
+def test_dropped_vjp_releases_its_cache(rng):
+    """An eager jax.vjp whose function is dropped without a backward frees its cache."""
+    import gc
+
+    args, kw, *_ = make_problem("lstm", T, B, I, H, np.float32, rng)
+    f, vals, _ = layer(args, kw)
+    s0 = fj.cache_stats()
+    out, vjp = jax.vjp(f, *vals)
+    assert fj.cache_stats()["held"] == s0["held"] + 1
+    del vjp
+    gc.collect()
+    s1 = fj.cache_stats()
+    assert s1["held"] == s0["held"] and s1["released"] == s0["released"] + 1
 
 
 def test_vmap_runs_each_element(rng):

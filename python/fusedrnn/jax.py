@@ -38,6 +38,7 @@ kernels run on the CPU; arrays on another device are copied to the host and back
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from functools import partial
 from typing import NamedTuple, Optional
@@ -77,7 +78,7 @@ class _Registry:
         self._caches: "OrderedDict[int, fusedrnn.Cache]" = OrderedDict()
         self._bytes = 0
         self._next = 1
-        self.used = self.recomputed = self.evicted = 0
+        self.used = self.recomputed = self.evicted = self.released = 0
 
     def put(self, cache) -> np.ndarray:
         with self._lock:
@@ -102,6 +103,14 @@ class _Registry:
                 self.used += 1
         return cache
 
+    def release(self, key: int) -> None:
+        """Drop the cache of ``key`` if it is still held: its residuals are gone."""
+        with self._lock:
+            cache = self._caches.pop(key, None)
+            if cache is not None:
+                self._bytes -= cache.nbytes
+                self.released += 1
+
     def _shrink(self, limit: int) -> None:
         while self._bytes > limit:
             _, old = self._caches.popitem(last=False)
@@ -116,7 +125,8 @@ class _Registry:
     def stats(self) -> dict:
         with self._lock:
             return {"held": len(self._caches), "held_bytes": self._bytes, "limit": self.limit,
-                    "used": self.used, "recomputed": self.recomputed, "evicted": self.evicted}
+                    "used": self.used, "recomputed": self.recomputed, "evicted": self.evicted,
+                    "released": self.released}
 
 
 _registry = _Registry(2 << 30)
@@ -141,8 +151,9 @@ def cache_limit() -> int:
 def cache_stats() -> dict:
     """The registry of forward caches: ``held`` caches (``held_bytes``) waiting for their
     backward, ``limit``, and since import the caches ``used`` by a backward, the
-    backwards that ``recomputed`` their forward, and the caches ``evicted`` (or never
-    kept) for the limit."""
+    backwards that ``recomputed`` their forward, the caches ``evicted`` (or never kept)
+    for the limit, and those ``released`` because their residuals were dropped unused
+    (eager calls only)."""
     return _registry.stats()
 
 
@@ -198,7 +209,14 @@ def _layer_fwd(static, arrays, lengths, mask):
     token = jax.ShapeDtypeStruct((2,), np.uint32)
     out = jax.pure_callback(_host_forward(static, True), _out_types(static) + (token,), arrays,
                             lengths, mask, vmap_method="sequential")
-    return _with_none(static, out[:-1]), (out[-1], arrays, lengths, mask)
+    token = out[-1]
+    if not isinstance(token, jax.core.Tracer):
+        # Eager: the token is an array that only this call's residuals hold. When it
+        # goes unused (a vjp function dropped, a forward that jax.checkpoint runs
+        # again), its cache goes with it.
+        hi, lo = np.asarray(token).tolist()
+        weakref.finalize(token, _registry.release, (hi << 32) | lo)
+    return _with_none(static, out[:-1]), (token, arrays, lengths, mask)
 
 
 def _layer_bwd(static, res, cts):
