@@ -709,6 +709,18 @@ def peer_table(columns: Sequence[str], widths: Sequence[int]):
     return table, set(columns[6:])
 
 
+def peer_shapes(args: argparse.Namespace, default) -> Optional[List[Tuple[int, int, int]]]:
+    """The (T, B, H) cases of the --model and --jax modes: --shapes (I = H there), else
+    ``default``; None, after printing the error, when --shapes does not parse."""
+    if not args.shapes:
+        return list(default)
+    try:
+        return [(T, B, H) for T, B, H, _ in parse_shapes(args.shapes)]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def run_peer_grid(out, cells, shapes, passes, run_case, table, numeric
                   ) -> Tuple[List[DictRow], bool]:
     """The --model and --jax modes' loop: run_case(cell, T, B, H, pass) -> (rows, ok) for

@@ -140,11 +140,8 @@ def run(args, out=None) -> int:
     except ImportError:
         print("error: --jax needs jax (pip install jax)", file=sys.stderr)
         return 2
-    try:
-        shapes = ([(T, B, H) for T, B, H, _ in _bench.parse_shapes(args.shapes)]
-                  if args.shapes else QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    shapes = _bench.peer_shapes(args, QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    if shapes is None:
         return 2
     repeats, min_sample_s = _bench.sampling(args)
     threads = args.threads or fusedrnn.get_num_threads()
@@ -174,7 +171,8 @@ def _run_case(jax, cell, T, B, H, pass_, repeats, min_sample_s,
     binds = _bind(jax, cell, arrays, dy, pass_ == _bench.FORWARD_BACKWARD)
     outputs = {name: to_np(call()) for name, (call, to_np) in binds.items()}  # + warm-up
     err, where = _bench.rel_err(outputs["fusedrnn.jax"], outputs[_PEER])
-    same = all(np.array_equal(outputs["fusedrnn.jax"][k], v) for k, v in outputs["fusedrnn"].items())
+    same = all(np.array_equal(outputs["fusedrnn.jax"][k], v)
+               for k, v in outputs["fusedrnn"].items())
     check = ("ok" if err <= _bench.TOLERANCE["float32"] else f"MISMATCH({where})") if same \
         else "MISMATCH(vs fusedrnn)"
     timed = _bench.time_interleaved({n: binds[n][0] for n in _PROVIDERS}, repeats,

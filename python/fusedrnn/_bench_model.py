@@ -98,11 +98,8 @@ def run(args, out=None) -> int:
     if torch is None:
         print("error: --model needs torch (pip install torch)", file=sys.stderr)
         return 2
-    try:
-        shapes = ([(T, B, H) for T, B, H, _ in _bench.parse_shapes(args.shapes)]
-                  if args.shapes else DEFAULT_SHAPES)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    shapes = _bench.peer_shapes(args, DEFAULT_SHAPES)
+    if shapes is None:
         return 2
     repeats, min_sample_s = _bench.sampling(args)
     threads = args.threads or fusedrnn.get_num_threads()
