@@ -69,6 +69,12 @@ class _Static(NamedTuple):
     dtype: np.dtype
 
 
+def _key(token) -> int:
+    """The registry key of a token (two uint32, from _Registry.put)."""
+    hi, lo = np.asarray(token).tolist()  # (indexing a jax.Array would run JAX ops)
+    return (hi << 32) | lo
+
+
 class _Registry:
     """Caches of differentiated forwards, by token, at most ``limit`` bytes in all."""
 
@@ -92,8 +98,7 @@ class _Registry:
         return np.array([key >> 32, key & 0xFFFFFFFF], np.uint32)
 
     def take(self, token):
-        hi, lo = np.asarray(token).tolist()  # (indexing a jax.Array would run JAX ops)
-        key = (hi << 32) | lo
+        key = _key(token)
         with self._lock:
             cache = self._caches.pop(key, None)
             if cache is None:
@@ -214,8 +219,7 @@ def _layer_fwd(static, arrays, lengths, mask):
         # Eager: the token is an array that only this call's residuals hold. When it
         # goes unused (a vjp function dropped, a forward that jax.checkpoint runs
         # again), its cache goes with it.
-        hi, lo = np.asarray(token).tolist()
-        weakref.finalize(token, _registry.release, (hi << 32) | lo)
+        weakref.finalize(token, _registry.release, _key(token))
     return _with_none(static, out[:-1]), (token, arrays, lengths, mask)
 
 
