@@ -163,8 +163,9 @@ tests() {
 write_tiny() {  # the sanitizers' workload: no torch, small arrays, every algorithm
   cat > "$WORK/tiny.py" <<'EOF'
 """The sanitizers' workload: lstm and gru, forward+backward and inference, with each
-algorithm, with lengths, with a mask, and reversed batch-first; float32 DeviceArray
-inputs (no torch: a short run under the sanitizer)."""
+algorithm, with lengths, with a mask, and reversed batch-first, and the projected lstm
+(standard algorithm); float32 DeviceArray inputs (no torch: a short run under the
+sanitizer)."""
 import sys
 
 import numpy as np
@@ -193,6 +194,19 @@ for cell in ("lstm", "gru"):
             _device.forward(cell, x, d(G * H, I), d(G * H, H), None, None, None, None,
                             algo=algo, training=False, **kw)[0].get()
         print(cell, algo, "ok")
+if "standard" in algos:  # the LSTM projection (standard algorithm only), P = 24 < H
+    P = 24
+    for kw in ({"lengths": np.array([5, 0, 3])}, {"mask": rng.random((T, B)) < 0.6},
+               {"reverse": True, "batch_first": True}):
+        bf = kw.get("batch_first", False)
+        d = lambda *s: DeviceArray.from_host(rng.standard_normal(s) * 0.3, dtype="float32")
+        x = d(B, T, I) if bf else d(T, B, I)
+        y, h_n, c_n, cache = _device.forward("lstm", x, d(4 * H, I), d(4 * H, P), d(4 * H),
+                                             d(4 * H), d(B, P), d(B, H), w_hr=d(P, H),
+                                             algo="standard", **kw)
+        g = fusedrnn.backward(cache, d(*y.shape), d(B, P), d(B, H))
+        assert all(np.isfinite(v.get()).all() for v in g.values() if v is not None)
+    print("lstm projection standard ok")
 EOF
 }
 

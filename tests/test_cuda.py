@@ -250,6 +250,8 @@ class FakeCore:
         self.nbytes = 4096
         for k in ("cell", "dtype", "T", "B", "I", "H", "batch_first", "reverse", "device"):
             setattr(self, k, problem[k])
+        self.proj = bool(problem["w_hr"])
+        self.P = problem["P"] if self.proj else problem["H"]
 
 
 class FakeCuda(types.SimpleNamespace):
@@ -329,18 +331,20 @@ class FakeCuda(types.SimpleNamespace):
 
     # kernels
     def forward(self, cell, dtype, T, B, I, H, reverse, batch_first, device, stream, x, w_ih,
-                w_hh, b_ih, b_hh, h0, c0, lengths, mask, y, h_n, c_n, training, algo="auto"):
+                w_hh, b_ih, b_hh, h0, c0, lengths, mask, y, h_n, c_n, training, algo="auto",
+                w_hr=0, P=0):
         self.forward_calls.append(dict(
             cell=cell, dtype=dtype, T=T, B=B, I=I, H=H, reverse=reverse, batch_first=batch_first,
             device=device, stream=stream, x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h0=h0,
             c0=c0, lengths=lengths, mask=mask, y=y, h_n=h_n, c_n=c_n, training=training,
-            algo=algo))
+            algo=algo, w_hr=w_hr, P=P))
         return FakeCore(self.forward_calls[-1]) if training else None
 
-    def backward(self, cache, stream, dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh):
+    def backward(self, cache, stream, dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
+                 dw_hr=0):
         self.backward_calls.append(dict(
             cache=cache, stream=stream, dy=dy, dh_n=dh_n, dc_n=dc_n, dx=dx, dh0=dh0, dc0=dc0,
-            dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh))
+            dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dw_hr=dw_hr))
 
 
 class DeviceNeeded(Exception):
@@ -452,8 +456,20 @@ BAD_CALLS = [
      ValueError, r"w_hh is on CUDA device 1 but x is on CUDA device 0"),
     ("b_hh_device1", "lstm", lambda a, k: a.update(b_hh=Dev((GH,), ptr=DEV1 + 0x2000)),
      ValueError, r"b_hh is on CUDA device 1 but x is on CUDA device 0"),
-    ("w_hr", "lstm", lambda a, k: k.update(w_hr=Dev((3, H_))), ValueError,
-     r"w_hr \(projection\) is not supported on CUDA devices"),
+    ("w_hr_for_gru", "gru", lambda a, k: k.update(w_hr=Dev((3, H_))), ValueError,
+     r"w_hr \(projection\) is only used by cell 'lstm', got cell 'gru'"),
+    ("w_hr_1d", "lstm", lambda a, k: k.update(w_hr=Dev((3,))), ValueError,
+     r"w_hr must have shape \[P, H\] with P, H >= 1, got \(3,\)"),
+    ("w_hr_host", "lstm", lambda a, k: k.update(w_hr=host((3, H_))), TypeError,
+     r"w_hr is a host array"),
+    ("w_hr_float16", "lstm", lambda a, k: k.update(w_hr=Dev((3, H_), "<f2")), TypeError,
+     r"w_hr has dtype float16 but x has dtype float32"),
+    ("w_hh_without_projection_size", "lstm", lambda a, k: k.update(w_hr=Dev((3, H_))), ValueError,
+     r"w_hh must have shape \[4\*H, P\] with H=6, P=3 \(from w_hr \[P, H\]\) = \(24, 3\), "
+     r"got \(24, 6\)"),
+    ("h0_with_projection", "lstm",
+     lambda a, k: (a.update(w_hh=Dev((GH, 3))), k.update(w_hr=Dev((3, H_)))), ValueError,
+     r"h0 must have shape \[B, P\] = \(3, 3\), got \(3, 6\)"),
     ("checkpoint_true", "lstm", lambda a, k: k.update(checkpoint=True), ValueError,
      r"checkpoint is not supported on CUDA devices"),
     ("checkpoint_int", "gru", lambda a, k: k.update(checkpoint=2), ValueError,
@@ -657,6 +673,36 @@ def test_backward_checks(fake_cuda):
     *_, cache = fusedrnn.forward("lstm", **args, **kw)
     with pytest.raises(ValueError, match=r"dy must have shape \[B, T, H\] = \(3, 4, 6\)"):
         fusedrnn.backward(cache, Dev((T_, B_, H_)))
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+def test_projection_plumbing(fake_cuda, batch_first):
+    """LSTM with w_hr [P, H]: its pointer and P reach the kernels; y, h_n and dh0 have
+    P columns, c_n and dc0 H; w_hh's gradient is [4H, P], and w_hr's comes back."""
+    P = 2
+    args, kw = fake_call("lstm", batch_first=batch_first)
+    args.update(w_hh=Dev((GH, P)), h0=Dev((B_, P)))
+    w_hr = Dev((P, H_))
+    y, h_n, c_n, cache = fusedrnn.forward("lstm", **args, **kw, w_hr=w_hr)
+    (f,) = fake_cuda.forward_calls
+    assert (f["w_hr"], f["P"], f["H"], f["algo"]) == (w_hr.ptr, P, H_, "auto")
+    assert y.shape == ((B_, T_, P) if batch_first else (T_, B_, P))
+    assert (h_n.shape, c_n.shape, cache.P, cache.H) == ((B_, P), (B_, H_), P, H_)
+    with pytest.raises(ValueError, match=r"dy must have shape \[(B, T|T, B), P\]"):
+        fusedrnn.backward(cache, Dev((B_, T_, H_) if batch_first else (T_, B_, H_)))
+    g = fusedrnn.backward(cache, Dev(y.shape), Dev((B_, P)), Dev((B_, H_)))
+    (b,) = fake_cuda.backward_calls
+    shapes = {"h0": (B_, P), "c0": (B_, H_), "w_hh": (GH, P), "w_hr": (P, H_)}
+    for k, shape in shapes.items():
+        assert g[k].shape == shape and b["d" + k] == g[k].ptr, k
+    # the persistent kernels have no projection: asked for, a clear error before the device
+    with pytest.raises(ValueError, match=r"algo 'persistent' has no LSTM projection \(w_hr\)"):
+        _device.forward("lstm", **args, **kw, w_hr=w_hr, algo="persistent")
+    assert len(fake_cuda.forward_calls) == 1
+    # without projection nothing changes: w_hr 0, P = H, no dw_hr
+    fusedrnn.backward(fusedrnn.forward("lstm", **fake_call("lstm")[0])[3], None)
+    assert (fake_cuda.forward_calls[-1]["w_hr"], fake_cuda.forward_calls[-1]["P"]) == (0, H_)
+    assert fake_cuda.backward_calls[-1]["dw_hr"] == 0
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -932,21 +978,24 @@ GPU_SEMANTICS = {
 
 
 def make_gpu_problem(cell, T, B, I, H, rng, lengths=None, mask=False, reverse=False,
-                     batch_first=False, no_state=False, no_bias=False, positive=False):
+                     batch_first=False, no_state=False, no_bias=False, positive=False, proj=0):
     """float64 inputs: ([x, w_ih, w_hh, b_ih, b_hh, h0, c0], kwargs, dy, dh_n, dc_n).
 
     Weights uniform in +-1/sqrt(H) (torch.nn's scale), x and dy standard normal, h0/c0
     and dh_n/dc_n of scale 0.5. lengths: "sorted" (longest first) or "unsorted", both
     with a 0 and a T when B >= 2. positive: all inputs and weights >= 0 and biases
     >= 0.1 (every rnn_relu unit active), with W_hh scaled to keep the state bounded.
+    proj=P > 0 (lstm): a projection w_hr [P, H] in kwargs (torch.nn's scale); the state
+    then has P values.
     """
     G = fusedrnn.CELLS[cell]
     k = 1.0 / math.sqrt(H)
+    P = proj or H
     x = rng.standard_normal((B, T, I) if batch_first else (T, B, I))
     w_ih = rng.uniform(-k, k, (G * H, I))
-    w_hh = rng.uniform(-k, k, (G * H, H))
+    w_hh = rng.uniform(-k, k, (G * H, P))
     b_ih, b_hh = rng.uniform(-k, k, G * H), rng.uniform(-k, k, G * H)
-    h0 = 0.5 * rng.standard_normal((B, H))
+    h0 = 0.5 * rng.standard_normal((B, P))
     c0 = 0.5 * rng.standard_normal((B, H)) if cell == "lstm" else None
     if positive:
         x, w_ih, h0 = np.abs(x), np.abs(w_ih), np.abs(h0)
@@ -957,6 +1006,8 @@ def make_gpu_problem(cell, T, B, I, H, rng, lengths=None, mask=False, reverse=Fa
     if no_state:
         h0 = c0 = None
     kw = {"reverse": reverse, "batch_first": batch_first}
+    if proj:
+        kw["w_hr"] = rng.uniform(-k, k, (P, H))
     if lengths:
         lens = np.sort(rng.integers(0, T + 1, size=B))[::-1].copy()
         if B >= 2:
@@ -966,8 +1017,8 @@ def make_gpu_problem(cell, T, B, I, H, rng, lengths=None, mask=False, reverse=Fa
         kw["lengths"] = lens
     if mask:
         kw["mask"] = rng.random((B, T) if batch_first else (T, B)) < 0.7
-    dy = rng.standard_normal((B, T, H) if batch_first else (T, B, H))
-    dh_n = 0.5 * rng.standard_normal((B, H))
+    dy = rng.standard_normal((B, T, P) if batch_first else (T, B, P))
+    dh_n = 0.5 * rng.standard_normal((B, P))
     dc_n = 0.5 * rng.standard_normal((B, H)) if cell == "lstm" else None
     return [x, w_ih, w_hh, b_ih, b_hh, h0, c0], kw, dy, dh_n, dc_n
 
@@ -999,13 +1050,14 @@ def check_gpu(cell, problem, dtype, algo, tol=None, forward_only=False):
     args, kw, dy, dh_n, dc_n = problem
     tol = TOL[dtype] if tol is None else tol
     dev = [to_dev(a, dtype) for a in args]
+    kw = {**kw, "w_hr": to_dev(kw.get("w_hr"), dtype)}  # projection (or None)
     ddy, ddh, ddc = to_dev(dy, dtype), to_dev(dh_n, dtype), to_dev(dc_n, dtype)
     y, h_n, c_n, cache = _forward_or_skip(cell, dev, kw, algo)
     grads = None if forward_only else _device.backward(cache, ddy, ddh, ddc)
     torch.cuda.synchronize()
 
     rounded = [to_host(a) for a in dev]
-    ry, rh, rc, rcache = reference.forward(cell, *rounded, **kw)
+    ry, rh, rc, rcache = reference.forward(cell, *rounded, **{**kw, "w_hr": to_host(kw["w_hr"])})
     tdt = TORCH_DTYPE[dtype]
     x = dev[0]
     for name, a, r in (("y", y, ry), ("h_n", h_n, rh), ("c_n", c_n, rc)):
@@ -1021,7 +1073,7 @@ def check_gpu(cell, problem, dtype, algo, tol=None, forward_only=False):
     if forward_only:
         return dev, (y, h_n, c_n), cache, None
     rg = reference.backward(rcache, to_host(ddy), to_host(ddh), to_host(ddc))
-    assert set(grads) == set(GRAD_KEYS) and grads["w_hr"] is None
+    assert set(grads) == set(GRAD_KEYS)
     for k in GRAD_KEYS:
         if rg[k] is None:
             assert grads[k] is None, k
@@ -1043,6 +1095,27 @@ def test_matches_reference(cell, semantics, dtype, algo, rng):
     problem = make_gpu_problem(cell, 7, 5, 6, 17, rng, positive=positive,
                                **GPU_SEMANTICS[semantics])
     check_gpu(cell, problem, dtype, algo)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("semantics", ["plain", "lengths_unsorted", "reverse_mask",
+                                       "batch_first_lengths", "no_state"])
+@pytest.mark.parametrize("P", [5, 24])
+def test_projection_matches_reference(P, semantics, dtype, rng):
+    """LSTM with projection (P smaller and larger than H = 17): the standard algorithm,
+    which auto picks (the persistent kernels have no projection)."""
+    problem = make_gpu_problem("lstm", 7, 5, 6, 17, rng, proj=P, **GPU_SEMANTICS[semantics])
+    _, _, cache, grads = check_gpu("lstm", problem, dtype, "auto")
+    assert cache.algo == "standard" and tuple(grads["w_hr"].shape) == (P, 17)
+
+
+@gpu
+def test_projection_moderate_shape(rng):
+    """T=20, B=8, H=256, P=128 (torch.nn's proj_size < hidden_size), unsorted lengths."""
+    problem = make_gpu_problem("lstm", 20, 8, 64, 256, rng, lengths="unsorted", proj=128)
+    check_gpu("lstm", problem, "float32", "standard")
+    check_gpu("lstm", problem, "bfloat16", "standard")
 
 
 @gpu

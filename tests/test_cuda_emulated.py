@@ -38,7 +38,7 @@ emu = pytest.importorskip("fusedrnn._cuda_emu", reason="built only with FUSEDRNN
 #: 12.8 eps, leaving a factor of about 3.5.
 TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 ALGOS = ("standard", "persistent")
-GRADS = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
+GRADS = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
 
 
 @pytest.fixture(autouse=True)
@@ -66,10 +66,12 @@ def run(cell, problem, dtype, algo):
     arrays = args[1:]
     dev = [to_device(a, dtype) for a in arrays]
     ref_in = [rounded(a, dtype) for a in arrays]
-    y, h_n, c_n, cache = _device.forward(cell, *dev, **kw, algo=algo)
+    w_hr = kw.get("w_hr")  # projection: on the device too, rounded for the reference
+    dkw, rkw = {**kw, "w_hr": to_device(w_hr, dtype)}, {**kw, "w_hr": rounded(w_hr, dtype)}
+    y, h_n, c_n, cache = _device.forward(cell, *dev, **dkw, algo=algo)
     assert cache.algo == algo or np.prod(y.shape) == 0  # nothing to run: no algorithm
     g = fusedrnn.backward(cache, to_device(dy, dtype), to_device(dh_n, dtype), to_device(dc_n, dtype))
-    ry, rh_n, rc_n, rcache = reference.forward(cell, *ref_in, **kw)
+    ry, rh_n, rc_n, rcache = reference.forward(cell, *ref_in, **rkw)
     rg = reference.backward(rcache, rounded(dy, dtype), rounded(dh_n, dtype), rounded(dc_n, dtype))
     out = {"y": (host(y), ry), "h_n": (host(h_n), rh_n), "c_n": (host(c_n), rc_n)}
     for k in GRADS:
@@ -106,16 +108,20 @@ def test_16bit_matches_reference(cell, semantics, algo, dtype, rng):
     check(out, TOL[dtype])
 
 
-def expected_gemms(algo, G, I, H, running):
+def expected_gemms(algo, G, I, H, running, P=None):
     """(m, n, k) of every product a forward+backward should run when step t has
     running[t] running rows: the input projection and the three deferred
     weight-gradient products over the rows that run, and (standard algorithm)
     each step's recurrent product forward and backward over its running rows.
+    With a projection of size P (lstm, standard only) also each step's h = W_hr m
+    and dm = dh W_hr over its running rows, and the deferred dW_hr.
     Products with no rows are not run."""
-    R = sum(running)
-    log = [(G * H, R, I), (I, R, G * H), (I, G * H, R), (H, G * H, R)] if R else []
+    R, K = sum(running), P or H
+    log = [(G * H, R, I), (I, R, G * H), (I, G * H, R), (K, G * H, R)] if R else []
     if algo == "standard":  # the persistent kernels multiply inside
-        log += [(G * H, n, H) for n in running if n] + [(H, n, G * H) for n in running if n]
+        log += [(G * H, n, K) for n in running if n] + [(K, n, G * H) for n in running if n]
+    if P and R:
+        log += [(H, P, R)] + [(P, n, H) for n in running if n] + [(H, n, P) for n in running if n]
     return sorted(log)
 
 
@@ -152,18 +158,23 @@ def test_products_cover_valid_steps_only(cell, rng):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_unwanted_input_gradients_are_not_computed(cell, algo, rng):
+@pytest.mark.parametrize("cell,P", [("lstm", 0), ("gru", 0), ("lstm", 3)],
+                         ids=["lstm", "gru", "lstm_projection"])
+def test_unwanted_input_gradients_are_not_computed(cell, P, algo, rng):
     """fusedrnn._backward(..., need_x, need_h0, need_c0) on the device: a gradient not
     wanted comes back as None, its product is not run (no dx GEMM; without dh0, no
-    recurrent GEMM for the first step in the standard algorithm), and every other
-    gradient is bitwise the one of a backward that computes them all."""
+    recurrent GEMM for the first step in the standard algorithm, of width P with a
+    projection), and every other gradient is bitwise the one of a backward that
+    computes them all."""
+    if P and algo == "persistent":
+        pytest.skip("the persistent kernels have no projection")
     T, B, I, H = 7, 5, 6, 7
     G = fusedrnn.CELLS[cell]
     for semantics in ("plain", "lengths", "reverse_mask", "batch_first_lengths"):
-        (args, kw, dy, dh_n, dc_n) = make_problem(cell, T, B, I, H, np.float64, rng,
+        (args, kw, dy, dh_n, dc_n) = make_problem(cell, T, B, I, H, np.float64, rng, proj=P,
                                                   **SEMANTICS[semantics])
         dev = [to_device(a, "float32") for a in args[1:]]
+        kw["w_hr"] = to_device(kw.get("w_hr"), "float32")
         cache = _device.forward(cell, *dev, **kw, algo=algo)[3]
         grads_in = [to_device(a, "float32") for a in (dy, dh_n, dc_n)]
         valid = valid_steps(kw, T, B)
@@ -178,7 +189,7 @@ def test_unwanted_input_gradients_are_not_computed(cell, algo, rng):
             if not need[0] and R:
                 want_log.remove((I, R, G * H))  # dx
             if not need[1] and algo == "standard" and first:
-                want_log.remove((H, first, G * H))  # the first step's dh product
+                want_log.remove((P or H, first, G * H))  # the first step's dh product
             assert log == sorted(want_log), (semantics, need)
             assert_wanted_gradients(g, full, need, GRADS, semantics, host)
 
@@ -320,7 +331,8 @@ def test_dlpack_inputs(dtype, rng):
     assert wrapped[0].streams == [1]
     g1 = fusedrnn.backward(cache1, to_device(dy, dtype))
     g2 = fusedrnn.backward(cache2, DLPackOnly(to_device(dy, dtype)))
-    for k in GRADS:
+    assert g1["w_hr"] is None and g2["w_hr"] is None  # (no projection)
+    for k in GRADS[:-1]:
         assert np.array_equal(g1[k].get(), g2[k].get()), k
 
 
@@ -333,3 +345,111 @@ def test_device_array_exports_dlpack():
         cap = a.__dlpack__()
         emu.from_dlpack_capsule(cap)
         emu.from_dlpack_capsule(cap)
+
+
+# ------------------------------------------------------------- projection
+
+
+@pytest.mark.parametrize("P", [3, 9])
+@pytest.mark.parametrize("semantics", list(SEMANTICS))
+def test_projection_matches_reference(semantics, P, rng):
+    """LSTM with projection (w_hr [P, H], the state h = W_hr (o * tanh c) has P
+    values), P smaller and larger than H = 7: the standard algorithm, which
+    auto picks, against the reference, every gradient including dW_hr."""
+    problem = make_problem("lstm", 7, 5, 6, 7, np.float64, rng, proj=P, **SEMANTICS[semantics])
+    out, cache, g = run("lstm", problem, "float32", "standard")
+    check(out, TOL["float32"])
+    assert g["w_hr"].shape == (P, 7) and g["h0"].shape == (5, P) and g["c0"].shape == (5, 7)
+    assert cache.P == P
+    args, kw = problem[:2]
+    dev = [to_device(a, "float32") for a in args[1:]]
+    kw = {**kw, "w_hr": to_device(kw["w_hr"], "float32")}
+    assert _device.forward("lstm", *dev, **kw, algo="auto")[3].algo == "standard"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("semantics", ["plain", "reverse_lengths", "batch_first_mask"])
+def test_projection_16bit_matches_reference(semantics, dtype, rng):
+    problem = make_problem("lstm", 7, 5, 6, 7, np.float64, rng, proj=4, **SEMANTICS[semantics])
+    out, _, _ = run("lstm", problem, dtype, "standard")
+    check(out, TOL[dtype])
+
+
+def test_projection_products_cover_valid_steps_only(rng):
+    """With projection too, every product (the recurrent ones of width P, h = W_hr m,
+    dm = dh W_hr, dW_hr) covers only the valid steps' rows, sorted lengths or not."""
+    T, B, I, H, P = 7, 5, 6, 7, 3
+    m = rng.random((T, B)) < 0.6
+    cases = [{"lengths": np.array(n)} for n in ([7, 7, 3, 1, 0], [0, 2, 7, 1, 5])]
+    cases += [{"mask": m}, {"mask": np.zeros((T, B), bool)}, {}]
+    for case in cases:
+        running = valid_steps(case, T, B).sum(axis=1).tolist()
+        for reverse, batch_first in ((False, False), (True, True)):
+            args, kw, dy, dh_n, dc_n = make_problem("lstm", T, B, I, H, np.float64, rng, proj=P,
+                                                    reverse=reverse, batch_first=batch_first)
+            kw.update(case)
+            if batch_first and "mask" in case:
+                kw["mask"] = case["mask"].T
+            emu.take_gemm_log()
+            out, _, _ = run("lstm", (args, kw, dy, dh_n, dc_n), "float32", "standard")
+            check(out, TOL["float32"])
+            log = sorted(tuple(g) for g in emu.take_gemm_log())
+            assert log == expected_gemms("standard", 4, I, H, running, P), (case, reverse)
+
+
+def test_projection_inference_equals_training_forward(rng):
+    args, kw, *_ = make_problem("lstm", 6, 4, 5, 7, np.float64, rng, proj=3, reverse=True,
+                                lengths=True)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    kw["w_hr"] = to_device(kw["w_hr"], "float32")
+    y1, h1, c1, _ = _device.forward("lstm", *dev, **kw)
+    y2, h2, c2, none = _device.forward("lstm", *dev, **kw, training=False)
+    assert none is None
+    for a, b in ((y1, y2), (h1, h2), (c1, c2)):
+        assert np.array_equal(a.get(), b.get())
+
+
+@pytest.mark.parametrize("T,B", [(0, 3), (4, 0)])
+def test_projection_empty(T, B, rng):
+    problem = make_problem("lstm", T, B, 3, 4, np.float64, rng, proj=2)
+    out, _, _ = run("lstm", problem, "float32", "standard")
+    check(out, TOL["float32"])
+
+
+def test_projection_cache_nbytes(rng):
+    """The projected cache: w_hh [4H, P] and the states [N, P], plus w_hr and each
+    valid step's o * tanh(c) [R, H]."""
+    T, B, I, H, P = 5, 3, 4, 6, 2
+    args, kw, *_ = make_problem("lstm", T, B, I, H, np.float64, rng, proj=P, lengths=True)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    kw["w_hr"] = to_device(kw["w_hr"], "float32")
+    cache = _device.forward("lstm", *dev, **kw)[3]
+    a = lambda n: -(-n // 256) * 256  # noqa: E731
+    N, R, GH = T * B, int(valid_steps(kw, T, B).sum()), 4 * H
+    expect = (a(R * I * 4) + a(GH * I * 4) + a(GH * P * 4) + a(P * H * 4) + a(N * P * 4)
+              + a(N * H * 4) + a(N * 4 * H * 4) + a(R * H * 4) + a(B * H * 4) + a(B * 4))
+    assert cache.nbytes == expect
+
+
+def test_projection_errors(rng):
+    """Bad projection arguments on the device: the CPU's messages, naming the argument."""
+    T, B, I, H, P = 3, 2, 4, 5, 2
+    d = lambda *s: fusedrnn.DeviceArray.from_host(np.zeros(s, np.float32))  # noqa: E731
+    x, w_ih, w_hh, w_hr = d(T, B, I), d(4 * H, I), d(4 * H, P), d(P, H)
+    with pytest.raises(ValueError, match="persistent.*projection"):
+        _device.forward("lstm", x, w_ih, w_hh, w_hr=w_hr, algo="persistent")
+    with pytest.raises(ValueError, match="w_hr .*only used by cell 'lstm'"):
+        _device.forward("gru", x, d(3 * H, I), d(3 * H, P), w_hr=w_hr)
+    with pytest.raises(ValueError, match=r"w_hh must have shape \[4\*H, P\]"):
+        _device.forward("lstm", x, w_ih, d(4 * H, H), w_hr=w_hr)
+    with pytest.raises(ValueError, match=r"h0 must have shape \[B, P\]"):
+        _device.forward("lstm", x, w_ih, w_hh, h0=d(B, H), w_hr=w_hr)
+    with pytest.raises(ValueError, match=r"c0 must have shape \[B, H\]"):
+        _device.forward("lstm", x, w_ih, w_hh, c0=d(B, P), w_hr=w_hr)
+    with pytest.raises(TypeError, match="w_hr is a host array"):
+        _device.forward("lstm", x, w_ih, w_hh, w_hr=np.zeros((P, H), np.float32))
+    *_, cache = _device.forward("lstm", x, w_ih, w_hh, w_hr=w_hr)
+    with pytest.raises(ValueError, match=r"dy must have shape \[T, B, P\]"):
+        fusedrnn.backward(cache, d(T, B, H))
+    with pytest.raises(ValueError, match=r"dh_n must have shape \[B, P\]"):
+        fusedrnn.backward(cache, None, d(B, H))

@@ -254,6 +254,8 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
       .def_property_readonly("B", [](const Cache& c) { return c.p.B; })
       .def_property_readonly("I", [](const Cache& c) { return c.p.I; })
       .def_property_readonly("H", [](const Cache& c) { return c.p.H; })
+      .def_property_readonly("P", [](const Cache& c) { return c.p.P; })
+      .def_property_readonly("proj", [](const Cache& c) { return c.p.proj; })
       .def_property_readonly("device", [](const Cache& c) { return c.p.device; })
       .def_property_readonly("batch_first", [](const Cache& c) { return c.p.batch_first; })
       .def_property_readonly("reverse", [](const Cache& c) { return c.p.reverse; })
@@ -263,7 +265,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
                           int64_t I, int64_t H, int device) {
     Problem p;
     p.cell = parse_cell(cell); p.dtype = parse_dtype(dtype);
-    p.T = T; p.B = B; p.I = I; p.H = H; p.device = device;
+    p.T = T; p.B = B; p.I = I; p.H = H; p.P = H; p.device = device;
     return std::string(algo_name(choose_algo(p)));
   });
 
@@ -271,7 +273,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
                               int64_t B, int64_t I, int64_t H, int device) {
     Problem p;
     p.cell = parse_cell(cell); p.dtype = parse_dtype(dtype);
-    p.T = T; p.B = B; p.I = I; p.H = H; p.device = device;
+    p.T = T; p.B = B; p.I = I; p.H = H; p.P = H; p.device = device;
     return persistent_fits(p);
   }, "Whether the persistent kernels' W_hh slices fit this device's blocks (shared memory, "
      "block count, cooperative launch); residency is checked again at launch.");
@@ -282,13 +284,19 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
          int64_t H, bool reverse, bool batch_first, int device, uintptr_t stream, uintptr_t x,
          uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih, uintptr_t b_hh, uintptr_t h0,
          uintptr_t c0, py::object lengths, py::object mask, uintptr_t y, uintptr_t h_n,
-         uintptr_t c_n, bool training, const std::string& algo) -> py::object {
+         uintptr_t c_n, bool training, const std::string& algo, uintptr_t w_hr,
+         int64_t P) -> py::object {
         Problem p;
         p.cell = parse_cell(cell);
         p.dtype = parse_dtype(dtype);
         if (T < 0 || B < 0 || I < 1 || H < 1)
           throw py::value_error("sizes must satisfy T, B >= 0 and I, H >= 1");
+        if (w_hr && p.cell != Cell::Lstm)
+          throw py::value_error("w_hr (projection) is only used by cell 'lstm'");
+        if (w_hr && P < 1) throw py::value_error("with w_hr the projection size P must be >= 1");
         p.T = T; p.B = B; p.I = I; p.H = H;
+        p.proj = w_hr != 0;
+        p.P = p.proj ? P : H;
         p.reverse = reverse; p.batch_first = batch_first;
         p.device = device; p.stream = as_stream(stream);
         const bool lstm = p.cell == Cell::Lstm;
@@ -301,6 +309,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
         in.b_hh = device_ptr("b_hh", b_hh, device, true);
         in.h0 = device_ptr("h0", h0, device, true);
         in.c0 = device_ptr("c0", c0, device, true);
+        in.w_hr = device_ptr("w_hr", w_hr, device, true);
         if (c0 && !lstm) throw py::value_error("c0 is only used by cell 'lstm'");
         if (!lengths.is_none()) {
           auto a = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(lengths);
@@ -338,13 +347,14 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
       py::arg("reverse"), py::arg("batch_first"), py::arg("device"), py::arg("stream"),
       py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
       py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("mask"), py::arg("y"),
-      py::arg("h_n"), py::arg("c_n"), py::arg("training"), py::arg("algo") = "auto");
+      py::arg("h_n"), py::arg("c_n"), py::arg("training"), py::arg("algo") = "auto",
+      py::arg("w_hr") = 0, py::arg("P") = 0);
 
   m.def(
       "backward",
       [](std::shared_ptr<Cache> cache, uintptr_t stream, uintptr_t dy, uintptr_t dh_n,
          uintptr_t dc_n, uintptr_t dx, uintptr_t dh0, uintptr_t dc0, uintptr_t dw_ih,
-         uintptr_t dw_hh, uintptr_t db_ih, uintptr_t db_hh) {
+         uintptr_t dw_hh, uintptr_t db_ih, uintptr_t db_hh, uintptr_t dw_hr) {
         if (!cache) throw py::type_error("backward needs the cache returned by forward");
         const Problem& p = cache->p;
         const int dev = p.device;
@@ -362,10 +372,11 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
         g.w_hh = device_out("dw_hh", dw_hh, dev, false);
         g.b_ih = device_out("db_ih", db_ih, dev, false);
         g.b_hh = device_out("db_hh", db_hh, dev, false);
+        g.w_hr = device_out("dw_hr", dw_hr, dev, !p.proj);
         py::gil_scoped_release nogil;
         backward(*cache, as_stream(stream), dyp, dhp, dcp, g);
       },
       py::arg("cache"), py::arg("stream"), py::arg("dy"), py::arg("dh_n"), py::arg("dc_n"),
       py::arg("dx"), py::arg("dh0"), py::arg("dc0"), py::arg("dw_ih"), py::arg("dw_hh"),
-      py::arg("db_ih"), py::arg("db_hh"));
+      py::arg("db_ih"), py::arg("db_hh"), py::arg("dw_hr") = 0);
 }

@@ -221,7 +221,7 @@ void colsum(Scratch& scratch, cudaStream_t st, const T* a, int64_t rows, int64_t
 // ------------------------------------------------------ pointwise kernels
 
 struct FwdStep {
-  int64_t B, H, t, row0, bstride;
+  int64_t B, H, P, t, row0, bstride;  // P: the state's width (H without projection)
   const float* gx;  // [rows, G*H]: x's row order, or packed (prow)
   const int32_t* prow;  // [T*B]: (t, b)'s packed row, or null (see RunningRows)
   const float* gh;  // [B, G*H]: this step's recurrent product (rows of running steps)
@@ -236,10 +236,15 @@ struct FwdStep {
   float* cnext;  // lstm cell after the step
   int64_t cnext_ld;
   float* gates;  // training: [N, saved_width*H] at row r; else null
-  void* y;       // [N, H] at row r
+  void* y;       // [N, P] at row r
   void *h_n, *c_n;  // last step only
   const int32_t* lengths;
   const uint8_t* mask;
+  // Projection (lstm with w_hr), else null: the cell writes o * tanh(c) of its
+  // valid rows to m (rows as gx's), and proj_fwd_step makes the new state
+  // from hproj = m W_hr^T, the step's product ([rows, P], slot as gh).
+  void* m;
+  const float* hproj;
 };
 
 // One element (b, j) of a forward step. gh points at the recurrent product
@@ -252,12 +257,14 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
   const int64_t GH = G * H;
   const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
   const int64_t r = s.row0 + b * s.bstride;
-  const Tio h_old = static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j];
-  Tio hv = h_old;
-  float h_new = to_f(h_old), c_new = 0.f;
+  // With projection the state (width P) is proj_fwd_step's; here only the cell.
+  const bool proj = C == Cell::Lstm && s.m;
+  Tio hv = proj ? from_f<Tio>(0.f) : static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j];
+  float h_new = to_f(hv), c_new = 0.f;
   if constexpr (C == Cell::Lstm) c_new = s.cprev[b * s.cprev_ld + j];
+  const int64_t grow = s.prow ? s.prow[s.t * s.B + b] : r;  // (valid steps only)
   if (valid) {
-    const float* gx = s.gx + (s.prow ? s.prow[s.t * s.B + b] : r) * GH + j;
+    const float* gx = s.gx + grow * GH + j;
     const Tio* bi = static_cast<const Tio*>(s.b_ih);
     const Tio* bh = static_cast<const Tio*>(s.b_hh);
     float xa[G], ha[G];
@@ -274,6 +281,7 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
         float* gs = s.gates + r * 4 * H + j;
         gs[0] = q.i; gs[H] = q.f; gs[2 * H] = q.g; gs[3 * H] = q.o;
       }
+      if (proj) static_cast<Tio*>(s.m)[grow * H + j] = from_f<Tio>(h_new);
     } else if constexpr (C == Cell::Gru) {
       using R = cell::Gru<DevMath>;
       const auto q = R::gates(xa[0], xa[1], xa[2], ha[0], ha[1], ha[2]);
@@ -288,11 +296,12 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
     }
     hv = from_f<Tio>(h_new);
   }
-  if (s.hnext) static_cast<Tio*>(s.hnext)[b * s.hnext_ld + j] = hv;
   if constexpr (C == Cell::Lstm) {
     if (s.cnext) s.cnext[b * s.cnext_ld + j] = c_new;
     if (s.c_n) static_cast<Tio*>(s.c_n)[i] = from_f<Tio>(c_new);
   }
+  if (proj) return;
+  if (s.hnext) static_cast<Tio*>(s.hnext)[b * s.hnext_ld + j] = hv;
   static_cast<Tio*>(s.y)[r * H + j] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
   if (s.h_n) static_cast<Tio*>(s.h_n)[i] = hv;
 }
@@ -304,6 +313,23 @@ __global__ void fwd_step(FwdStep s) {
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   const int64_t b = i / s.H, j = i % s.H;
   fwd_point<C, Tio>(s, b, j, s.gh + (s.ghslot ? s.ghslot[b] : b) * G * s.H + j, s.H);
+}
+
+// The state of a projected LSTM step, element (b, k), k < P: the step's
+// product hproj for a valid row, else the carried state; then the next step's
+// state, y and h_n as fwd_point writes them without projection.
+template <typename Tio>
+__global__ void proj_fwd_step(FwdStep s) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= s.B * s.P) return;
+  const int64_t P = s.P, b = i / P, k = i % P;
+  const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
+  const int64_t r = s.row0 + b * s.bstride;
+  const Tio hv = valid ? from_f<Tio>(s.hproj[(s.ghslot ? s.ghslot[b] : b) * P + k])
+                       : static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + k];
+  if (s.hnext) static_cast<Tio*>(s.hnext)[b * s.hnext_ld + k] = hv;
+  static_cast<Tio*>(s.y)[r * P + k] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
+  if (s.h_n) static_cast<Tio*>(s.h_n)[i] = hv;
 }
 
 // Where each step's state lives, shared by the host loops and the persistent
@@ -324,21 +350,23 @@ struct StateBuffers {
 template <typename Tio>
 __host__ __device__ __forceinline__ void place_fwd(FwdStep& f, const StateBuffers& sb, int64_t s) {
   const Problem& p = sb.p;
-  const int64_t T = p.T, H = p.H, t = p.t_of(s), ld = p.bstride() * H;
+  // h rows have the state's width P, c rows the cell's H
+  const int64_t T = p.T, H = p.H, P = p.P, t = p.t_of(s);
+  const int64_t hld = p.bstride() * P, cld = p.bstride() * H;
   f.t = t;
   f.row0 = p.row0(t);
   if (sb.hs) {
     Tio* hs = static_cast<Tio*>(sb.hs);
-    f.hprev = hs + p.row0(t) * H; f.hprev_ld = ld;
-    f.hnext = s + 1 < T ? hs + p.row0(p.t_of(s + 1)) * H : nullptr; f.hnext_ld = ld;
+    f.hprev = hs + p.row0(t) * P; f.hprev_ld = hld;
+    f.hnext = s + 1 < T ? hs + p.row0(p.t_of(s + 1)) * P : nullptr; f.hnext_ld = hld;
     if (sb.cs) {
       f.cprev = s == 0 ? sb.c0f : sb.cs + p.row0(p.t_of(s - 1)) * H;
-      f.cprev_ld = s == 0 ? H : ld;
-      f.cnext = sb.cs + p.row0(t) * H; f.cnext_ld = ld;
+      f.cprev_ld = s == 0 ? H : cld;
+      f.cnext = sb.cs + p.row0(t) * H; f.cnext_ld = cld;
     }
   } else {
-    f.hprev = (s & 1) ? sb.hbuf1 : sb.hbuf0; f.hprev_ld = H;
-    f.hnext = (s & 1) ? sb.hbuf0 : sb.hbuf1; f.hnext_ld = H;
+    f.hprev = (s & 1) ? sb.hbuf1 : sb.hbuf0; f.hprev_ld = P;
+    f.hnext = (s & 1) ? sb.hbuf0 : sb.hbuf1; f.hnext_ld = P;
     if (sb.cbuf0) {
       f.cprev = (s & 1) ? sb.cbuf1 : sb.cbuf0; f.cprev_ld = H;
       f.cnext = (s & 1) ? sb.cbuf0 : sb.cbuf1; f.cnext_ld = H;
@@ -411,7 +439,8 @@ __device__ __forceinline__ int64_t align16_dev(int64_t n) { return (n + 15) / 16
 
 PersistentConfig persistent_config(const Problem& p) {
   PersistentConfig c;
-  if (p.B < 1 || p.H < 1 || p.T < 1) return c;
+  // (no projection: the persistent kernels keep only W_hh on chip)
+  if (p.B < 1 || p.H < 1 || p.T < 1 || p.proj) return c;
   int sms = 0, optin = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) !=
@@ -511,9 +540,9 @@ bool launch_persistent_fwd(const Problem& p, PersistentParams a) {
 }
 
 struct BwdStep {
-  int64_t B, H, t, row0, bstride;
-  const void* dy;  // [N, H] at row r, or null
-  float* dh;       // [B, H]: in, gradient w.r.t. the state after the step (dy excluded);
+  int64_t B, H, P, t, row0, bstride;
+  const void* dy;  // [N, P] at row r, or null
+  float* dh;       // [B, P]: in, gradient w.r.t. the state after the step (dy excluded);
                    // out, the direct part of the gradient w.r.t. the state before it
   float* dc;       // [B, H] lstm, in place
   const float* gates;
@@ -527,6 +556,13 @@ struct BwdStep {
   const int32_t* prow;  // as FwdStep's: dgx and dgh rows are packed, or x's when null
   const int32_t* lengths;
   const uint8_t* mask;
+  // Projection, else null: proj_bwd_step writes the gradient w.r.t. each
+  // valid step's state to dhr ([rows, P], rows as dgx's); bwd_point reads
+  // the cell's output gradient dm = dhr W_hr ([rows, H], row dslot[b], or b
+  // when dslot is null).
+  void* dhr;
+  const float* dm;
+  const int32_t* dslot;
 };
 
 // Points a backward step s (processing order, as forward's) at the saved
@@ -537,8 +573,8 @@ __host__ __device__ __forceinline__ void place_bwd(BwdStep& b, const StateBuffer
   const int64_t H = p.H, t = p.t_of(s);
   b.t = t;
   b.row0 = p.row0(t);
-  b.hprev = static_cast<const Tio*>(sb.hs) + p.row0(t) * H;
-  b.hprev_ld = p.bstride() * H;
+  b.hprev = static_cast<const Tio*>(sb.hs) + p.row0(t) * p.P;
+  b.hprev_ld = p.bstride() * p.P;
   if (sb.cs) {
     b.cprev = s == 0 ? sb.c0f : sb.cs + p.row0(p.t_of(s - 1)) * H;
     b.cprev_ld = s == 0 ? H : p.bstride() * H;
@@ -553,13 +589,20 @@ __device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j
   const int64_t GH = G * H;
   const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
   const int64_t r = s.row0 + b * s.bstride;
-  // y at a padded step (lengths) is a constant 0; at a masked step it is the
-  // carried state, so its gradient flows into that state.
-  const bool dy_counts = s.dy && (valid || !s.lengths);
-  const float dh = s.dh[i] + (dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * H + j]) : 0.f);
-  if (!valid) {  // no dgates row: invalid steps exist only with packed rows (prow)
-    s.dh[i] = dh;
-    return;
+  const bool proj = C == Cell::Lstm && s.dm;
+  float dh;
+  if (proj) {  // the state's gradient is proj_bwd_step's; this is the cell output's
+    if (!valid) return;  // dc carries
+    dh = s.dm[(s.dslot ? s.dslot[b] : b) * H + j];
+  } else {
+    // y at a padded step (lengths) is a constant 0; at a masked step it is the
+    // carried state, so its gradient flows into that state.
+    const bool dy_counts = s.dy && (valid || !s.lengths);
+    dh = s.dh[i] + (dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * H + j]) : 0.f);
+    if (!valid) {  // no dgates row: invalid steps exist only with packed rows (prow)
+      s.dh[i] = dh;
+      return;
+    }
   }
   const int64_t gr = s.prow ? s.prow[s.t * s.B + b] : r;
   Tio* dgx = static_cast<Tio*>(s.dgx) + gr * GH + j;
@@ -573,7 +616,7 @@ __device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j
     dgx[0] = from_f<Tio>(d.i); dgx[H] = from_f<Tio>(d.f);
     dgx[2 * H] = from_f<Tio>(d.g); dgx[3 * H] = from_f<Tio>(d.o);
     s.dc[i] = dcp;
-    s.dh[i] = 0.f;
+    if (!proj) s.dh[i] = 0.f;
   } else if constexpr (C == Cell::Gru) {
     using R = cell::Gru<DevMath>;
     const float* gs = s.gates + r * 4 * H + j;
@@ -595,6 +638,25 @@ __global__ void bwd_step(BwdStep s) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= s.B * s.H) return;
   bwd_point<C, Tio>(s, i / s.H, i % s.H);
+}
+
+// The state's gradient of a projected LSTM step, element (b, k), k < P: dh
+// plus dy; for a valid row it goes to dhr (the input of dm = dhr W_hr and of
+// dW_hr) and dh restarts from 0, for another row it carries.
+template <typename Tio>
+__global__ void proj_bwd_step(BwdStep s) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= s.B * s.P) return;
+  const int64_t P = s.P, b = i / P, k = i % P;
+  const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
+  const int64_t r = s.row0 + b * s.bstride;
+  const bool dy_counts = s.dy && (valid || !s.lengths);
+  float d = s.dh[i] + (dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * P + k]) : 0.f);
+  if (valid) {
+    static_cast<Tio*>(s.dhr)[(s.prow ? s.prow[s.t * s.B + b] : r) * P + k] = from_f<Tio>(d);
+    d = 0.f;
+  }
+  s.dh[i] = d;
 }
 
 // ------------------------------------------------ persistent backward
@@ -789,16 +851,17 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
                   Cache* cache, Algo algo, bool required) {
   DeviceGuard guard(p.device);
   keep_pool_memory(p.device);
-  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = p.G(), GH = G * H, N = p.N();
+  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, P = p.P, G = p.G(), GH = G * H, N = p.N();
   const int64_t bs = p.bstride();
   const blas::Type bt = BlasType<Tio>::v;
   cudaStream_t st = p.stream;
   const int dev = p.device;
   constexpr bool lstm = C == Cell::Lstm;
+  const bool proj = lstm && p.proj;
   if (B == 0) return;
   if (T == 0) {  // h_n = h0, c_n = c0
-    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(h_n), H,
-                                                          static_cast<const Tio*>(in.h0), B, H);
+    FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(h_n), P,
+                                                          static_cast<const Tio*>(in.h0), B, P);
     if (lstm)
       FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(c_n), H,
                                                             static_cast<const Tio*>(in.c0), B, H);
@@ -811,6 +874,10 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
   const int64_t R = run.packed ? run.valid : N;  // rows of the input projection
   float* gx = scratch.alloc<float>(R * GH);
   float* gh = scratch.alloc<float>(B * GH);
+  // projection: each valid step's o * tanh(c) (rows as gx's; the cache keeps
+  // them for dW_hr) and a step's product m W_hr^T
+  Tio* m = nullptr;
+  float* hproj = proj ? scratch.alloc<float>(B * P) : nullptr;
   const int32_t* d_len = nullptr;
   const uint8_t* d_mask = nullptr;
   Tio* hs = nullptr;  // training: state entering each step, x's row order
@@ -836,8 +903,13 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
                             st), "cudaMemcpyAsync");
     check(cudaMemcpyAsync(cache->mem + cache->wih_off, in.w_ih, GH * I * es,
                           cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(cache->mem + cache->whh_off, in.w_hh, GH * H * es,
+    check(cudaMemcpyAsync(cache->mem + cache->whh_off, in.w_hh, GH * P * es,
                           cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
+    if (proj) {
+      check(cudaMemcpyAsync(cache->mem + cache->whr_off, in.w_hr, P * H * es,
+                            cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
+      m = cache->at<Tio>(cache->m_off);
+    }
     hs = cache->at<Tio>(cache->hprev_off);
     gates = cache->at<float>(cache->gates_off);
     if (lstm) {
@@ -848,8 +920,9 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     if (!in.mask.empty()) d_mask = cache->at<uint8_t>(cache->mask_off);
     cache->algo = Algo::Standard;
   } else {
-    hbuf[0] = scratch.alloc<Tio>(B * H);
-    hbuf[1] = scratch.alloc<Tio>(B * H);
+    hbuf[0] = scratch.alloc<Tio>(B * P);
+    hbuf[1] = scratch.alloc<Tio>(B * P);
+    if (proj) m = scratch.alloc<Tio>(R * H);
     if (lstm) {
       cbuf[0] = c0f = scratch.alloc<float>(B * H);
       cbuf[1] = scratch.alloc<float>(B * H);
@@ -868,17 +941,17 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
   gemm(st, dev, blas::T, blas::N, GH, R, I, 1.f, in.w_ih, bt, I, x, bt, I, 0.f, gx, blas::R32F, GH);
   // The step's fields that do not change between steps, and the state buffers.
   FwdStep base{};
-  base.B = B; base.H = H; base.bstride = bs; base.gx = gx; base.prow = run.d_prow; base.gh = gh;
-  base.b_ih = in.b_ih; base.b_hh = in.b_hh; base.gates = gates; base.y = y;
-  base.lengths = d_len; base.mask = d_mask;
+  base.B = B; base.H = H; base.P = P; base.bstride = bs; base.gx = gx; base.prow = run.d_prow;
+  base.gh = gh; base.b_ih = in.b_ih; base.b_hh = in.b_hh; base.gates = gates; base.y = y;
+  base.lengths = d_len; base.mask = d_mask; base.m = m; base.hproj = hproj;
   const StateBuffers sb{p, hs, hbuf[0], hbuf[1], cs, cbuf[0], cbuf[1], c0f, h_n,
                         lstm ? c_n : nullptr};
   // The initial state, where the first step reads it (c0 in float32).
   FwdStep first = base;
   place_fwd<Tio>(first, sb, 0);
-  FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(
+  FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, set_rows<Tio>)(
       static_cast<Tio*>(const_cast<void*>(first.hprev)), first.hprev_ld,
-      static_cast<const Tio*>(in.h0), B, H);
+      static_cast<const Tio*>(in.h0), B, P);
   if (lstm)
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(
         static_cast<const Tio*>(in.c0), c0f, B * H);
@@ -897,22 +970,30 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     // auto: the standard loop below (the state buffers are the same)
   }
 
-  Tio* packed = run.packed ? scratch.alloc<Tio>(B * H) : nullptr;  // a step's running rows of h
+  Tio* packed = run.packed ? scratch.alloc<Tio>(B * P) : nullptr;  // a step's running rows of h
   for (int64_t s = 0; s < T; ++s) {
     FwdStep f = base;
     place_fwd<Tio>(f, sb, s);
     const int64_t n = run.n(f.t);
     if (run.prefix(f.t)) {
-      gemm(st, dev, blas::T, blas::N, GH, n, H, 1.f, w_hh, bt, H, f.hprev, bt, f.hprev_ld, 0.f, gh,
+      gemm(st, dev, blas::T, blas::N, GH, n, P, 1.f, w_hh, bt, P, f.hprev, bt, f.hprev_ld, 0.f, gh,
            blas::R32F, GH);
     } else if (n > 0) {
-      FUSEDRNN_LAUNCH(blocks_for(n * H), kThreads, 0, st, gather_rows<Tio>)(
-          packed, static_cast<const Tio*>(f.hprev), f.hprev_ld, run.d_rows + run.offset[f.t], n, H);
-      gemm(st, dev, blas::T, blas::N, GH, n, H, 1.f, w_hh, bt, H, packed, bt, H, 0.f, gh,
+      FUSEDRNN_LAUNCH(blocks_for(n * P), kThreads, 0, st, gather_rows<Tio>)(
+          packed, static_cast<const Tio*>(f.hprev), f.hprev_ld, run.d_rows + run.offset[f.t], n, P);
+      gemm(st, dev, blas::T, blas::N, GH, n, P, 1.f, w_hh, bt, P, packed, bt, P, 0.f, gh,
            blas::R32F, GH);
       f.ghslot = run.d_slot + f.t * B;
     }
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, fwd_step<C, Tio>)(f);
+    if (proj) {  // h' = m W_hr^T over the running rows (in the rows' slots, as gh)
+      if (n > 0) {
+        const Tio* m_t = run.packed ? m + run.offset[f.t] * H : m + f.row0 * H;
+        gemm(st, dev, blas::T, blas::N, P, n, H, 1.f, in.w_hr, bt, H, m_t, bt,
+             run.packed ? H : bs * H, 0.f, hproj, blas::R32F, P);
+      }
+      FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, proj_fwd_step<Tio>)(f);
+    }
   }
   check(cudaGetLastError(), "fusedrnn forward");
 }
@@ -922,24 +1003,26 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
                    const void* dc_n, const Grads& g) {
   const Problem& p = c.p;
   DeviceGuard guard(p.device);
-  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, G = p.G(), GH = G * H, N = p.N();
+  const int64_t T = p.T, B = p.B, I = p.I, H = p.H, P = p.P, G = p.G(), GH = G * H, N = p.N();
   const int64_t bs = p.bstride();
   const blas::Type bt = BlasType<Tio>::v;
   const int dev = p.device;
   constexpr bool lstm = C == Cell::Lstm;
+  const bool proj = lstm && p.proj;
   const std::size_t es = sizeof(Tio);
   c.use_on(st);
   Scratch scratch(st);
   auto zero_weight_grads = [&] {
     check(cudaMemsetAsync(g.w_ih, 0, GH * I * es, st), "cudaMemsetAsync");
-    check(cudaMemsetAsync(g.w_hh, 0, GH * H * es, st), "cudaMemsetAsync");
+    check(cudaMemsetAsync(g.w_hh, 0, GH * P * es, st), "cudaMemsetAsync");
     check(cudaMemsetAsync(g.b_ih, 0, GH * es, st), "cudaMemsetAsync");
     check(cudaMemsetAsync(g.b_hh, 0, GH * es, st), "cudaMemsetAsync");
+    if (proj) check(cudaMemsetAsync(g.w_hr, 0, P * H * es, st), "cudaMemsetAsync");
   };
   if (N == 0) {  // nothing ran: the state gradients pass through, the rest is 0
     if (B && g.h0)
-      FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.h0), H,
-                                                            static_cast<const Tio*>(dh_n), B, H);
+      FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.h0), P,
+                                                            static_cast<const Tio*>(dh_n), B, P);
     if (B && lstm && g.c0)
       FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, set_rows<Tio>)(static_cast<Tio*>(g.c0), H,
                                                             static_cast<const Tio*>(dc_n), B, H);
@@ -953,14 +1036,19 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   if (c.x_rows != R) throw std::logic_error("fusedrnn: cache made for other rows");
   Tio* dgx = scratch.alloc<Tio>(R * GH);
   Tio* dgh = C == Cell::Gru ? scratch.alloc<Tio>(R * GH) : dgx;
-  float* dh = scratch.alloc<float>(B * H);
+  float* dh = scratch.alloc<float>(B * P);
   float* dc = lstm ? scratch.alloc<float>(B * H) : nullptr;
-  FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(static_cast<const Tio*>(dh_n), dh, B * H);
+  // projection: each valid step's state gradient (rows as dgx's) and a step's dhr W_hr
+  Tio* dhr = proj ? scratch.alloc<Tio>(R * P) : nullptr;
+  float* dm = proj ? scratch.alloc<float>(B * H) : nullptr;
+  FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, to_float<Tio>)(static_cast<const Tio*>(dh_n), dh, B * P);
   if (lstm)
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(static_cast<const Tio*>(dc_n), dc, B * H);
   const Tio* xc = c.at<Tio>(c.x_off);
   const Tio* wih = c.at<Tio>(c.wih_off);
   const Tio* whh = c.at<Tio>(c.whh_off);
+  const Tio* whr = proj ? c.at<Tio>(c.whr_off) : nullptr;
+  const Tio* msaved = proj ? c.at<Tio>(c.m_off) : nullptr;
   const Tio* hs = c.at<Tio>(c.hprev_off);
   const float* cs = lstm ? c.at<float>(c.cs_off) : nullptr;
   const float* c0f = lstm ? c.at<float>(c.c0_off) : nullptr;
@@ -968,9 +1056,9 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   const uint8_t* d_mask = c.mask.empty() ? nullptr : c.at<uint8_t>(c.mask_off);
 
   BwdStep base{};
-  base.B = B; base.H = H; base.bstride = bs; base.dy = dy; base.dh = dh; base.dc = dc;
+  base.B = B; base.H = H; base.P = P; base.bstride = bs; base.dy = dy; base.dh = dh; base.dc = dc;
   base.gates = c.at<float>(c.gates_off); base.cs = cs; base.dgx = dgx; base.dgh = dgh;
-  base.prow = run.d_prow; base.lengths = d_len; base.mask = d_mask;
+  base.prow = run.d_prow; base.lengths = d_len; base.mask = d_mask; base.dhr = dhr;
   const StateBuffers sb{p, const_cast<Tio*>(hs), nullptr, nullptr, const_cast<float*>(cs),
                         nullptr, nullptr, const_cast<float*>(c0f), nullptr, nullptr};
 
@@ -979,29 +1067,39 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     PersistentBwdParams a{base, sb, whh, 0, g.h0 != nullptr};
     persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
   }
-  float* dh_packed = run.packed ? scratch.alloc<float>(B * H) : nullptr;
+  float* dh_packed = run.packed ? scratch.alloc<float>(B * P) : nullptr;
   for (int64_t s = T - 1; s >= 0 && !persistent_done; --s) {
     BwdStep b = base;
     place_bwd<Tio>(b, sb, s);
+    const int64_t n = run.n(b.t);
+    if (proj) {  // the state's gradient to dhr, then dm = dhr W_hr over the running rows
+      FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, proj_bwd_step<Tio>)(b);
+      if (n > 0) {
+        const Tio* dhr_t = run.packed ? dhr + run.offset[b.t] * P : dhr + b.row0 * P;
+        gemm(st, dev, blas::N, blas::N, H, n, P, 1.f, whr, bt, H, dhr_t, bt,
+             run.packed ? P : bs * P, 0.f, dm, blas::R32F, H);
+      }
+      b.dm = dm;
+      b.dslot = run.prefix(b.t) ? nullptr : run.d_slot + b.t * B;
+    }
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, bwd_step<C, Tio>)(b);
     if (s == 0 && !g.h0) break;  // the first step's product gives only dh0
     // dh[running rows] += their dgh W_hh; packed, a step's rows are contiguous
-    const int64_t n = run.n(b.t);
     const Tio* dgh_t = run.packed ? dgh + run.offset[b.t] * GH : dgh + b.row0 * GH;
     const int64_t ld = run.packed ? GH : bs * GH;
     if (run.prefix(b.t)) {
-      gemm(st, dev, blas::N, blas::N, H, n, GH, 1.f, whh, bt, H, dgh_t, bt, ld, 1.f, dh,
-           blas::R32F, H);
+      gemm(st, dev, blas::N, blas::N, P, n, GH, 1.f, whh, bt, P, dgh_t, bt, ld, 1.f, dh,
+           blas::R32F, P);
     } else if (n > 0) {
-      gemm(st, dev, blas::N, blas::N, H, n, GH, 1.f, whh, bt, H, dgh_t, bt, ld, 0.f, dh_packed,
-           blas::R32F, H);
-      FUSEDRNN_LAUNCH(blocks_for(n * H), kThreads, 0, st, scatter_add_rows)(
-          dh, H, dh_packed, run.d_rows + run.offset[b.t], n, H);
+      gemm(st, dev, blas::N, blas::N, P, n, GH, 1.f, whh, bt, P, dgh_t, bt, ld, 0.f, dh_packed,
+           blas::R32F, P);
+      FUSEDRNN_LAUNCH(blocks_for(n * P), kThreads, 0, st, scatter_add_rows)(
+          dh, P, dh_packed, run.d_rows + run.offset[b.t], n, P);
     }
   }
   if (g.h0)
-    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dh, static_cast<Tio*>(g.h0),
-                                                                        B * H);
+    FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, from_float<Tio>)(dh, static_cast<Tio*>(g.h0),
+                                                                        B * P);
   if (lstm && g.c0)
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, from_float<Tio>)(dc, static_cast<Tio*>(g.c0),
                                                                         B * H);
@@ -1017,16 +1115,18 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   }
   const Tio* hrows = hs;
   if (run.packed && R > 0) {
-    Tio* hp = scratch.alloc<Tio>(R * H);
-    FUSEDRNN_LAUNCH(blocks_for(R * H), kThreads, 0, st, gather_rows<Tio>)(hp, hs, H, run.d_xrows,
-                                                                          R, H);
+    Tio* hp = scratch.alloc<Tio>(R * P);
+    FUSEDRNN_LAUNCH(blocks_for(R * P), kThreads, 0, st, gather_rows<Tio>)(hp, hs, P, run.d_xrows,
+                                                                          R, P);
     hrows = hp;
   }
   if (R == 0) {
     zero_weight_grads();
   } else {
     gemm(st, dev, blas::N, blas::T, I, GH, R, 1.f, xc, bt, I, dgx, bt, GH, 0.f, g.w_ih, bt, I);
-    gemm(st, dev, blas::N, blas::T, H, GH, R, 1.f, hrows, bt, H, dgh, bt, GH, 0.f, g.w_hh, bt, H);
+    gemm(st, dev, blas::N, blas::T, P, GH, R, 1.f, hrows, bt, P, dgh, bt, GH, 0.f, g.w_hh, bt, P);
+    if (proj)
+      gemm(st, dev, blas::N, blas::T, H, P, R, 1.f, msaved, bt, H, dhr, bt, P, 0.f, g.w_hr, bt, H);
     colsum<Tio>(scratch, st, dgx, R, GH, static_cast<Tio*>(g.b_ih));
     colsum<Tio>(scratch, st, dgh, R, GH, static_cast<Tio*>(g.b_hh));
   }
@@ -1058,9 +1158,9 @@ std::size_t align256(std::size_t n) { return (n + 255) / 256 * 256; }
 
 Cache::Cache(const Problem& prob, const ForwardIn& in) : p(prob), lengths(in.lengths), mask(in.mask) {
   const std::size_t es = dtype_size(p.dtype);
-  const std::size_t N = static_cast<std::size_t>(p.N()), B = p.B, H = p.H, I = p.I;
+  const std::size_t N = static_cast<std::size_t>(p.N()), B = p.B, H = p.H, I = p.I, P = p.P;
   const std::size_t GH = static_cast<std::size_t>(p.G()) * H;
-  const bool lstm = p.cell == Cell::Lstm;
+  const bool lstm = p.cell == Cell::Lstm, proj = lstm && p.proj;
   std::size_t off = 0;
   auto take = [&](std::size_t bytes) {
     const std::size_t o = off;
@@ -1070,10 +1170,12 @@ Cache::Cache(const Problem& prob, const ForwardIn& in) : p(prob), lengths(in.len
   x_rows = valid_steps(p, lengths, mask);
   x_off = take(checked_mul(checked_mul(static_cast<std::size_t>(x_rows), I), es));
   wih_off = take(checked_mul(checked_mul(GH, I), es));
-  whh_off = take(checked_mul(checked_mul(GH, H), es));
-  hprev_off = take(checked_mul(checked_mul(N, H), es));
+  whh_off = take(checked_mul(checked_mul(GH, P), es));
+  whr_off = take(proj ? checked_mul(checked_mul(P, H), es) : 0);
+  hprev_off = take(checked_mul(checked_mul(N, P), es));
   cs_off = take(lstm ? checked_mul(checked_mul(N, H), 4) : 0);
   gates_off = take(checked_mul(checked_mul(N, H), 4 * saved_width(p.cell)));
+  m_off = take(proj ? checked_mul(checked_mul(static_cast<std::size_t>(x_rows), H), es) : 0);
   c0_off = take(lstm ? B * H * 4 : 0);
   len_off = take(lengths.empty() ? 0 : B * 4);
   mask_off = take(mask.size());
@@ -1128,6 +1230,9 @@ void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_
              Algo algo) {
   const bool required = algo == Algo::Persistent;  // asked for, not chosen
   if (algo == Algo::Auto) algo = choose_algo(p);
+  if (algo == Algo::Persistent && p.N() > 0 && p.proj)
+    throw std::invalid_argument("algo 'persistent' has no LSTM projection (w_hr); use 'standard' "
+                                "or 'auto'");
   if (algo == Algo::Persistent && p.N() > 0 && !persistent_fits(p))
     throw std::invalid_argument("algo 'persistent' cannot run this problem on this device "
                                 "(W_hh's slices do not fit the blocks' shared memory)");

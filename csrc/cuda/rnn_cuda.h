@@ -2,9 +2,10 @@
 // in csrc/bindings/cuda_module.cpp check arguments and call these).
 //
 // Shape legend as everywhere (common.h): T steps, B batch, I input size,
-// H hidden size, G gates, N = T*B rows. All pointers are device pointers to
-// C-contiguous arrays of the call's dtype on one device, except lengths and
-// mask, which are host arrays (the Python layer brings them to the host:
+// H hidden size, G gates, N = T*B rows, P the state's size: the projection
+// size of an LSTM with w_hr [P, H] (h = W_hr (o * tanh(c))), else H. All
+// pointers are device pointers to C-contiguous arrays of the call's dtype on
+// one device, except lengths and mask, which are host arrays (the Python layer brings them to the host:
 // their values decide which rows each step's product covers).
 //
 // Per-(t, b) buffers are kept in x's row order, r(t, b) = t*B + b, or b*T + t
@@ -35,6 +36,8 @@ struct Problem {
   Cell cell = Cell::Lstm;
   DType dtype = DType::F32;
   int64_t T = 0, B = 0, I = 0, H = 0;
+  int64_t P = 0;      // state size: H without projection
+  bool proj = false;  // lstm with projection (w_hr)
   bool reverse = false, batch_first = false;
   int device = 0;
   cudaStream_t stream = nullptr;
@@ -50,13 +53,15 @@ struct Problem {
 struct ForwardIn {
   const void *x = nullptr, *w_ih = nullptr, *w_hh = nullptr;
   const void *b_ih = nullptr, *b_hh = nullptr, *h0 = nullptr, *c0 = nullptr;  // null: zeros
+  const void* w_hr = nullptr;  // [P, H] with projection, else null
   std::vector<int32_t> lengths;  // host, [B], empty: no lengths
   std::vector<uint8_t> mask;     // host, time-major [T, B], empty: no mask
 };
 
 // What backward needs, in one device allocation owned by this object:
-// copies of x, w_ih and w_hh, the state entering every step, the LSTM cell
-// after every step, the saved gates, c0 in float32, lengths and mask.
+// copies of x, w_ih and w_hh (and w_hr), the state entering every step, the
+// LSTM cell after every step, the saved gates, with projection the cell's
+// output o * tanh(c) of every valid step, c0 in float32, lengths and mask.
 class Cache {
  public:
   Cache(const Problem& p, const ForwardIn& in);
@@ -80,8 +85,8 @@ class Cache {
   // RunningRows in rnn_cuda.cu).
   int64_t x_rows = 0;
   // byte offsets into mem
-  std::size_t x_off = 0, wih_off = 0, whh_off = 0, hprev_off = 0, cs_off = 0, gates_off = 0,
-              c0_off = 0, len_off = 0, mask_off = 0;
+  std::size_t x_off = 0, wih_off = 0, whh_off = 0, whr_off = 0, hprev_off = 0, cs_off = 0,
+              gates_off = 0, m_off = 0, c0_off = 0, len_off = 0, mask_off = 0;
   template <typename T>
   T* at(std::size_t off) const { return reinterpret_cast<T*>(mem + off); }
 
@@ -104,20 +109,20 @@ Algo choose_algo(const Problem& p);
 bool persistent_fits(const Problem& p);
 
 // Forward. cache is null for inference, else a Cache made for (p, in), which
-// forward fills. y [T, B, H] (or [B, T, H]), h_n [B, H], c_n [B, H] (lstm).
+// forward fills. y [T, B, P] (or [B, T, P]), h_n [B, P], c_n [B, H] (lstm).
 void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
              Algo algo);
 
 struct Grads {
   void *x = nullptr, *h0 = nullptr, *c0 = nullptr, *w_ih = nullptr, *w_hh = nullptr,
-       *b_ih = nullptr, *b_hh = nullptr;
+       *b_ih = nullptr, *b_hh = nullptr, *w_hr = nullptr;
 };
 
-// Backward through a cache, on stream (the caller's). dy [T, B, H] in y's
-// layout, dh_n, dc_n [B, H]; each may be null (zeros). The weight and bias
-// gradients are always written; x, h0 and c0 (lstm) only where not null: a
-// null one is not wanted, and without h0 the first step's recurrent product,
-// which gives only dh0, is skipped.
+// Backward through a cache, on stream (the caller's). dy [T, B, P] in y's
+// layout, dh_n [B, P], dc_n [B, H]; each may be null (zeros). The weight and
+// bias gradients (w_hr's with projection) are always written; x, h0 and c0
+// (lstm) only where not null: a null one is not wanted, and without h0 the
+// first step's recurrent product, which gives only dh0, is skipped.
 void backward(const Cache& cache, cudaStream_t stream, const void* dy, const void* dh_n,
               const void* dc_n, const Grads& g);
 

@@ -349,7 +349,7 @@ class DeviceCache:
         self._x = x  # how x came in (kind, device, dtype, stream), without the array
         self.cell, self.dtype, self.T, self.B, self.I, self.H = (
             core.cell, core.dtype, core.T, core.B, core.I, core.H)
-        self.P = core.H
+        self.P = core.P  # the state's size: the projection size with w_hr, else H
         self.batch_first = core.batch_first
         self.device = x.device
 
@@ -425,9 +425,6 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     reverse = _validate._flag("reverse", reverse)
     batch_first = _validate._flag("batch_first", batch_first)
     training = _validate._flag("training", training)
-    if w_hr is not None:
-        raise ValueError("w_hr (projection) is not supported on CUDA devices yet; "
-                         "run projected LSTMs on the CPU")
     if checkpoint is not False and _validate._checkpoint(checkpoint, 1):
         raise ValueError("checkpoint is not supported on CUDA devices yet (the device cache "
                          "keeps every step); pass checkpoint=False")
@@ -445,15 +442,31 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     whh = _device_view("w_hh", w_hh, xv)
     if len(whh.shape) != 2:
         raise ValueError(f"w_hh must have 2 dimensions [G*H, H], got shape {whh.shape}")
-    H = whh.shape[1]
-    if H < 1:
-        raise ValueError(f"w_hh must have hidden size H >= 1 (second dimension), got shape {whh.shape}")
+    whr = None
+    if w_hr is None:
+        H = P = whh.shape[1]
+        if H < 1:
+            raise ValueError(f"w_hh must have hidden size H >= 1 (second dimension), "
+                             f"got shape {whh.shape}")
+        whh = _checked("w_hh", whh, xv, (G * H, H),
+                       lambda: f"[G*H, H] with G={G} for cell {cell!r}")
+    else:
+        # LSTM with projection: the state h has P values, the cell c has H.
+        if cell != "lstm":
+            raise ValueError(f"w_hr (projection) is only used by cell 'lstm', got cell {cell!r}")
+        whr = _device_view("w_hr", w_hr, xv)
+        if len(whr.shape) != 2 or min(whr.shape) < 1:
+            raise ValueError(f"w_hr must have shape [P, H] with P, H >= 1, got {whr.shape}")
+        P, H = whr.shape
+        whr = _checked("w_hr", whr, xv, (P, H), "[P, H]")
+        whh = _checked("w_hh", whh, xv, (G * H, P),
+                       lambda: f"[4*H, P] with H={H}, P={P} (from w_hr [P, H])")
     GH = G * H
-    whh = _checked("w_hh", whh, xv, (GH, H), lambda: f"[G*H, H] with G={G} for cell {cell!r}")
     wih = _check("w_ih", w_ih, xv, (GH, I), lambda: f"[G*H, I] with G={G}, H={H}, I={I}")
     bih = None if b_ih is None else _check("b_ih", b_ih, xv, (GH,), "[G*H]")
     bhh = None if b_hh is None else _check("b_hh", b_hh, xv, (GH,), "[G*H]")
-    h0v = None if h0 is None else _check("h0", h0, xv, (B, H), "[B, H]")
+    h0v = None if h0 is None else _check("h0", h0, xv, (B, P),
+                                         "[B, P]" if whr is not None else "[B, H]")
     if c0 is not None and cell != "lstm":
         raise ValueError(f"c0 is only used by cell 'lstm', got c0 for cell {cell!r}")
     c0v = None if c0 is None else _check("c0", c0, xv, (B, H), "[B, H]")
@@ -466,6 +479,10 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     if mask is not None:
         mask = _validate.check_mask(_host_ints("mask", mask), B, T, batch_first)
         mask = np.ascontiguousarray(mask).view(np.uint8)
+    algo = algo or _algo()
+    if whr is not None and algo == "persistent":
+        raise ValueError("algo 'persistent' has no LSTM projection (w_hr); "
+                         "use 'standard' or 'auto'")
     _require_cuda()
     if xv.device < 0:  # a size-0 x has no pointer: its device is the weights'
         xv = xv._replace(device=whh.device if whh.device >= 0 else wih.device)
@@ -473,13 +490,13 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
         raise ValueError("x's data is not CUDA device memory")
     stream = _stream_of(xv)
     alloc = _allocator(xv, stream)
-    y, yp = alloc((B, T, H) if batch_first else (T, B, H))
-    h_n, hp = alloc((B, H))
+    y, yp = alloc((B, T, P) if batch_first else (T, B, P))
+    h_n, hp = alloc((B, P))
     c_n, cp = alloc((B, H)) if cell == "lstm" else (None, 0)
     core = _cuda.forward(cell, xv.dtype, T, B, I, H, reverse, batch_first, xv.device, stream,
                          xv.ptr, wih.ptr, whh.ptr, _ptr(bih), _ptr(bhh), _ptr(h0v), _ptr(c0v),
                          lengths, mask,
-                         yp, hp, cp, training, algo or _algo())
+                         yp, hp, cp, training, algo, _ptr(whr), P)
     cache = None
     if training:
         # (the view without its array: the cache must not keep the caller's x alive)
@@ -493,24 +510,28 @@ def backward(cache: DeviceCache, dy, dh_n=None, dc_n=None, need_x=True, need_h0=
     """``fusedrnn._backward`` for a cache from a device forward: the gradients of x, h0
     and c0 only where wanted (need_*), else None."""
     xv = cache._x
-    T, B, I, H, G = cache.T, cache.B, cache.I, cache.H, _validate.GATES[cache.cell]
-    yshape, ylegend = ((B, T, H), "[B, T, H]") if cache.batch_first else ((T, B, H), "[T, B, H]")
+    T, B, I, H, P = cache.T, cache.B, cache.I, cache.H, cache.P
+    G, proj = _validate.GATES[cache.cell], cache._core.proj
+    s = "P" if proj else "H"
+    yshape, ylegend = (((B, T, P), f"[B, T, {s}]") if cache.batch_first
+                       else ((T, B, P), f"[T, B, {s}]"))
     dyv = None if dy is None else _check("dy", dy, xv, yshape, ylegend)
-    dhv = None if dh_n is None else _check("dh_n", dh_n, xv, (B, H), "[B, H]")
+    dhv = None if dh_n is None else _check("dh_n", dh_n, xv, (B, P), f"[B, {s}]")
     if dc_n is not None and cache.cell != "lstm":
         raise ValueError(f"dc_n is only used by cell 'lstm', got dc_n for cell {cache.cell!r}")
     dcv = None if dc_n is None else _check("dc_n", dc_n, xv, (B, H), "[B, H]")
     stream = _stream_of(dyv if dyv is not None else xv)
     alloc = _allocator(xv, stream)
     dx, dxp = alloc((B, T, I) if cache.batch_first else (T, B, I)) if need_x else (None, 0)
-    dh0, dh0p = alloc((B, H)) if need_h0 else (None, 0)
+    dh0, dh0p = alloc((B, P)) if need_h0 else (None, 0)
     dc0, dc0p = alloc((B, H)) if cache.cell == "lstm" and need_c0 else (None, 0)
     dw_ih, a = alloc((G * H, I))
-    dw_hh, b = alloc((G * H, H))
+    dw_hh, b = alloc((G * H, P))
     db_ih, c = alloc((G * H,))
     db_hh, d = alloc((G * H,))
+    dw_hr, e = alloc((P, H)) if proj else (None, 0)
     _cuda.backward(cache._core, stream, _ptr(dyv), _ptr(dhv), _ptr(dcv), dxp, dh0p, dc0p, a, b, c,
-                   d)
+                   d, e)
     w = _to_caller(xv.kind)
     return {"x": w(dx), "h0": w(dh0), "c0": w(dc0), "w_ih": w(dw_ih), "w_hh": w(dw_hh),
-            "b_ih": w(db_ih), "b_hh": w(db_hh), "w_hr": None}
+            "b_ih": w(db_ih), "b_hh": w(db_hh), "w_hr": w(dw_hr)}
