@@ -1025,10 +1025,11 @@ def test_cuda_checks_and_errors_on_fake_cuda_tensors(monkeypatch):
         # module on the CPU, input on CUDA: torch.nn's error
         with pytest.raises(RuntimeError, match="not at the same device"):
             cpu_module(x())
+        # projection: y and h have proj_size columns, c hidden_size
+        m = _fake_cuda_module(frnn.LSTM, I, H, proj_size=P, num_layers=2)
+        y, (h, c) = m(x())
+        assert (tuple(y.shape), tuple(h.shape), tuple(c.shape)) == ((T, B, P), (2, B, P), (2, B, H))
         # not supported on the CUDA backend yet
-        m = _fake_cuda_module(frnn.LSTM, I, H, proj_size=P)
-        with pytest.raises(ValueError, match="proj_size .* not supported on the CUDA backend"):
-            m(x())
         m = _fake_cuda_module(frnn.GRU, I, H)
         for ck in (True, 3):
             m.checkpoint = ck
@@ -1128,6 +1129,9 @@ def test_cuda_branch_of_the_ops_passes_tensors_through(cell, monkeypatch):
     for kind in ("packed", "padded"):
         compare(cell, torch.float64, kind, num_layers=2, bidirectional=True, h0=True)
     assert seen["forward"] == 8 and seen["backward"] == 8  # 2 inputs x 2 layers x 2 directions
+    if cell == "lstm":  # projection: w_hr goes to the backend as a tensor, dw_hr comes back
+        compare(cell, torch.float64, "padded", num_layers=2, proj_size=P, h0=True)
+        assert seen["forward"] == 10 and seen["backward"] == 10
     m = getattr(frnn, CELLS[cell][0])(I, H, dtype=torch.float64)
     seen["ptrs"].clear()
     m(torch.randn(T, B, I, dtype=torch.float64))
@@ -1149,6 +1153,14 @@ def test_cuda_parity_with_torch_nn(cell, input_kind, no_tf32):
     cover of layers 1-2 x bidirectional x batch_first x bias x h0."""
     for seed, combo in enumerate(pairwise(CUDA_OPTIONS)):
         compare(cell, torch.float32, input_kind, seed=seed, device="cuda", **combo)
+
+
+@needs_cuda
+@pytest.mark.parametrize("input_kind", INPUTS)
+def test_cuda_projection_parity_with_torch_nn(input_kind, no_tf32):
+    """LSTM(proj_size=P) on CUDA against torch.nn's (cuDNN), as above."""
+    for seed, combo in enumerate(pairwise(CUDA_OPTIONS)):
+        compare("lstm", torch.float32, input_kind, proj_size=P, seed=seed, device="cuda", **combo)
 
 
 @needs_cuda
@@ -1294,8 +1306,6 @@ def test_cuda_caches_freed_inference_and_errors():
         frnn.GRU(I, H)(x)
     with pytest.raises(TypeError, match="float64"):
         frnn.GRU(I, H, device="cuda", dtype=torch.float64)(x.double())
-    with pytest.raises(ValueError, match="proj_size"):
-        frnn.LSTM(I, H, proj_size=P, device="cuda")(x)
     ck = frnn.GRU(I, H, device="cuda")
     ck.checkpoint = True
     with pytest.raises(ValueError, match="checkpoint"):

@@ -13,7 +13,7 @@ call per layer and direction, registered as torch custom operators (``fusedrnn._
 so autograd and ``torch.compile(fullgraph=True)`` see them. No equations here: glue only.
 CPU tensors (float32/float64) run on the CPU kernels; CUDA tensors (float32, float16,
 bfloat16) on the CUDA backend when it is built and sees a device
-(``fusedrnn.cuda_available()``), without projection or checkpoint for now.
+(``fusedrnn.cuda_available()``), projection included, without checkpoint for now.
 
 This module imports torch; ``import fusedrnn`` never imports it. See docs/torch.md.
 
@@ -95,12 +95,7 @@ class _FusedRNNBase(torch.nn.RNNBase):
             self._check_cuda_features(who)
 
     def _check_cuda_features(self, who: str) -> None:
-        """What the CUDA backend cannot run yet (docs/cuda.md): projection, checkpoint."""
-        if self.proj_size > 0:
-            raise ValueError(
-                f"{who}: proj_size > 0 (LSTM projection) is not supported on the CUDA backend "
-                f"yet (its kernels have no projection); run this module on the CPU, or use "
-                f"torch.nn.LSTM for a projected LSTM on CUDA")
+        """What the CUDA backend cannot run yet (docs/cuda.md): checkpoint."""
         if checkpoint_code(self.checkpoint) != 0:  # an invalid value raises its own error
             raise ValueError(
                 f"{who}: checkpoint={self.checkpoint!r} is not supported on the CUDA backend "
