@@ -163,9 +163,9 @@ tests() {
 write_tiny() {  # the sanitizers' workload: no torch, small arrays, every algorithm
   cat > "$WORK/tiny.py" <<'EOF'
 """The sanitizers' workload: lstm and gru, forward+backward and inference, with each
-algorithm, with lengths, with a mask, and reversed batch-first, and the projected lstm
-(standard algorithm); float32 DeviceArray inputs (no torch: a short run under the
-sanitizer)."""
+algorithm, with lengths, with a mask, and reversed batch-first; the projected lstm and
+checkpointed caches (standard algorithm); float32 DeviceArray inputs (no torch: a short
+run under the sanitizer)."""
 import sys
 
 import numpy as np
@@ -207,6 +207,17 @@ if "standard" in algos:  # the LSTM projection (standard algorithm only), P = 24
         g = fusedrnn.backward(cache, d(*y.shape), d(B, P), d(B, H))
         assert all(np.isfinite(v.get()).all() for v in g.values() if v is not None)
     print("lstm projection standard ok")
+    for cell in ("lstm", "gru"):  # checkpointed caches (standard algorithm), k = 2
+        G = fusedrnn.CELLS[cell]
+        for kw in ({"lengths": np.array([5, 0, 3])}, {"reverse": True, "batch_first": True}):
+            bf = kw.get("batch_first", False)
+            x = d(B, T, I) if bf else d(T, B, I)
+            c0 = d(B, H) if cell == "lstm" else None
+            y, h_n, c_n, cache = _device.forward(cell, x, d(G * H, I), d(G * H, H), d(G * H),
+                                                 d(G * H), d(B, H), c0, checkpoint=2, **kw)
+            g = fusedrnn.backward(cache, d(*y.shape))
+            assert all(np.isfinite(v.get()).all() for v in g.values() if v is not None)
+    print("checkpoint standard ok")
 EOF
 }
 

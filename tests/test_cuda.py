@@ -65,7 +65,7 @@ import pytest
 import fusedrnn
 from fusedrnn import _device, reference
 
-from conftest import CELLS, GRAD_KEYS, assert_close
+from conftest import CELLS, GRAD_KEYS, assert_close, rel_err
 
 try:
     import torch
@@ -251,6 +251,7 @@ class FakeCore:
         for k in ("cell", "dtype", "T", "B", "I", "H", "batch_first", "reverse", "device"):
             setattr(self, k, problem[k])
         self.proj = bool(problem["w_hr"])
+        self.checkpoint = problem["checkpoint"] if problem["training"] else 0
         self.P = problem["P"] if self.proj else problem["H"]
 
 
@@ -332,12 +333,12 @@ class FakeCuda(types.SimpleNamespace):
     # kernels
     def forward(self, cell, dtype, T, B, I, H, reverse, batch_first, device, stream, x, w_ih,
                 w_hh, b_ih, b_hh, h0, c0, lengths, mask, y, h_n, c_n, training, algo="auto",
-                w_hr=0, P=0):
+                w_hr=0, P=0, checkpoint=0):
         self.forward_calls.append(dict(
             cell=cell, dtype=dtype, T=T, B=B, I=I, H=H, reverse=reverse, batch_first=batch_first,
             device=device, stream=stream, x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h0=h0,
             c0=c0, lengths=lengths, mask=mask, y=y, h_n=h_n, c_n=c_n, training=training,
-            algo=algo, w_hr=w_hr, P=P))
+            algo=algo, w_hr=w_hr, P=P, checkpoint=checkpoint))
         return FakeCore(self.forward_calls[-1]) if training else None
 
     def backward(self, cache, stream, dy, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
@@ -470,10 +471,8 @@ BAD_CALLS = [
     ("h0_with_projection", "lstm",
      lambda a, k: (a.update(w_hh=Dev((GH, 3))), k.update(w_hr=Dev((3, H_)))), ValueError,
      r"h0 must have shape \[B, P\] = \(3, 3\), got \(3, 6\)"),
-    ("checkpoint_true", "lstm", lambda a, k: k.update(checkpoint=True), ValueError,
-     r"checkpoint is not supported on CUDA devices"),
-    ("checkpoint_int", "gru", lambda a, k: k.update(checkpoint=2), ValueError,
-     r"checkpoint is not supported on CUDA devices"),
+    ("checkpoint_zero", "gru", lambda a, k: k.update(checkpoint=0), ValueError,
+     r"checkpoint must be a bool or a positive int \(steps between kept states\), got 0"),
     ("checkpoint_str", "gru", lambda a, k: k.update(checkpoint="yes"), TypeError,
      r"checkpoint must be a bool or a positive int"),
     ("lengths_above_T", "lstm", lambda a, k: k.update(lengths=np.array([4, 5, 0])), ValueError,
@@ -676,9 +675,10 @@ def test_backward_checks(fake_cuda):
 
 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
-def test_projection_plumbing(fake_cuda, batch_first):
+def test_projection_and_checkpoint_plumbing(fake_cuda, batch_first):
     """LSTM with w_hr [P, H]: its pointer and P reach the kernels; y, h_n and dh0 have
-    P columns, c_n and dc0 H; w_hh's gradient is [4H, P], and w_hr's comes back."""
+    P columns, c_n and dc0 H; w_hh's gradient is [4H, P], and w_hr's comes back.
+    checkpoint: the interval k reaches the kernels."""
     P = 2
     args, kw = fake_call("lstm", batch_first=batch_first)
     args.update(w_hh=Dev((GH, P)), h0=Dev((B_, P)))
@@ -699,6 +699,15 @@ def test_projection_plumbing(fake_cuda, batch_first):
     with pytest.raises(ValueError, match=r"algo 'persistent' has no LSTM projection \(w_hr\)"):
         _device.forward("lstm", **args, **kw, w_hr=w_hr, algo="persistent")
     assert len(fake_cuda.forward_calls) == 1
+    assert fake_cuda.forward_calls[0]["checkpoint"] == 0
+    # checkpoint: k reaches the kernels (True: ceil(sqrt(T)) = 2), only when training
+    for ck, want in ((True, 2), (3, 3), (False, 0)):
+        fusedrnn.forward("lstm", **args, **kw, w_hr=w_hr, checkpoint=ck)
+        assert fake_cuda.forward_calls[-1]["checkpoint"] == want
+    fusedrnn.forward("lstm", **args, **kw, w_hr=w_hr, checkpoint=3, training=False)
+    assert fake_cuda.forward_calls[-1]["checkpoint"] == 0
+    with pytest.raises(ValueError, match=r"algo 'persistent' keeps every step \(no checkpoint\)"):
+        _device.forward("lstm", **fake_call("lstm")[0], checkpoint=True, algo="persistent")
     # without projection nothing changes: w_hr 0, P = H, no dw_hr
     fusedrnn.backward(fusedrnn.forward("lstm", **fake_call("lstm")[0])[3], None)
     assert (fake_cuda.forward_calls[-1]["w_hr"], fake_cuda.forward_calls[-1]["P"]) == (0, H_)
@@ -1108,6 +1117,29 @@ def test_projection_matches_reference(P, semantics, dtype, rng):
     problem = make_gpu_problem("lstm", 7, 5, 6, 17, rng, proj=P, **GPU_SEMANTICS[semantics])
     _, _, cache, grads = check_gpu("lstm", problem, dtype, "auto")
     assert cache.algo == "standard" and tuple(grads["w_hr"].shape) == (P, 17)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell,P", [("lstm", 0), ("gru", 0), ("rnn_tanh", 0), ("lstm", 5)],
+                         ids=["lstm", "gru", "rnn_tanh", "lstm_projection"])
+def test_checkpoint_matches_reference_and_full_cache(cell, P, dtype, rng):
+    """checkpoint=k on the device: a smaller cache, results within the bounds of the
+    reference, and (float32) within 1e-5 of the full cache's (cuBLAS may sum a
+    segment's input projection in another order than the whole one's)."""
+    for semantics, k in (("plain", True), ("lengths_unsorted", 2), ("reverse_mask", 3),
+                         ("batch_first_lengths", 7), ("no_state", 1)):
+        problem = make_gpu_problem(cell, 7, 5, 6, 17, rng, proj=P, **GPU_SEMANTICS[semantics])
+        _, full_out, full_cache, full_g = check_gpu(cell, problem, dtype, "standard")
+        args, kw, dy, dh_n, dc_n = problem
+        problem = (args, {**kw, "checkpoint": k}, dy, dh_n, dc_n)
+        _, out, cache, g = check_gpu(cell, problem, dtype, "auto")
+        assert cache.checkpoint == (3 if k is True else k) and cache.algo == "standard"
+        assert cache.nbytes < full_cache.nbytes
+        if dtype == "float32":
+            for a, b in list(zip(out, full_out)) + [(g[n], full_g[n]) for n in GRAD_KEYS]:
+                if b is not None:
+                    assert rel_err(to_host(a), to_host(b)) <= 1e-5
 
 
 @gpu

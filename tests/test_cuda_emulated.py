@@ -453,3 +453,134 @@ def test_projection_errors(rng):
         fusedrnn.backward(cache, d(T, B, H))
     with pytest.raises(ValueError, match=r"dh_n must have shape \[B, P\]"):
         fusedrnn.backward(cache, None, d(B, H))
+
+
+# ------------------------------------------------------------- checkpoint
+
+
+def run_all(cell, problem, dtype="float32", **fkw):
+    """y, h_n, c_n and every gradient of forward(**fkw) + backward, as host arrays."""
+    args, kw, dy, dh_n, dc_n = problem
+    dev = [to_device(a, dtype) for a in args[1:]]
+    kw = {**kw, "w_hr": to_device(kw.get("w_hr"), dtype)}
+    y, h_n, c_n, cache = _device.forward(cell, *dev, **kw, **fkw)
+    g = fusedrnn.backward(cache, *[to_device(a, dtype) for a in (dy, dh_n, dc_n)])
+    return {"y": host(y), "h_n": host(h_n), "c_n": host(c_n),
+            **{"d" + k: host(g[k]) for k in GRADS}}, cache
+
+
+def assert_same(a, b, label):
+    for k in a:
+        assert (a[k] is None) == (b[k] is None), (label, k)
+        if a[k] is not None:
+            assert np.array_equal(a[k], b[k]), (label, k, rel_err(b[k], a[k]))
+
+
+@pytest.mark.parametrize("semantics", list(SEMANTICS))
+@pytest.mark.parametrize("cell,P", [("lstm", 0), ("gru", 0), ("rnn_tanh", 0), ("lstm", 3)],
+                         ids=["lstm", "gru", "rnn_tanh", "lstm_projection"])
+def test_checkpoint_equals_full_cache(cell, P, semantics, rng):
+    """checkpoint=k keeps the state every k steps and backward recomputes each segment
+    with the forward's own kernels and products: on the emulator (whose products do not
+    depend on how many rows they cover) outputs and gradients are bitwise those of the
+    full cache, for k = 1, 2, 3, T, more than T and True (ceil(sqrt(T)) = 3), with a
+    smaller cache; and they match the reference."""
+    T = 7
+    problem = make_problem(cell, T, 5, 6, 7, np.float64, rng, proj=P, **SEMANTICS[semantics])
+    full, full_cache = run_all(cell, problem, algo="standard")
+    assert full_cache.checkpoint == 0
+    out, _, _ = run(cell, problem, "float32", "standard")
+    check({k: (full[k], r) for k, (_, r) in out.items()}, TOL["float32"])
+    for k, want_k in ((1, 1), (2, 2), (3, 3), (T, T), (T + 2, T + 2), (True, 3)):
+        got, cache = run_all(cell, problem, checkpoint=k)  # auto: standard
+        assert (cache.checkpoint, cache.algo) == (want_k, "standard")
+        assert cache.nbytes < full_cache.nbytes
+        assert_same(full, got, k)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_checkpoint_16bit_equals_full_cache(dtype, rng):
+    """The kept states are those of the array type (h) and float32 (c): the
+    recomputation starts from exactly what forward had."""
+    for cell, semantics, P in (("lstm", "reverse_lengths", 0), ("gru", "batch_first_mask", 0),
+                               ("lstm", "mask", 4)):
+        problem = make_problem(cell, 7, 5, 6, 7, np.float64, rng, proj=P, **SEMANTICS[semantics])
+        full, _ = run_all(cell, problem, dtype, algo="standard")
+        got, _ = run_all(cell, problem, dtype, checkpoint=3)
+        assert_same(full, got, (cell, semantics))
+
+
+def test_checkpoint_products_cover_valid_steps_only(rng):
+    """The recomputation runs, per segment, one input projection over the segment's
+    valid rows and each step's products over its running rows, nothing else; forward
+    and the deferred products are the full cache's."""
+    T, B, I, H, k = 7, 5, 6, 7, 3
+    for cell, P, case in (("lstm", 0, {"lengths": np.array([0, 2, 7, 1, 5])}),
+                          ("gru", 0, {"mask": rng.random((T, B)) < 0.6}),
+                          ("lstm", 3, {}), ("rnn_tanh", 0, {"lengths": np.array([7, 7, 3, 1, 0])})):
+        G = fusedrnn.CELLS[cell]
+        running = valid_steps(case, T, B).sum(axis=1).tolist()
+        for reverse in (False, True):
+            args, kw, dy, dh_n, dc_n = make_problem(cell, T, B, I, H, np.float64, rng, proj=P,
+                                                    reverse=reverse)
+            kw.update(case)
+            emu.take_gemm_log()
+            run_all(cell, (args, kw, dy, dh_n, dc_n), checkpoint=k)
+            log = sorted(tuple(g) for g in emu.take_gemm_log())
+            order = running[::-1] if reverse else running  # processing order
+            segments = [order[s:s + k] for s in range(0, T, k)]
+            extra = [(G * H, sum(seg), I) for seg in segments if sum(seg)]
+            extra += [(G * H, n, P or H) for n in running if n]
+            extra += [(P, n, H) for n in running if n] if P else []
+            assert log == sorted(expected_gemms("standard", G, I, H, running, P) + extra), \
+                (cell, case, reverse)
+
+
+def test_checkpoint_cache_nbytes(rng):
+    """The checkpointed cache: x's valid rows, the weights, the biases, and h (array
+    type) and c (float32) entering steps 0, k, 2k, ...: ceil(T/k) states."""
+    T, B, I, H, P = 7, 3, 4, 6, 2
+    a = lambda n: -(-n // 256) * 256  # noqa: E731
+    for cell, proj, k in (("lstm", 0, 3), ("lstm", P, 2), ("gru", 0, 7), ("rnn_tanh", 0, 1)):
+        args, kw, *_ = make_problem(cell, T, B, I, H, np.float64, rng, proj=proj, lengths=True)
+        dev = [to_device(x, "float32") for x in args[1:]]
+        kw["w_hr"] = to_device(kw.get("w_hr"), "float32")
+        cache = _device.forward(cell, *dev, **kw, checkpoint=k)[3]
+        G, S = fusedrnn.CELLS[cell], proj or H
+        R, kept = int(valid_steps(kw, T, B).sum()), -(-T // k)
+        expect = (a(R * I * 4) + a(G * H * I * 4) + a(G * H * S * 4) + a(S * H * 4 if proj else 0)
+                  + 2 * a(G * H * 4) + a(kept * B * S * 4)
+                  + a(kept * B * H * 4 if cell == "lstm" else 0) + a(B * 4))
+        assert cache.nbytes == expect, (cell, proj, k)
+
+
+def test_checkpoint_wanted_gradients_and_repeated_backward(rng):
+    """need_x / need_h0 / need_c0 with a checkpointed cache: the gradients wanted are
+    bitwise those of a backward computing all; a second backward gives the same."""
+    args, kw, dy, dh_n, dc_n = make_problem("lstm", 7, 5, 6, 7, np.float64, rng,
+                                            reverse=True, mask=True)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    cache = _device.forward("lstm", *dev, **kw, checkpoint=2)[3]
+    grads_in = [to_device(a, "float32") for a in (dy, dh_n, dc_n)]
+    full = {k: host(v) for k, v in fusedrnn.backward(cache, *grads_in).items()}
+    again = {k: host(v) for k, v in fusedrnn.backward(cache, *grads_in).items()}
+    assert_same(full, again, "again")
+    for need in NEEDS:
+        g = fusedrnn._backward(cache, *grads_in, *need)
+        assert_wanted_gradients(g, full, need, GRADS, "checkpoint", host)
+
+
+def test_checkpoint_arguments(rng):
+    """checkpoint is checked as on the CPU (even for inference, where it has no effect);
+    the persistent kernels keep every step, so asking for them with it is an error."""
+    args, kw, *_ = make_problem("gru", 4, 3, 2, 5, np.float64, rng)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    with pytest.raises(ValueError, match="algo 'persistent' keeps every step"):
+        _device.forward("gru", *dev, **kw, checkpoint=True, algo="persistent")
+    for bad, exc in ((0, ValueError), (-2, ValueError), ("yes", TypeError), (1.5, TypeError)):
+        for training in (True, False):
+            with pytest.raises(exc, match="checkpoint must be a bool or a positive int"):
+                _device.forward("gru", *dev, **kw, checkpoint=bad, training=training)
+    y, _, _, none = _device.forward("gru", *dev, **kw, checkpoint=2, training=False)
+    assert none is None
+    assert np.array_equal(y.get(), _device.forward("gru", *dev, **kw, training=False)[0].get())

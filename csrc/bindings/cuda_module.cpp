@@ -256,6 +256,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
       .def_property_readonly("H", [](const Cache& c) { return c.p.H; })
       .def_property_readonly("P", [](const Cache& c) { return c.p.P; })
       .def_property_readonly("proj", [](const Cache& c) { return c.p.proj; })
+      .def_readonly("checkpoint", &Cache::ck)
       .def_property_readonly("device", [](const Cache& c) { return c.p.device; })
       .def_property_readonly("batch_first", [](const Cache& c) { return c.p.batch_first; })
       .def_property_readonly("reverse", [](const Cache& c) { return c.p.reverse; })
@@ -285,7 +286,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
          uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih, uintptr_t b_hh, uintptr_t h0,
          uintptr_t c0, py::object lengths, py::object mask, uintptr_t y, uintptr_t h_n,
          uintptr_t c_n, bool training, const std::string& algo, uintptr_t w_hr,
-         int64_t P) -> py::object {
+         int64_t P, int64_t checkpoint) -> py::object {
         Problem p;
         p.cell = parse_cell(cell);
         p.dtype = parse_dtype(dtype);
@@ -310,6 +311,8 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
         in.h0 = device_ptr("h0", h0, device, true);
         in.c0 = device_ptr("c0", c0, device, true);
         in.w_hr = device_ptr("w_hr", w_hr, device, true);
+        if (checkpoint < 0) throw py::value_error("checkpoint must be >= 0 (0: every step kept)");
+        in.checkpoint = training ? checkpoint : 0;
         if (c0 && !lstm) throw py::value_error("c0 is only used by cell 'lstm'");
         if (!lengths.is_none()) {
           auto a = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(lengths);
@@ -348,7 +351,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
       py::arg("x"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
       py::arg("h0"), py::arg("c0"), py::arg("lengths"), py::arg("mask"), py::arg("y"),
       py::arg("h_n"), py::arg("c_n"), py::arg("training"), py::arg("algo") = "auto",
-      py::arg("w_hr") = 0, py::arg("P") = 0);
+      py::arg("w_hr") = 0, py::arg("P") = 0, py::arg("checkpoint") = 0);
 
   m.def(
       "backward",

@@ -222,7 +222,9 @@ void colsum(Scratch& scratch, cudaStream_t st, const T* a, int64_t rows, int64_t
 
 struct FwdStep {
   int64_t B, H, P, t, row0, bstride;  // P: the state's width (H without projection)
-  const float* gx;  // [rows, G*H]: x's row order, or packed (prow)
+  int64_t srow0, sstride;  // row b's saved values (gates) at row srow0 + b * sstride
+  const float* gx;  // [rows, G*H]: x's row order, or packed (prow), from row gx_row0 on
+  int64_t gx_row0;
   const int32_t* prow;  // [T*B]: (t, b)'s packed row, or null (see RunningRows)
   const float* gh;  // [B, G*H]: this step's recurrent product (rows of running steps)
   const int32_t* ghslot;  // [B] row b's row of gh, or null: row b (see RunningRows)
@@ -235,8 +237,8 @@ struct FwdStep {
   int64_t cprev_ld;
   float* cnext;  // lstm cell after the step
   int64_t cnext_ld;
-  float* gates;  // training: [N, saved_width*H] at row r; else null
-  void* y;       // [N, P] at row r
+  float* gates;  // training: [rows, saved_width*H] at the saved row; else null
+  void* y;       // [N, P] at row r, or null (a checkpointed backward's recomputation)
   void *h_n, *c_n;  // last step only
   const int32_t* lengths;
   const uint8_t* mask;
@@ -263,8 +265,9 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
   float h_new = to_f(hv), c_new = 0.f;
   if constexpr (C == Cell::Lstm) c_new = s.cprev[b * s.cprev_ld + j];
   const int64_t grow = s.prow ? s.prow[s.t * s.B + b] : r;  // (valid steps only)
+  const int64_t sr = s.srow0 + b * s.sstride;
   if (valid) {
-    const float* gx = s.gx + grow * GH + j;
+    const float* gx = s.gx + (grow - s.gx_row0) * GH + j;
     const Tio* bi = static_cast<const Tio*>(s.b_ih);
     const Tio* bh = static_cast<const Tio*>(s.b_hh);
     float xa[G], ha[G];
@@ -278,7 +281,7 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
       const auto q = L::gates(xa[0] + ha[0], xa[1] + ha[1], xa[2] + ha[2], xa[3] + ha[3]);
       c_new = L::forward(q, c_new, &h_new);
       if (s.gates) {
-        float* gs = s.gates + r * 4 * H + j;
+        float* gs = s.gates + sr * 4 * H + j;
         gs[0] = q.i; gs[H] = q.f; gs[2 * H] = q.g; gs[3 * H] = q.o;
       }
       if (proj) static_cast<Tio*>(s.m)[grow * H + j] = from_f<Tio>(h_new);
@@ -287,12 +290,12 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
       const auto q = R::gates(xa[0], xa[1], xa[2], ha[0], ha[1], ha[2]);
       h_new = R::forward(q, h_new);
       if (s.gates) {
-        float* gs = s.gates + r * 4 * H + j;
+        float* gs = s.gates + sr * 4 * H + j;
         gs[0] = q.r; gs[H] = q.z; gs[2 * H] = q.n; gs[3 * H] = ha[2];
       }
     } else {
       h_new = cell::Rnn<C, DevMath>::forward(xa[0] + ha[0]);
-      if (s.gates) s.gates[r * H + j] = h_new;
+      if (s.gates) s.gates[sr * H + j] = h_new;
     }
     hv = from_f<Tio>(h_new);
   }
@@ -302,7 +305,7 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
   }
   if (proj) return;
   if (s.hnext) static_cast<Tio*>(s.hnext)[b * s.hnext_ld + j] = hv;
-  static_cast<Tio*>(s.y)[r * H + j] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
+  if (s.y) static_cast<Tio*>(s.y)[r * H + j] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
   if (s.h_n) static_cast<Tio*>(s.h_n)[i] = hv;
 }
 
@@ -328,22 +331,35 @@ __global__ void proj_fwd_step(FwdStep s) {
   const Tio hv = valid ? from_f<Tio>(s.hproj[(s.ghslot ? s.ghslot[b] : b) * P + k])
                        : static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + k];
   if (s.hnext) static_cast<Tio*>(s.hnext)[b * s.hnext_ld + k] = hv;
-  static_cast<Tio*>(s.y)[r * P + k] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
+  if (s.y) static_cast<Tio*>(s.y)[r * P + k] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
   if (s.h_n) static_cast<Tio*>(s.h_n)[i] = hv;
 }
 
 // Where each step's state lives, shared by the host loops and the persistent
-// kernels. Training (hs set): hs holds the state entering every step in x's
-// row order, cs the LSTM cell after every step, c0f the initial cell.
-// Inference: the state ping-pongs between hbuf0/hbuf1 and cbuf0/cbuf1
-// (cbuf0 holds c0). Steps run s = 0..T-1 in processing order, t = p.t_of(s).
+// kernels. Training (hs set): hs holds the state entering every step, cs the
+// LSTM cell after every step (with the saved gates: the saved values), c0f
+// the cell entering step s0. Inference (and a checkpointed forward): the
+// state ping-pongs between hbuf0/hbuf1 and cbuf0/cbuf1 (cbuf0 holds c0).
+// Steps run s = 0..T-1 in processing order, t = p.t_of(s).
 struct StateBuffers {
   Problem p;  // sizes, direction and layout
   void* hs;
   void *hbuf0, *hbuf1;
   float *cs, *cbuf0, *cbuf1, *c0f;
   void *h_n, *c_n;  // written by the last step
+  // The steps whose values hs, cs and the gates hold: every step in x's row
+  // order (s1 < 0), or one segment [s0, s1) of a checkpointed backward, in
+  // its own rows, step by step: (s - s0) * B + b.
+  int64_t s0 = 0, s1 = -1;
 };
+
+// The saved row of (step s, batch row 0), and the stride between batch rows.
+__host__ __device__ __forceinline__ int64_t saved_row0(const StateBuffers& sb, int64_t s) {
+  return sb.s1 < 0 ? sb.p.row0(sb.p.t_of(s)) : (s - sb.s0) * sb.p.B;
+}
+__host__ __device__ __forceinline__ int64_t saved_stride(const StateBuffers& sb) {
+  return sb.s1 < 0 ? sb.p.bstride() : 1;
+}
 
 // Points a forward step s at its state buffers (t, row0, hprev/hnext,
 // cprev/cnext, and h_n/c_n at the last step).
@@ -351,18 +367,20 @@ template <typename Tio>
 __host__ __device__ __forceinline__ void place_fwd(FwdStep& f, const StateBuffers& sb, int64_t s) {
   const Problem& p = sb.p;
   // h rows have the state's width P, c rows the cell's H
-  const int64_t T = p.T, H = p.H, P = p.P, t = p.t_of(s);
-  const int64_t hld = p.bstride() * P, cld = p.bstride() * H;
+  const int64_t T = p.T, H = p.H, P = p.P, t = p.t_of(s), ss = saved_stride(sb);
+  const int64_t hld = ss * P, cld = ss * H, end = sb.s1 < 0 ? T : sb.s1;
   f.t = t;
   f.row0 = p.row0(t);
+  f.srow0 = saved_row0(sb, s);
+  f.sstride = ss;
   if (sb.hs) {
     Tio* hs = static_cast<Tio*>(sb.hs);
-    f.hprev = hs + p.row0(t) * P; f.hprev_ld = hld;
-    f.hnext = s + 1 < T ? hs + p.row0(p.t_of(s + 1)) * P : nullptr; f.hnext_ld = hld;
+    f.hprev = hs + f.srow0 * P; f.hprev_ld = hld;
+    f.hnext = s + 1 < end ? hs + saved_row0(sb, s + 1) * P : nullptr; f.hnext_ld = hld;
     if (sb.cs) {
-      f.cprev = s == 0 ? sb.c0f : sb.cs + p.row0(p.t_of(s - 1)) * H;
-      f.cprev_ld = s == 0 ? H : cld;
-      f.cnext = sb.cs + p.row0(t) * H; f.cnext_ld = cld;
+      f.cprev = s == sb.s0 ? sb.c0f : sb.cs + saved_row0(sb, s - 1) * H;
+      f.cprev_ld = s == sb.s0 ? H : cld;
+      f.cnext = sb.cs + f.srow0 * H; f.cnext_ld = cld;
     }
   } else {
     f.hprev = (s & 1) ? sb.hbuf1 : sb.hbuf0; f.hprev_ld = P;
@@ -541,6 +559,7 @@ bool launch_persistent_fwd(const Problem& p, PersistentParams a) {
 
 struct BwdStep {
   int64_t B, H, P, t, row0, bstride;
+  int64_t srow0, sstride;  // row b's saved values (gates, cs) at row srow0 + b * sstride
   const void* dy;  // [N, P] at row r, or null
   float* dh;       // [B, P]: in, gradient w.r.t. the state after the step (dy excluded);
                    // out, the direct part of the gradient w.r.t. the state before it
@@ -570,14 +589,16 @@ struct BwdStep {
 template <typename Tio>
 __host__ __device__ __forceinline__ void place_bwd(BwdStep& b, const StateBuffers& sb, int64_t s) {
   const Problem& p = sb.p;
-  const int64_t H = p.H, t = p.t_of(s);
+  const int64_t H = p.H, t = p.t_of(s), ss = saved_stride(sb);
   b.t = t;
   b.row0 = p.row0(t);
-  b.hprev = static_cast<const Tio*>(sb.hs) + p.row0(t) * p.P;
-  b.hprev_ld = p.bstride() * p.P;
+  b.srow0 = saved_row0(sb, s);
+  b.sstride = ss;
+  b.hprev = static_cast<const Tio*>(sb.hs) + b.srow0 * p.P;
+  b.hprev_ld = ss * p.P;
   if (sb.cs) {
-    b.cprev = s == 0 ? sb.c0f : sb.cs + p.row0(p.t_of(s - 1)) * H;
-    b.cprev_ld = s == 0 ? H : p.bstride() * H;
+    b.cprev = s == sb.s0 ? sb.c0f : sb.cs + saved_row0(sb, s - 1) * H;
+    b.cprev_ld = s == sb.s0 ? H : ss * H;
   }
 }
 
@@ -605,21 +626,22 @@ __device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j
     }
   }
   const int64_t gr = s.prow ? s.prow[s.t * s.B + b] : r;
+  const int64_t sr = s.srow0 + b * s.sstride;
   Tio* dgx = static_cast<Tio*>(s.dgx) + gr * GH + j;
   Tio* dgh = C == Cell::Gru ? static_cast<Tio*>(s.dgh) + gr * GH + j : nullptr;
   if constexpr (C == Cell::Lstm) {
     using L = cell::Lstm<DevMath>;
-    const float* gs = s.gates + r * 4 * H + j;
+    const float* gs = s.gates + sr * 4 * H + j;
     const L::Gates q{gs[0], gs[H], gs[2 * H], gs[3 * H]};
     L::Gates d;
-    const float dcp = L::backward(q, s.cprev[b * s.cprev_ld + j], s.cs[r * H + j], dh, s.dc[i], &d);
+    const float dcp = L::backward(q, s.cprev[b * s.cprev_ld + j], s.cs[sr * H + j], dh, s.dc[i], &d);
     dgx[0] = from_f<Tio>(d.i); dgx[H] = from_f<Tio>(d.f);
     dgx[2 * H] = from_f<Tio>(d.g); dgx[3 * H] = from_f<Tio>(d.o);
     s.dc[i] = dcp;
     if (!proj) s.dh[i] = 0.f;
   } else if constexpr (C == Cell::Gru) {
     using R = cell::Gru<DevMath>;
-    const float* gs = s.gates + r * 4 * H + j;
+    const float* gs = s.gates + sr * 4 * H + j;
     const R::Gates q{gs[0], gs[H], gs[2 * H]};
     const float h = to_f(static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j]);
     R::Gates dx, dhh;
@@ -628,7 +650,7 @@ __device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j
     dgh[0] = from_f<Tio>(dhh.r); dgh[H] = from_f<Tio>(dhh.z); dgh[2 * H] = from_f<Tio>(dhh.n);
     s.dh[i] = direct;
   } else {
-    dgx[0] = from_f<Tio>(cell::Rnn<C, DevMath>::backward(dh, s.gates[r * H + j]));
+    dgx[0] = from_f<Tio>(cell::Rnn<C, DevMath>::backward(dh, s.gates[sr * H + j]));
     s.dh[i] = 0.f;
   }
 }
@@ -778,17 +800,19 @@ struct RunningRows {
   std::vector<int32_t> host;
   const int32_t *d_rows = nullptr, *d_xrows = nullptr, *d_slot = nullptr, *d_prow = nullptr;
 
+  // pack_all: pack the rows even when every step is valid (checkpointed caches).
   RunningRows(const Problem& p, const std::vector<int32_t>& lengths,
-              const std::vector<uint8_t>& mask)
+              const std::vector<uint8_t>& mask, bool pack_all = false)
       : T(p.T), B(p.B) {
     valid = valid_steps(p, lengths, mask);
-    packed = valid < T * B;
+    packed = valid < T * B || (pack_all && T * B > 0);
     if (!packed) return;
     if (T * B > INT32_MAX)  // the row indices below are int32, as cuBLAS's dimensions
       throw std::invalid_argument("T * B = " + std::to_string(T * B) +
                                   " rows exceed the CUDA backend's limit of 2^31 - 1");
     auto runs = [&](int64_t t, int64_t b) {
-      return lengths.empty() ? mask[t * B + b] != 0 : t < lengths[b];
+      if (!lengths.empty()) return t < lengths[b];
+      return mask.empty() || mask[t * B + b] != 0;
     };
     offset.assign(T, 0);
     count.assign(T, 0);
@@ -846,6 +870,62 @@ void keep_pool_memory(int device) {
     cudaGetLastError();
 }
 
+// A checkpointed forward's kept states: the state entering steps 0, k, 2k, ...
+// (processing order), h of the array type, the LSTM cell in float32.
+struct Checkpoints {
+  int64_t k = 0;
+  void* h = nullptr;   // [ceil(T/k), B, P]
+  float* c = nullptr;  // [ceil(T/k), B, H] (lstm)
+};
+
+// The standard algorithm's steps [s0, s1), shared by forward and a
+// checkpointed backward's recomputation: per step the recurrent product of
+// the running rows, the pointwise kernel and, with projection, h = m W_hr^T
+// and its kernel. With ck, the state entering every k-th step is kept first.
+// packed: B*P scratch for the running rows of h when some step gathers them.
+template <Cell C, typename Tio>
+void forward_steps(const Problem& p, const RunningRows& run, const FwdStep& base,
+                   const StateBuffers& sb, int64_t s0, int64_t s1, const void* w_hh,
+                   const void* w_hr, Tio* packed, const Checkpoints* ck) {
+  const int64_t B = p.B, H = p.H, P = p.P, GH = p.G() * H, bs = p.bstride();
+  const blas::Type bt = BlasType<Tio>::v;
+  cudaStream_t st = p.stream;
+  const int dev = p.device;
+  const Tio* m = static_cast<const Tio*>(base.m);
+  for (int64_t s = s0; s < s1; ++s) {
+    FwdStep f = base;
+    place_fwd<Tio>(f, sb, s);
+    if (ck && s % ck->k == 0) {  // (the ping-pong buffers: rows of P, and of H for c)
+      const int64_t j = s / ck->k;
+      check(cudaMemcpyAsync(static_cast<Tio*>(ck->h) + j * B * P, f.hprev, B * P * sizeof(Tio),
+                            cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
+      if (ck->c)
+        check(cudaMemcpyAsync(ck->c + j * B * H, f.cprev, B * H * sizeof(float),
+                              cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
+    }
+    const int64_t n = run.n(f.t);
+    if (run.prefix(f.t)) {
+      gemm(st, dev, blas::T, blas::N, GH, n, P, 1.f, w_hh, bt, P, f.hprev, bt, f.hprev_ld, 0.f,
+           const_cast<float*>(f.gh), blas::R32F, GH);
+    } else if (n > 0) {
+      FUSEDRNN_LAUNCH(blocks_for(n * P), kThreads, 0, st, gather_rows<Tio>)(
+          packed, static_cast<const Tio*>(f.hprev), f.hprev_ld, run.d_rows + run.offset[f.t], n, P);
+      gemm(st, dev, blas::T, blas::N, GH, n, P, 1.f, w_hh, bt, P, packed, bt, P, 0.f,
+           const_cast<float*>(f.gh), blas::R32F, GH);
+      f.ghslot = run.d_slot + f.t * B;
+    }
+    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, fwd_step<C, Tio>)(f);
+    if (m) {  // h' = m W_hr^T over the running rows (in the rows' slots, as gh)
+      if (n > 0) {
+        const Tio* m_t = run.packed ? m + run.offset[f.t] * H : m + f.row0 * H;
+        gemm(st, dev, blas::T, blas::N, P, n, H, 1.f, w_hr, bt, H, m_t, bt,
+             run.packed ? H : bs * H, 0.f, const_cast<float*>(f.hproj), blas::R32F, P);
+      }
+      FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, proj_fwd_step<Tio>)(f);
+    }
+  }
+}
+
 template <Cell C, typename Tio>
 void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n,
                   Cache* cache, Algo algo, bool required) {
@@ -868,19 +948,23 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     check(cudaGetLastError(), "fusedrnn forward");
     return;
   }
+  // A checkpointed cache keeps the state every k steps only: the steps run
+  // as in inference, and every row is packed (see backward_impl).
+  const int64_t k = cache ? cache->ck : 0;
+  const bool full = cache && k == 0;  // the cache keeps every step's values
   Scratch scratch(st);
-  RunningRows run(p, in.lengths, in.mask);
+  RunningRows run(p, in.lengths, in.mask, k > 0);
   run.upload(scratch, st);
   const int64_t R = run.packed ? run.valid : N;  // rows of the input projection
   float* gx = scratch.alloc<float>(R * GH);
   float* gh = scratch.alloc<float>(B * GH);
-  // projection: each valid step's o * tanh(c) (rows as gx's; the cache keeps
-  // them for dW_hr) and a step's product m W_hr^T
+  // projection: each valid step's o * tanh(c) (rows as gx's; a full cache
+  // keeps them for dW_hr) and a step's product m W_hr^T
   Tio* m = nullptr;
   float* hproj = proj ? scratch.alloc<float>(B * P) : nullptr;
   const int32_t* d_len = nullptr;
   const uint8_t* d_mask = nullptr;
-  Tio* hs = nullptr;  // training: state entering each step, x's row order
+  Tio* hs = nullptr;  // full cache: state entering each step, x's row order
   float* cs = nullptr;
   float* gates = nullptr;
   float* c0f = nullptr;
@@ -898,28 +982,36 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
   }
   if (cache) {
     const std::size_t es = sizeof(Tio);
-    if (!run.packed)
-      check(cudaMemcpyAsync(cache->mem + cache->x_off, in.x, N * I * es, cudaMemcpyDeviceToDevice,
-                            st), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(cache->mem + cache->wih_off, in.w_ih, GH * I * es,
-                          cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(cache->mem + cache->whh_off, in.w_hh, GH * P * es,
-                          cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
-    if (proj) {
-      check(cudaMemcpyAsync(cache->mem + cache->whr_off, in.w_hr, P * H * es,
-                            cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
-      m = cache->at<Tio>(cache->m_off);
+    auto keep = [&](std::size_t off, const void* src, int64_t n) {
+      if (src && n > 0)
+        check(cudaMemcpyAsync(cache->mem + off, src, n * es, cudaMemcpyDeviceToDevice, st),
+              "cudaMemcpyAsync");
+    };
+    if (!run.packed) keep(cache->x_off, in.x, N * I);
+    keep(cache->wih_off, in.w_ih, GH * I);
+    keep(cache->whh_off, in.w_hh, GH * P);
+    if (proj) keep(cache->whr_off, in.w_hr, P * H);
+    if (k) {  // the recomputation needs the biases too
+      keep(cache->bih_off, in.b_ih, GH);
+      keep(cache->bhh_off, in.b_hh, GH);
     }
-    hs = cache->at<Tio>(cache->hprev_off);
-    gates = cache->at<float>(cache->gates_off);
-    if (lstm) {
-      cs = cache->at<float>(cache->cs_off);
-      c0f = cache->at<float>(cache->c0_off);
+    if (full) {
+      hs = cache->at<Tio>(cache->hprev_off);
+      gates = cache->at<float>(cache->gates_off);
+      if (proj) m = cache->at<Tio>(cache->m_off);
+      if (lstm) {
+        cs = cache->at<float>(cache->cs_off);
+        c0f = cache->at<float>(cache->c0_off);
+      }
     }
     if (!in.lengths.empty()) d_len = cache->at<int32_t>(cache->len_off);
     if (!in.mask.empty()) d_mask = cache->at<uint8_t>(cache->mask_off);
     cache->algo = Algo::Standard;
   } else {
+    if (!in.lengths.empty()) d_len = scratch.alloc<int32_t>(B);
+    if (!in.mask.empty()) d_mask = scratch.alloc<uint8_t>(T * B);
+  }
+  if (!full) {
     hbuf[0] = scratch.alloc<Tio>(B * P);
     hbuf[1] = scratch.alloc<Tio>(B * P);
     if (proj) m = scratch.alloc<Tio>(R * H);
@@ -927,8 +1019,6 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
       cbuf[0] = c0f = scratch.alloc<float>(B * H);
       cbuf[1] = scratch.alloc<float>(B * H);
     }
-    if (!in.lengths.empty()) d_len = scratch.alloc<int32_t>(B);
-    if (!in.mask.empty()) d_mask = scratch.alloc<uint8_t>(T * B);
   }
   if (d_len)
     check(cudaMemcpyAsync(const_cast<int32_t*>(d_len), in.lengths.data(), B * sizeof(int32_t),
@@ -969,32 +1059,14 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
                                   "device at once (other work or MPS limits)");
     // auto: the standard loop below (the state buffers are the same)
   }
-
-  Tio* packed = run.packed ? scratch.alloc<Tio>(B * P) : nullptr;  // a step's running rows of h
-  for (int64_t s = 0; s < T; ++s) {
-    FwdStep f = base;
-    place_fwd<Tio>(f, sb, s);
-    const int64_t n = run.n(f.t);
-    if (run.prefix(f.t)) {
-      gemm(st, dev, blas::T, blas::N, GH, n, P, 1.f, w_hh, bt, P, f.hprev, bt, f.hprev_ld, 0.f, gh,
-           blas::R32F, GH);
-    } else if (n > 0) {
-      FUSEDRNN_LAUNCH(blocks_for(n * P), kThreads, 0, st, gather_rows<Tio>)(
-          packed, static_cast<const Tio*>(f.hprev), f.hprev_ld, run.d_rows + run.offset[f.t], n, P);
-      gemm(st, dev, blas::T, blas::N, GH, n, P, 1.f, w_hh, bt, P, packed, bt, P, 0.f, gh,
-           blas::R32F, GH);
-      f.ghslot = run.d_slot + f.t * B;
-    }
-    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, fwd_step<C, Tio>)(f);
-    if (proj) {  // h' = m W_hr^T over the running rows (in the rows' slots, as gh)
-      if (n > 0) {
-        const Tio* m_t = run.packed ? m + run.offset[f.t] * H : m + f.row0 * H;
-        gemm(st, dev, blas::T, blas::N, P, n, H, 1.f, in.w_hr, bt, H, m_t, bt,
-             run.packed ? H : bs * H, 0.f, hproj, blas::R32F, P);
-      }
-      FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, proj_fwd_step<Tio>)(f);
-    }
+  Checkpoints ck;
+  if (k) {
+    ck.k = k;
+    ck.h = cache->at<Tio>(cache->ckh_off);
+    ck.c = lstm ? cache->at<float>(cache->ckc_off) : nullptr;
   }
+  Tio* packed = run.packed ? scratch.alloc<Tio>(B * P) : nullptr;  // a step's running rows of h
+  forward_steps<C, Tio>(p, run, base, sb, 0, T, w_hh, in.w_hr, packed, k ? &ck : nullptr);
   check(cudaGetLastError(), "fusedrnn forward");
 }
 
@@ -1009,6 +1081,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   const int dev = p.device;
   constexpr bool lstm = C == Cell::Lstm;
   const bool proj = lstm && p.proj;
+  const int64_t k = c.ck;
   const std::size_t es = sizeof(Tio);
   c.use_on(st);
   Scratch scratch(st);
@@ -1030,7 +1103,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     check(cudaGetLastError(), "fusedrnn backward");
     return;
   }
-  RunningRows run(p, c.lengths, c.mask);
+  RunningRows run(p, c.lengths, c.mask, k > 0);
   run.upload(scratch, st);
   const int64_t R = run.packed ? run.valid : N;  // rows of dgates, as forward's input projection
   if (c.x_rows != R) throw std::logic_error("fusedrnn: cache made for other rows");
@@ -1048,54 +1121,142 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   const Tio* wih = c.at<Tio>(c.wih_off);
   const Tio* whh = c.at<Tio>(c.whh_off);
   const Tio* whr = proj ? c.at<Tio>(c.whr_off) : nullptr;
-  const Tio* msaved = proj ? c.at<Tio>(c.m_off) : nullptr;
-  const Tio* hs = c.at<Tio>(c.hprev_off);
-  const float* cs = lstm ? c.at<float>(c.cs_off) : nullptr;
-  const float* c0f = lstm ? c.at<float>(c.c0_off) : nullptr;
   const int32_t* d_len = c.lengths.empty() ? nullptr : c.at<int32_t>(c.len_off);
   const uint8_t* d_mask = c.mask.empty() ? nullptr : c.at<uint8_t>(c.mask_off);
 
   BwdStep base{};
   base.B = B; base.H = H; base.P = P; base.bstride = bs; base.dy = dy; base.dh = dh; base.dc = dc;
-  base.gates = c.at<float>(c.gates_off); base.cs = cs; base.dgx = dgx; base.dgh = dgh;
+  base.dgx = dgx; base.dgh = dgh;
   base.prow = run.d_prow; base.lengths = d_len; base.mask = d_mask; base.dhr = dhr;
-  const StateBuffers sb{p, const_cast<Tio*>(hs), nullptr, nullptr, const_cast<float*>(cs),
-                        nullptr, nullptr, const_cast<float*>(c0f), nullptr, nullptr};
 
-  bool persistent_done = false;
-  if (c.algo == Algo::Persistent && persistent_bwd_config(p).ok) {
-    PersistentBwdParams a{base, sb, whh, 0, g.h0 != nullptr};
-    persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
-  }
+  // Steps s = s_hi down to s_lo, with the saved values of sb (its gates and cell).
   float* dh_packed = run.packed ? scratch.alloc<float>(B * P) : nullptr;
-  for (int64_t s = T - 1; s >= 0 && !persistent_done; --s) {
-    BwdStep b = base;
-    place_bwd<Tio>(b, sb, s);
-    const int64_t n = run.n(b.t);
-    if (proj) {  // the state's gradient to dhr, then dm = dhr W_hr over the running rows
-      FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, proj_bwd_step<Tio>)(b);
-      if (n > 0) {
-        const Tio* dhr_t = run.packed ? dhr + run.offset[b.t] * P : dhr + b.row0 * P;
-        gemm(st, dev, blas::N, blas::N, H, n, P, 1.f, whr, bt, H, dhr_t, bt,
-             run.packed ? P : bs * P, 0.f, dm, blas::R32F, H);
+  auto backward_steps = [&](const StateBuffers& sb, const float* gates, int64_t s_hi,
+                            int64_t s_lo) {
+    BwdStep bb = base;
+    bb.gates = gates;
+    bb.cs = sb.cs;
+    for (int64_t s = s_hi; s >= s_lo; --s) {
+      BwdStep b = bb;
+      place_bwd<Tio>(b, sb, s);
+      const int64_t n = run.n(b.t);
+      if (proj) {  // the state's gradient to dhr, then dm = dhr W_hr over the running rows
+        FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, proj_bwd_step<Tio>)(b);
+        if (n > 0) {
+          const Tio* dhr_t = run.packed ? dhr + run.offset[b.t] * P : dhr + b.row0 * P;
+          gemm(st, dev, blas::N, blas::N, H, n, P, 1.f, whr, bt, H, dhr_t, bt,
+               run.packed ? P : bs * P, 0.f, dm, blas::R32F, H);
+        }
+        b.dm = dm;
+        b.dslot = run.prefix(b.t) ? nullptr : run.d_slot + b.t * B;
       }
-      b.dm = dm;
-      b.dslot = run.prefix(b.t) ? nullptr : run.d_slot + b.t * B;
+      FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, bwd_step<C, Tio>)(b);
+      if (s == 0 && !g.h0) break;  // the first step's product gives only dh0
+      // dh[running rows] += their dgh W_hh; packed, a step's rows are contiguous
+      const Tio* dgh_t = run.packed ? dgh + run.offset[b.t] * GH : dgh + b.row0 * GH;
+      const int64_t ld = run.packed ? GH : bs * GH;
+      if (run.prefix(b.t)) {
+        gemm(st, dev, blas::N, blas::N, P, n, GH, 1.f, whh, bt, P, dgh_t, bt, ld, 1.f, dh,
+             blas::R32F, P);
+      } else if (n > 0) {
+        gemm(st, dev, blas::N, blas::N, P, n, GH, 1.f, whh, bt, P, dgh_t, bt, ld, 0.f, dh_packed,
+             blas::R32F, P);
+        FUSEDRNN_LAUNCH(blocks_for(n * P), kThreads, 0, st, scatter_add_rows)(
+            dh, P, dh_packed, run.d_rows + run.offset[b.t], n, P);
+      }
     }
-    FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, bwd_step<C, Tio>)(b);
-    if (s == 0 && !g.h0) break;  // the first step's product gives only dh0
-    // dh[running rows] += their dgh W_hh; packed, a step's rows are contiguous
-    const Tio* dgh_t = run.packed ? dgh + run.offset[b.t] * GH : dgh + b.row0 * GH;
-    const int64_t ld = run.packed ? GH : bs * GH;
-    if (run.prefix(b.t)) {
-      gemm(st, dev, blas::N, blas::N, P, n, GH, 1.f, whh, bt, P, dgh_t, bt, ld, 1.f, dh,
-           blas::R32F, P);
-    } else if (n > 0) {
-      gemm(st, dev, blas::N, blas::N, P, n, GH, 1.f, whh, bt, P, dgh_t, bt, ld, 0.f, dh_packed,
-           blas::R32F, P);
-      FUSEDRNN_LAUNCH(blocks_for(n * P), kThreads, 0, st, scatter_add_rows)(
-          dh, P, dh_packed, run.d_rows + run.offset[b.t], n, P);
+  };
+
+  const Tio* hrows = nullptr;  // the state entering each row that ran, rows as dgx's (dW_hh)
+  const Tio* msaved = nullptr;  // projection: o * tanh(c) of each row that ran (dW_hr)
+  if (k == 0) {  // every step's values are in the cache
+    const Tio* hs = c.at<Tio>(c.hprev_off);
+    const float* cs = lstm ? c.at<float>(c.cs_off) : nullptr;
+    const float* c0f = lstm ? c.at<float>(c.c0_off) : nullptr;
+    msaved = proj ? c.at<Tio>(c.m_off) : nullptr;
+    const StateBuffers sb{p, const_cast<Tio*>(hs), nullptr, nullptr, const_cast<float*>(cs),
+                          nullptr, nullptr, const_cast<float*>(c0f), nullptr, nullptr};
+    const float* gates = c.at<float>(c.gates_off);
+    bool persistent_done = false;
+    if (c.algo == Algo::Persistent && persistent_bwd_config(p).ok) {
+      PersistentBwdParams a{base, sb, whh, 0, g.h0 != nullptr};
+      a.step.gates = gates;
+      a.step.cs = cs;
+      persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
     }
+    if (!persistent_done) backward_steps(sb, gates, T - 1, 0);
+    hrows = hs;
+    if (run.packed && R > 0) {
+      Tio* hp = scratch.alloc<Tio>(R * P);
+      FUSEDRNN_LAUNCH(blocks_for(R * P), kThreads, 0, st, gather_rows<Tio>)(hp, hs, P, run.d_xrows,
+                                                                            R, P);
+      hrows = hp;
+    }
+  } else {
+    // Checkpointed: segment by segment from the last, recompute the segment's
+    // steps from its kept state (the same kernels and products as forward, on
+    // the segment's own buffers), then run its backward steps. Every row is
+    // packed, so a segment's rows are one block of dgx, dgh, dhr and of the
+    // kept x; the deferred products below then run over all rows at once, as
+    // with the full cache.
+    const int64_t nseg = (T + k - 1) / k, W = saved_width(C);
+    Tio* hs = scratch.alloc<Tio>(k * B * P);
+    float* cs = lstm ? scratch.alloc<float>(k * B * H) : nullptr;
+    float* gates = scratch.alloc<float>(k * B * W * H);
+    float* gh = scratch.alloc<float>(B * GH);
+    float* hproj = proj ? scratch.alloc<float>(B * P) : nullptr;
+    Tio* m = proj ? scratch.alloc<Tio>(R * H) : nullptr;
+    Tio* hp = scratch.alloc<Tio>(R * P);
+    Tio* packed = scratch.alloc<Tio>(B * P);
+    // Each packed row's row in its segment's buffers, (s mod k) * B + b.
+    std::vector<int32_t> lrow(static_cast<std::size_t>(R));
+    int64_t most = 0;  // the most rows of a segment
+    for (int64_t j = 0; j < nseg; ++j) {
+      int64_t rows = 0;
+      for (int64_t s = j * k; s < std::min(T, (j + 1) * k); ++s) {
+        const int64_t t = p.t_of(s);
+        for (int64_t i = 0; i < run.count[t]; ++i)
+          lrow[run.offset[t] + i] = static_cast<int32_t>((s - j * k) * B + run.host[run.offset[t] + i]);
+        rows += run.count[t];
+      }
+      most = std::max(most, rows);
+    }
+    int32_t* d_lrow = scratch.alloc<int32_t>(R);
+    if (R > 0)
+      check(cudaMemcpyAsync(d_lrow, lrow.data(), R * sizeof(int32_t), cudaMemcpyHostToDevice, st),
+            "cudaMemcpyAsync");
+    float* gx = scratch.alloc<float>(most * GH);
+    const Tio* ckh = c.at<Tio>(c.ckh_off);
+    const float* ckc = lstm ? c.at<float>(c.ckc_off) : nullptr;
+    FwdStep fb{};
+    fb.B = B; fb.H = H; fb.P = P; fb.bstride = bs; fb.gx = gx; fb.prow = run.d_prow; fb.gh = gh;
+    fb.b_ih = c.has_b_ih ? c.at<Tio>(c.bih_off) : nullptr;
+    fb.b_hh = c.has_b_hh ? c.at<Tio>(c.bhh_off) : nullptr;
+    fb.gates = gates; fb.lengths = d_len; fb.mask = d_mask; fb.m = m; fb.hproj = hproj;
+    for (int64_t j = nseg - 1; j >= 0; --j) {
+      const int64_t s0 = j * k, s1 = std::min(T, s0 + k);
+      const int64_t t_lo = std::min(p.t_of(s0), p.t_of(s1 - 1));
+      const int64_t t_hi = std::max(p.t_of(s0), p.t_of(s1 - 1));
+      const int64_t lo = run.offset[t_lo], rows = run.offset[t_hi] + run.count[t_hi] - lo;
+      StateBuffers sb{p, hs, nullptr, nullptr, cs, nullptr, nullptr,
+                      lstm ? const_cast<float*>(ckc) + j * B * H : nullptr, nullptr, nullptr};
+      sb.s0 = s0;
+      sb.s1 = s1;
+      // the segment's input projection; its first state, from the kept one
+      gemm(st, dev, blas::T, blas::N, GH, rows, I, 1.f, wih, bt, I, xc + lo * I, bt, I, 0.f, gx,
+           blas::R32F, GH);
+      check(cudaMemcpyAsync(hs, ckh + j * B * P, B * P * es, cudaMemcpyDeviceToDevice, st),
+            "cudaMemcpyAsync");
+      FwdStep f = fb;
+      f.gx_row0 = lo;
+      forward_steps<C, Tio>(p, run, f, sb, s0, s1, whh, whr, packed, nullptr);
+      backward_steps(sb, gates, s1 - 1, s0);
+      if (rows > 0)  // the states entering the segment's rows, for dW_hh
+        FUSEDRNN_LAUNCH(blocks_for(rows * P), kThreads, 0, st, gather_rows<Tio>)(
+            hp + lo * P, hs, P, d_lrow + lo, rows, P);
+    }
+    hrows = hp;
+    msaved = m;
   }
   if (g.h0)
     FUSEDRNN_LAUNCH(blocks_for(B * P), kThreads, 0, st, from_float<Tio>)(dh, static_cast<Tio*>(g.h0),
@@ -1112,13 +1273,6 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     if (run.packed)
       FUSEDRNN_LAUNCH(blocks_for(R * I), kThreads, 0, st, scatter_rows<Tio>)(
           static_cast<Tio*>(g.x), I, dx_rows, run.d_xrows, R, I);
-  }
-  const Tio* hrows = hs;
-  if (run.packed && R > 0) {
-    Tio* hp = scratch.alloc<Tio>(R * P);
-    FUSEDRNN_LAUNCH(blocks_for(R * P), kThreads, 0, st, gather_rows<Tio>)(hp, hs, P, run.d_xrows,
-                                                                          R, P);
-    hrows = hp;
   }
   if (R == 0) {
     zero_weight_grads();
@@ -1167,16 +1321,28 @@ Cache::Cache(const Problem& prob, const ForwardIn& in) : p(prob), lengths(in.len
     off += align256(bytes);
     return o;
   };
+  ck = in.checkpoint;
+  const bool full = ck == 0;
+  has_b_ih = in.b_ih != nullptr;
+  has_b_hh = in.b_hh != nullptr;
   x_rows = valid_steps(p, lengths, mask);
   x_off = take(checked_mul(checked_mul(static_cast<std::size_t>(x_rows), I), es));
   wih_off = take(checked_mul(checked_mul(GH, I), es));
   whh_off = take(checked_mul(checked_mul(GH, P), es));
   whr_off = take(proj ? checked_mul(checked_mul(P, H), es) : 0);
-  hprev_off = take(checked_mul(checked_mul(N, P), es));
-  cs_off = take(lstm ? checked_mul(checked_mul(N, H), 4) : 0);
-  gates_off = take(checked_mul(checked_mul(N, H), 4 * saved_width(p.cell)));
-  m_off = take(proj ? checked_mul(checked_mul(static_cast<std::size_t>(x_rows), H), es) : 0);
-  c0_off = take(lstm ? B * H * 4 : 0);
+  if (full) {  // every step's values
+    hprev_off = take(checked_mul(checked_mul(N, P), es));
+    cs_off = take(lstm ? checked_mul(checked_mul(N, H), 4) : 0);
+    gates_off = take(checked_mul(checked_mul(N, H), 4 * saved_width(p.cell)));
+    m_off = take(proj ? checked_mul(checked_mul(static_cast<std::size_t>(x_rows), H), es) : 0);
+    c0_off = take(lstm ? B * H * 4 : 0);
+  } else {  // the biases (for the recomputation) and the state every ck steps
+    const std::size_t kept = static_cast<std::size_t>(p.T > 0 ? (p.T + ck - 1) / ck : 0);
+    bih_off = take(has_b_ih ? GH * es : 0);
+    bhh_off = take(has_b_hh ? GH * es : 0);
+    ckh_off = take(checked_mul(checked_mul(kept, B * P), es));
+    ckc_off = take(lstm ? checked_mul(checked_mul(kept, B * H), 4) : 0);
+  }
   len_off = take(lengths.empty() ? 0 : B * 4);
   mask_off = take(mask.size());
   nbytes = off;
@@ -1229,7 +1395,11 @@ bool persistent_fits(const Problem& p) {
 void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
              Algo algo) {
   const bool required = algo == Algo::Persistent;  // asked for, not chosen
-  if (algo == Algo::Auto) algo = choose_algo(p);
+  const bool checkpointed = cache && cache->ck > 0;
+  if (algo == Algo::Auto) algo = checkpointed ? Algo::Standard : choose_algo(p);
+  if (algo == Algo::Persistent && p.N() > 0 && checkpointed)
+    throw std::invalid_argument("algo 'persistent' keeps every step (no checkpoint); use "
+                                "'standard' or 'auto'");
   if (algo == Algo::Persistent && p.N() > 0 && p.proj)
     throw std::invalid_argument("algo 'persistent' has no LSTM projection (w_hr); use 'standard' "
                                 "or 'auto'");

@@ -56,12 +56,16 @@ struct ForwardIn {
   const void* w_hr = nullptr;  // [P, H] with projection, else null
   std::vector<int32_t> lengths;  // host, [B], empty: no lengths
   std::vector<uint8_t> mask;     // host, time-major [T, B], empty: no mask
+  int64_t checkpoint = 0;        // training: keep the state every k steps only (0: every step)
 };
 
 // What backward needs, in one device allocation owned by this object:
 // copies of x, w_ih and w_hh (and w_hr), the state entering every step, the
 // LSTM cell after every step, the saved gates, with projection the cell's
 // output o * tanh(c) of every valid step, c0 in float32, lengths and mask.
+// Checkpointed (ck = k > 0): instead of every step's values, the biases and
+// the state (h, and c in float32) entering steps 0, k, 2k, ... (processing
+// order), from which backward recomputes each segment of k steps.
 class Cache {
  public:
   Cache(const Problem& p, const ForwardIn& in);
@@ -80,13 +84,16 @@ class Cache {
   void use_on(cudaStream_t st) const;
   std::size_t nbytes = 0;
   char* mem = nullptr;
+  int64_t ck = 0;  // checkpoint interval k, 0: every step kept
+  bool has_b_ih = false, has_b_hh = false;
   // The rows of x kept for dW_ih: all T*B in x's row order, or, when some
   // step is not valid (lengths, mask), only the valid ones, packed (see
   // RunningRows in rnn_cuda.cu).
   int64_t x_rows = 0;
   // byte offsets into mem
   std::size_t x_off = 0, wih_off = 0, whh_off = 0, whr_off = 0, hprev_off = 0, cs_off = 0,
-              gates_off = 0, m_off = 0, c0_off = 0, len_off = 0, mask_off = 0;
+              gates_off = 0, m_off = 0, c0_off = 0, len_off = 0, mask_off = 0, bih_off = 0,
+              bhh_off = 0, ckh_off = 0, ckc_off = 0;
   template <typename T>
   T* at(std::size_t off) const { return reinterpret_cast<T*>(mem + off); }
 

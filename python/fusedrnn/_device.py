@@ -350,6 +350,7 @@ class DeviceCache:
         self.cell, self.dtype, self.T, self.B, self.I, self.H = (
             core.cell, core.dtype, core.T, core.B, core.I, core.H)
         self.P = core.P  # the state's size: the projection size with w_hr, else H
+        self.checkpoint = core.checkpoint  # k: the state kept every k steps (0: every step)
         self.batch_first = core.batch_first
         self.device = x.device
 
@@ -425,9 +426,6 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     reverse = _validate._flag("reverse", reverse)
     batch_first = _validate._flag("batch_first", batch_first)
     training = _validate._flag("training", training)
-    if checkpoint is not False and _validate._checkpoint(checkpoint, 1):
-        raise ValueError("checkpoint is not supported on CUDA devices yet (the device cache "
-                         "keeps every step); pass checkpoint=False")
     xv = view("x", x)
     if xv.dtype not in DTYPES:
         raise TypeError(f"x must have dtype float32, float16 or bfloat16 on a CUDA device, "
@@ -479,9 +477,14 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     if mask is not None:
         mask = _validate.check_mask(_host_ints("mask", mask), B, T, batch_first)
         mask = np.ascontiguousarray(mask).view(np.uint8)
+    k = _validate._checkpoint(checkpoint, T)  # (checked whether training or not, as on the CPU)
+    k = k if training else 0
     algo = algo or _algo()
     if whr is not None and algo == "persistent":
         raise ValueError("algo 'persistent' has no LSTM projection (w_hr); "
+                         "use 'standard' or 'auto'")
+    if k and algo == "persistent":
+        raise ValueError("algo 'persistent' keeps every step (no checkpoint); "
                          "use 'standard' or 'auto'")
     _require_cuda()
     if xv.device < 0:  # a size-0 x has no pointer: its device is the weights'
@@ -496,7 +499,7 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     core = _cuda.forward(cell, xv.dtype, T, B, I, H, reverse, batch_first, xv.device, stream,
                          xv.ptr, wih.ptr, whh.ptr, _ptr(bih), _ptr(bhh), _ptr(h0v), _ptr(c0v),
                          lengths, mask,
-                         yp, hp, cp, training, algo, _ptr(whr), P)
+                         yp, hp, cp, training, algo, _ptr(whr), P, k)
     cache = None
     if training:
         # (the view without its array: the cache must not keep the caller's x alive)
