@@ -13,7 +13,7 @@ call per layer and direction, registered as torch custom operators (``fusedrnn._
 so autograd and ``torch.compile(fullgraph=True)`` see them. No equations here: glue only.
 CPU tensors (float32/float64) run on the CPU kernels; CUDA tensors (float32, float16,
 bfloat16) on the CUDA backend when it is built and sees a device
-(``fusedrnn.cuda_available()``), projection included, without checkpoint for now.
+(``fusedrnn.cuda_available()``), projection and checkpoint included.
 
 This module imports torch; ``import fusedrnn`` never imports it. See docs/torch.md.
 
@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from ._torch_ops import (check_device, check_dtype, checkpoint_code, direct_inference,
+from ._torch_ops import (check_device, check_dtype, direct_inference,
                          run_layer, run_stack_inference, supported_dtypes)
 
 __all__ = ["RNN", "GRU", "LSTM", "convert"]
@@ -91,16 +91,6 @@ class _FusedRNNBase(torch.nn.RNNBase):
         check_device(input)
         who = f"fusedrnn.torch.{type(self).__name__}"
         check_dtype(w.dtype, device, who)
-        if device.type == "cuda":
-            self._check_cuda_features(who)
-
-    def _check_cuda_features(self, who: str) -> None:
-        """What the CUDA backend cannot run yet (docs/cuda.md): checkpoint."""
-        if checkpoint_code(self.checkpoint) != 0:  # an invalid value raises its own error
-            raise ValueError(
-                f"{who}: checkpoint={self.checkpoint!r} is not supported on the CUDA backend "
-                f"yet (its training cache keeps every step); set module.checkpoint = False "
-                f"for CUDA tensors, or train with checkpointing on the CPU")
 
     def _check_hidden(self, hx: Tensor, input: Tensor, expected, msg: str) -> None:
         if hx.shape != expected:  # (torch.Size is a tuple)
