@@ -875,7 +875,8 @@ def test_bench_cuda_options_parse():
     p = build_parser()
     a = p.parse_args(["bench"])
     assert a.device == "cpu" and a.cuda_dtypes == ["float32", "bfloat16"]
-    assert a.cuda_providers == list(_bench_cuda.PROVIDERS)
+    assert a.cuda_providers == list(_bench_cuda.DEFAULT_PROVIDERS)
+    assert set(_bench_cuda.PROVIDERS) - set(_bench_cuda.DEFAULT_PROVIDERS) == {"fusedrnn.ckpt"}
     a = p.parse_args(["bench", "--device", "cuda", "--cuda-dtypes", "bfloat16,float16",
                       "--cuda-providers", "fusedrnn,torch", "--out", "x"])
     assert (a.device, a.cuda_dtypes, a.cuda_providers, a.out) == (
@@ -908,7 +909,10 @@ def test_bench_cuda_bookkeeping_on_cpu_tensors(monkeypatch, tmp_path):
             call()
         return (time.perf_counter() - t) / n
 
-    def bind_cpu(case, prob, algo):
+    seen_ck = []
+
+    def bind_cpu(case, prob, algo, checkpoint=False):
+        seen_ck.append((case.pass_, checkpoint))
         if algo == "persistent":
             def fail():
                 raise ValueError("algo 'persistent' cannot run this problem on this device")
@@ -917,7 +921,8 @@ def test_bench_cuda_bookkeeping_on_cpu_tensors(monkeypatch, tmp_path):
         t = torch_.from_numpy
 
         def call():
-            y, h, c, cache = fusedrnn.forward(case.cell, *a, training=case.pass_ != "forward")
+            y, h, c, cache = fusedrnn.forward(case.cell, *a, checkpoint=checkpoint,
+                                              training=case.pass_ != "forward")
             g = None if cache is None else fusedrnn.backward(cache, prob.dy.numpy())
             return y, h, c, g
 
@@ -939,8 +944,10 @@ def test_bench_cuda_bookkeeping_on_cpu_tensors(monkeypatch, tmp_path):
         prob = bc.make_problem(torch_, cell, 6, 3, 5, 7, "float32", 0, cpu)
         for pass_ in bc.PASSES:
             case = bc.Case(cell, 6, 3, 5, 7, "float32", pass_)
-            names = [n for n in bc.PROVIDERS if n != "torch" or cell in bc._bench.TORCH_CELLS]
+            names = bc.providers_for(bc.PROVIDERS, cell, pass_)
             rows += bc._run_case(torch_, cpu, "test-cpu", case, prob, names, 2, 0.0, out)
+    assert ("forward+backward", True) in seen_ck and ("forward", True) not in seen_ck
+    assert {r.algo for r in rows if r.provider == "fusedrnn.ckpt"} == {"standard"}
     text = out.getvalue()
     assert "fusedrnn.persistent does not fit lstm" in text
     assert not any(r.provider == "fusedrnn.persistent" for r in rows)

@@ -55,13 +55,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import fusedrnn
 from . import _bench
 
-__all__ = ["add_arguments", "run", "PROVIDERS", "DTYPES", "FULL_SHAPES", "QUICK_SHAPES",
-           "CSV_COLUMNS", "flops"]
+__all__ = ["add_arguments", "run", "PROVIDERS", "DEFAULT_PROVIDERS", "DTYPES", "FULL_SHAPES",
+           "QUICK_SHAPES", "CSV_COLUMNS", "flops"]
 
 FORWARD, FORWARD_BACKWARD, PASSES = _bench.FORWARD, _bench.FORWARD_BACKWARD, _bench.PASSES
-PROVIDERS = ("fusedrnn", "fusedrnn.standard", "fusedrnn.persistent", "torch")
+PROVIDERS = ("fusedrnn", "fusedrnn.standard", "fusedrnn.persistent", "fusedrnn.ckpt", "torch")
+#: fusedrnn.ckpt (checkpoint=True, forward+backward only) on request
+DEFAULT_PROVIDERS = ("fusedrnn", "fusedrnn.standard", "fusedrnn.persistent", "torch")
 #: provider -> the ``algo`` argument of fusedrnn's device forward
-ALGOS = {"fusedrnn": "auto", "fusedrnn.standard": "standard", "fusedrnn.persistent": "persistent"}
+ALGOS = {"fusedrnn": "auto", "fusedrnn.standard": "standard", "fusedrnn.persistent": "persistent",
+         "fusedrnn.ckpt": "auto"}
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_DTYPES = ("float32", "bfloat16")
 
@@ -108,8 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-dtypes", type=_bench._csv_list(DTYPES), default=",".join(DEFAULT_DTYPES),
                    help="comma-separated dtypes on the GPU (default: %(default)s; also float16)")
     g.add_argument("--cuda-providers", type=_bench._csv_list(PROVIDERS),
-                   default=",".join(PROVIDERS),
-                   help="comma-separated GPU providers (default: %(default)s)")
+                   default=",".join(DEFAULT_PROVIDERS),
+                   help="comma-separated GPU providers (default: %(default)s; also "
+                        "fusedrnn.ckpt: checkpoint=True, forward+backward only)")
 
 
 # --------------------------------------------------------------------------
@@ -170,11 +174,12 @@ def make_problem(torch, cell, T, B, I, H, dtype: str, seed: int, device) -> Prob
 Bound = Tuple[Callable[[], object], Callable[[object], Dict[str, object]]]
 
 
-def bind_fusedrnn(case: Case, prob: Problem, algo: str) -> Bound:
+def bind_fusedrnn(case: Case, prob: Problem, algo: str, checkpoint: bool = False) -> Bound:
+    """checkpoint: a checkpointed training step (fusedrnn.ckpt), whatever the pass."""
     from . import _device
 
     args = (case.cell, prob.x, prob.w_ih, prob.w_hh, prob.b_ih, prob.b_hh)
-    if case.pass_ == FORWARD:
+    if case.pass_ == FORWARD and not checkpoint:
         def call():
             return _device.forward(*args, training=False, algo=algo)
 
@@ -182,8 +187,10 @@ def bind_fusedrnn(case: Case, prob: Problem, algo: str) -> Bound:
             y, h_n, c_n, _ = r
             return _named(y=y, h_n=h_n, c_n=c_n)
     else:
+        ck = {"checkpoint": True} if checkpoint else {}
+
         def call():
-            y, h_n, c_n, cache = _device.forward(*args, training=True, algo=algo)
+            y, h_n, c_n, cache = _device.forward(*args, training=True, algo=algo, **ck)
             return y, h_n, c_n, _device.backward(cache, prob.dy)
 
         def outputs(r):
@@ -486,6 +493,13 @@ def _print_header(out, torch, dev, name, args, min_sample_s):
     print(table_header(), file=out, flush=True)
 
 
+def providers_for(providers, cell: str, pass_: str) -> List[str]:
+    """The providers that run a case: torch has no sigmoid RNN, and fusedrnn.ckpt is a
+    training step (forward+backward only)."""
+    return [n for n in providers if (n != "torch" or cell in _bench.TORCH_CELLS)
+            and (n != "fusedrnn.ckpt" or pass_ != FORWARD)]
+
+
 def _run_grid(torch, dev, dev_name, args, shapes, min_sample_s, out) -> List[Row]:
     rows: List[Row] = []
     providers = list(args.cuda_providers)
@@ -495,7 +509,7 @@ def _run_grid(torch, dev, dev_name, args, shapes, min_sample_s, out) -> List[Row
                 prob = make_problem(torch, cell, T, B, I, H, dtype, args.seed, dev)
                 for pass_ in args.passes:
                     case = Case(cell, T, B, I, H, dtype, pass_)
-                    active = [n for n in providers if n != "torch" or cell in _bench.TORCH_CELLS]
+                    active = providers_for(providers, cell, pass_)
                     case_rows = _run_case(torch, dev, dev_name, case, prob, active, args.repeats,
                                           min_sample_s, out)
                     for r in case_rows:
@@ -510,6 +524,8 @@ def _algo_of(dev, case: Case, provider: str) -> str:
 
     if provider == "torch":
         return "cudnn"
+    if provider == "fusedrnn.ckpt":
+        return "standard"  # (checkpointed caches run on the standard algorithm)
     algo = ALGOS[provider]
     if algo == "auto":
         try:
@@ -530,7 +546,8 @@ def _run_case(torch, dev, dev_name, case, prob, names, repeats, min_sample_s, ou
             if n == "torch":
                 call, named = bind_torch(torch, case, prob)
             else:
-                call, named = bind_fusedrnn(case, prob, ALGOS[n])
+                ck = {"checkpoint": True} if n == "fusedrnn.ckpt" else {}
+                call, named = bind_fusedrnn(case, prob, ALGOS[n], **ck)
             try:
                 outputs[n] = named(call())  # first call: the check, and a warm-up
             except ValueError as e:
