@@ -434,6 +434,34 @@ def _torch_run(torch, module, cell, cfg, call, x, lengths, hx, seed):
     return outs
 
 
+def _float32_noise(torch, ref, cell, cfg, call, x, lengths, hx, seed, draws=4):
+    """torch.nn's float32 error against float64, per output and gradient, at its worst
+    over neighbouring problems: x, hx and every weight moved by one float32 ulp up or
+    down at random (the same conditioning, other rounding luck)."""
+    gen = torch.Generator().manual_seed(seed + 3)
+
+    def nudge(t):
+        up = torch.rand(t.shape, generator=gen) < 0.5
+        return torch.where(up, torch.nextafter(t, torch.full_like(t, float("inf"))),
+                           torch.nextafter(t, torch.full_like(t, float("-inf"))))
+
+    worst = {}
+    for _ in range(draws):
+        m = copy.deepcopy(ref)
+        with torch.no_grad():
+            for prm in m.parameters():
+                prm.copy_(nudge(prm))
+        xp, hxp = nudge(x), None if hx is None else [nudge(h) for h in hx]
+        lo = _torch_run(torch, m, cell, cfg, call, xp, lengths, hxp, seed)
+        hi = _torch_run(torch, copy.deepcopy(m).double(), cell, cfg, call, xp.double(), lengths,
+                        None if hxp is None else [h.double() for h in hxp], seed)
+        for k, v in lo.items():
+            if v is not None and not k.endswith("indices") and k != "batch_sizes":
+                err = rel_err(v.detach().numpy(), hi[k].detach().numpy())
+                worst[k] = max(worst.get(k, 0.0), err)
+    return worst
+
+
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported:UserWarning")
 @_examples(1 / 2)
 @given(torch_calls())
@@ -467,7 +495,7 @@ def test_torch_adapter_fuzz(spec):
     want, got = run(ref), run(ours)
     assert want.keys() == got.keys()
     tol = TOL[np.float32 if call["dtype"] == "float32" else np.float64]
-    truth = None
+    truth = noise = None
     for k in want:
         a, b = got[k], want[k]
         if b is None or k.endswith("indices") or k == "batch_sizes":
@@ -488,8 +516,18 @@ def test_torch_adapter_fuzz(spec):
             ours_err = rel_err(a.detach().numpy(), t)
             torch_err = rel_err(b.detach().numpy(), t)
             print(f"{'':>20}  vs float64: fusedrnn {ours_err:.2e}, torch.nn {torch_err:.2e}")
-            assert ours_err <= max(tol, 2 * torch_err), (
+            allowed = max(tol, 2 * torch_err)
+            if ours_err > allowed:
+                # one float32 run's luck says little when a tiny array is a small
+                # difference of large terms (dx of one value): allow twice torch.nn's
+                # worst error over neighbouring problems too
+                if noise is None:
+                    noise = _float32_noise(torch, ref, cell, cfg, call, x, lengths, hx, seed)
+                print(f"{'':>20}  torch.nn over neighbouring problems: {noise[k]:.2e}")
+                allowed = max(allowed, 2 * noise[k])
+            assert ours_err <= allowed, (
                 f"{k}: relative error vs float64 {ours_err:.3e} > max({tol:.0e}, "
-                f"2 x torch.nn's {torch_err:.3e})")
+                f"2 x torch.nn's {torch_err:.3e}, 2 x torch.nn's worst over neighbouring "
+                f"problems {noise[k] if noise else 0:.3e})")
             continue
         assert err <= tol, f"{k}: relative error {err:.3e} > {tol:.0e}"
