@@ -11,6 +11,10 @@
 // Arithmetic is float32 throughout; float16/bfloat16 arrays are read and
 // written in their own type (the state h too, as the input of the next
 // step's product), the LSTM cell state and the saved gates stay float32.
+// With projection (lstm, w_hr) each step adds the product h = m W_hr^T
+// forward and dm = dh W_hr backward, and dW_hr is deferred like the others.
+// A checkpointed cache keeps the state every k steps; backward recomputes
+// each segment with forward's step loop (forward_steps) before its steps.
 #include "rnn_cuda.h"
 
 #include "runtime.h"
