@@ -706,8 +706,6 @@ def test_projection_and_checkpoint_plumbing(fake_cuda, batch_first):
         assert fake_cuda.forward_calls[-1]["checkpoint"] == want
     fusedrnn.forward("lstm", **args, **kw, w_hr=w_hr, checkpoint=3, training=False)
     assert fake_cuda.forward_calls[-1]["checkpoint"] == 0
-    with pytest.raises(ValueError, match=r"algo 'persistent' keeps every step \(no checkpoint\)"):
-        _device.forward("lstm", **fake_call("lstm")[0], checkpoint=True, algo="persistent")
     # without projection nothing changes: w_hr 0, P = H, no dw_hr
     fusedrnn.backward(fusedrnn.forward("lstm", **fake_call("lstm")[0])[3], None)
     assert (fake_cuda.forward_calls[-1]["w_hr"], fake_cuda.forward_calls[-1]["P"]) == (0, H_)
@@ -947,7 +945,7 @@ def test_bench_cuda_bookkeeping_on_cpu_tensors(monkeypatch, tmp_path):
             names = bc.providers_for(bc.PROVIDERS, cell, pass_)
             rows += bc._run_case(torch_, cpu, "test-cpu", case, prob, names, 2, 0.0, out)
     assert ("forward+backward", True) in seen_ck and ("forward", True) not in seen_ck
-    assert {r.algo for r in rows if r.provider == "fusedrnn.ckpt"} == {"standard"}
+    assert all(r.algo == "auto" for r in rows if r.provider == "fusedrnn.ckpt")
     text = out.getvalue()
     assert "fusedrnn.persistent does not fit lstm" in text
     assert not any(r.provider == "fusedrnn.persistent" for r in rows)
@@ -1127,21 +1125,25 @@ def test_projection_matches_reference(P, semantics, dtype, rng):
 
 
 @gpu
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cell,P", [("lstm", 0), ("gru", 0), ("rnn_tanh", 0), ("lstm", 5)],
                          ids=["lstm", "gru", "rnn_tanh", "lstm_projection"])
-def test_checkpoint_matches_reference_and_full_cache(cell, P, dtype, rng):
-    """checkpoint=k on the device: a smaller cache, results within the bounds of the
-    reference, and (float32) within 1e-5 of the full cache's (cuBLAS may sum a
-    segment's input projection in another order than the whole one's)."""
+def test_checkpoint_matches_reference_and_full_cache(cell, P, dtype, algo, rng):
+    """checkpoint=k on the device, with either algorithm: a smaller cache, results
+    within the bounds of the reference, and (float32) within 1e-5 of the full cache's
+    (cuBLAS may sum a segment's input projection in another order than the whole
+    one's)."""
+    if P and algo == "persistent":
+        pytest.skip("the persistent kernels have no projection")
     for semantics, k in (("plain", True), ("lengths_unsorted", 2), ("reverse_mask", 3),
                          ("batch_first_lengths", 7), ("no_state", 1)):
         problem = make_gpu_problem(cell, 7, 5, 6, 17, rng, proj=P, **GPU_SEMANTICS[semantics])
-        _, full_out, full_cache, full_g = check_gpu(cell, problem, dtype, "standard")
+        _, full_out, full_cache, full_g = check_gpu(cell, problem, dtype, algo)
         args, kw, dy, dh_n, dc_n = problem
         problem = (args, {**kw, "checkpoint": k}, dy, dh_n, dc_n)
-        _, out, cache, g = check_gpu(cell, problem, dtype, "auto")
-        assert cache.checkpoint == (3 if k is True else k) and cache.algo == "standard"
+        _, out, cache, g = check_gpu(cell, problem, dtype, algo)
+        assert cache.checkpoint == (3 if k is True else k) and cache.algo == algo
         assert cache.nbytes < full_cache.nbytes
         if dtype == "float32":
             for a, b in list(zip(out, full_out)) + [(g[n], full_g[n]) for n in GRAD_KEYS]:

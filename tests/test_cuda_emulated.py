@@ -476,44 +476,63 @@ def assert_same(a, b, label):
             assert np.array_equal(a[k], b[k]), (label, k, rel_err(b[k], a[k]))
 
 
-@pytest.mark.parametrize("semantics", list(SEMANTICS))
-@pytest.mark.parametrize("cell,P", [("lstm", 0), ("gru", 0), ("rnn_tanh", 0), ("lstm", 3)],
-                         ids=["lstm", "gru", "rnn_tanh", "lstm_projection"])
-def test_checkpoint_equals_full_cache(cell, P, semantics, rng):
+#: (cell, P, semantics, algo): the standard algorithm everywhere; the persistent
+#: kernels (no projection; slow to emulate) on four semantics
+CHECKPOINT_CASES = (
+    [(c, P, sem, "standard") for c, P in (("lstm", 0), ("gru", 0), ("rnn_tanh", 0), ("lstm", 3))
+     for sem in SEMANTICS]
+    + [(c, 0, sem, "persistent") for c in ("lstm", "gru", "rnn_tanh")
+       for sem in ("plain", "reverse_lengths", "batch_first_mask", "no_h0")])
+
+
+@pytest.mark.parametrize("cell,P,semantics,algo", CHECKPOINT_CASES,
+                         ids=[f"{c}{'_projection' if P else ''}-{sem}-{a}"
+                              for c, P, sem, a in CHECKPOINT_CASES])
+def test_checkpoint_equals_full_cache(cell, P, semantics, algo, rng):
     """checkpoint=k keeps the state every k steps and backward recomputes each segment
-    with the forward's own kernels and products: on the emulator (whose products do not
-    depend on how many rows they cover) outputs and gradients are bitwise those of the
-    full cache, for k = 1, 2, 3, T, more than T and True (ceil(sqrt(T)) = 3), with a
-    smaller cache; and they match the reference."""
+    with the forward's own algorithm, kernels and products: on the emulator (whose
+    products do not depend on how many rows they cover) outputs and gradients are
+    bitwise those of the full cache, for k = 1, 2, 3, T, more than T and True
+    (ceil(sqrt(T)) = 3), with a smaller cache; and they match the reference."""
     T = 7
+    ks = ((1, 1), (2, 2), (3, 3), (T, T), (T + 2, T + 2), (True, 3))
+    if algo == "persistent":  # (its emulation is slow: two intervals)
+        ks = ((2, 2), (True, 3))
     problem = make_problem(cell, T, 5, 6, 7, np.float64, rng, proj=P, **SEMANTICS[semantics])
-    full, full_cache = run_all(cell, problem, algo="standard")
+    full, full_cache = run_all(cell, problem, algo=algo)
     assert full_cache.checkpoint == 0
-    out, _, _ = run(cell, problem, "float32", "standard")
+    out, _, _ = run(cell, problem, "float32", algo)
     check({k: (full[k], r) for k, (_, r) in out.items()}, TOL["float32"])
-    for k, want_k in ((1, 1), (2, 2), (3, 3), (T, T), (T + 2, T + 2), (True, 3)):
-        got, cache = run_all(cell, problem, checkpoint=k)  # auto: standard
-        assert (cache.checkpoint, cache.algo) == (want_k, "standard")
+    for k, want_k in ks:
+        got, cache = run_all(cell, problem, checkpoint=k, algo=algo)
+        assert (cache.checkpoint, cache.algo) == (want_k, algo)
         assert cache.nbytes < full_cache.nbytes
         assert_same(full, got, k)
+    if algo == "standard" and not P and semantics == "plain":
+        # auto picks what it would without checkpoint (B = 5: persistent)
+        assert emu.choose_algo(cell, "float32", T, 5, 6, 7, 0) == "persistent"
+        assert run_all(cell, problem, checkpoint=2)[1].algo == "persistent"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_checkpoint_16bit_equals_full_cache(dtype, rng):
     """The kept states are those of the array type (h) and float32 (c): the
     recomputation starts from exactly what forward had."""
-    for cell, semantics, P in (("lstm", "reverse_lengths", 0), ("gru", "batch_first_mask", 0),
-                               ("lstm", "mask", 4)):
+    for cell, semantics, P, algo in (("lstm", "reverse_lengths", 0, "persistent"),
+                                     ("gru", "batch_first_mask", 0, "standard"),
+                                     ("lstm", "mask", 4, "standard")):
         problem = make_problem(cell, 7, 5, 6, 7, np.float64, rng, proj=P, **SEMANTICS[semantics])
-        full, _ = run_all(cell, problem, dtype, algo="standard")
-        got, _ = run_all(cell, problem, dtype, checkpoint=3)
+        full, _ = run_all(cell, problem, dtype, algo=algo)
+        got, _ = run_all(cell, problem, dtype, checkpoint=3, algo=algo)
         assert_same(full, got, (cell, semantics))
 
 
 def test_checkpoint_products_cover_valid_steps_only(rng):
     """The recomputation runs, per segment, one input projection over the segment's
-    valid rows and each step's products over its running rows, nothing else; forward
-    and the deferred products are the full cache's."""
+    valid rows and (standard algorithm) each step's products over its running rows,
+    nothing else; forward and the deferred products are the full cache's. (The
+    persistent kernels multiply inside: only the segment's input projections are
+    added.)"""
     T, B, I, H, k = 7, 5, 6, 7, 3
     for cell, P, case in (("lstm", 0, {"lengths": np.array([0, 2, 7, 1, 5])}),
                           ("gru", 0, {"mask": rng.random((T, B)) < 0.6}),
@@ -525,7 +544,7 @@ def test_checkpoint_products_cover_valid_steps_only(rng):
                                                     reverse=reverse)
             kw.update(case)
             emu.take_gemm_log()
-            run_all(cell, (args, kw, dy, dh_n, dc_n), checkpoint=k)
+            run_all(cell, (args, kw, dy, dh_n, dc_n), checkpoint=k, algo="standard")
             log = sorted(tuple(g) for g in emu.take_gemm_log())
             order = running[::-1] if reverse else running  # processing order
             segments = [order[s:s + k] for s in range(0, T, k)]
@@ -561,6 +580,7 @@ def test_checkpoint_wanted_gradients_and_repeated_backward(rng):
                                             reverse=True, mask=True)
     dev = [to_device(a, "float32") for a in args[1:]]
     cache = _device.forward("lstm", *dev, **kw, checkpoint=2)[3]
+    assert cache.algo == "persistent"  # (auto; its segments' last products, dh0 or not)
     grads_in = [to_device(a, "float32") for a in (dy, dh_n, dc_n)]
     full = {k: host(v) for k, v in fusedrnn.backward(cache, *grads_in).items()}
     again = {k: host(v) for k, v in fusedrnn.backward(cache, *grads_in).items()}
@@ -571,12 +591,9 @@ def test_checkpoint_wanted_gradients_and_repeated_backward(rng):
 
 
 def test_checkpoint_arguments(rng):
-    """checkpoint is checked as on the CPU (even for inference, where it has no effect);
-    the persistent kernels keep every step, so asking for them with it is an error."""
+    """checkpoint is checked as on the CPU (even for inference, where it has no effect)."""
     args, kw, *_ = make_problem("gru", 4, 3, 2, 5, np.float64, rng)
     dev = [to_device(a, "float32") for a in args[1:]]
-    with pytest.raises(ValueError, match="algo 'persistent' keeps every step"):
-        _device.forward("gru", *dev, **kw, checkpoint=True, algo="persistent")
     for bad, exc in ((0, ValueError), (-2, ValueError), ("yes", TypeError), (1.5, TypeError)):
         for training in (True, False):
             with pytest.raises(exc, match="checkpoint must be a bool or a positive int"):

@@ -14,7 +14,7 @@
 // With projection (lstm, w_hr) each step adds the product h = m W_hr^T
 // forward and dm = dh W_hr backward, and dW_hr is deferred like the others.
 // A checkpointed cache keeps the state every k steps; backward recomputes
-// each segment with forward's step loop (forward_steps) before its steps.
+// each segment with the algorithm forward ran before the segment's steps.
 #include "rnn_cuda.h"
 
 #include "runtime.h"
@@ -438,11 +438,25 @@ constexpr int kPersistentThreads = 256;
 
 constexpr int kFwdRows = 4;  // batch rows per warp item in the persistent forward
 
+// A checkpointed forward's kept states: the state entering steps 0, k, 2k, ...
+// (processing order), h of the array type, the LSTM cell in float32.
+struct Checkpoints {
+  int64_t k = 0;
+  void* h = nullptr;   // [ceil(T/k), B, P]
+  float* c = nullptr;  // [ceil(T/k), B, H] (lstm)
+};
+
+// The steps a persistent kernel runs: sb's segment [s0, s1), or all T.
+__host__ __device__ __forceinline__ int64_t steps_end(const StateBuffers& sb) {
+  return sb.s1 < 0 ? sb.p.T : sb.s1;
+}
+
 struct PersistentParams {
   FwdStep step;  // the per-step fields are set by place_fwd in the kernel
-  StateBuffers sb;
+  StateBuffers sb;  // (its segment: the steps to run)
   const void* w_hh;
   int U;
+  Checkpoints ck;  // a checkpointed forward: where the state every ck.k steps goes
 };
 
 std::mutex& persistent_launch_mutex() {
@@ -491,7 +505,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
   cg::grid_group grid = cg::this_grid();
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   FUSEDRNN_SHARED_BYTES(smem_raw);
-  const int64_t H = a.step.H, B = a.step.B, T = a.sb.p.T, U = a.U;
+  const int64_t H = a.step.H, B = a.step.B, U = a.U;
   const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
   const int64_t GU = G * U;
   Tio* w = reinterpret_cast<Tio*>(smem_raw);
@@ -504,11 +518,20 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
     w[(g * U + u) * H + k] = w_hh[(g * H + j0 + u) * H + k];
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int64_t s = 0; s < T; ++s) {
+  for (int64_t s = a.sb.s0; s < steps_end(a.sb); ++s) {
     FwdStep f = a.step;
     place_fwd<Tio>(f, a.sb, s);
     const int64_t t = f.t;
     const Tio* hp = static_cast<const Tio*>(f.hprev);
+    if (a.ck.k && s % a.ck.k == 0) {  // keep the state entering the step: this block's units
+      Tio* kh = static_cast<Tio*>(a.ck.h) + (s / a.ck.k) * B * H;
+      float* kc = a.ck.c ? a.ck.c + (s / a.ck.k) * B * H : nullptr;
+      for (int64_t e = threadIdx.x; e < B * Ue; e += blockDim.x) {
+        const int64_t b = e / Ue, j = j0 + e % Ue;
+        kh[b * H + j] = hp[b * f.hprev_ld + j];
+        if (kc) kc[b * H + j] = f.cprev[b * f.cprev_ld + j];
+      }
+    }
     for (int64_t e = threadIdx.x; e < B * H; e += blockDim.x)
       hsm[e] = hp[(e / H) * f.hprev_ld + e % H];
     __syncthreads();
@@ -554,11 +577,11 @@ bool launch_persistent(void (*kernel)(Params), const PersistentConfig& c, int de
 }
 
 template <Cell C, typename Tio>
-bool launch_persistent_fwd(const Problem& p, PersistentParams a) {
+bool launch_persistent_fwd(const Problem& p, cudaStream_t st, PersistentParams a) {
   const PersistentConfig c = persistent_config(p);
   if (!c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
   a.U = c.U;
-  return launch_persistent(persistent_fwd<C, Tio>, c, p.device, p.stream, a);
+  return launch_persistent(persistent_fwd<C, Tio>, c, p.device, st, a);
 }
 
 struct BwdStep {
@@ -734,7 +757,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentB
   cg::grid_group grid = cg::this_grid();
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   FUSEDRNN_SHARED_BYTES(smem_raw);
-  const int64_t H = a.step.H, B = a.step.B, T = a.sb.p.T, U = a.U, GH = G * H;
+  const int64_t H = a.step.H, B = a.step.B, U = a.U, GH = G * H;
   const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
   Tio* wt = reinterpret_cast<Tio*>(smem_raw);  // [U][G*H]
   const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
@@ -745,7 +768,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentB
   __syncthreads();
   const Tio* dgh = static_cast<const Tio*>(C == Cell::Gru ? a.step.dgh : a.step.dgx);
   int64_t t_done = -1;  // the step whose dgates the next recurrent product reads
-  for (int64_t s = T - 1; s >= 0; --s) {
+  for (int64_t s = steps_end(a.sb) - 1; s >= a.sb.s0; --s) {
     if (t_done >= 0)
       persistent_dh<C, Tio>(a, wt, dgh, j0, Ue, t_done, a.step.dh);
     __syncthreads();
@@ -756,7 +779,8 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentB
     t_done = f.t;
     grid.sync();
   }
-  if (a.dh0) persistent_dh<C, Tio>(a, wt, dgh, j0, Ue, t_done, a.step.dh);
+  // The last step's product: only dh0 at step 0, else the next segment's dh.
+  if (a.dh0 || a.sb.s0 > 0) persistent_dh<C, Tio>(a, wt, dgh, j0, Ue, t_done, a.step.dh);
 }
 
 PersistentConfig persistent_bwd_config(const Problem& p) {
@@ -873,14 +897,6 @@ void keep_pool_memory(int device) {
   if (cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold) != cudaSuccess)
     cudaGetLastError();
 }
-
-// A checkpointed forward's kept states: the state entering steps 0, k, 2k, ...
-// (processing order), h of the array type, the LSTM cell in float32.
-struct Checkpoints {
-  int64_t k = 0;
-  void* h = nullptr;   // [ceil(T/k), B, P]
-  float* c = nullptr;  // [ceil(T/k), B, H] (lstm)
-};
 
 // The standard algorithm's steps [s0, s1), shared by forward and a
 // checkpointed backward's recomputation: per step the recurrent product of
@@ -1050,10 +1066,16 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     FUSEDRNN_LAUNCH(blocks_for(B * H), kThreads, 0, st, to_float<Tio>)(
         static_cast<const Tio*>(in.c0), c0f, B * H);
 
+  Checkpoints ck;
+  if (k) {
+    ck.k = k;
+    ck.h = cache->at<Tio>(cache->ckh_off);
+    ck.c = lstm ? cache->at<float>(cache->ckc_off) : nullptr;
+  }
   if (algo == Algo::Persistent) {
-    PersistentParams a{base, sb, w_hh, 0};
+    PersistentParams a{base, sb, w_hh, 0, ck};
     a.step.gh = nullptr;  // the products stay in shared memory
-    if (launch_persistent_fwd<C, Tio>(p, a)) {
+    if (launch_persistent_fwd<C, Tio>(p, st, a)) {
       if (cache) cache->algo = Algo::Persistent;
       check(cudaGetLastError(), "fusedrnn forward (persistent)");
       return;
@@ -1062,12 +1084,6 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
       throw std::invalid_argument("algo 'persistent': its blocks cannot all be resident on this "
                                   "device at once (other work or MPS limits)");
     // auto: the standard loop below (the state buffers are the same)
-  }
-  Checkpoints ck;
-  if (k) {
-    ck.k = k;
-    ck.h = cache->at<Tio>(cache->ckh_off);
-    ck.c = lstm ? cache->at<float>(cache->ckc_off) : nullptr;
   }
   Tio* packed = run.packed ? scratch.alloc<Tio>(B * P) : nullptr;  // a step's running rows of h
   forward_steps<C, Tio>(p, run, base, sb, 0, T, w_hh, in.w_hr, packed, k ? &ck : nullptr);
@@ -1230,6 +1246,8 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
       check(cudaMemcpyAsync(d_lrow, lrow.data(), R * sizeof(int32_t), cudaMemcpyHostToDevice, st),
             "cudaMemcpyAsync");
     float* gx = scratch.alloc<float>(most * GH);
+    const bool persistent = c.algo == Algo::Persistent && persistent_config(p).ok &&
+                            persistent_bwd_config(p).ok;
     const Tio* ckh = c.at<Tio>(c.ckh_off);
     const float* ckc = lstm ? c.at<float>(c.ckc_off) : nullptr;
     FwdStep fb{};
@@ -1253,8 +1271,22 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
             "cudaMemcpyAsync");
       FwdStep f = fb;
       f.gx_row0 = lo;
-      forward_steps<C, Tio>(p, run, f, sb, s0, s1, whh, whr, packed, nullptr);
-      backward_steps(sb, gates, s1 - 1, s0);
+      // the algorithm forward ran, so that the recomputed values are forward's
+      bool done = false;
+      if (persistent) {
+        PersistentParams a{f, sb, whh, 0, Checkpoints{}};
+        a.step.gh = nullptr;
+        done = launch_persistent_fwd<C, Tio>(p, st, a);
+      }
+      if (!done) forward_steps<C, Tio>(p, run, f, sb, s0, s1, whh, whr, packed, nullptr);
+      done = false;
+      if (persistent) {
+        PersistentBwdParams a{base, sb, whh, 0, g.h0 != nullptr};
+        a.step.gates = gates;
+        a.step.cs = cs;
+        done = launch_persistent_bwd<C, Tio>(p, st, a);
+      }
+      if (!done) backward_steps(sb, gates, s1 - 1, s0);
       if (rows > 0)  // the states entering the segment's rows, for dW_hh
         FUSEDRNN_LAUNCH(blocks_for(rows * P), kThreads, 0, st, gather_rows<Tio>)(
             hp + lo * P, hs, P, d_lrow + lo, rows, P);
@@ -1399,11 +1431,7 @@ bool persistent_fits(const Problem& p) {
 void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
              Algo algo) {
   const bool required = algo == Algo::Persistent;  // asked for, not chosen
-  const bool checkpointed = cache && cache->ck > 0;
-  if (algo == Algo::Auto) algo = checkpointed ? Algo::Standard : choose_algo(p);
-  if (algo == Algo::Persistent && p.N() > 0 && checkpointed)
-    throw std::invalid_argument("algo 'persistent' keeps every step (no checkpoint); use "
-                                "'standard' or 'auto'");
+  if (algo == Algo::Auto) algo = choose_algo(p);
   if (algo == Algo::Persistent && p.N() > 0 && p.proj)
     throw std::invalid_argument("algo 'persistent' has no LSTM projection (w_hr); use 'standard' "
                                 "or 'auto'");

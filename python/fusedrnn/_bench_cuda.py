@@ -524,8 +524,6 @@ def _algo_of(dev, case: Case, provider: str) -> str:
 
     if provider == "torch":
         return "cudnn"
-    if provider == "fusedrnn.ckpt":
-        return "standard"  # (checkpointed caches run on the standard algorithm)
     algo = ALGOS[provider]
     if algo == "auto":
         try:
