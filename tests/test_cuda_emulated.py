@@ -477,12 +477,12 @@ def assert_same(a, b, label):
 
 
 #: (cell, P, semantics, algo): the standard algorithm everywhere; the persistent
-#: kernels (no projection; slow to emulate) on four semantics
+#: kernels (no projection; slow to emulate, tenfold under AddressSanitizer) on three
 CHECKPOINT_CASES = (
     [(c, P, sem, "standard") for c, P in (("lstm", 0), ("gru", 0), ("rnn_tanh", 0), ("lstm", 3))
      for sem in SEMANTICS]
-    + [(c, 0, sem, "persistent") for c in ("lstm", "gru", "rnn_tanh")
-       for sem in ("plain", "reverse_lengths", "batch_first_mask", "no_h0")])
+    + [("lstm", 0, "reverse_lengths", "persistent"), ("gru", 0, "batch_first_mask", "persistent"),
+       ("lstm", 0, "no_h0", "persistent")])
 
 
 @pytest.mark.parametrize("cell,P,semantics,algo", CHECKPOINT_CASES,
@@ -496,8 +496,8 @@ def test_checkpoint_equals_full_cache(cell, P, semantics, algo, rng):
     (ceil(sqrt(T)) = 3), with a smaller cache; and they match the reference."""
     T = 7
     ks = ((1, 1), (2, 2), (3, 3), (T, T), (T + 2, T + 2), (True, 3))
-    if algo == "persistent":  # (its emulation is slow: two intervals)
-        ks = ((2, 2), (True, 3))
+    if algo == "persistent":  # (its emulation is slow: segments of 2, 2, 2 and 1 steps)
+        ks = ((2, 2),)
     problem = make_problem(cell, T, 5, 6, 7, np.float64, rng, proj=P, **SEMANTICS[semantics])
     full, full_cache = run_all(cell, problem, algo=algo)
     assert full_cache.checkpoint == 0

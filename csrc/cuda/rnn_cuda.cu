@@ -1235,8 +1235,8 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
       int64_t rows = 0;
       for (int64_t s = j * k; s < std::min(T, (j + 1) * k); ++s) {
         const int64_t t = p.t_of(s);
-        for (int64_t i = 0; i < run.count[t]; ++i)
-          lrow[run.offset[t] + i] = static_cast<int32_t>((s - j * k) * B + run.host[run.offset[t] + i]);
+        for (int64_t i = run.offset[t]; i < run.offset[t] + run.count[t]; ++i)
+          lrow[i] = static_cast<int32_t>((s - j * k) * B + run.host[i]);  // (host: rows first)
         rows += run.count[t];
       }
       most = std::max(most, rows);
