@@ -27,7 +27,9 @@
 #
 # Environment knobs: OUT, PYTHON (python3), SITE (/tmp/fusedrnn-site),
 # FUSEDRNN_CUDA_ARCHITECTURES (90), BENCH_ARGS (extra options for the benchmark,
-# e.g. "--quick"), SKIP_BENCH=1, SKIP_SANITIZER=1.
+# e.g. "--quick"), SKIP_BENCH=1, SKIP_SANITIZER=1, SKIP_TESTS=1, and SKIP_BUILD=1 (use
+# the package an earlier run on the same machine installed in $SITE: a second call
+# within the device's idle time, e.g. for the sanitizers only).
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -251,12 +253,12 @@ bench() {
 
 phase info info
 phase deps deps
-phase build build
+[ "${SKIP_BUILD:-0}" != 1 ] && phase build build
 phase import import_check
 if [[ " ${FAILED[*]} " == *" build "* || " ${FAILED[*]} " == *" import "* ]]; then
   echo "the build or the import failed: skipping the phases that need the package"
 else
-  phase tests tests
+  [ "${SKIP_TESTS:-0}" != 1 ] && phase tests tests
   if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
     phase memcheck memcheck
     phase racecheck racecheck
