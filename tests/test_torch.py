@@ -931,7 +931,8 @@ def test_checkpoint_attribute_gives_the_same_gradients(checkpoint, device="cpu",
     for m in (full, ck):
         xi = x.clone().requires_grad_(True)
         y, (h, c) = m(xi)
-        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + h.sum()
+        w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
+        loss = (y * w).sum() + h.sum()
         results.append((y.detach(), torch.autograd.grad(loss, [xi] + list(m.parameters()))))
     if device == "cpu":
         assert torch.equal(results[0][0], results[1][0])
