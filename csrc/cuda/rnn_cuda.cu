@@ -1418,9 +1418,14 @@ int64_t valid_steps(const Problem& p, const std::vector<int32_t>& lengths,
 }
 
 Algo choose_algo(const Problem& p) {
-  // Provisional rule until measured on a device (docs/cuda.md): the
-  // persistent kernel for small batches whose W_hh slice fits on chip.
-  if (p.B <= 16 && persistent_fits(p)) return Algo::Persistent;
+  // Measured on an H200 (bench/results/cuda-nvidia-h200.txt: T = 100,
+  // B in {1, 8, 64}, H in {256, 512, 1024}, float32 and bfloat16, forward and
+  // forward+backward): the persistent kernels won every case up to
+  // B * G * H = 16384 at B <= 8 (all of B = 1; at B = 8 lstm and gru up to
+  // H = 512, rnn up to 1024), the standard algorithm from 24576 on (B = 8,
+  // lstm and gru at H = 1024) and at B = 64. B = 16 is not measured: the same
+  // product bound applies up to it.
+  if (p.B <= 16 && p.B * p.G() * p.H <= 16384 && persistent_fits(p)) return Algo::Persistent;
   return Algo::Standard;
 }
 
