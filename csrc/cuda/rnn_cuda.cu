@@ -253,6 +253,18 @@ struct FwdStep {
   const float* hproj;
 };
 
+// Element (b, k) of a step's new state hv, width W (H, or P with projection):
+// the next step's state, y (0 at a padded step with lengths; the carried
+// state at a masked one) and h_n at the last step.
+template <typename Tio>
+__device__ __forceinline__ void store_state(const FwdStep& s, int64_t b, int64_t k, int64_t W,
+                                            bool valid, Tio hv) {
+  if (s.hnext) static_cast<Tio*>(s.hnext)[b * s.hnext_ld + k] = hv;
+  const int64_t r = s.row0 + b * s.bstride;
+  if (s.y) static_cast<Tio*>(s.y)[r * W + k] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
+  if (s.h_n) static_cast<Tio*>(s.h_n)[b * W + k] = hv;
+}
+
 // One element (b, j) of a forward step. gh points at the recurrent product
 // of gate 0 for (b, j); gate g's is at gh[g * ghs].
 template <Cell C, typename Tio>
@@ -307,10 +319,7 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
     if (s.cnext) s.cnext[b * s.cnext_ld + j] = c_new;
     if (s.c_n) static_cast<Tio*>(s.c_n)[i] = from_f<Tio>(c_new);
   }
-  if (proj) return;
-  if (s.hnext) static_cast<Tio*>(s.hnext)[b * s.hnext_ld + j] = hv;
-  if (s.y) static_cast<Tio*>(s.y)[r * H + j] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
-  if (s.h_n) static_cast<Tio*>(s.h_n)[i] = hv;
+  if (!proj) store_state<Tio>(s, b, j, H, valid, hv);
 }
 
 template <Cell C, typename Tio>
@@ -331,12 +340,9 @@ __global__ void proj_fwd_step(FwdStep s) {
   if (i >= s.B * s.P) return;
   const int64_t P = s.P, b = i / P, k = i % P;
   const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
-  const int64_t r = s.row0 + b * s.bstride;
   const Tio hv = valid ? from_f<Tio>(s.hproj[(s.ghslot ? s.ghslot[b] : b) * P + k])
                        : static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + k];
-  if (s.hnext) static_cast<Tio*>(s.hnext)[b * s.hnext_ld + k] = hv;
-  if (s.y) static_cast<Tio*>(s.y)[r * P + k] = (valid || !s.lengths) ? hv : from_f<Tio>(0.f);
-  if (s.h_n) static_cast<Tio*>(s.h_n)[i] = hv;
+  store_state<Tio>(s, b, k, P, valid, hv);
 }
 
 // Where each step's state lives, shared by the host loops and the persistent
@@ -629,6 +635,17 @@ __host__ __device__ __forceinline__ void place_bwd(BwdStep& b, const StateBuffer
   }
 }
 
+// dh[b, k] plus dy's element (b, k) (width W) where y depends on the state:
+// y at a padded step (lengths) is a constant 0; at a masked step it is the
+// carried state, so its gradient flows into that state.
+template <typename Tio>
+__device__ __forceinline__ float dh_with_dy(const BwdStep& s, int64_t b, int64_t k, int64_t W,
+                                            bool valid) {
+  const int64_t r = s.row0 + b * s.bstride;
+  const bool dy_counts = s.dy && (valid || !s.lengths);
+  return s.dh[b * W + k] + (dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * W + k]) : 0.f);
+}
+
 // One element (b, j) of a backward step.
 template <Cell C, typename Tio>
 __device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j) {
@@ -643,10 +660,7 @@ __device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j
     if (!valid) return;  // dc carries
     dh = s.dm[(s.dslot ? s.dslot[b] : b) * H + j];
   } else {
-    // y at a padded step (lengths) is a constant 0; at a masked step it is the
-    // carried state, so its gradient flows into that state.
-    const bool dy_counts = s.dy && (valid || !s.lengths);
-    dh = s.dh[i] + (dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * H + j]) : 0.f);
+    dh = dh_with_dy<Tio>(s, b, j, H, valid);
     if (!valid) {  // no dgates row: invalid steps exist only with packed rows (prow)
       s.dh[i] = dh;
       return;
@@ -699,8 +713,7 @@ __global__ void proj_bwd_step(BwdStep s) {
   const int64_t P = s.P, b = i / P, k = i % P;
   const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
   const int64_t r = s.row0 + b * s.bstride;
-  const bool dy_counts = s.dy && (valid || !s.lengths);
-  float d = s.dh[i] + (dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * P + k]) : 0.f);
+  float d = dh_with_dy<Tio>(s, b, k, P, valid);
   if (valid) {
     static_cast<Tio*>(s.dhr)[(s.prow ? s.prow[s.t * s.B + b] : r) * P + k] = from_f<Tio>(d);
     d = 0.f;
