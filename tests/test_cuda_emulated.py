@@ -295,6 +295,51 @@ def test_persistent_refuses_what_does_not_fit():
     assert emu.choose_algo("lstm", "float32", 1, 1, 1, 16, 0) == "persistent"
 
 
+def small_smem(dtype, B, H, cell="lstm"):
+    """FUSEDRNN_EMU_SMEM for which both persistent kernels fit but stage only
+    part of a batch of B rows at a time (6 of them forward)."""
+    es, G = (4 if dtype == "float32" else 2), fusedrnn.CELLS[cell]
+    U = -(-H // 4)  # (4 emulated multiprocessors)
+    ld = -(-H * es // 16) * 16 // es
+    return G * U * ld * es + B * G * U * 4 + 6 * ld * es  # W slice, products, 6 rows
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("semantics", ["plain", "tiles_end", "batch_first_mask"])
+def test_persistent_stages_the_batch_in_parts(semantics, dtype, monkeypatch, rng):
+    """Less shared memory than a whole batch's state: the persistent kernels
+    stage a few rows at a time, over several tiles of 8 rows (with lengths, a
+    whole tile that has ended skips its products), and a thread has more
+    pointwise elements than the ones it loads a step early."""
+    T, B, I, H = 4, 20, 6, 40
+    monkeypatch.setenv("FUSEDRNN_EMU_SMEM", str(small_smem(dtype, B, H)))
+    for backward in (False, True):
+        lay = emu.persistent_layout("lstm", dtype, B, H, backward, 0)
+        assert lay["ok"] and 1 <= lay["bc"] < B, lay
+        assert lay["ld"] == (H if not backward else 4 * H) and lay["ks"] == 1
+    assert B * lay["U"] > 2 * 64  # (kPrefetch elements of 64 emulated threads)
+    kw = {"batch_first": True, "mask": True} if semantics == "batch_first_mask" else {}
+    args, pkw, dy, dh_n, dc_n = make_problem("lstm", T, B, I, H, np.float64, rng, **kw)
+    if semantics == "tiles_end":  # rows 8..15 (the second tile) end after one step
+        pkw["lengths"] = np.array([T] * 8 + [1] * 8 + [0, 2, T, 3])
+        pkw["reverse"] = True
+    out, cache, _ = run("lstm", (args, pkw, dy, dh_n, dc_n), dtype, "persistent")
+    check(out, TOL[dtype])
+
+
+@pytest.mark.parametrize("cell,H,sms,split", [("lstm", 40, 16, (1, 2)), ("rnn_tanh", 130, 40, (2, 2))])
+def test_persistent_splits_k_among_warps(cell, H, sms, split, monkeypatch, rng):
+    """Fewer tiles than warps: each warp sums one part of k, and the parts are
+    added in order (backward of an LSTM with 3 units per block; both kernels
+    of an Elman cell with 4 units per block and rows of 132 floats)."""
+    monkeypatch.setenv("FUSEDRNN_EMU_SMS", str(sms))
+    for backward, ks in zip((False, True), split):
+        assert emu.persistent_layout(cell, "float32", 5, H, backward, 0)["ks"] == ks
+    problem = make_problem(cell, 3, 5, 4, H, np.float64, rng, lengths=True)
+    out, _, _ = run(cell, problem, "float32", "persistent")
+    check(out, TOL["float32"])
+
+
 def test_unknown_algo_is_rejected():
     with pytest.raises(ValueError, match="algo"):
         _device.forward("lstm", fusedrnn.DeviceArray((1, 1, 1), "float32", 0),

@@ -279,6 +279,20 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
   }, "Whether the persistent kernels' W_hh slices fit this device's blocks (shared memory, "
      "block count, cooperative launch); residency is checked again at launch.");
 
+  m.def("persistent_layout", [](const std::string& cell, const std::string& dtype, int64_t B,
+                                int64_t H, bool backward, int device) {
+    Problem p;
+    p.cell = parse_cell(cell); p.dtype = parse_dtype(dtype);
+    p.T = 1; p.B = B; p.I = 1; p.H = H; p.P = H; p.device = device;
+    const PersistentLayout c = persistent_layout(p, backward);
+    py::dict d;
+    d["U"] = c.U; d["blocks"] = c.blocks; d["ld"] = c.ld; d["bc"] = c.bc; d["ks"] = c.ks;
+    d["smem"] = c.smem; d["ok"] = c.ok;
+    return d;
+  }, "The persistent forward (or backward) kernel's layout on this device: units per block "
+     "(U), blocks, padded row length (ld), vectors staged at once (bc), k splits (ks), shared "
+     "memory bytes, and whether it fits.");
+
   m.def(
       "forward",
       [](const std::string& cell, const std::string& dtype, int64_t T, int64_t B, int64_t I,

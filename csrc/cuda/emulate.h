@@ -15,8 +15,9 @@
 // - cuBLAS's GemmEx is a plain column-major loop with float accumulation
 //   (cublas_dyn.cpp).
 // - The emulated device has FUSEDRNN_EMU_SMS multiprocessors (default 4) and
-//   227 KiB of shared memory per block, so the persistent kernels split H
-//   among several blocks even for small H.
+//   FUSEDRNN_EMU_SMEM bytes of shared memory per block (default 227 KiB), so
+//   the persistent kernels split H among several blocks even for small H, and
+//   tests can make them stage the batch in parts.
 // Not emulated: real concurrency between ordinary threads, warp divergence,
 // memory-model subtleties beyond what the barriers give, performance.
 #pragma once
@@ -38,7 +39,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 
 struct dim3 {
@@ -230,7 +231,7 @@ void run_cooperative(int blocks, int threads, std::size_t smem, F&& body) {
   const int warps = (threads + 31) / 32;
   std::vector<BlockShared> shared(blocks);
   for (auto& s : shared) {
-    s.smem.assign(smem ? smem : 1, 0xff);
+    s.smem.assign((smem ? smem : 1) + 16, 0xff);  // (+16: room to align it as a GPU does)
     s.block_barrier = std::make_unique<Barrier>(threads);
     for (int w = 0; w < warps; ++w)
       s.warp_barriers.push_back(std::make_unique<Barrier>(std::min(32, threads - 32 * w)));
@@ -254,7 +255,40 @@ void run_cooperative(int blocks, int threads, std::size_t smem, F&& body) {
   sched.run_all();
 }
 
-inline unsigned char* shared_mem() { return ctx().shared->smem.data(); }
+inline unsigned char* shared_mem() {  // 16-byte aligned
+  unsigned char* p = ctx().shared->smem.data();
+  return p + (16 - reinterpret_cast<std::uintptr_t>(p) % 16) % 16;
+}
+
+// 16-byte loads and stores (uint4 on a GPU), which need 16-byte alignment
+// there: a misaligned address aborts here too.
+struct Bytes16 {
+  unsigned char b[16];
+};
+inline void check_aligned16(const void* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
+    std::fprintf(stderr, "fusedrnn emulator: misaligned 16-byte access at %p\n", p);
+    std::abort();
+  }
+}
+inline Bytes16 load16(const void* p) {
+  check_aligned16(p);
+  Bytes16 v;
+  std::memcpy(v.b, p, 16);
+  return v;
+}
+inline void store16(void* p, const Bytes16& v) {
+  check_aligned16(p);
+  std::memcpy(p, v.b, 16);
+}
+
+// Shared memory per block (opt-in): 227 KiB as on H100/H200, or
+// FUSEDRNN_EMU_SMEM bytes, so that tests can make it small.
+inline int smem_optin() {
+  const char* e = std::getenv("FUSEDRNN_EMU_SMEM");
+  const int n = e ? std::atoi(e) : 0;
+  return n > 0 ? n : 232448;
+}
 
 inline float shfl_xor(float v, int off) {
   ThreadCtx& c = ctx();
@@ -329,7 +363,9 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? ::emu::sms() : a == cudaDevAttrCooperativeLaunch ? 1 : 232448;
+  *v = a == cudaDevAttrMultiProcessorCount ? ::emu::sms()
+       : a == cudaDevAttrCooperativeLaunch  ? 1
+                                            : ::emu::smem_optin();
   return cudaSuccess;
 }
 template <typename K>

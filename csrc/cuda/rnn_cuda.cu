@@ -265,33 +265,61 @@ __device__ __forceinline__ void store_state(const FwdStep& s, int64_t b, int64_t
   if (s.h_n) static_cast<Tio*>(s.h_n)[b * W + k] = hv;
 }
 
-// One element (b, j) of a forward step. gh points at the recurrent product
-// of gate 0 for (b, j); gate g's is at gh[g * ghs].
+// What a forward step reads for element (b, j) before its recurrent product:
+// whether the step is valid, the state and LSTM cell entering it, and for a
+// valid step the input-side pre-activations with b_ih, and b_hh. The
+// persistent kernel loads them for the next step before the grid barrier.
+template <Cell C>
+struct FwdIn {
+  static constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  bool valid;
+  float h, c;
+  float xa[G], bh[G];
+  int64_t grow;  // the row of gx (valid steps only)
+};
+
 template <Cell C, typename Tio>
-__device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j, const float* gh,
-                                          int64_t ghs) {
-  const int64_t H = s.H, i = b * H + j;
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
-  const int64_t GH = G * H;
-  const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
-  const int64_t r = s.row0 + b * s.bstride;
+__device__ __forceinline__ FwdIn<C> fwd_load(const FwdStep& s, int64_t b, int64_t j) {
+  constexpr int G = FwdIn<C>::G;
+  const int64_t H = s.H;
+  FwdIn<C> in;
+  in.valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
   // With projection the state (width P) is proj_fwd_step's; here only the cell.
   const bool proj = C == Cell::Lstm && s.m;
-  Tio hv = proj ? from_f<Tio>(0.f) : static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j];
-  float h_new = to_f(hv), c_new = 0.f;
-  if constexpr (C == Cell::Lstm) c_new = s.cprev[b * s.cprev_ld + j];
-  const int64_t grow = s.prow ? s.prow[s.t * s.B + b] : r;  // (valid steps only)
-  const int64_t sr = s.srow0 + b * s.sstride;
-  if (valid) {
-    const float* gx = s.gx + (grow - s.gx_row0) * GH + j;
+  in.h = proj ? 0.f : to_f(static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j]);
+  in.c = C == Cell::Lstm ? s.cprev[b * s.cprev_ld + j] : 0.f;
+  in.grow = 0;
+#pragma unroll
+  for (int g = 0; g < G; ++g) in.xa[g] = in.bh[g] = 0.f;
+  if (in.valid) {
+    in.grow = s.prow ? s.prow[s.t * s.B + b] : s.row0 + b * s.bstride;
+    const float* gx = s.gx + (in.grow - s.gx_row0) * G * H + j;
     const Tio* bi = static_cast<const Tio*>(s.b_ih);
     const Tio* bh = static_cast<const Tio*>(s.b_hh);
-    float xa[G], ha[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      xa[g] = gx[g * H] + (bi ? to_f(bi[g * H + j]) : 0.f);
-      ha[g] = gh[g * ghs] + (bh ? to_f(bh[g * H + j]) : 0.f);
+      in.xa[g] = gx[g * H] + (bi ? to_f(bi[g * H + j]) : 0.f);
+      in.bh[g] = bh ? to_f(bh[g * H + j]) : 0.f;
     }
+  }
+  return in;
+}
+
+// The rest of a forward step for element (b, j), given fwd_load's values and
+// the recurrent product gh[g] of each gate (read for valid steps only).
+template <Cell C, typename Tio>
+__device__ __forceinline__ void fwd_finish(const FwdStep& s, int64_t b, int64_t j,
+                                           const FwdIn<C>& in, const float (&gh)[FwdIn<C>::G]) {
+  constexpr int G = FwdIn<C>::G;
+  const int64_t H = s.H, i = b * H + j;
+  const bool proj = C == Cell::Lstm && s.m;
+  float h_new = in.h, c_new = in.c;
+  const int64_t sr = s.srow0 + b * s.sstride;
+  if (in.valid) {
+    const float* xa = in.xa;
+    float ha[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) ha[g] = gh[g] + in.bh[g];
     if constexpr (C == Cell::Lstm) {
       using L = cell::Lstm<DevMath>;
       const auto q = L::gates(xa[0] + ha[0], xa[1] + ha[1], xa[2] + ha[2], xa[3] + ha[3]);
@@ -300,7 +328,7 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
         float* gs = s.gates + sr * 4 * H + j;
         gs[0] = q.i; gs[H] = q.f; gs[2 * H] = q.g; gs[3 * H] = q.o;
       }
-      if (proj) static_cast<Tio*>(s.m)[grow * H + j] = from_f<Tio>(h_new);
+      if (proj) static_cast<Tio*>(s.m)[in.grow * H + j] = from_f<Tio>(h_new);
     } else if constexpr (C == Cell::Gru) {
       using R = cell::Gru<DevMath>;
       const auto q = R::gates(xa[0], xa[1], xa[2], ha[0], ha[1], ha[2]);
@@ -313,27 +341,33 @@ __device__ __forceinline__ void fwd_point(const FwdStep& s, int64_t b, int64_t j
       h_new = cell::Rnn<C, DevMath>::forward(xa[0] + ha[0]);
       if (s.gates) s.gates[sr * H + j] = h_new;
     }
-    hv = from_f<Tio>(h_new);
   }
   if constexpr (C == Cell::Lstm) {
     if (s.cnext) s.cnext[b * s.cnext_ld + j] = c_new;
     if (s.c_n) static_cast<Tio*>(s.c_n)[i] = from_f<Tio>(c_new);
   }
-  if (!proj) store_state<Tio>(s, b, j, H, valid, hv);
+  // (a carried state goes back to its own type unchanged)
+  if (!proj) store_state<Tio>(s, b, j, H, in.valid, from_f<Tio>(h_new));
 }
 
 template <Cell C, typename Tio>
 __global__ void fwd_step(FwdStep s) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= s.B * s.H) return;
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int G = FwdIn<C>::G;
   const int64_t b = i / s.H, j = i % s.H;
-  fwd_point<C, Tio>(s, b, j, s.gh + (s.ghslot ? s.ghslot[b] : b) * G * s.H + j, s.H);
+  const FwdIn<C> in = fwd_load<C, Tio>(s, b, j);
+  float gh[G];
+  // (a row that does not run has no product: its slot may be -1)
+  const float* ghp = in.valid ? s.gh + (s.ghslot ? s.ghslot[b] : b) * G * s.H + j : nullptr;
+#pragma unroll
+  for (int g = 0; g < G; ++g) gh[g] = ghp ? ghp[g * s.H] : 0.f;
+  fwd_finish<C, Tio>(s, b, j, in, gh);
 }
 
 // The state of a projected LSTM step, element (b, k), k < P: the step's
 // product hproj for a valid row, else the carried state; then the next step's
-// state, y and h_n as fwd_point writes them without projection.
+// state, y and h_n as fwd_finish writes them without projection.
 template <typename Tio>
 __global__ void proj_fwd_step(FwdStep s) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -404,37 +438,155 @@ __host__ __device__ __forceinline__ void place_fwd(FwdStep& f, const StateBuffer
   f.c_n = s + 1 == T ? sb.c_n : nullptr;
 }
 
-// One warp's dot products of a vector x with n <= N vectors ys[r * ystride ..],
-// all of length K: lanes stride k (each x[k] read once serves the n products),
-// then a butterfly reduction; every lane ends with the sums in sum[0..n).
-template <int N, typename Tio>
-__device__ __forceinline__ void warp_dots(const Tio* x, const Tio* ys, int64_t ystride, int n,
-                                          int64_t K, int lane, float (&sum)[N]) {
+// ------------------------------------------- the persistent kernels' products
+//
+// Both persistent kernels multiply, every step, their block's slice of W_hh
+// (in shared memory for the whole sequence) by a few vectors staged in shared
+// memory at the step: out[ks][b][r] = sum over k in part ks of W[r][k] X[b][k].
+// Rows are padded with zeros to a whole number of 16-byte vectors, so every
+// load is one 16-byte load (4 float32 or 8 16-bit values). A warp computes a
+// tile of kRT rows by kBT vectors, lanes along k: each W load serves kBT
+// products and each X load kRT. Its kRT * kBT sums are then reduced across
+// the warp by recursive halving (31 shuffles for the 32 sums, where one
+// butterfly per sum would take 160), which leaves lane l with sum l. When the
+// tiles are fewer than the warps, k is split into ks parts, one per warp, and
+// the consumer adds the parts in order.
+
+constexpr int kRT = 4, kBT = 8;  // a warp's tile: rows of W by vectors X
+
+#ifdef FUSEDRNN_CUDA_EMULATE
+using ::emu::Bytes16;
+using ::emu::load16;
+using ::emu::store16;
+template <typename Tio>
+inline Tio lane_of(const Bytes16& v, int i) {
+  Tio e;
+  std::memcpy(&e, v.b + i * sizeof(Tio), sizeof(Tio));
+  return e;
+}
+#else
+using Bytes16 = uint4;
+__device__ __forceinline__ Bytes16 load16(const void* p) { return *static_cast<const uint4*>(p); }
+__device__ __forceinline__ void store16(void* p, const Bytes16& v) { *static_cast<uint4*>(p) = v; }
+template <typename Tio>
+__device__ __forceinline__ Tio lane_of(const Bytes16& v, int i) {
+  return reinterpret_cast<const Tio*>(&v)[i];
+}
+#endif
+
+template <typename Tio>
+constexpr int kVec = 16 / static_cast<int>(sizeof(Tio));  // values per 16-byte vector
+
+template <typename Tio>
+__device__ __forceinline__ void load_vec(const Tio* p, float (&v)[kVec<Tio>]) {
+  const Bytes16 raw = load16(p);
 #pragma unroll
-  for (int r = 0; r < N; ++r) sum[r] = 0.f;
-  for (int64_t k = lane; k < K; k += 32) {
-    const float xk = to_f(x[k]);
+  for (int i = 0; i < kVec<Tio>; ++i) v[i] = to_f(lane_of<Tio>(raw, i));
+}
+
+// Sums each of the NV values over the warp's lanes by recursive halving: at
+// each stage a lane keeps half of its N values and hands the other half to
+// its partner. Returns to lane l the total of value l / (32 / NV).
+template <int N, int NV>
+__device__ __forceinline__ void halve_stage(float (&v)[NV], int lane) {
+  if constexpr (N > 1) {
+    constexpr int off = 16 * N / NV, h = N / 2;
+    const bool hi = (lane & off) != 0;
 #pragma unroll
-    for (int r = 0; r < N; ++r)
-      if (r < n) sum[r] += xk * to_f(ys[r * ystride + k]);
+    for (int i = 0; i < h; ++i) {
+      const float send = hi ? v[i] : v[i + h];
+      v[i] = (hi ? v[i + h] : v[i]) + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+    halve_stage<h, NV>(v, lane);
   }
+}
+
+template <int NV>
+__device__ __forceinline__ float warp_sum_spread(float (&v)[NV], int lane) {
+  static_assert(NV >= 1 && NV <= 32 && (NV & (NV - 1)) == 0, "NV: a power of 2 up to 32");
+  halve_stage<NV, NV>(v, lane);
+  float s = v[0];
 #pragma unroll
-  for (int r = 0; r < N; ++r)
+  for (int off = 16 / NV; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}
+
+// The block's products for vectors [b_lo, b_hi): W [rows][ld] and X (row b at
+// X + (b - b_lo) * ld) in shared memory, ld a multiple of the vector with
+// zeros past the data. Writes out[ks * out_part + b * out_ld + r]. Tiles for
+// which skip(b0, n) holds (no vector of b0..b0+n-1 runs) are left out.
+template <typename Tio, typename Skip>
+__device__ __forceinline__ void block_products(const Tio* W, const Tio* X, int ld, int rows,
+                                               int b_lo, int b_hi, int parts, float* out,
+                                               int out_ld, int64_t out_part, Skip skip) {
+  constexpr int V = kVec<Tio>, NV = kRT * kBT, SPREAD = 32 / NV;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int rtiles = (rows + kRT - 1) / kRT, btiles = (b_hi - b_lo + kBT - 1) / kBT;
+  // each part: a whole number of the warp's 32 vectors
+  const int part = ((ld / V + parts - 1) / parts + 31) / 32 * 32 * V;
+  for (int o = warp; o < rtiles * btiles * parts; o += nwarps) {
+    const int ks = o % parts, tile = o / parts;
+    const int r0 = tile / btiles * kRT, b0 = b_lo + tile % btiles * kBT;
+    const int nr = min(kRT, rows - r0), nb = min(kBT, b_hi - b0);
+    if (skip(b0, nb)) continue;
+    float acc[NV];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], off);
+    for (int i = 0; i < NV; ++i) acc[i] = 0.f;
+    const int k_end = min(ld, (ks + 1) * part);
+    for (int k = ks * part + lane * V; k < k_end; k += 32 * V) {
+      float w[kRT][V];
+#pragma unroll
+      for (int ri = 0; ri < kRT; ++ri) load_vec<Tio>(W + (r0 + min(ri, nr - 1)) * ld + k, w[ri]);
+#pragma unroll
+      for (int bi = 0; bi < kBT; ++bi) {
+        if (bi < nb) {
+          float x[V];
+          load_vec<Tio>(X + (b0 - b_lo + bi) * ld + k, x);
+#pragma unroll
+          for (int ri = 0; ri < kRT; ++ri)
+            if (ri < nr)
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[ri * kBT + bi] = fmaf(w[ri][v], x[v], acc[ri * kBT + bi]);
+        }
+      }
+    }
+    const float sum = warp_sum_spread<NV>(acc, lane);
+    const int idx = lane / SPREAD, ri = idx / kBT, bi = idx % kBT;
+    if (lane % SPREAD == 0 && ri < nr && bi < nb)
+      out[ks * out_part + static_cast<int64_t>(b0 + bi) * out_ld + r0 + ri] = sum;
+  }
+}
+
+// Copies n values from global memory (src) to shared memory (dst, 16-byte
+// aligned) by one warp: 16-byte moves when vec, else one value per lane.
+template <typename Tio>
+__device__ __forceinline__ void warp_copy(Tio* dst, const Tio* src, int n, bool vec, int lane) {
+  constexpr int V = kVec<Tio>;
+  if (vec)
+    for (int k = lane * V; k < n; k += 32 * V) store16(dst + k, load16(src + k));
+  else
+    for (int k = lane; k < n; k += 32) dst[k] = src[k];
+}
+
+// Whether n values at p, rows ld apart, can move as 16-byte vectors.
+template <typename Tio>
+__device__ __forceinline__ bool vec_ok(const void* p, int64_t n, int64_t ld) {
+  constexpr int V = kVec<Tio>;
+  return n % V == 0 && ld % V == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 // ------------------------------------------------- persistent forward
 //
 // One cooperative launch runs every step. Block k owns hidden units
 // [k*U, k*U + U): it keeps their G*U rows of W_hh in shared memory for the
-// whole sequence, and per step stages the previous state (all B*H values) in
-// shared memory, computes its rows' recurrent products (one warp per
-// (row, batch) dot product, lanes along H), runs the pointwise math of its
-// units, writes the new state to global memory, and meets the other blocks
-// at a grid-wide barrier. Rows whose step is not valid skip their products.
-// The state buffers, y and the saved values are exactly those of the
-// standard algorithm, so backward is shared.
+// whole sequence. Per step it stages the previous state of the rows that
+// run (bc batch rows at a time) in shared memory, computes its rows'
+// recurrent products (block_products), runs the pointwise math of its units,
+// writes the new state to global memory, loads what the next step's
+// pointwise math reads, and meets the other blocks at a grid-wide barrier.
+// Rows whose step is not valid skip their products. The state buffers, y and
+// the saved values are exactly those of the standard algorithm, so backward
+// is shared.
 
 #ifdef FUSEDRNN_CUDA_EMULATE
 constexpr int kPersistentThreads = 64;  // two warps: fewer fibers for the host emulator
@@ -442,7 +594,7 @@ constexpr int kPersistentThreads = 64;  // two warps: fewer fibers for the host 
 constexpr int kPersistentThreads = 256;
 #endif
 
-constexpr int kFwdRows = 4;  // batch rows per warp item in the persistent forward
+constexpr int kPrefetch = 2;  // pointwise elements per thread whose inputs are loaded early
 
 // A checkpointed forward's kept states: the state entering steps 0, k, 2k, ...
 // (processing order), h of the array type, the LSTM cell in float32.
@@ -461,8 +613,8 @@ struct PersistentParams {
   FwdStep step;  // the per-step fields are set by place_fwd in the kernel
   StateBuffers sb;  // (its segment: the steps to run)
   const void* w_hh;
-  int U;
   Checkpoints ck;  // a checkpointed forward: where the state every ck.k steps goes
+  PersistentLayout c;  // (set at launch)
 };
 
 std::mutex& persistent_launch_mutex() {
@@ -470,95 +622,96 @@ std::mutex& persistent_launch_mutex() {
   return m;
 }
 
-struct PersistentConfig {
-  int U = 0, blocks = 0;
-  std::size_t w_bytes = 0, h_bytes = 0, smem = 0;
-  bool ok = false;
-};
-
-std::size_t align16(std::size_t n) { return (n + 15) / 16 * 16; }
-__device__ __forceinline__ int64_t align16_dev(int64_t n) { return (n + 15) / 16 * 16; }
-
-PersistentConfig persistent_config(const Problem& p) {
-  PersistentConfig c;
-  // (no projection: the persistent kernels keep only W_hh on chip)
-  if (p.B < 1 || p.H < 1 || p.T < 1 || p.proj) return c;
-  int sms = 0, optin = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) !=
-          cudaSuccess) {
-    cudaGetLastError();
-    return c;
-  }
-  const std::size_t es = dtype_size(p.dtype), G = p.G(), H = p.H, B = p.B;
-  c.U = static_cast<int>((p.H + sms - 1) / sms);
-  c.blocks = static_cast<int>((p.H + c.U - 1) / c.U);
-  c.w_bytes = align16(G * c.U * H * es);
-  c.h_bytes = align16(B * H * es);
-  c.smem = c.w_bytes + c.h_bytes + align16(B * G * c.U * sizeof(float));
-  int coop = 0;
-  if (cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, p.device) != cudaSuccess) {
-    cudaGetLastError();
-    coop = 0;
-  }
-  c.ok = coop && c.smem <= static_cast<std::size_t>(optin) && c.blocks <= sms;
-  return c;
-}
+PersistentLayout persistent_config(const Problem& p) { return persistent_layout(p, false); }
 
 template <Cell C, typename Tio>
-__global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentParams a) {
+__global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(PersistentParams a) {
   namespace cg = cooperative_groups;
   cg::grid_group grid = cg::this_grid();
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int G = FwdIn<C>::G;
   FUSEDRNN_SHARED_BYTES(smem_raw);
-  const int64_t H = a.step.H, B = a.step.B, U = a.U;
-  const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
-  const int64_t GU = G * U;
-  Tio* w = reinterpret_cast<Tio*>(smem_raw);
-  Tio* hsm = reinterpret_cast<Tio*>(smem_raw + align16_dev(GU * H * sizeof(Tio)));
-  float* acc = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(hsm) +
-                                        align16_dev(B * H * sizeof(Tio)));
-  const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
-  for (int64_t e = threadIdx.x; e < G * Ue * H; e += blockDim.x) {
-    const int64_t lr = e / H, k = e % H, g = lr / Ue, u = lr % Ue;
-    w[(g * U + u) * H + k] = w_hh[(g * H + j0 + u) * H + k];
-  }
+  const int64_t H = a.step.H, B = a.step.B;
+  const int U = a.c.U, ld = a.c.ld, bc = a.c.bc, parts = a.c.ks, GU = G * U;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * U;
+  const int Ue = static_cast<int>(min(static_cast<int64_t>(U), H - j0)), rows = G * Ue;
+  Tio* w = reinterpret_cast<Tio*>(smem_raw);  // [rows][ld]: row g*Ue + u is W_hh's g*H + j0 + u
+  Tio* xs = w + static_cast<int64_t>(GU) * ld;  // [bc][ld]: staged state rows
+  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(bc) * ld);  // [parts][B][GU]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int64_t s = a.sb.s0; s < steps_end(a.sb); ++s) {
-    FwdStep f = a.step;
-    place_fwd<Tio>(f, a.sb, s);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
+  const Tio zero = from_f<Tio>(0.f);
+  for (int lr = warp; lr < rows; lr += nwarps) {
+    const Tio* src = w_hh + ((lr / Ue) * H + j0 + lr % Ue) * H;
+    for (int k = lane; k < ld; k += 32) w[lr * ld + k] = k < H ? src[k] : zero;
+  }
+  for (int r = warp; r < bc; r += nwarps)
+    for (int k = static_cast<int>(H) + lane; k < ld; k += 32) xs[r * ld + k] = zero;
+
+  // Pointwise element e = b * Ue + u goes to thread e mod nt, every step;
+  // the first kPrefetch of a thread have their inputs loaded a step ahead.
+  const int npts = static_cast<int>(B) * Ue;
+  FwdIn<C> pre[kPrefetch];
+  auto prefetch = [&](const FwdStep& fs) {
+#pragma unroll
+    for (int q = 0; q < kPrefetch; ++q) {
+      const int e = tid + q * nt;
+      if (e < npts) pre[q] = fwd_load<C, Tio>(fs, e / Ue, j0 + e % Ue);
+    }
+  };
+  auto finish = [&](const FwdStep& fs, int e, const FwdIn<C>& in) {
+    const int b = e / Ue, u = e % Ue;
+    float gh[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float* pg = acc + static_cast<int64_t>(b) * GU + g * Ue + u;
+      float v = pg[0];
+      for (int ks = 1; ks < parts; ++ks) v += pg[ks * B * GU];
+      gh[g] = v;
+    }
+    fwd_finish<C, Tio>(fs, b, j0 + u, in, gh);
+  };
+
+  const int64_t end = steps_end(a.sb);
+  FwdStep f = a.step;
+  place_fwd<Tio>(f, a.sb, a.sb.s0);
+  prefetch(f);
+  for (int64_t s = a.sb.s0; s < end; ++s) {
     const int64_t t = f.t;
     const Tio* hp = static_cast<const Tio*>(f.hprev);
     if (a.ck.k && s % a.ck.k == 0) {  // keep the state entering the step: this block's units
       Tio* kh = static_cast<Tio*>(a.ck.h) + (s / a.ck.k) * B * H;
       float* kc = a.ck.c ? a.ck.c + (s / a.ck.k) * B * H : nullptr;
-      for (int64_t e = threadIdx.x; e < B * Ue; e += blockDim.x) {
+      for (int e = tid; e < npts; e += nt) {
         const int64_t b = e / Ue, j = j0 + e % Ue;
         kh[b * H + j] = hp[b * f.hprev_ld + j];
         if (kc) kc[b * H + j] = f.cprev[b * f.cprev_ld + j];
       }
     }
-    for (int64_t e = threadIdx.x; e < B * H; e += blockDim.x)
-      hsm[e] = hp[(e / H) * f.hprev_ld + e % H];
-    __syncthreads();
-    // One warp item: one row of W_hh times up to kFwdRows batch rows, so each
-    // weight read from shared memory serves several dot products.
-    const int64_t bchunks = (B + kFwdRows - 1) / kFwdRows;
-    for (int64_t o = warp; o < G * Ue * bchunks; o += nwarps) {
-      const int64_t lr = o / bchunks, b0 = (o % bchunks) * kFwdRows, g = lr / Ue, u = lr % Ue;
-      const int nb = static_cast<int>(min(static_cast<int64_t>(kFwdRows), B - b0));
-      bool any = false;
-      for (int r = 0; r < nb; ++r) any = any || valid_step(f.lengths, f.mask, t, B, b0 + r);
-      if (!any) continue;  // rows past their end compute nothing
-      float sum[kFwdRows];
-      warp_dots(w + (g * U + u) * H, hsm + b0 * H, H, nb, H, lane, sum);
-      if (lane == 0)
-        for (int r = 0; r < nb; ++r) acc[(b0 + r) * GU + g * U + u] = sum[r];
+    auto skip = [&](int b0, int n) {
+      for (int i = 0; i < n; ++i)
+        if (valid_step(f.lengths, f.mask, t, B, b0 + i)) return false;
+      return true;
+    };
+    const bool vec = vec_ok<Tio>(hp, H, f.hprev_ld);
+    for (int b_lo = 0; b_lo < B; b_lo += bc) {
+      const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
+      for (int b = b_lo + warp; b < b_hi; b += nwarps)
+        if (valid_step(f.lengths, f.mask, t, B, b))
+          warp_copy<Tio>(xs + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(H), vec, lane);
+      __syncthreads();
+      block_products<Tio>(w, xs, ld, rows, b_lo, b_hi, parts, acc, GU, B * GU, skip);
+      __syncthreads();
     }
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < B * Ue; e += blockDim.x) {
-      const int64_t b = e / Ue, u = e % Ue;
-      fwd_point<C, Tio>(f, b, j0 + u, acc + b * GU + u, U);
+#pragma unroll
+    for (int q = 0; q < kPrefetch; ++q)
+      if (tid + q * nt < npts) finish(f, tid + q * nt, pre[q]);
+    for (int e = tid + kPrefetch * nt; e < npts; e += nt)
+      finish(f, e, fwd_load<C, Tio>(f, e / Ue, j0 + e % Ue));
+    if (s + 1 < end) {  // (this thread wrote the state and cell its elements read next)
+      f = a.step;
+      place_fwd<Tio>(f, a.sb, s + 1);
+      prefetch(f);
     }
     grid.sync();
   }
@@ -567,7 +720,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_fwd(PersistentP
 // Queues a persistent kernel and returns true, or returns false, queueing
 // nothing, when its blocks cannot all be resident at once.
 template <typename Params>
-bool launch_persistent(void (*kernel)(Params), const PersistentConfig& c, int device,
+bool launch_persistent(void (*kernel)(Params), const PersistentLayout& c, int device,
                        cudaStream_t stream, Params& a) {
   // The shared-memory attribute is per function: hold it until the launch is queued.
   std::lock_guard<std::mutex> lock(persistent_launch_mutex());
@@ -584,10 +737,9 @@ bool launch_persistent(void (*kernel)(Params), const PersistentConfig& c, int de
 
 template <Cell C, typename Tio>
 bool launch_persistent_fwd(const Problem& p, cudaStream_t st, PersistentParams a) {
-  const PersistentConfig c = persistent_config(p);
-  if (!c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
-  a.U = c.U;
-  return launch_persistent(persistent_fwd<C, Tio>, c, p.device, st, a);
+  a.c = persistent_config(p);
+  if (!a.c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
+  return launch_persistent(persistent_fwd<C, Tio>, a.c, p.device, st, a);
 }
 
 struct BwdStep {
@@ -725,97 +877,101 @@ __global__ void proj_bwd_step(BwdStep s) {
 //
 // Block k owns hidden units [k*U, k*U + U) as in the forward kernel, but
 // keeps the transposed slice: the columns of W_hh for its units, all G*H
-// rows, stored [U][G*H]. Per step (reverse order): first the recurrent
-// gradient for its units, dh[b, j] += sum over rows of dgates[b, row] *
-// W_hh[row, j] (the dgates of the step processed before, read from global
-// memory, lanes along the rows); then the pointwise gradient of its units,
-// which writes their dgates; then the grid-wide barrier. One last
-// recurrent product after the loop gives dh0. dh, dc, dgates and the
-// deferred products are exactly the standard algorithm's.
+// rows, stored [U][G*H] (padded as the forward's rows). Per step (reverse
+// order): first the recurrent gradient for its units, dh[b, j] += sum over
+// rows of dgates[b, row] * W_hh[row, j] (the dgates of the step processed
+// before, staged from global memory, block_products with K = G*H); then the
+// pointwise gradient of its units, which writes their dgates; then the
+// grid-wide barrier. One last recurrent product after the loop gives dh0.
+// dh, dc, dgates and the deferred products are exactly the standard
+// algorithm's.
 
 struct PersistentBwdParams {
   BwdStep step;  // the per-step fields are set by place_bwd in the kernel
   StateBuffers sb;
   const void* w_hh;
-  int U;
   bool dh0;  // whether dh0 is wanted: the last recurrent product gives only that
+  PersistentLayout c;  // (set at launch)
 };
 
-constexpr int kDhUnits = 8;  // units per warp item: each dgates row is read once per 8 units
-
 template <Cell C, typename Tio>
-__device__ __forceinline__ void persistent_dh(const PersistentBwdParams& a, const Tio* wt,
-                                              const Tio* dgh, int64_t j0, int64_t Ue, int64_t t,
-                                              float* dh) {
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
-  const int64_t H = a.step.H, B = a.step.B, GH = G * H;
-  const int64_t chunks = (Ue + kDhUnits - 1) / kDhUnits;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int64_t o = warp; o < B * chunks; o += nwarps) {
-    const int64_t b = o / chunks, u0 = (o % chunks) * kDhUnits;
-    const int nu = static_cast<int>(min(static_cast<int64_t>(kDhUnits), Ue - u0));
-    // Rows whose step was not valid have no dgates: nothing to add.
-    if (!valid_step(a.step.lengths, a.step.mask, t, B, b)) continue;
-    const int64_t r = a.step.prow ? a.step.prow[t * B + b] : a.sb.p.row0(t) + b * a.sb.p.bstride();
-    float sum[kDhUnits];
-    warp_dots(dgh + r * GH, wt + u0 * GH, GH, nu, GH, lane, sum);
-    if (lane == 0)
-      for (int u = 0; u < nu; ++u) dh[b * H + j0 + u0 + u] += sum[u];
-  }
-}
-
-template <Cell C, typename Tio>
-__global__ void __launch_bounds__(kPersistentThreads) persistent_bwd(PersistentBwdParams a) {
+__global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(PersistentBwdParams a) {
   namespace cg = cooperative_groups;
   cg::grid_group grid = cg::this_grid();
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   FUSEDRNN_SHARED_BYTES(smem_raw);
-  const int64_t H = a.step.H, B = a.step.B, U = a.U, GH = G * H;
-  const int64_t j0 = blockIdx.x * U, Ue = min(U, H - j0);
-  Tio* wt = reinterpret_cast<Tio*>(smem_raw);  // [U][G*H]
+  const int64_t H = a.step.H, B = a.step.B, GH = G * H;
+  const int U = a.c.U, ld = a.c.ld, bc = a.c.bc, parts = a.c.ks;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * U;
+  const int Ue = static_cast<int>(min(static_cast<int64_t>(U), H - j0));
+  Tio* wt = reinterpret_cast<Tio*>(smem_raw);  // [U][ld]: row u is W_hh's column j0 + u
+  Tio* xs = wt + static_cast<int64_t>(U) * ld;  // [bc][ld]: staged dgates rows
+  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(bc) * ld);  // [parts][B][U]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int tid = threadIdx.x, nt = blockDim.x, npts = static_cast<int>(B) * Ue;
   const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
-  for (int64_t e = threadIdx.x; e < GH * Ue; e += blockDim.x) {
+  const Tio zero = from_f<Tio>(0.f);
+  for (int64_t e = tid; e < GH * Ue; e += nt) {  // (reads along the units: coalesced)
     const int64_t row = e / Ue, u = e % Ue;
-    wt[u * GH + row] = w_hh[row * H + j0 + u];
+    wt[u * ld + row] = w_hh[row * H + j0 + u];
   }
-  __syncthreads();
+  for (int u = warp; u < Ue; u += nwarps)
+    for (int k = static_cast<int>(GH) + lane; k < ld; k += 32) wt[u * ld + k] = zero;
+  for (int r = warp; r < bc; r += nwarps)
+    for (int k = static_cast<int>(GH) + lane; k < ld; k += 32) xs[r * ld + k] = zero;
   const Tio* dgh = static_cast<const Tio*>(C == Cell::Gru ? a.step.dgh : a.step.dgx);
+  const Problem& p = a.sb.p;
+  // dh[b, j0 + u] += the product of step t's dgates with the block's columns,
+  // for the rows that ran at t (the others have no dgates).
+  auto recurrent = [&](int64_t t) {
+    auto runs = [&](int64_t b) { return valid_step(a.step.lengths, a.step.mask, t, B, b); };
+    auto skip = [&](int b0, int n) {
+      for (int i = 0; i < n; ++i)
+        if (runs(b0 + i)) return false;
+      return true;
+    };
+    const bool vec = vec_ok<Tio>(dgh, GH, GH);
+    for (int b_lo = 0; b_lo < B; b_lo += bc) {
+      const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
+      for (int b = b_lo + warp; b < b_hi; b += nwarps) {
+        if (!runs(b)) continue;
+        const int64_t r = a.step.prow ? a.step.prow[t * B + b] : p.row0(t) + b * p.bstride();
+        warp_copy<Tio>(xs + (b - b_lo) * ld, dgh + r * GH, static_cast<int>(GH), vec, lane);
+      }
+      __syncthreads();
+      block_products<Tio>(wt, xs, ld, Ue, b_lo, b_hi, parts, acc, U, B * U, skip);
+      __syncthreads();
+    }
+    for (int e = tid; e < npts; e += nt) {
+      const int b = e / Ue, u = e % Ue;
+      if (!runs(b)) continue;
+      const float* pa = acc + static_cast<int64_t>(b) * U + u;
+      float v = pa[0];
+      for (int ks = 1; ks < parts; ++ks) v += pa[ks * B * U];
+      a.step.dh[b * H + j0 + u] += v;
+    }
+  };
   int64_t t_done = -1;  // the step whose dgates the next recurrent product reads
   for (int64_t s = steps_end(a.sb) - 1; s >= a.sb.s0; --s) {
-    if (t_done >= 0)
-      persistent_dh<C, Tio>(a, wt, dgh, j0, Ue, t_done, a.step.dh);
+    if (t_done >= 0) recurrent(t_done);
     __syncthreads();
     BwdStep f = a.step;
     place_bwd<Tio>(f, a.sb, s);
-    for (int64_t e = threadIdx.x; e < B * Ue; e += blockDim.x)
-      bwd_point<C, Tio>(f, e / Ue, j0 + e % Ue);
+    for (int e = tid; e < npts; e += nt) bwd_point<C, Tio>(f, e / Ue, j0 + e % Ue);
     t_done = f.t;
     grid.sync();
   }
   // The last step's product: only dh0 at step 0, else the next segment's dh.
-  if (a.dh0 || a.sb.s0 > 0) persistent_dh<C, Tio>(a, wt, dgh, j0, Ue, t_done, a.step.dh);
+  if (t_done >= 0 && (a.dh0 || a.sb.s0 > 0)) recurrent(t_done);
 }
 
-PersistentConfig persistent_bwd_config(const Problem& p) {
-  PersistentConfig c = persistent_config(p);
-  if (c.U == 0) return c;
-  int optin = 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) != cudaSuccess) {
-    cudaGetLastError();
-    c.ok = false;
-    return c;
-  }
-  c.smem = c.w_bytes;
-  c.ok = c.smem <= static_cast<std::size_t>(optin);
-  return c;
-}
+PersistentLayout persistent_bwd_config(const Problem& p) { return persistent_layout(p, true); }
 
 template <Cell C, typename Tio>
 bool launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParams a) {
-  const PersistentConfig c = persistent_bwd_config(p);
-  if (!c.ok) throw std::invalid_argument("the persistent backward kernel does not fit this problem");
-  a.U = c.U;
-  return launch_persistent(persistent_bwd<C, Tio>, c, p.device, st, a);
+  a.c = persistent_bwd_config(p);
+  if (!a.c.ok) throw std::invalid_argument("the persistent backward kernel does not fit this problem");
+  return launch_persistent(persistent_bwd<C, Tio>, a.c, p.device, st, a);
 }
 
 // Which rows run at each step: the valid ones (DESIGN.md §2), every row
@@ -1086,7 +1242,7 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     ck.c = lstm ? cache->at<float>(cache->ckc_off) : nullptr;
   }
   if (algo == Algo::Persistent) {
-    PersistentParams a{base, sb, w_hh, 0, ck};
+    PersistentParams a{base, sb, w_hh, ck, {}};
     a.step.gh = nullptr;  // the products stay in shared memory
     if (launch_persistent_fwd<C, Tio>(p, st, a)) {
       if (cache) cache->algo = Algo::Persistent;
@@ -1212,7 +1368,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     const float* gates = c.at<float>(c.gates_off);
     bool persistent_done = false;
     if (c.algo == Algo::Persistent && persistent_bwd_config(p).ok) {
-      PersistentBwdParams a{base, sb, whh, 0, g.h0 != nullptr};
+      PersistentBwdParams a{base, sb, whh, g.h0 != nullptr, {}};
       a.step.gates = gates;
       a.step.cs = cs;
       persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
@@ -1287,14 +1443,14 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
       // the algorithm forward ran, so that the recomputed values are forward's
       bool done = false;
       if (persistent) {
-        PersistentParams a{f, sb, whh, 0, Checkpoints{}};
+        PersistentParams a{f, sb, whh, Checkpoints{}, {}};
         a.step.gh = nullptr;
         done = launch_persistent_fwd<C, Tio>(p, st, a);
       }
       if (!done) forward_steps<C, Tio>(p, run, f, sb, s0, s1, whh, whr, packed, nullptr);
       done = false;
       if (persistent) {
-        PersistentBwdParams a{base, sb, whh, 0, g.h0 != nullptr};
+        PersistentBwdParams a{base, sb, whh, g.h0 != nullptr, {}};
         a.step.gates = gates;
         a.step.cs = cs;
         done = launch_persistent_bwd<C, Tio>(p, st, a);
@@ -1442,6 +1598,44 @@ Algo choose_algo(const Problem& p) {
   // (B * G * H = 16384 exactly), took 1.99x the standard algorithm's time.
   if (p.B <= 16 && p.B * p.G() * p.H <= 16384 && persistent_fits(p)) return Algo::Persistent;
   return Algo::Standard;
+}
+
+// The layout for a problem: forward multiplies G*U rows of W_hh by the state
+// (K = H); backward U columns of W_hh by the gate gradients (K = G*H).
+PersistentLayout persistent_layout(const Problem& p, bool backward) {
+  PersistentLayout c;
+  // (no projection: the persistent kernels keep only W_hh on chip)
+  if (p.B < 1 || p.H < 1 || p.T < 1 || p.proj) return c;
+  int sms = 0, optin = 0, coop = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, p.device) != cudaSuccess) {
+    cudaGetLastError();
+    return c;
+  }
+  const int64_t es = static_cast<int64_t>(dtype_size(p.dtype)), V = 16 / es, G = p.G(), H = p.H;
+  const int64_t U = (H + sms - 1) / sms, K = backward ? G * H : H, ld = (K + V - 1) / V * V;
+  const int64_t rows = backward ? U : G * U, w = rows * ld * es, avail = optin;
+  const int64_t warps = kPersistentThreads / 32;
+  auto fit_bc = [&](int64_t ks) {  // vectors staged at once, with ks parts of products
+    const int64_t left = avail - w - ks * p.B * rows * 4;
+    return left < ld * es ? int64_t{0} : std::min(p.B, left / (ld * es));
+  };
+  int64_t ks = 1, bc = fit_bc(1);
+  if (bc < 1) return c;
+  const int64_t tiles = (rows + kRT - 1) / kRT * ((bc + kBT - 1) / kBT);
+  ks = std::max<int64_t>(1, std::min(warps / tiles, (ld / V + 31) / 32));
+  while (ks > 1 && fit_bc(ks) < bc) --ks;  // split k only where it costs no staging room
+  c.U = static_cast<int>(U);
+  c.blocks = static_cast<int>((H + U - 1) / U);
+  c.ld = static_cast<int>(ld);
+  c.bc = static_cast<int>(bc);
+  c.ks = static_cast<int>(ks);
+  c.smem = static_cast<std::size_t>(w + bc * ld * es + ks * p.B * rows * 4);
+  c.ok = coop && c.blocks <= sms && ld <= INT32_MAX / 2 &&
+         c.smem <= static_cast<std::size_t>(optin);
+  return c;
 }
 
 bool persistent_fits(const Problem& p) {

@@ -115,6 +115,18 @@ Algo choose_algo(const Problem& p);
 // slice of W_hh must fit one block's shared memory, its grid co-resident).
 bool persistent_fits(const Problem& p);
 
+// A persistent kernel's layout on this device: U hidden units per block and
+// blocks; in shared memory, the block's slice of W_hh as rows of ld values
+// (padded with zeros to 16 bytes), bc staged vectors (the state forward, the
+// gate gradients backward) and their products in ks parts of k (float32).
+// ok: it fits (shared memory, blocks, cooperative launch).
+struct PersistentLayout {
+  int U = 0, blocks = 0, ld = 0, bc = 0, ks = 1;
+  std::size_t smem = 0;
+  bool ok = false;
+};
+PersistentLayout persistent_layout(const Problem& p, bool backward);
+
 // Forward. cache is null for inference, else a Cache made for (p, in), which
 // forward fills. y [T, B, P] (or [B, T, P]), h_n [B, P], c_n [B, H] (lstm).
 void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
