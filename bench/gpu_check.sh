@@ -19,6 +19,8 @@
 #   racecheck  compute-sanitizer --tool racecheck on the same, persistent kernels (the
 #              only ones with shared memory)
 #   bench      python -m fusedrnn bench --device cuda (full grid) -> $OUT
+#   units      bench/persistent_units.py: the persistent kernels with fewer, larger
+#              blocks (FUSEDRNN_CUDA_PERSISTENT_UNITS), float32 -> $OUT
 #
 # Output: everything is also logged to $OUT/gpu_check.log; the benchmark writes
 # $OUT/cuda-<gpu>.csv and .txt. OUT defaults to bench/results. Exit status 0
@@ -27,7 +29,7 @@
 #
 # Environment knobs: OUT, PYTHON (python3), SITE (/tmp/fusedrnn-site),
 # FUSEDRNN_CUDA_ARCHITECTURES (90), BENCH_ARGS (extra options for the benchmark,
-# e.g. "--quick"), SKIP_BENCH=1, SKIP_SANITIZER=1, SKIP_TESTS=1, and SKIP_BUILD=1 (use
+# e.g. "--quick"), SKIP_BENCH=1, SKIP_UNITS=1, SKIP_SANITIZER=1, SKIP_TESTS=1, and SKIP_BUILD=1 (use
 # the package an earlier run on the same machine installed in $SITE: a second call
 # within the device's idle time, e.g. for the sanitizers only).
 
@@ -196,6 +198,15 @@ for cell in ("lstm", "gru"):
             _device.forward(cell, x, d(G * H, I), d(G * H, H), None, None, None, None,
                             algo=algo, training=False, **kw)[0].get()
         print(cell, algo, "ok")
+if "persistent" in algos:  # H = 300: the forward's k split among warps (H = 40: backward's)
+    H2, G = 300, 4
+    d = lambda *s: DeviceArray.from_host(rng.standard_normal(s) * 0.1, dtype="float32")
+    y, h_n, c_n, cache = _device.forward("lstm", d(T, B, I), d(G * H2, I), d(G * H2, H2),
+                                         d(G * H2), d(G * H2), algo="persistent",
+                                         lengths=np.array([5, 0, 3]))
+    g = fusedrnn.backward(cache, d(T, B, H2))
+    assert all(np.isfinite(v.get()).all() for v in g.values() if v is not None)
+    print("lstm H=300 persistent ok")
 if "standard" in algos:  # the LSTM projection (standard algorithm only), P = 24 < H
     P = 24
     for kw in ({"lengths": np.array([5, 0, 3])}, {"mask": rng.random((T, B)) < 0.6},
@@ -251,6 +262,10 @@ bench() {
   (cd "$WORK" && timeout 300 "$PY" -m fusedrnn bench --device cuda --out "$OUT" ${BENCH_ARGS:-})
 }
 
+units() {  # the persistent kernels with fewer, larger blocks (bench/persistent_units.py)
+  (cd "$WORK" && timeout 120 "$PY" "$ROOT/bench/persistent_units.py" --out "$OUT")
+}
+
 phase info info
 phase deps deps
 [ "${SKIP_BUILD:-0}" != 1 ] && phase build build
@@ -264,6 +279,7 @@ else
     phase racecheck racecheck
   fi
   [ "${SKIP_BENCH:-0}" != 1 ] && phase bench bench
+  [ "${SKIP_UNITS:-0}" != 1 ] && phase units units
 fi
 
 echo

@@ -340,6 +340,19 @@ def test_persistent_splits_k_among_warps(cell, H, sms, split, monkeypatch, rng):
     check(out, TOL["float32"])
 
 
+@pytest.mark.parametrize("units,blocks", [("3", 3), ("7", 1), ("100", 1)])
+def test_persistent_units_per_block_knob(units, blocks, monkeypatch, rng):
+    """FUSEDRNN_CUDA_PERSISTENT_UNITS: at least that many hidden units per block
+    (at most H), so fewer blocks; the results do not depend on it."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_UNITS", units)
+    for backward in (False, True):
+        lay = emu.persistent_layout("gru", "float32", 5, 7, backward, 0)
+        assert (lay["U"], lay["blocks"]) == (min(int(units), 7), blocks), lay
+    problem = make_problem("gru", 5, 5, 6, 7, np.float64, rng, reverse=True, lengths=True)
+    out, _, _ = run("gru", problem, "float32", "persistent")
+    check(out, TOL["float32"])
+
+
 def test_unknown_algo_is_rejected():
     with pytest.raises(ValueError, match="algo"):
         _device.forward("lstm", fusedrnn.DeviceArray((1, 1, 1), "float32", 0),

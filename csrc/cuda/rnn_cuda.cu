@@ -20,6 +20,7 @@
 #include "runtime.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -1615,7 +1616,13 @@ PersistentLayout persistent_layout(const Problem& p, bool backward) {
     return c;
   }
   const int64_t es = static_cast<int64_t>(dtype_size(p.dtype)), V = 16 / es, G = p.G(), H = p.H;
-  const int64_t U = (H + sms - 1) / sms, K = backward ? G * H : H, ld = (K + V - 1) / V * V;
+  // One block per multiprocessor, or fewer with more units each when
+  // FUSEDRNN_CUDA_PERSISTENT_UNITS asks for at least that many per block (a
+  // benchmark knob, as FUSEDRNN_CUDA_ALGO: fewer blocks meet at the barrier).
+  const char* umin_env = std::getenv("FUSEDRNN_CUDA_PERSISTENT_UNITS");
+  const int64_t umin = umin_env ? std::max(1, std::atoi(umin_env)) : 1;
+  const int64_t U = std::min(H, std::max((H + sms - 1) / sms, umin));
+  const int64_t K = backward ? G * H : H, ld = (K + V - 1) / V * V;
   const int64_t rows = backward ? U : G * U, w = rows * ld * es, avail = optin;
   const int64_t warps = kPersistentThreads / 32;
   auto fit_bc = [&](int64_t ks) {  // vectors staged at once, with ks parts of products
