@@ -762,7 +762,7 @@ struct BwdStep {
   const int32_t* lengths;
   const uint8_t* mask;
   // Projection, else null: proj_bwd_step writes the gradient w.r.t. each
-  // valid step's state to dhr ([rows, P], rows as dgx's); bwd_point reads
+  // valid step's state to dhr ([rows, P], rows as dgx's); bwd_finish reads
   // the cell's output gradient dm = dhr W_hr ([rows, H], row dslot[b], or b
   // when dslot is null).
   void* dhr;
@@ -788,63 +788,103 @@ __host__ __device__ __forceinline__ void place_bwd(BwdStep& b, const StateBuffer
   }
 }
 
-// dh[b, k] plus dy's element (b, k) (width W) where y depends on the state:
-// y at a padded step (lengths) is a constant 0; at a masked step it is the
-// carried state, so its gradient flows into that state.
+// dy's element (b, k) (width W) where y depends on the state, else 0: y at a
+// padded step (lengths) is a constant 0; at a masked step it is the carried
+// state, so its gradient flows into that state.
+template <typename Tio>
+__device__ __forceinline__ float dy_term(const BwdStep& s, int64_t b, int64_t k, int64_t W,
+                                         bool valid) {
+  const int64_t r = s.row0 + b * s.bstride;
+  const bool dy_counts = s.dy && (valid || !s.lengths);
+  return dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * W + k]) : 0.f;
+}
+
+// dh[b, k] plus dy's element (b, k) (width W), as dy_term says.
 template <typename Tio>
 __device__ __forceinline__ float dh_with_dy(const BwdStep& s, int64_t b, int64_t k, int64_t W,
                                             bool valid) {
-  const int64_t r = s.row0 + b * s.bstride;
-  const bool dy_counts = s.dy && (valid || !s.lengths);
-  return s.dh[b * W + k] + (dy_counts ? to_f(static_cast<const Tio*>(s.dy)[r * W + k]) : 0.f);
+  return s.dh[b * W + k] + dy_term<Tio>(s, b, k, W, valid);
 }
 
-// One element (b, j) of a backward step.
+// What a backward step reads for element (b, j) besides dh, which the
+// recurrent product of the step processed before completes: whether the
+// step is valid, dy's term, and for a valid step the saved gates (lstm: the
+// cells before and after it and dc; gru: the state entering it). The
+// persistent kernel loads them for the next step before the grid barrier.
+struct BwdIn {
+  bool valid;
+  float dy;
+  float q[4];
+  float c_prev, c, dc, h;
+  int64_t gr;  // the row of dgx (and dgh)
+};
+
 template <Cell C, typename Tio>
-__device__ __forceinline__ void bwd_point(const BwdStep& s, int64_t b, int64_t j) {
+__device__ __forceinline__ BwdIn bwd_load(const BwdStep& s, int64_t b, int64_t j) {
+  const int64_t H = s.H;
+  BwdIn in{};
+  in.valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
+  // (with projection the state's gradient, dy included, is proj_bwd_step's)
+  const bool proj = C == Cell::Lstm && s.dm;
+  in.dy = proj ? 0.f : dy_term<Tio>(s, b, j, H, in.valid);
+  if (!in.valid) return in;
+  in.gr = s.prow ? s.prow[s.t * s.B + b] : s.row0 + b * s.bstride;
+  const int64_t sr = s.srow0 + b * s.sstride;
+  if constexpr (C == Cell::Lstm || C == Cell::Gru) {
+    const float* gs = s.gates + sr * 4 * H + j;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) in.q[g] = gs[g * H];
+  } else {
+    in.q[0] = s.gates[sr * H + j];
+  }
+  if constexpr (C == Cell::Lstm) {
+    in.c_prev = s.cprev[b * s.cprev_ld + j];
+    in.c = s.cs[sr * H + j];
+    in.dc = s.dc[b * H + j];
+  }
+  if constexpr (C == Cell::Gru) in.h = to_f(static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j]);
+  return in;
+}
+
+// The rest of a backward step for element (b, j), given bwd_load's values.
+template <Cell C, typename Tio>
+__device__ __forceinline__ void bwd_finish(const BwdStep& s, int64_t b, int64_t j, const BwdIn& in) {
   const int64_t H = s.H, i = b * H + j;
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   const int64_t GH = G * H;
-  const bool valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
-  const int64_t r = s.row0 + b * s.bstride;
   const bool proj = C == Cell::Lstm && s.dm;
   float dh;
   if (proj) {  // the state's gradient is proj_bwd_step's; this is the cell output's
-    if (!valid) return;  // dc carries
+    if (!in.valid) return;  // dc carries
     dh = s.dm[(s.dslot ? s.dslot[b] : b) * H + j];
   } else {
-    dh = dh_with_dy<Tio>(s, b, j, H, valid);
-    if (!valid) {  // no dgates row: invalid steps exist only with packed rows (prow)
+    dh = s.dh[i] + in.dy;
+    if (!in.valid) {  // no dgates row: invalid steps exist only with packed rows (prow)
       s.dh[i] = dh;
       return;
     }
   }
-  const int64_t gr = s.prow ? s.prow[s.t * s.B + b] : r;
-  const int64_t sr = s.srow0 + b * s.sstride;
-  Tio* dgx = static_cast<Tio*>(s.dgx) + gr * GH + j;
-  Tio* dgh = C == Cell::Gru ? static_cast<Tio*>(s.dgh) + gr * GH + j : nullptr;
+  Tio* dgx = static_cast<Tio*>(s.dgx) + in.gr * GH + j;
+  Tio* dgh = C == Cell::Gru ? static_cast<Tio*>(s.dgh) + in.gr * GH + j : nullptr;
   if constexpr (C == Cell::Lstm) {
     using L = cell::Lstm<DevMath>;
-    const float* gs = s.gates + sr * 4 * H + j;
-    const L::Gates q{gs[0], gs[H], gs[2 * H], gs[3 * H]};
+    const L::Gates q{in.q[0], in.q[1], in.q[2], in.q[3]};
     L::Gates d;
-    const float dcp = L::backward(q, s.cprev[b * s.cprev_ld + j], s.cs[sr * H + j], dh, s.dc[i], &d);
+    const float dcp = L::backward(q, in.c_prev, in.c, dh, in.dc, &d);
     dgx[0] = from_f<Tio>(d.i); dgx[H] = from_f<Tio>(d.f);
     dgx[2 * H] = from_f<Tio>(d.g); dgx[3 * H] = from_f<Tio>(d.o);
     s.dc[i] = dcp;
     if (!proj) s.dh[i] = 0.f;
   } else if constexpr (C == Cell::Gru) {
     using R = cell::Gru<DevMath>;
-    const float* gs = s.gates + sr * 4 * H + j;
-    const R::Gates q{gs[0], gs[H], gs[2 * H]};
-    const float h = to_f(static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j]);
+    const R::Gates q{in.q[0], in.q[1], in.q[2]};
     R::Gates dx, dhh;
-    const float direct = R::backward(q, gs[3 * H], h, dh, &dx, &dhh);
+    const float direct = R::backward(q, in.q[3], in.h, dh, &dx, &dhh);
     dgx[0] = from_f<Tio>(dx.r); dgx[H] = from_f<Tio>(dx.z); dgx[2 * H] = from_f<Tio>(dx.n);
     dgh[0] = from_f<Tio>(dhh.r); dgh[H] = from_f<Tio>(dhh.z); dgh[2 * H] = from_f<Tio>(dhh.n);
     s.dh[i] = direct;
   } else {
-    dgx[0] = from_f<Tio>(cell::Rnn<C, DevMath>::backward(dh, s.gates[sr * H + j]));
+    dgx[0] = from_f<Tio>(cell::Rnn<C, DevMath>::backward(dh, in.q[0]));
     s.dh[i] = 0.f;
   }
 }
@@ -853,7 +893,8 @@ template <Cell C, typename Tio>
 __global__ void bwd_step(BwdStep s) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= s.B * s.H) return;
-  bwd_point<C, Tio>(s, i / s.H, i % s.H);
+  const int64_t b = i / s.H, j = i % s.H;
+  bwd_finish<C, Tio>(s, b, j, bwd_load<C, Tio>(s, b, j));
 }
 
 // The state's gradient of a projected LSTM step, element (b, k), k < P: dh
@@ -952,14 +993,41 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
       a.step.dh[b * H + j0 + u] += v;
     }
   };
+  // Pointwise element e = b * Ue + u goes to thread e mod nt, every step (as
+  // its dh in recurrent); the first kPrefetch of a thread have their inputs
+  // loaded a step ahead.
+  BwdIn pre[kPrefetch];
+  auto prefetch = [&](const BwdStep& fs) {
+#pragma unroll
+    for (int q = 0; q < kPrefetch; ++q) {
+      const int e = tid + q * nt;
+      if (e < npts) pre[q] = bwd_load<C, Tio>(fs, e / Ue, j0 + e % Ue);
+    }
+  };
   int64_t t_done = -1;  // the step whose dgates the next recurrent product reads
+  BwdStep f = a.step;
+  if (steps_end(a.sb) > a.sb.s0) {
+    place_bwd<Tio>(f, a.sb, steps_end(a.sb) - 1);
+    prefetch(f);
+  }
   for (int64_t s = steps_end(a.sb) - 1; s >= a.sb.s0; --s) {
     if (t_done >= 0) recurrent(t_done);
     __syncthreads();
-    BwdStep f = a.step;
-    place_bwd<Tio>(f, a.sb, s);
-    for (int e = tid; e < npts; e += nt) bwd_point<C, Tio>(f, e / Ue, j0 + e % Ue);
+#pragma unroll
+    for (int q = 0; q < kPrefetch; ++q) {
+      const int e = tid + q * nt;
+      if (e < npts) bwd_finish<C, Tio>(f, e / Ue, j0 + e % Ue, pre[q]);
+    }
+    for (int e = tid + kPrefetch * nt; e < npts; e += nt) {
+      const int64_t b = e / Ue, j = j0 + e % Ue;
+      bwd_finish<C, Tio>(f, b, j, bwd_load<C, Tio>(f, b, j));
+    }
     t_done = f.t;
+    if (s > a.sb.s0) {  // (this thread wrote the dc its elements read next)
+      f = a.step;
+      place_bwd<Tio>(f, a.sb, s - 1);
+      prefetch(f);
+    }
     grid.sync();
   }
   // The last step's product: only dh0 at step 0, else the next segment's dh.
