@@ -15,9 +15,10 @@
 #   import     the installed package (with _cuda) is the one Python imports
 #   tests      tests/test_cuda.py (+ tests/test_torch.py -k cuda when present),
 #              run from outside the source tree
-#   memcheck   compute-sanitizer --tool memcheck on a tiny lstm+gru forward+backward
+#   memcheck   compute-sanitizer --tool memcheck on a tiny lstm+gru forward+backward,
+#              then the persistent kernels again in cluster mode
 #   racecheck  compute-sanitizer --tool racecheck on the same, persistent kernels (the
-#              only ones with shared memory)
+#              only ones with shared memory), grid and cluster mode
 #   bench      python -m fusedrnn bench --device cuda (full grid) -> $OUT
 #   units      bench/persistent_units.py: the persistent kernels with fewer, larger
 #              blocks (FUSEDRNN_CUDA_PERSISTENT_UNITS), float32 -> $OUT
@@ -170,13 +171,17 @@ write_tiny() {  # the sanitizers' workload: no torch, small arrays, every algori
 algorithm, with lengths, with a mask, and reversed batch-first; the projected lstm and
 checkpointed caches (standard algorithm); float32 DeviceArray inputs (no torch: a short
 run under the sanitizer)."""
+import os
 import sys
 
 import numpy as np
 import fusedrnn
 from fusedrnn import DeviceArray, _device
 
-algos = sys.argv[1:] or ["standard", "persistent"]
+algos = [a for a in sys.argv[1:] if a != "cluster"] or ["standard", "persistent"]
+if "cluster" in sys.argv[1:]:  # the persistent kernels' cluster mode (sm_90)
+    os.environ["FUSEDRNN_CUDA_PERSISTENT_CLUSTER"] = "1"
+    print("cluster mode:", _device._cuda.persistent_layout("lstm", "float32", 3, 40, False, 0))
 rng = np.random.default_rng(0)
 T, B, I, H = 5, 3, 4, 40
 for cell in ("lstm", "gru"):
@@ -253,9 +258,10 @@ sanitize() {  # sanitize TOOL [ALGO...]
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$WORK/$tool.log" | tail -n 2
   return $rc
 }
-memcheck() { sanitize memcheck; }
+# (then the persistent kernels' cluster mode, on a device that has it)
+memcheck() { sanitize memcheck && sanitize memcheck persistent cluster; }
 # shared-memory races: only the persistent kernels use shared memory
-racecheck() { sanitize racecheck persistent; }
+racecheck() { sanitize racecheck persistent && sanitize racecheck persistent cluster; }
 
 bench() {
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of options

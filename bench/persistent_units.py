@@ -1,12 +1,15 @@
-"""How many blocks the persistent kernels should use: a sweep for a GPU.
+"""How many blocks the persistent kernels should use, and how they should meet:
+a sweep for a GPU.
 
 By default the persistent kernels give each of the device's multiprocessors a
 block, so a block owns U = ceil(H / SMs) hidden units. Fewer, larger blocks
 meet at the per-step grid barrier in fewer numbers and stage the state fewer
 times, at the price of more products per block. This script times the
 persistent kernels with FUSEDRNN_CUDA_PERSISTENT_UNITS (at least that many
-units per block) at a few values, next to the standard algorithm and
-torch.nn (cuDNN), on the benchmark's inputs, interleaved, median of the
+units per block) at a few values, and in cluster mode
+(FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1: one cluster of up to 8 blocks that pass
+the state through distributed shared memory), next to the standard algorithm
+and torch.nn (cuDNN), on the benchmark's inputs, interleaved, median of the
 repeats, and checks every variant against torch.nn.
 
     python bench/persistent_units.py [--out DIR] [--units 1,2,4,8,16] [--quick]
@@ -24,15 +27,18 @@ import fusedrnn
 from fusedrnn import _bench_cuda as bc
 
 KNOB = "FUSEDRNN_CUDA_PERSISTENT_UNITS"
+CLUSTER = "FUSEDRNN_CUDA_PERSISTENT_CLUSTER"
 
 
-def with_units(units: int, call):
-    def run():
-        os.environ[KNOB] = str(units)
+def with_env(env: Dict[str, str], fn):
+    """fn, called with the environment variables env set (and removed after)."""
+    def run(*a):
+        os.environ.update(env)
         try:
-            return call()
+            return fn(*a)
         finally:
-            os.environ.pop(KNOB, None)
+            for k in env:
+                os.environ.pop(k, None)
     return run
 
 
@@ -57,11 +63,12 @@ def main(argv: List[str] = None) -> int:
 
     dev = torch.device("cuda")
     units = [int(u) for u in args.units.split(",")]
-    cases = [(c, b, h) for c in ("lstm", "gru", "rnn_tanh") for b in (1, 8, 64) for h in (256, 1024)]
+    cases = [(c, b, h) for c in ("lstm", "gru", "rnn_tanh") for b in (1, 8, 64)
+             for h in (256, 512, 1024)]
     if args.quick:
         cases = [("lstm", 1, 256), ("rnn_tanh", 8, 256)]
     name = torch.cuda.get_device_name(dev)
-    lines = [f"persistent kernels' units per block ({KNOB}) on {name}, fusedrnn "
+    lines = [f"persistent kernels' units per block ({KNOB}) and cluster mode on {name}, fusedrnn "
              f"{fusedrnn.__version__}, T = 100, I = H, float32; ms, median of "
              f"{args.repeats}; x: torch.nn's time over this one",
              f"{'cell':9} {'B':>3} {'H':>5} {'pass':17} {'variant':12} {'U':>3} {'blocks':>6} "
@@ -73,17 +80,20 @@ def main(argv: List[str] = None) -> int:
             prob = bc.make_problem(torch, cell, 100, B, H, H, "float32", 0, dev)
             calls: Dict[str, object] = {}
             outs: Dict[str, object] = {}
-            layout = {}
-            for u in units:
-                os.environ[KNOB] = str(u)
-                lay = _device._cuda.persistent_layout(cell, "float32", B, H, False, dev.index or 0)
-                os.environ.pop(KNOB, None)
-                if not lay["ok"]:
-                    continue
-                layout[f"units>={u}"] = (lay["U"], lay["blocks"])
+            layout, seen = {}, set()
+            variants = {f"units>={u}": {KNOB: str(u)} for u in units}
+            variants["cluster"] = {CLUSTER: "1"}
+            for k, env in variants.items():
+                lay = with_env(env, _device._cuda.persistent_layout)(cell, "float32", B, H, False,
+                                                                      dev.index or 0)
+                key = (lay["U"], lay["blocks"], lay["cluster"])
+                if not lay["ok"] or (k == "cluster" and not lay["cluster"]) or key in seen:
+                    continue  # (a variant with the same layout as one before: not again)
+                seen.add(key)
+                layout[k] = (lay["U"], lay["blocks"])
                 call, outputs = bc.bind_fusedrnn(case, prob, "persistent")
-                calls[f"units>={u}"] = with_units(u, call)
-                outs[f"units>={u}"] = outputs
+                calls[k] = with_env(env, call)
+                outs[k] = outputs
             call, outputs = bc.bind_fusedrnn(case, prob, "standard")
             calls["standard"], outs["standard"] = call, outputs
             tcall, toutputs = bc.bind_torch(torch, case, prob)

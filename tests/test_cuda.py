@@ -1183,6 +1183,46 @@ def test_moderate_shape(cell, algo, rng):
         check_gpu(cell, problem, "bfloat16", algo)
 
 
+def _cluster_mode_or_skip(monkeypatch, cell, dtype, B, H):
+    """Ask for the persistent kernels' cluster mode; skip where the device has none."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER", "1")
+    lays = [_device._cuda.persistent_layout(cell, dtype, B, H, bwd, 0) for bwd in (False, True)]
+    if not all(lay["cluster"] for lay in lays):
+        pytest.skip(f"no cluster mode here (compute capability 9 or more): {lays}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("semantics", ["plain", "reverse_lengths", "batch_first_mask", "no_state"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_cluster_mode_matches_reference(cell, semantics, dtype, monkeypatch, rng):
+    """FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1: the persistent kernels as one thread-block
+    cluster exchanging each step's vectors through distributed shared memory."""
+    _cluster_mode_or_skip(monkeypatch, cell, dtype, 5, 17)
+    positive = cell == "rnn_relu" and dtype != "float32"
+    problem = make_gpu_problem(cell, 7, 5, 6, 17, rng, positive=positive,
+                               **GPU_SEMANTICS[semantics])
+    check_gpu(cell, problem, dtype, "persistent")
+
+
+@gpu
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_persistent_cluster_mode_moderate_shape(cell, monkeypatch, rng):
+    """T = 20, B = 8, H = 256 in one cluster of 8 blocks (32 units each), float32 and
+    bfloat16, and a checkpointed cache against the full one."""
+    _cluster_mode_or_skip(monkeypatch, cell, "float32", 8, 256)
+    problem = make_gpu_problem(cell, 20, 8, 64, 256, rng, lengths="unsorted", reverse=True)
+    dev, _, _, grads = check_gpu(cell, problem, "float32", "persistent")
+    check_gpu(cell, problem, "bfloat16", "persistent")
+    args, kw, dy, *_ = problem
+    *_, cache = _device.forward(cell, *dev, **kw, algo="persistent", checkpoint=3)
+    g = _device.backward(cache, to_dev(dy, "float32"), to_dev(problem[3], "float32"),
+                         to_dev(problem[4], "float32"))
+    for k in GRAD_KEYS:
+        if grads[k] is not None:
+            assert rel_err(to_host(g[k]), to_host(grads[k])) <= 1e-5, k
+
+
 @gpu
 @pytest.mark.parametrize("cell", CELLS)
 def test_auto_algorithm(cell, rng):

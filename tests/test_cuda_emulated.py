@@ -353,6 +353,78 @@ def test_persistent_units_per_block_knob(units, blocks, monkeypatch, rng):
     check(out, TOL["float32"])
 
 
+def layouts(cell, dtype, B, H):
+    return [emu.persistent_layout(cell, dtype, B, H, backward, 0) for backward in (False, True)]
+
+
+@pytest.mark.parametrize("semantics", list(SEMANTICS))
+@pytest.mark.parametrize("cell", CELLS)
+def test_persistent_cluster_mode_equals_grid_mode(cell, semantics, monkeypatch, rng):
+    """FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1: one thread-block cluster whose
+    blocks pass each step's state (forward) and gate gradients (backward) to
+    each other through distributed shared memory instead of global memory and
+    a grid barrier. The same products in the same order as the grid mode's
+    (4 emulated multiprocessors: the same 4 blocks), so the same results, bit
+    for bit; and within the float32 bound of the reference."""
+    problem = make_problem(cell, 6, 5, 6, 7, np.float64, rng, **SEMANTICS[semantics])
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER", mode)
+        assert [lay["cluster"] for lay in layouts(cell, "float32", 5, 7)] == [4 * int(mode)] * 2
+        out, cache, _ = run(cell, problem, "float32", "persistent")
+        check(out, TOL["float32"])
+        results[mode] = out
+    for k, (a, _) in results["1"].items():
+        if a is not None:
+            assert np.array_equal(a, results["0"][k][0]), k
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cell,semantics", [("lstm", "reverse_lengths"), ("gru", "batch_first_mask"),
+                                            ("rnn_tanh", "plain")])
+def test_persistent_cluster_mode_16bit(cell, semantics, dtype, monkeypatch, rng):
+    monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER", "1")
+    assert all(lay["cluster"] for lay in layouts(cell, dtype, 5, 7))
+    problem = make_problem(cell, 7, 5, 6, 7, np.float64, rng, **SEMANTICS[semantics])
+    out, _, _ = run(cell, problem, dtype, "persistent")
+    check(out, TOL[dtype])
+
+
+def test_persistent_cluster_mode_larger_and_checkpointed(monkeypatch, rng):
+    """8 blocks of 5 units (FUSEDRNN_EMU_SMS = 8: a full portable cluster),
+    B = 11 (two tiles of vectors), rows of 40 floats (16-byte moves); and a
+    checkpointed cache, whose backward recomputes each segment in cluster
+    mode too."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER", "1")
+    monkeypatch.setenv("FUSEDRNN_EMU_SMS", "8")
+    assert [lay["cluster"] for lay in layouts("lstm", "float32", 11, 40)] == [8, 8]
+    problem = make_problem("lstm", 4, 11, 6, 40, np.float64, rng, mask=True)
+    out, _, _ = run("lstm", problem, "float32", "persistent")
+    check(out, TOL["float32"])
+    args, kw, dy, *_ = problem
+    dev = [to_device(a, "float32") for a in args[1:]]
+    grads = []
+    for ck in (None, 2):
+        *_, cache = _device.forward("lstm", *dev, **kw, algo="persistent",
+                                    **({"checkpoint": ck} if ck else {}))
+        g = fusedrnn.backward(cache, to_device(dy, "float32"))
+        grads.append({k: v.get() for k, v in g.items() if v is not None})
+    for k in grads[0]:
+        assert np.array_equal(grads[0][k], grads[1][k]), k
+
+
+def test_persistent_cluster_mode_falls_back_to_grid_mode(monkeypatch, rng):
+    """The cluster mode keeps the whole batch twice in shared memory; where it
+    does not fit, the persistent kernels run in grid mode (staging in parts)."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER", "1")
+    monkeypatch.setenv("FUSEDRNN_EMU_SMEM", str(small_smem("float32", 20, 40)))
+    lays = layouts("lstm", "float32", 20, 40)
+    assert all(lay["ok"] and lay["cluster"] == 0 and lay["bc"] < 20 for lay in lays), lays
+    problem = make_problem("lstm", 3, 20, 6, 40, np.float64, rng, lengths=True)
+    out, _, _ = run("lstm", problem, "float32", "persistent")
+    check(out, TOL["float32"])
+
+
 def test_unknown_algo_is_rejected():
     with pytest.raises(ValueError, match="algo"):
         _device.forward("lstm", fusedrnn.DeviceArray((1, 1, 1), "float32", 0),

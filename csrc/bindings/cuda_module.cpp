@@ -287,7 +287,7 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
     const PersistentLayout c = persistent_layout(p, backward);
     py::dict d;
     d["U"] = c.U; d["blocks"] = c.blocks; d["ld"] = c.ld; d["bc"] = c.bc; d["ks"] = c.ks;
-    d["smem"] = c.smem; d["ok"] = c.ok;
+    d["cluster"] = c.cluster; d["smem"] = c.smem; d["ok"] = c.ok;
     return d;
   }, "The persistent forward (or backward) kernel's layout on this device: units per block "
      "(U), blocks, padded row length (ld), vectors staged at once (bc), k splits (ks), shared "

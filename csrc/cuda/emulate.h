@@ -33,6 +33,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -53,8 +54,9 @@ enum cudaMemcpyKind {
   cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
   cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4
 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrCooperativeLaunch = 95,
-                      cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75,
+                      cudaDevAttrCooperativeLaunch = 95, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+                      cudaDevAttrClusterLaunch = 120 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaMemoryType { cudaMemoryTypeUnregistered = 0, cudaMemoryTypeHost = 1, cudaMemoryTypeDevice = 2,
                       cudaMemoryTypeManaged = 3 };
@@ -78,6 +80,7 @@ struct Scheduler;
 struct ThreadCtx {
   dim3 block, thread, block_dim, grid_dim;
   BlockShared* shared = nullptr;
+  std::vector<BlockShared>* all_shared = nullptr;  // every block's (cluster launches)
   Barrier* grid_barrier = nullptr;
   Fiber* fiber = nullptr;
   Scheduler* sched = nullptr;
@@ -246,6 +249,7 @@ void run_cooperative(int blocks, int threads, std::size_t smem, F&& body) {
       f->c.block = dim3(b);
       f->c.thread = dim3(t);
       f->c.shared = &shared[b];
+      f->c.all_shared = &shared;
       f->c.grid_barrier = &grid_barrier;
       f->c.fiber = f.get();
       f->c.sched = &sched;
@@ -255,9 +259,26 @@ void run_cooperative(int blocks, int threads, std::size_t smem, F&& body) {
   sched.run_all();
 }
 
-inline unsigned char* shared_mem() {  // 16-byte aligned
-  unsigned char* p = ctx().shared->smem.data();
+inline unsigned char* shared_mem(BlockShared& s) {  // 16-byte aligned
+  unsigned char* p = s.smem.data();
   return p + (16 - reinterpret_cast<std::uintptr_t>(p) % 16) % 16;
+}
+inline unsigned char* shared_mem() { return shared_mem(*ctx().shared); }
+
+// A cluster launch is one cluster (the grid): the address in block rank's
+// shared memory of what p is in this block's (distributed shared memory).
+template <typename T>
+T* map_shared_rank(T* p, int rank) {
+  ThreadCtx& c = ctx();
+  unsigned char* own = shared_mem();
+  const std::ptrdiff_t off = reinterpret_cast<unsigned char*>(const_cast<std::remove_cv_t<T>*>(p)) - own;
+  const std::size_t size = c.shared->smem.size() - 16;
+  if (rank < 0 || rank >= static_cast<int>(c.all_shared->size()) || off < 0 ||
+      static_cast<std::size_t>(off) + sizeof(T) > size) {
+    std::fprintf(stderr, "fusedrnn emulator: map_shared_rank out of range\n");
+    std::abort();
+  }
+  return reinterpret_cast<T*>(shared_mem((*c.all_shared)[rank]) + off);
 }
 
 // 16-byte loads and stores (uint4 on a GPU), which need 16-byte alignment
@@ -320,6 +341,15 @@ struct grid_group {
   void sync() const { ::emu::ctx().grid_barrier->wait(); }
 };
 inline grid_group this_grid() { return {}; }
+// (a cluster launch here is one cluster: the whole grid)
+struct cluster_group {
+  void sync() const { ::emu::ctx().grid_barrier->wait(); }
+  unsigned block_rank() const { return ::emu::ctx().block.x; }
+  unsigned num_blocks() const { return ::emu::ctx().grid_dim.x; }
+  template <typename T>
+  T* map_shared_rank(T* p, int rank) const { return ::emu::map_shared_rank(p, rank); }
+};
+inline cluster_group this_cluster() { return {}; }
 }  // namespace cooperative_groups
 
 // 16-bit float types: IEEE half through the compiler's _Float16, bfloat16 as
@@ -363,9 +393,11 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? ::emu::sms()
-       : a == cudaDevAttrCooperativeLaunch  ? 1
-                                            : ::emu::smem_optin();
+  *v = a == cudaDevAttrMultiProcessorCount      ? ::emu::sms()
+       : a == cudaDevAttrCooperativeLaunch      ? 1
+       : a == cudaDevAttrClusterLaunch          ? 1
+       : a == cudaDevAttrComputeCapabilityMajor ? 9
+                                                : ::emu::smem_optin();
   return cudaSuccess;
 }
 template <typename K>
@@ -418,5 +450,14 @@ void launch_cooperative(void (*kernel)(Arg), int blocks, int threads, std::size_
                         cudaStream_t, Arg& arg) {
   ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
 }
+// One cluster of `blocks` blocks (as a cooperative launch here).
+template <typename Arg>
+void launch_cluster(void (*kernel)(Arg), int blocks, int threads, std::size_t smem,
+                    cudaStream_t, Arg& arg) {
+  ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
+}
+// Clusters of `blocks` that can be resident at once: one here.
+template <typename Arg>
+int max_active_clusters(void (*)(Arg), int, int, std::size_t) { return 1; }
 }  // namespace cuda
 }  // namespace fusedrnn

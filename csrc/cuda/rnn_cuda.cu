@@ -308,9 +308,10 @@ __device__ __forceinline__ FwdIn<C> fwd_load(const FwdStep& s, int64_t b, int64_
 
 // The rest of a forward step for element (b, j), given fwd_load's values and
 // the recurrent product gh[g] of each gate (read for valid steps only).
+// Returns the new state (without projection), as stored.
 template <Cell C, typename Tio>
-__device__ __forceinline__ void fwd_finish(const FwdStep& s, int64_t b, int64_t j,
-                                           const FwdIn<C>& in, const float (&gh)[FwdIn<C>::G]) {
+__device__ __forceinline__ Tio fwd_finish(const FwdStep& s, int64_t b, int64_t j,
+                                          const FwdIn<C>& in, const float (&gh)[FwdIn<C>::G]) {
   constexpr int G = FwdIn<C>::G;
   const int64_t H = s.H, i = b * H + j;
   const bool proj = C == Cell::Lstm && s.m;
@@ -348,7 +349,9 @@ __device__ __forceinline__ void fwd_finish(const FwdStep& s, int64_t b, int64_t 
     if (s.c_n) static_cast<Tio*>(s.c_n)[i] = from_f<Tio>(c_new);
   }
   // (a carried state goes back to its own type unchanged)
-  if (!proj) store_state<Tio>(s, b, j, H, in.valid, from_f<Tio>(h_new));
+  const Tio hv = from_f<Tio>(h_new);
+  if (!proj) store_state<Tio>(s, b, j, H, in.valid, hv);
+  return hv;
 }
 
 template <Cell C, typename Tio>
@@ -576,6 +579,30 @@ __device__ __forceinline__ bool vec_ok(const void* p, int64_t n, int64_t ld) {
   return n % V == 0 && ld % V == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+// Cluster launches (sm_90 and later; the host emulator): the barrier of the
+// cluster's blocks, and where p (in this block's shared memory) is in block
+// rank's. Compiled for an older GPU they trap: the host launches a cluster
+// only on a device of compute capability 9 or more.
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(FUSEDRNN_CUDA_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  cooperative_groups::this_cluster().sync();
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T* cluster_map(T* p, int rank) {
+#if defined(FUSEDRNN_CUDA_EMULATE) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+#if defined(__CUDA_ARCH__)
+  __trap();
+#endif
+  return p;
+#endif
+}
+
 // ------------------------------------------------- persistent forward
 //
 // One cooperative launch runs every step. Block k owns hidden units
@@ -588,6 +615,13 @@ __device__ __forceinline__ bool vec_ok(const void* p, int64_t n, int64_t ld) {
 // Rows whose step is not valid skip their products. The state buffers, y and
 // the saved values are exactly those of the standard algorithm, so backward
 // is shared.
+//
+// Cluster mode (layout.cluster > 0, sm_90): the grid is one thread-block
+// cluster, whose blocks keep the whole batch's state in two buffers of
+// shared memory. Each block writes its units' new state straight into every
+// block's other buffer (distributed shared memory) and the blocks meet at the
+// cluster's barrier, which is cheaper than a grid-wide one; no block stages
+// the state from global memory after the first step.
 
 #ifdef FUSEDRNN_CUDA_EMULATE
 constexpr int kPersistentThreads = 64;  // two warps: fewer fibers for the host emulator
@@ -596,6 +630,7 @@ constexpr int kPersistentThreads = 256;
 #endif
 
 constexpr int kPrefetch = 2;  // pointwise elements per thread whose inputs are loaded early
+constexpr int kMaxCluster = 8;  // the portable thread-block cluster size
 
 // A checkpointed forward's kept states: the state entering steps 0, k, 2k, ...
 // (processing order), h of the array type, the LSTM cell in float32.
@@ -633,11 +668,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
   FUSEDRNN_SHARED_BYTES(smem_raw);
   const int64_t H = a.step.H, B = a.step.B;
   const int U = a.c.U, ld = a.c.ld, bc = a.c.bc, parts = a.c.ks, GU = G * U;
+  const int cl = a.c.cluster;  // cluster mode: its blocks (bc = B, two state buffers)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * U;
   const int Ue = static_cast<int>(min(static_cast<int64_t>(U), H - j0)), rows = G * Ue;
   Tio* w = reinterpret_cast<Tio*>(smem_raw);  // [rows][ld]: row g*Ue + u is W_hh's g*H + j0 + u
-  Tio* xs = w + static_cast<int64_t>(GU) * ld;  // [bc][ld]: staged state rows
-  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(bc) * ld);  // [parts][B][GU]
+  Tio* xs = w + static_cast<int64_t>(GU) * ld;  // [bc][ld] staged state rows ([2][B][ld] cluster)
+  const int nbuf = cl ? 2 : 1;
+  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(nbuf) * bc * ld);  // [parts][B][GU]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int tid = threadIdx.x, nt = blockDim.x;
   const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
@@ -646,7 +683,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
     const Tio* src = w_hh + ((lr / Ue) * H + j0 + lr % Ue) * H;
     for (int k = lane; k < ld; k += 32) w[lr * ld + k] = k < H ? src[k] : zero;
   }
-  for (int r = warp; r < bc; r += nwarps)
+  for (int r = warp; r < nbuf * bc; r += nwarps)
     for (int k = static_cast<int>(H) + lane; k < ld; k += 32) xs[r * ld + k] = zero;
 
   // Pointwise element e = b * Ue + u goes to thread e mod nt, every step;
@@ -660,7 +697,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
       if (e < npts) pre[q] = fwd_load<C, Tio>(fs, e / Ue, j0 + e % Ue);
     }
   };
-  auto finish = [&](const FwdStep& fs, int e, const FwdIn<C>& in) {
+  // next: in cluster mode, the buffer the next step reads (else null)
+  auto finish = [&](const FwdStep& fs, int e, const FwdIn<C>& in, Tio* next) {
     const int b = e / Ue, u = e % Ue;
     float gh[G];
 #pragma unroll
@@ -670,7 +708,9 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
       for (int ks = 1; ks < parts; ++ks) v += pg[ks * B * GU];
       gh[g] = v;
     }
-    fwd_finish<C, Tio>(fs, b, j0 + u, in, gh);
+    const Tio hv = fwd_finish<C, Tio>(fs, b, j0 + u, in, gh);
+    if (next)
+      for (int r = 0; r < cl; ++r) *cluster_map(next + b * ld + j0 + u, r) = hv;
   };
 
   const int64_t end = steps_end(a.sb);
@@ -695,26 +735,35 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
       return true;
     };
     const bool vec = vec_ok<Tio>(hp, H, f.hprev_ld);
+    // cluster mode: this step's state buffer, and the next step's
+    Tio* cur = xs + ((s - a.sb.s0) & 1) * B * ld;
+    Tio* next = cl && s + 1 < end ? xs + ((s - a.sb.s0 + 1) & 1) * B * ld : nullptr;
     for (int b_lo = 0; b_lo < B; b_lo += bc) {
       const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
-      for (int b = b_lo + warp; b < b_hi; b += nwarps)
-        if (valid_step(f.lengths, f.mask, t, B, b))
-          warp_copy<Tio>(xs + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(H), vec, lane);
+      if (!cl || s == a.sb.s0) {  // (cluster: the other blocks wrote the state here)
+        Tio* dst = cl ? cur : xs;
+        for (int b = b_lo + warp; b < b_hi; b += nwarps)
+          if (cl || valid_step(f.lengths, f.mask, t, B, b))  // (cluster: every row, once)
+            warp_copy<Tio>(dst + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(H), vec, lane);
+      }
       __syncthreads();
-      block_products<Tio>(w, xs, ld, rows, b_lo, b_hi, parts, acc, GU, B * GU, skip);
+      block_products<Tio>(w, cl ? cur : xs, ld, rows, b_lo, b_hi, parts, acc, GU, B * GU, skip);
       __syncthreads();
     }
 #pragma unroll
     for (int q = 0; q < kPrefetch; ++q)
-      if (tid + q * nt < npts) finish(f, tid + q * nt, pre[q]);
+      if (tid + q * nt < npts) finish(f, tid + q * nt, pre[q], next);
     for (int e = tid + kPrefetch * nt; e < npts; e += nt)
-      finish(f, e, fwd_load<C, Tio>(f, e / Ue, j0 + e % Ue));
+      finish(f, e, fwd_load<C, Tio>(f, e / Ue, j0 + e % Ue), next);
     if (s + 1 < end) {  // (this thread wrote the state and cell its elements read next)
       f = a.step;
       place_fwd<Tio>(f, a.sb, s + 1);
       prefetch(f);
     }
-    grid.sync();
+    if (cl)
+      cluster_barrier();
+    else
+      grid.sync();
   }
 }
 
@@ -727,6 +776,11 @@ bool launch_persistent(void (*kernel)(Params), const PersistentLayout& c, int de
   std::lock_guard<std::mutex> lock(persistent_launch_mutex());
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(c.smem)), "cudaFuncSetAttribute");
+  if (c.cluster) {
+    if (max_active_clusters(kernel, c.blocks, kPersistentThreads, c.smem) < 1) return false;
+    launch_cluster(kernel, c.blocks, kPersistentThreads, c.smem, stream, a);
+    return true;
+  }
   int per_sm = 0, sms = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kPersistentThreads, c.smem),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
@@ -847,8 +901,11 @@ __device__ __forceinline__ BwdIn bwd_load(const BwdStep& s, int64_t b, int64_t j
 }
 
 // The rest of a backward step for element (b, j), given bwd_load's values.
+// For a valid step, rec[g] receives what the recurrent product reads (dgh
+// for gru, else dgx), as stored.
 template <Cell C, typename Tio>
-__device__ __forceinline__ void bwd_finish(const BwdStep& s, int64_t b, int64_t j, const BwdIn& in) {
+__device__ __forceinline__ void bwd_finish(const BwdStep& s, int64_t b, int64_t j, const BwdIn& in,
+                                           Tio (&rec)[4]) {
   const int64_t H = s.H, i = b * H + j;
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   const int64_t GH = G * H;
@@ -871,8 +928,10 @@ __device__ __forceinline__ void bwd_finish(const BwdStep& s, int64_t b, int64_t 
     const L::Gates q{in.q[0], in.q[1], in.q[2], in.q[3]};
     L::Gates d;
     const float dcp = L::backward(q, in.c_prev, in.c, dh, in.dc, &d);
-    dgx[0] = from_f<Tio>(d.i); dgx[H] = from_f<Tio>(d.f);
-    dgx[2 * H] = from_f<Tio>(d.g); dgx[3 * H] = from_f<Tio>(d.o);
+    rec[0] = from_f<Tio>(d.i); rec[1] = from_f<Tio>(d.f);
+    rec[2] = from_f<Tio>(d.g); rec[3] = from_f<Tio>(d.o);
+#pragma unroll
+    for (int g = 0; g < 4; ++g) dgx[g * H] = rec[g];
     s.dc[i] = dcp;
     if (!proj) s.dh[i] = 0.f;
   } else if constexpr (C == Cell::Gru) {
@@ -881,10 +940,13 @@ __device__ __forceinline__ void bwd_finish(const BwdStep& s, int64_t b, int64_t 
     R::Gates dx, dhh;
     const float direct = R::backward(q, in.q[3], in.h, dh, &dx, &dhh);
     dgx[0] = from_f<Tio>(dx.r); dgx[H] = from_f<Tio>(dx.z); dgx[2 * H] = from_f<Tio>(dx.n);
-    dgh[0] = from_f<Tio>(dhh.r); dgh[H] = from_f<Tio>(dhh.z); dgh[2 * H] = from_f<Tio>(dhh.n);
+    rec[0] = from_f<Tio>(dhh.r); rec[1] = from_f<Tio>(dhh.z); rec[2] = from_f<Tio>(dhh.n);
+#pragma unroll
+    for (int g = 0; g < 3; ++g) dgh[g * H] = rec[g];
     s.dh[i] = direct;
   } else {
-    dgx[0] = from_f<Tio>(cell::Rnn<C, DevMath>::backward(dh, in.q[0]));
+    rec[0] = from_f<Tio>(cell::Rnn<C, DevMath>::backward(dh, in.q[0]));
+    dgx[0] = rec[0];
     s.dh[i] = 0.f;
   }
 }
@@ -894,7 +956,8 @@ __global__ void bwd_step(BwdStep s) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= s.B * s.H) return;
   const int64_t b = i / s.H, j = i % s.H;
-  bwd_finish<C, Tio>(s, b, j, bwd_load<C, Tio>(s, b, j));
+  Tio rec[4];
+  bwd_finish<C, Tio>(s, b, j, bwd_load<C, Tio>(s, b, j), rec);
 }
 
 // The state's gradient of a projected LSTM step, element (b, k), k < P: dh
@@ -944,11 +1007,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
   FUSEDRNN_SHARED_BYTES(smem_raw);
   const int64_t H = a.step.H, B = a.step.B, GH = G * H;
   const int U = a.c.U, ld = a.c.ld, bc = a.c.bc, parts = a.c.ks;
+  const int cl = a.c.cluster;  // cluster mode: its blocks (bc = B, two dgates buffers)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * U;
   const int Ue = static_cast<int>(min(static_cast<int64_t>(U), H - j0));
   Tio* wt = reinterpret_cast<Tio*>(smem_raw);  // [U][ld]: row u is W_hh's column j0 + u
-  Tio* xs = wt + static_cast<int64_t>(U) * ld;  // [bc][ld]: staged dgates rows
-  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(bc) * ld);  // [parts][B][U]
+  Tio* xs = wt + static_cast<int64_t>(U) * ld;  // [bc][ld] staged dgates rows ([2][B][ld] cluster)
+  const int nbuf = cl ? 2 : 1;
+  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(nbuf) * bc * ld);  // [parts][B][U]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int tid = threadIdx.x, nt = blockDim.x, npts = static_cast<int>(B) * Ue;
   const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
@@ -959,13 +1024,14 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
   }
   for (int u = warp; u < Ue; u += nwarps)
     for (int k = static_cast<int>(GH) + lane; k < ld; k += 32) wt[u * ld + k] = zero;
-  for (int r = warp; r < bc; r += nwarps)
+  for (int r = warp; r < nbuf * bc; r += nwarps)
     for (int k = static_cast<int>(GH) + lane; k < ld; k += 32) xs[r * ld + k] = zero;
   const Tio* dgh = static_cast<const Tio*>(C == Cell::Gru ? a.step.dgh : a.step.dgx);
   const Problem& p = a.sb.p;
   // dh[b, j0 + u] += the product of step t's dgates with the block's columns,
-  // for the rows that ran at t (the others have no dgates).
-  auto recurrent = [&](int64_t t) {
+  // for the rows that ran at t (the others have no dgates). Cluster mode:
+  // the blocks wrote step t's dgates into buffer `buf` of every block.
+  auto recurrent = [&](int64_t t, const Tio* buf) {
     auto runs = [&](int64_t b) { return valid_step(a.step.lengths, a.step.mask, t, B, b); };
     auto skip = [&](int b0, int n) {
       for (int i = 0; i < n; ++i)
@@ -975,13 +1041,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
     const bool vec = vec_ok<Tio>(dgh, GH, GH);
     for (int b_lo = 0; b_lo < B; b_lo += bc) {
       const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
-      for (int b = b_lo + warp; b < b_hi; b += nwarps) {
+      for (int b = b_lo + warp; b < b_hi && !cl; b += nwarps) {
         if (!runs(b)) continue;
         const int64_t r = a.step.prow ? a.step.prow[t * B + b] : p.row0(t) + b * p.bstride();
         warp_copy<Tio>(xs + (b - b_lo) * ld, dgh + r * GH, static_cast<int>(GH), vec, lane);
       }
       __syncthreads();
-      block_products<Tio>(wt, xs, ld, Ue, b_lo, b_hi, parts, acc, U, B * U, skip);
+      block_products<Tio>(wt, cl ? buf : xs, ld, Ue, b_lo, b_hi, parts, acc, U, B * U, skip);
       __syncthreads();
     }
     for (int e = tid; e < npts; e += nt) {
@@ -1010,17 +1076,32 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
     place_bwd<Tio>(f, a.sb, steps_end(a.sb) - 1);
     prefetch(f);
   }
+  // cluster mode: step s writes its dgates to buffer (end - 1 - s) & 1
+  auto buffer = [&](int64_t s) { return xs + ((steps_end(a.sb) - 1 - s) & 1) * B * ld; };
+  // One element's step; in cluster mode its dgates go to every block's buffer.
+  auto finish = [&](int64_t s, int64_t b, int64_t j, const BwdIn& in) {
+    Tio rec[4];
+    bwd_finish<C, Tio>(f, b, j, in, rec);
+    if (cl && in.valid) {
+      Tio* dst = buffer(s) + b * ld + j;
+      for (int r = 0; r < cl; ++r) {
+        Tio* d = cluster_map(dst, r);
+#pragma unroll
+        for (int g = 0; g < G; ++g) d[g * H] = rec[g];
+      }
+    }
+  };
   for (int64_t s = steps_end(a.sb) - 1; s >= a.sb.s0; --s) {
-    if (t_done >= 0) recurrent(t_done);
+    if (t_done >= 0) recurrent(t_done, buffer(s + 1));
     __syncthreads();
 #pragma unroll
     for (int q = 0; q < kPrefetch; ++q) {
       const int e = tid + q * nt;
-      if (e < npts) bwd_finish<C, Tio>(f, e / Ue, j0 + e % Ue, pre[q]);
+      if (e < npts) finish(s, e / Ue, j0 + e % Ue, pre[q]);
     }
     for (int e = tid + kPrefetch * nt; e < npts; e += nt) {
       const int64_t b = e / Ue, j = j0 + e % Ue;
-      bwd_finish<C, Tio>(f, b, j, bwd_load<C, Tio>(f, b, j));
+      finish(s, b, j, bwd_load<C, Tio>(f, b, j));
     }
     t_done = f.t;
     if (s > a.sb.s0) {  // (this thread wrote the dc its elements read next)
@@ -1028,10 +1109,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
       place_bwd<Tio>(f, a.sb, s - 1);
       prefetch(f);
     }
-    grid.sync();
+    if (cl)
+      cluster_barrier();
+    else
+      grid.sync();
   }
   // The last step's product: only dh0 at step 0, else the next segment's dh.
-  if (t_done >= 0 && (a.dh0 || a.sb.s0 > 0)) recurrent(t_done);
+  if (t_done >= 0 && (a.dh0 || a.sb.s0 > 0)) recurrent(t_done, buffer(a.sb.s0));
 }
 
 PersistentLayout persistent_bwd_config(const Problem& p) { return persistent_layout(p, true); }
@@ -1671,31 +1755,44 @@ Algo choose_algo(const Problem& p) {
 
 // The layout for a problem: forward multiplies G*U rows of W_hh by the state
 // (K = H); backward U columns of W_hh by the gate gradients (K = G*H).
-PersistentLayout persistent_layout(const Problem& p, bool backward) {
+// cluster: the cluster mode's (one cluster of up to kMaxCluster blocks).
+static PersistentLayout persistent_layout(const Problem& p, bool backward, bool cluster) {
   PersistentLayout c;
   // (no projection: the persistent kernels keep only W_hh on chip)
   if (p.B < 1 || p.H < 1 || p.T < 1 || p.proj) return c;
-  int sms = 0, optin = 0, coop = 0;
+  int sms = 0, optin = 0, launch = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) !=
           cudaSuccess ||
-      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, p.device) != cudaSuccess) {
+      cudaDeviceGetAttribute(&launch, cluster ? cudaDevAttrClusterLaunch : cudaDevAttrCooperativeLaunch,
+                             p.device) != cudaSuccess) {
     cudaGetLastError();
     return c;
   }
+  if (cluster) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.device) != cudaSuccess) {
+      cudaGetLastError();
+      return c;
+    }
+    if (major < 9) return c;
+  }
   const int64_t es = static_cast<int64_t>(dtype_size(p.dtype)), V = 16 / es, G = p.G(), H = p.H;
-  // One block per multiprocessor, or fewer with more units each when
-  // FUSEDRNN_CUDA_PERSISTENT_UNITS asks for at least that many per block (a
-  // benchmark knob, as FUSEDRNN_CUDA_ALGO: fewer blocks meet at the barrier).
+  // One block per multiprocessor (cluster: per block of the cluster), or
+  // fewer with more units each when FUSEDRNN_CUDA_PERSISTENT_UNITS asks for
+  // at least that many per block (a benchmark knob, as FUSEDRNN_CUDA_ALGO:
+  // fewer blocks meet at the barrier).
   const char* umin_env = std::getenv("FUSEDRNN_CUDA_PERSISTENT_UNITS");
   const int64_t umin = umin_env ? std::max(1, std::atoi(umin_env)) : 1;
-  const int64_t U = std::min(H, std::max((H + sms - 1) / sms, umin));
+  const int64_t per = cluster ? std::min<int64_t>(sms, kMaxCluster) : sms;
+  const int64_t U = std::min(H, std::max((H + per - 1) / per, umin));
   const int64_t K = backward ? G * H : H, ld = (K + V - 1) / V * V;
   const int64_t rows = backward ? U : G * U, w = rows * ld * es, avail = optin;
-  const int64_t warps = kPersistentThreads / 32;
+  const int64_t warps = kPersistentThreads / 32, nbuf = cluster ? 2 : 1;
   auto fit_bc = [&](int64_t ks) {  // vectors staged at once, with ks parts of products
     const int64_t left = avail - w - ks * p.B * rows * 4;
-    return left < ld * es ? int64_t{0} : std::min(p.B, left / (ld * es));
+    const int64_t n = left < nbuf * ld * es ? 0 : std::min(p.B, left / (nbuf * ld * es));
+    return cluster && n < p.B ? int64_t{0} : n;  // (cluster: the whole batch)
   };
   int64_t ks = 1, bc = fit_bc(1);
   if (bc < 1) return c;
@@ -1707,10 +1804,22 @@ PersistentLayout persistent_layout(const Problem& p, bool backward) {
   c.ld = static_cast<int>(ld);
   c.bc = static_cast<int>(bc);
   c.ks = static_cast<int>(ks);
-  c.smem = static_cast<std::size_t>(w + bc * ld * es + ks * p.B * rows * 4);
-  c.ok = coop && c.blocks <= sms && ld <= INT32_MAX / 2 &&
+  c.cluster = cluster ? c.blocks : 0;
+  c.smem = static_cast<std::size_t>(w + nbuf * bc * ld * es + ks * p.B * rows * 4);
+  c.ok = launch && c.blocks <= (cluster ? kMaxCluster : sms) && ld <= INT32_MAX / 2 &&
          c.smem <= static_cast<std::size_t>(optin);
   return c;
+}
+
+// The layout the persistent kernels run with: the cluster mode's when
+// FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1 asks for it and it fits, else the grid's.
+PersistentLayout persistent_layout(const Problem& p, bool backward) {
+  const char* e = std::getenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER");
+  if (e && std::string(e) == "1") {
+    const PersistentLayout c = persistent_layout(p, backward, true);
+    if (c.ok) return c;
+  }
+  return persistent_layout(p, backward, false);
 }
 
 bool persistent_fits(const Problem& p) {

@@ -119,9 +119,12 @@ bool persistent_fits(const Problem& p);
 // blocks; in shared memory, the block's slice of W_hh as rows of ld values
 // (padded with zeros to 16 bytes), bc staged vectors (the state forward, the
 // gate gradients backward) and their products in ks parts of k (float32).
-// ok: it fits (shared memory, blocks, cooperative launch).
+// cluster > 0: the blocks form one thread-block cluster of that size, which
+// keeps the whole batch's vectors in two buffers (bc = B) and exchanges them
+// through distributed shared memory (sm_90; FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1).
+// ok: it fits (shared memory, blocks, cooperative or cluster launch).
 struct PersistentLayout {
-  int U = 0, blocks = 0, ld = 0, bc = 0, ks = 1;
+  int U = 0, blocks = 0, ld = 0, bc = 0, ks = 1, cluster = 0;
   std::size_t smem = 0;
   bool ok = false;
 };
