@@ -736,18 +736,17 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
     };
     const bool vec = vec_ok<Tio>(hp, H, f.hprev_ld);
     // cluster mode: this step's state buffer, and the next step's
-    Tio* cur = xs + ((s - a.sb.s0) & 1) * B * ld;
+    Tio* cur = cl ? xs + ((s - a.sb.s0) & 1) * B * ld : xs;
     Tio* next = cl && s + 1 < end ? xs + ((s - a.sb.s0 + 1) & 1) * B * ld : nullptr;
     for (int b_lo = 0; b_lo < B; b_lo += bc) {
       const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
       if (!cl || s == a.sb.s0) {  // (cluster: the other blocks wrote the state here)
-        Tio* dst = cl ? cur : xs;
         for (int b = b_lo + warp; b < b_hi; b += nwarps)
           if (cl || valid_step(f.lengths, f.mask, t, B, b))  // (cluster: every row, once)
-            warp_copy<Tio>(dst + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(H), vec, lane);
+            warp_copy<Tio>(cur + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(H), vec, lane);
       }
       __syncthreads();
-      block_products<Tio>(w, cl ? cur : xs, ld, rows, b_lo, b_hi, parts, acc, GU, B * GU, skip);
+      block_products<Tio>(w, cur, ld, rows, b_lo, b_hi, parts, acc, GU, B * GU, skip);
       __syncthreads();
     }
 #pragma unroll
@@ -1077,7 +1076,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
     prefetch(f);
   }
   // cluster mode: step s writes its dgates to buffer (end - 1 - s) & 1
-  auto buffer = [&](int64_t s) { return xs + ((steps_end(a.sb) - 1 - s) & 1) * B * ld; };
+  auto buffer = [&](int64_t s) { return cl ? xs + ((steps_end(a.sb) - 1 - s) & 1) * B * ld : xs; };
   // One element's step; in cluster mode its dgates go to every block's buffer.
   auto finish = [&](int64_t s, int64_t b, int64_t j, const BwdIn& in) {
     Tio rec[4];
