@@ -58,6 +58,7 @@ import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -864,6 +865,33 @@ def test_bench_device_cuda_cli_subprocess(tmp_path):
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "needs a CUDA GPU" in r.stderr
+
+
+PERSISTENT_UNITS = Path(__file__).resolve().parent.parent / "bench" / "persistent_units.py"
+
+
+def test_persistent_units_sweep_without_gpu_exits_with_a_message(tmp_path):
+    if GPU:
+        pytest.skip("this machine has a GPU (test_persistent_units_sweep_quick runs it)")
+    r = subprocess.run([sys.executable, str(PERSISTENT_UNITS), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "no GPU" in r.stderr or "needs torch" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@gpu
+def test_persistent_units_sweep_quick(tmp_path):
+    """bench/persistent_units.py --quick: every variant it times matches torch.nn."""
+    r = subprocess.run([sys.executable, str(PERSISTENT_UNITS), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("lstm", "rnn_tanh"))]
+    assert {row[4] for row in rows} >= {"units>=1", "standard", "torch"}, r.stdout
+    for row in rows:
+        if row[4] != "torch":
+            assert float(row[-1]) < 1e-4, row  # (the check column: error against torch.nn)
+    assert len(list(tmp_path.glob("persistent-units-*.txt"))) == 1
 
 
 def test_bench_cuda_options_parse():
