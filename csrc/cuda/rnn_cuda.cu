@@ -662,8 +662,6 @@ PersistentLayout persistent_config(const Problem& p) { return persistent_layout(
 
 template <Cell C, typename Tio>
 __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(PersistentParams a) {
-  namespace cg = cooperative_groups;
-  cg::grid_group grid = cg::this_grid();
   constexpr int G = FwdIn<C>::G;
   FUSEDRNN_SHARED_BYTES(smem_raw);
   const int64_t H = a.step.H, B = a.step.B;
@@ -761,8 +759,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
     }
     if (cl)
       cluster_barrier();
-    else
-      grid.sync();
+    else  // (the grid group only in a cooperative launch)
+      cooperative_groups::this_grid().sync();
   }
 }
 
@@ -1000,8 +998,6 @@ struct PersistentBwdParams {
 
 template <Cell C, typename Tio>
 __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(PersistentBwdParams a) {
-  namespace cg = cooperative_groups;
-  cg::grid_group grid = cg::this_grid();
   constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
   FUSEDRNN_SHARED_BYTES(smem_raw);
   const int64_t H = a.step.H, B = a.step.B, GH = G * H;
@@ -1110,8 +1106,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
     }
     if (cl)
       cluster_barrier();
-    else
-      grid.sync();
+    else  // (the grid group only in a cooperative launch)
+      cooperative_groups::this_grid().sync();
   }
   // The last step's product: only dh0 at step 0, else the next segment's dh.
   if (t_done >= 0 && (a.dh0 || a.sb.s0 > 0)) recurrent(t_done, buffer(a.sb.s0));
