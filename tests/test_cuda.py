@@ -1252,6 +1252,17 @@ def test_persistent_cluster_mode_moderate_shape(cell, monkeypatch, rng):
 
 
 @gpu
+def test_persistent_cluster_of_16_matches_reference(monkeypatch, rng):
+    """LSTM H = 384 float32 at B = 1: 8 blocks cannot hold W_hh (2.4 MB), a cluster
+    of 16 can (or, where the device cannot make it resident, grid mode runs)."""
+    _cluster_mode_or_skip(monkeypatch, "lstm", "float32", 1, 384)
+    lay = _device._cuda.persistent_layout("lstm", "float32", 1, 384, False, 0)
+    assert lay["cluster"] == 16, lay
+    problem = make_gpu_problem("lstm", 10, 1, 32, 384, rng, reverse=True)
+    check_gpu("lstm", problem, "float32", "persistent")
+
+
+@gpu
 @pytest.mark.parametrize("cell", CELLS)
 def test_auto_algorithm(cell, rng):
     problem = make_gpu_problem(cell, 6, 4, 5, 24, rng, lengths="unsorted")

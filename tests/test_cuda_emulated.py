@@ -413,6 +413,36 @@ def test_persistent_cluster_mode_larger_and_checkpointed(monkeypatch, rng):
         assert np.array_equal(grads[0][k], grads[1][k]), k
 
 
+@pytest.mark.parametrize("smem,sizes", [(2000, [16, 0]), (3500, [8, 16])])
+def test_persistent_cluster_of_16(smem, sizes, monkeypatch, rng):
+    """Where 8 blocks cannot hold W_hh and the vectors, a cluster of 16 (sm_90's
+    largest, non-portable); forward and backward choose their modes apart
+    (16 and grid, or 8 and 16) and still agree with the reference."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER", "1")
+    monkeypatch.setenv("FUSEDRNN_EMU_SMS", "16")
+    monkeypatch.setenv("FUSEDRNN_EMU_SMEM", str(smem))
+    assert [lay["cluster"] for lay in layouts("lstm", "float32", 2, 32)] == sizes
+    problem = make_problem("lstm", 4, 2, 3, 32, np.float64, rng, reverse=True)
+    out, cache, _ = run("lstm", problem, "float32", "persistent")
+    check(out, TOL["float32"])
+
+
+def test_persistent_cluster_that_cannot_be_resident_runs_in_grid_mode(monkeypatch, rng):
+    """A cluster the device cannot make resident at launch (here: none above 4
+    blocks): the persistent kernels run in grid mode instead, same results."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER", "1")
+    monkeypatch.setenv("FUSEDRNN_EMU_SMS", "8")
+    assert [lay["cluster"] for lay in layouts("gru", "float32", 5, 16)] == [8, 8]
+    problem = make_problem("gru", 5, 5, 6, 16, np.float64, rng, lengths=True)
+    expected, _, _ = run("gru", problem, "float32", "persistent")
+    monkeypatch.setenv("FUSEDRNN_EMU_MAX_CLUSTER", "4")
+    out, cache, _ = run("gru", problem, "float32", "persistent")
+    assert cache.algo == "persistent"
+    for k, (a, _) in out.items():
+        if a is not None:
+            assert np.array_equal(a, expected[k][0]), k
+
+
 def test_persistent_cluster_mode_falls_back_to_grid_mode(monkeypatch, rng):
     """The cluster mode keeps the whole batch twice in shared memory; where it
     does not fit, the persistent kernels run in grid mode (staging in parts)."""

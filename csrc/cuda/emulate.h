@@ -57,7 +57,8 @@ enum cudaMemcpyKind {
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75,
                       cudaDevAttrCooperativeLaunch = 95, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
                       cudaDevAttrClusterLaunch = 120 };
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+                         cudaFuncAttributeNonPortableClusterSizeAllowed = 12 };
 enum cudaMemoryType { cudaMemoryTypeUnregistered = 0, cudaMemoryTypeHost = 1, cudaMemoryTypeDevice = 2,
                       cudaMemoryTypeManaged = 3 };
 struct cudaPointerAttributes {
@@ -456,8 +457,12 @@ void launch_cluster(void (*kernel)(Arg), int blocks, int threads, std::size_t sm
                     cudaStream_t, Arg& arg) {
   ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
 }
-// Clusters of `blocks` that can be resident at once: one here.
+// Clusters of `blocks` that can be resident at once: one here, or none
+// beyond FUSEDRNN_EMU_MAX_CLUSTER blocks (to test the fallback).
 template <typename Arg>
-int max_active_clusters(void (*)(Arg), int, int, std::size_t) { return 1; }
+int max_active_clusters(void (*)(Arg), int blocks, int, std::size_t) {
+  const char* e = std::getenv("FUSEDRNN_EMU_MAX_CLUSTER");
+  return e && blocks > std::atoi(e) ? 0 : 1;
+}
 }  // namespace cuda
 }  // namespace fusedrnn

@@ -630,7 +630,9 @@ constexpr int kPersistentThreads = 256;
 #endif
 
 constexpr int kPrefetch = 2;  // pointwise elements per thread whose inputs are loaded early
-constexpr int kMaxCluster = 8;  // the portable thread-block cluster size
+// Cluster sizes the cluster mode tries: the portable 8, then 16 (sm_90's
+// largest, allowed per kernel), for a W_hh that 8 blocks cannot hold.
+constexpr int kClusterSizes[] = {8, 16};
 
 // A checkpointed forward's kept states: the state entering steps 0, k, 2k, ...
 // (processing order), h of the array type, the LSTM cell in float32.
@@ -774,6 +776,9 @@ bool launch_persistent(void (*kernel)(Params), const PersistentLayout& c, int de
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(c.smem)), "cudaFuncSetAttribute");
   if (c.cluster) {
+    if (c.cluster > 8)
+      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+            "cudaFuncSetAttribute");
     if (max_active_clusters(kernel, c.blocks, kPersistentThreads, c.smem) < 1) return false;
     launch_cluster(kernel, c.blocks, kPersistentThreads, c.smem, stream, a);
     return true;
@@ -791,7 +796,10 @@ template <Cell C, typename Tio>
 bool launch_persistent_fwd(const Problem& p, cudaStream_t st, PersistentParams a) {
   a.c = persistent_config(p);
   if (!a.c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
-  return launch_persistent(persistent_fwd<C, Tio>, a.c, p.device, st, a);
+  if (launch_persistent(persistent_fwd<C, Tio>, a.c, p.device, st, a)) return true;
+  if (!a.c.cluster) return false;
+  a.c = persistent_grid_layout(p, false);  // no room for the cluster now: grid mode
+  return a.c.ok && launch_persistent(persistent_fwd<C, Tio>, a.c, p.device, st, a);
 }
 
 struct BwdStep {
@@ -1119,7 +1127,10 @@ template <Cell C, typename Tio>
 bool launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParams a) {
   a.c = persistent_bwd_config(p);
   if (!a.c.ok) throw std::invalid_argument("the persistent backward kernel does not fit this problem");
-  return launch_persistent(persistent_bwd<C, Tio>, a.c, p.device, st, a);
+  if (launch_persistent(persistent_bwd<C, Tio>, a.c, p.device, st, a)) return true;
+  if (!a.c.cluster) return false;
+  a.c = persistent_grid_layout(p, true);  // no room for the cluster now: grid mode
+  return a.c.ok && launch_persistent(persistent_bwd<C, Tio>, a.c, p.device, st, a);
 }
 
 // Which rows run at each step: the valid ones (DESIGN.md §2), every row
@@ -1750,8 +1761,8 @@ Algo choose_algo(const Problem& p) {
 
 // The layout for a problem: forward multiplies G*U rows of W_hh by the state
 // (K = H); backward U columns of W_hh by the gate gradients (K = G*H).
-// cluster: the cluster mode's (one cluster of up to kMaxCluster blocks).
-static PersistentLayout persistent_layout(const Problem& p, bool backward, bool cluster) {
+// cluster: the cluster mode's, one cluster of up to that many blocks (0: grid mode).
+static PersistentLayout persistent_layout(const Problem& p, bool backward, int cluster) {
   PersistentLayout c;
   // (no projection: the persistent kernels keep only W_hh on chip)
   if (p.B < 1 || p.H < 1 || p.T < 1 || p.proj) return c;
@@ -1779,7 +1790,7 @@ static PersistentLayout persistent_layout(const Problem& p, bool backward, bool 
   // fewer blocks meet at the barrier).
   const char* umin_env = std::getenv("FUSEDRNN_CUDA_PERSISTENT_UNITS");
   const int64_t umin = umin_env ? std::max(1, std::atoi(umin_env)) : 1;
-  const int64_t per = cluster ? std::min<int64_t>(sms, kMaxCluster) : sms;
+  const int64_t per = cluster ? std::min<int64_t>(sms, cluster) : sms;
   const int64_t U = std::min(H, std::max((H + per - 1) / per, umin));
   const int64_t K = backward ? G * H : H, ld = (K + V - 1) / V * V;
   const int64_t rows = backward ? U : G * U, w = rows * ld * es, avail = optin;
@@ -1801,20 +1812,27 @@ static PersistentLayout persistent_layout(const Problem& p, bool backward, bool 
   c.ks = static_cast<int>(ks);
   c.cluster = cluster ? c.blocks : 0;
   c.smem = static_cast<std::size_t>(w + nbuf * bc * ld * es + ks * p.B * rows * 4);
-  c.ok = launch && c.blocks <= (cluster ? kMaxCluster : sms) && ld <= INT32_MAX / 2 &&
+  c.ok = launch && c.blocks <= (cluster ? cluster : sms) && ld <= INT32_MAX / 2 &&
          c.smem <= static_cast<std::size_t>(optin);
   return c;
 }
 
 // The layout the persistent kernels run with: the cluster mode's when
-// FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1 asks for it and it fits, else the grid's.
+// FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1 asks for it and a cluster of 8, else 16,
+// blocks holds the problem; else the grid's.
 PersistentLayout persistent_layout(const Problem& p, bool backward) {
   const char* e = std::getenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER");
   if (e && std::string(e) == "1") {
-    const PersistentLayout c = persistent_layout(p, backward, true);
-    if (c.ok) return c;
+    for (int size : kClusterSizes) {
+      const PersistentLayout c = persistent_layout(p, backward, size);
+      if (c.ok) return c;
+    }
   }
-  return persistent_layout(p, backward, false);
+  return persistent_layout(p, backward, 0);
+}
+
+PersistentLayout persistent_grid_layout(const Problem& p, bool backward) {
+  return persistent_layout(p, backward, 0);
 }
 
 bool persistent_fits(const Problem& p) {

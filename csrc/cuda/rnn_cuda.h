@@ -121,7 +121,8 @@ bool persistent_fits(const Problem& p);
 // gate gradients backward) and their products in ks parts of k (float32).
 // cluster > 0: the blocks form one thread-block cluster of that size, which
 // keeps the whole batch's vectors in two buffers (bc = B) and exchanges them
-// through distributed shared memory (sm_90; FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1).
+// through distributed shared memory (sm_90; FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1;
+// 8 blocks, or 16 where 8 cannot hold W_hh).
 // ok: it fits (shared memory, blocks, cooperative or cluster launch).
 struct PersistentLayout {
   int U = 0, blocks = 0, ld = 0, bc = 0, ks = 1, cluster = 0;
@@ -129,6 +130,9 @@ struct PersistentLayout {
   bool ok = false;
 };
 PersistentLayout persistent_layout(const Problem& p, bool backward);
+// The grid mode's layout, whatever FUSEDRNN_CUDA_PERSISTENT_CLUSTER says (the
+// fallback when a cluster cannot be resident at launch).
+PersistentLayout persistent_grid_layout(const Problem& p, bool backward);
 
 // Forward. cache is null for inference, else a Cache made for (p, in), which
 // forward fills. y [T, B, P] (or [B, T, P]), h_n [B, P], c_n [B, H] (lstm).
