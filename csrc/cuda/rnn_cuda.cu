@@ -792,14 +792,24 @@ bool launch_persistent(void (*kernel)(Params), const PersistentLayout& c, int de
   return true;
 }
 
+// Lays out and queues a persistent kernel (a.c: its layout); false when it
+// cannot be resident. A cluster that cannot be resident runs in grid mode.
+template <typename Params>
+bool launch_persistent(void (*kernel)(Params), const Problem& p, bool backward, cudaStream_t st,
+                       Params& a) {
+  a.c = persistent_layout(p, backward);
+  if (!a.c.ok)
+    throw std::invalid_argument(std::string("the persistent ") + (backward ? "backward " : "") +
+                                "kernel does not fit this problem");
+  if (launch_persistent(kernel, a.c, p.device, st, a)) return true;
+  if (!a.c.cluster) return false;
+  a.c = persistent_grid_layout(p, backward);  // no room for the cluster now: grid mode
+  return a.c.ok && launch_persistent(kernel, a.c, p.device, st, a);
+}
+
 template <Cell C, typename Tio>
 bool launch_persistent_fwd(const Problem& p, cudaStream_t st, PersistentParams a) {
-  a.c = persistent_config(p);
-  if (!a.c.ok) throw std::invalid_argument("the persistent kernel does not fit this problem");
-  if (launch_persistent(persistent_fwd<C, Tio>, a.c, p.device, st, a)) return true;
-  if (!a.c.cluster) return false;
-  a.c = persistent_grid_layout(p, false);  // no room for the cluster now: grid mode
-  return a.c.ok && launch_persistent(persistent_fwd<C, Tio>, a.c, p.device, st, a);
+  return launch_persistent(persistent_fwd<C, Tio>, p, false, st, a);
 }
 
 struct BwdStep {
@@ -1125,12 +1135,7 @@ PersistentLayout persistent_bwd_config(const Problem& p) { return persistent_lay
 
 template <Cell C, typename Tio>
 bool launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParams a) {
-  a.c = persistent_bwd_config(p);
-  if (!a.c.ok) throw std::invalid_argument("the persistent backward kernel does not fit this problem");
-  if (launch_persistent(persistent_bwd<C, Tio>, a.c, p.device, st, a)) return true;
-  if (!a.c.cluster) return false;
-  a.c = persistent_grid_layout(p, true);  // no room for the cluster now: grid mode
-  return a.c.ok && launch_persistent(persistent_bwd<C, Tio>, a.c, p.device, st, a);
+  return launch_persistent(persistent_bwd<C, Tio>, p, true, st, a);
 }
 
 // Which rows run at each step: the valid ones (DESIGN.md §2), every row
