@@ -133,6 +133,10 @@ struct DevMath {
 constexpr int kThreads = 256;
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
+// Gates per cell (lstm 4, gru 3, the Elman cells 1), for the kernels' templates.
+template <Cell C>
+constexpr int kGates = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+
 __device__ __forceinline__ bool valid_step(const int32_t* lengths, const uint8_t* mask, int64_t t,
                                            int64_t B, int64_t b) {
   if (lengths) return t < lengths[b];
@@ -272,7 +276,7 @@ __device__ __forceinline__ void store_state(const FwdStep& s, int64_t b, int64_t
 // persistent kernel loads them for the next step before the grid barrier.
 template <Cell C>
 struct FwdIn {
-  static constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  static constexpr int G = kGates<C>;
   bool valid;
   float h, c;
   float xa[G], bh[G];
@@ -283,15 +287,12 @@ template <Cell C, typename Tio>
 __device__ __forceinline__ FwdIn<C> fwd_load(const FwdStep& s, int64_t b, int64_t j) {
   constexpr int G = FwdIn<C>::G;
   const int64_t H = s.H;
-  FwdIn<C> in;
+  FwdIn<C> in{};
   in.valid = valid_step(s.lengths, s.mask, s.t, s.B, b);
   // With projection the state (width P) is proj_fwd_step's; here only the cell.
   const bool proj = C == Cell::Lstm && s.m;
   in.h = proj ? 0.f : to_f(static_cast<const Tio*>(s.hprev)[b * s.hprev_ld + j]);
   in.c = C == Cell::Lstm ? s.cprev[b * s.cprev_ld + j] : 0.f;
-  in.grow = 0;
-#pragma unroll
-  for (int g = 0; g < G; ++g) in.xa[g] = in.bh[g] = 0.f;
   if (in.valid) {
     in.grow = s.prow ? s.prow[s.t * s.B + b] : s.row0 + b * s.bstride;
     const float* gx = s.gx + (in.grow - s.gx_row0) * G * H + j;
@@ -457,6 +458,7 @@ __host__ __device__ __forceinline__ void place_fwd(FwdStep& f, const StateBuffer
 // the consumer adds the parts in order.
 
 constexpr int kRT = 4, kBT = 8;  // a warp's tile: rows of W by vectors X
+constexpr int kPrefetch = 2;  // pointwise elements per thread whose inputs are loaded early
 
 #ifdef FUSEDRNN_CUDA_EMULATE
 using ::emu::Bytes16;
@@ -579,6 +581,55 @@ __device__ __forceinline__ bool vec_ok(const void* p, int64_t n, int64_t ld) {
   return n % V == 0 && ld % V == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+// Whether no batch row of [b0, b0 + n) runs at step t (a tile to leave out).
+__device__ __forceinline__ bool none_run(const int32_t* lengths, const uint8_t* mask, int64_t t,
+                                         int64_t B, int b0, int n) {
+  for (int i = 0; i < n; ++i)
+    if (valid_step(lengths, mask, t, B, b0 + i)) return false;
+  return true;
+}
+
+// Zeros the pads [from, ld) of n rows ld apart in shared memory, by warps.
+template <typename Tio>
+__device__ __forceinline__ void zero_pads(Tio* rows, int n, int from, int ld) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const Tio zero = from_f<Tio>(0.f);
+  for (int r = warp; r < n; r += nwarps)
+    for (int k = from + lane; k < ld; k += 32) rows[static_cast<int64_t>(r) * ld + k] = zero;
+}
+
+// A product's value from its parts (stride apart), added in order.
+__device__ __forceinline__ float sum_parts(const float* p, int parts, int64_t stride) {
+  float v = p[0];
+  for (int ks = 1; ks < parts; ++ks) v += p[ks * stride];
+  return v;
+}
+
+// A persistent kernel's pointwise elements e < n: element e goes to thread
+// e mod blockDim at every step, so a thread reads next the state it wrote.
+// load_points loads the inputs of a thread's first kPrefetch elements into
+// pre (a step early); finish_points runs finish(e, in) on all of its
+// elements, loading the others' inputs in place with load(e).
+template <typename In, typename Load>
+__device__ __forceinline__ void load_points(In (&pre)[kPrefetch], int n, Load load) {
+#pragma unroll
+  for (int q = 0; q < kPrefetch; ++q) {
+    const int e = threadIdx.x + q * blockDim.x;
+    if (e < n) pre[q] = load(e);
+  }
+}
+
+template <typename In, typename Load, typename Finish>
+__device__ __forceinline__ void finish_points(const In (&pre)[kPrefetch], int n, Load load,
+                                              Finish finish) {
+#pragma unroll
+  for (int q = 0; q < kPrefetch; ++q) {
+    const int e = threadIdx.x + q * blockDim.x;
+    if (e < n) finish(e, pre[q]);
+  }
+  for (int e = threadIdx.x + kPrefetch * blockDim.x; e < n; e += blockDim.x) finish(e, load(e));
+}
+
 // Cluster launches (sm_90 and later; the host emulator): the barrier of the
 // cluster's blocks, and where p (in this block's shared memory) is in block
 // rank's. Compiled for an older GPU they trap: the host launches a cluster
@@ -629,10 +680,67 @@ constexpr int kPersistentThreads = 64;  // two warps: fewer fibers for the host 
 constexpr int kPersistentThreads = 256;
 #endif
 
-constexpr int kPrefetch = 2;  // pointwise elements per thread whose inputs are loaded early
 // Cluster sizes the cluster mode tries: the portable 8, then 16 (sm_90's
 // largest, allowed per kernel), for a W_hh that 8 blocks cannot hold.
 constexpr int kClusterSizes[] = {8, 16};
+
+// The layout for a problem: forward multiplies G*U rows of W_hh by the state
+// (K = H); backward U columns of W_hh by the gate gradients (K = G*H).
+// cluster: the cluster mode's, one cluster of up to that many blocks (0: grid mode).
+PersistentLayout layout_for(const Problem& p, bool backward, int cluster) {
+  PersistentLayout c;
+  // (no projection: the persistent kernels keep only W_hh on chip)
+  if (p.B < 1 || p.H < 1 || p.T < 1 || p.proj) return c;
+  int sms = 0, optin = 0, launch = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&launch, cluster ? cudaDevAttrClusterLaunch : cudaDevAttrCooperativeLaunch,
+                             p.device) != cudaSuccess) {
+    cudaGetLastError();
+    return c;
+  }
+  if (cluster) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.device) != cudaSuccess) {
+      cudaGetLastError();
+      return c;
+    }
+    if (major < 9) return c;
+  }
+  const int64_t es = static_cast<int64_t>(dtype_size(p.dtype)), V = 16 / es, G = p.G(), H = p.H;
+  // One block per multiprocessor (cluster: per block of the cluster), or
+  // fewer with more units each when FUSEDRNN_CUDA_PERSISTENT_UNITS asks for
+  // at least that many per block (a benchmark knob, as FUSEDRNN_CUDA_ALGO:
+  // fewer blocks meet at the barrier).
+  const char* umin_env = std::getenv("FUSEDRNN_CUDA_PERSISTENT_UNITS");
+  const int64_t umin = umin_env ? std::max(1, std::atoi(umin_env)) : 1;
+  const int64_t per = cluster ? std::min<int64_t>(sms, cluster) : sms;
+  const int64_t U = std::min(H, std::max((H + per - 1) / per, umin));
+  const int64_t K = backward ? G * H : H, ld = (K + V - 1) / V * V;
+  const int64_t rows = backward ? U : G * U, w = rows * ld * es, avail = optin;
+  const int64_t warps = kPersistentThreads / 32, nbuf = cluster ? 2 : 1;
+  auto fit_bc = [&](int64_t ks) {  // vectors staged at once, with ks parts of products
+    const int64_t left = avail - w - ks * p.B * rows * 4;
+    const int64_t n = left < nbuf * ld * es ? 0 : std::min(p.B, left / (nbuf * ld * es));
+    return cluster && n < p.B ? int64_t{0} : n;  // (cluster: the whole batch)
+  };
+  int64_t ks = 1, bc = fit_bc(1);
+  if (bc < 1) return c;
+  const int64_t tiles = (rows + kRT - 1) / kRT * ((bc + kBT - 1) / kBT);
+  ks = std::max<int64_t>(1, std::min(warps / tiles, (ld / V + 31) / 32));
+  while (ks > 1 && fit_bc(ks) < bc) --ks;  // split k only where it costs no staging room
+  c.U = static_cast<int>(U);
+  c.blocks = static_cast<int>((H + U - 1) / U);
+  c.ld = static_cast<int>(ld);
+  c.bc = static_cast<int>(bc);
+  c.ks = static_cast<int>(ks);
+  c.cluster = cluster ? c.blocks : 0;
+  c.smem = static_cast<std::size_t>(w + nbuf * bc * ld * es + ks * p.B * rows * 4);
+  c.ok = launch && c.blocks <= (cluster ? cluster : sms) && ld <= INT32_MAX / 2 &&
+         c.smem <= static_cast<std::size_t>(optin);
+  return c;
+}
 
 // A checkpointed forward's kept states: the state entering steps 0, k, 2k, ...
 // (processing order), h of the array type, the LSTM cell in float32.
@@ -676,64 +784,36 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
   const int nbuf = cl ? 2 : 1;
   float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(nbuf) * bc * ld);  // [parts][B][GU]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int tid = threadIdx.x, nt = blockDim.x;
   const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
-  const Tio zero = from_f<Tio>(0.f);
   for (int lr = warp; lr < rows; lr += nwarps) {
     const Tio* src = w_hh + ((lr / Ue) * H + j0 + lr % Ue) * H;
-    for (int k = lane; k < ld; k += 32) w[lr * ld + k] = k < H ? src[k] : zero;
+    for (int k = lane; k < H; k += 32) w[lr * ld + k] = src[k];
   }
-  for (int r = warp; r < nbuf * bc; r += nwarps)
-    for (int k = static_cast<int>(H) + lane; k < ld; k += 32) xs[r * ld + k] = zero;
+  zero_pads(w, rows, static_cast<int>(H), ld);
+  zero_pads(xs, nbuf * bc, static_cast<int>(H), ld);
 
-  // Pointwise element e = b * Ue + u goes to thread e mod nt, every step;
-  // the first kPrefetch of a thread have their inputs loaded a step ahead.
+  // Pointwise element e = b * Ue + u (load_points, finish_points).
   const int npts = static_cast<int>(B) * Ue;
+  FwdStep f = a.step;
   FwdIn<C> pre[kPrefetch];
-  auto prefetch = [&](const FwdStep& fs) {
-#pragma unroll
-    for (int q = 0; q < kPrefetch; ++q) {
-      const int e = tid + q * nt;
-      if (e < npts) pre[q] = fwd_load<C, Tio>(fs, e / Ue, j0 + e % Ue);
-    }
-  };
-  // next: in cluster mode, the buffer the next step reads (else null)
-  auto finish = [&](const FwdStep& fs, int e, const FwdIn<C>& in, Tio* next) {
-    const int b = e / Ue, u = e % Ue;
-    float gh[G];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float* pg = acc + static_cast<int64_t>(b) * GU + g * Ue + u;
-      float v = pg[0];
-      for (int ks = 1; ks < parts; ++ks) v += pg[ks * B * GU];
-      gh[g] = v;
-    }
-    const Tio hv = fwd_finish<C, Tio>(fs, b, j0 + u, in, gh);
-    if (next)
-      for (int r = 0; r < cl; ++r) *cluster_map(next + b * ld + j0 + u, r) = hv;
-  };
+  auto load = [&](int e) { return fwd_load<C, Tio>(f, e / Ue, j0 + e % Ue); };
 
   const int64_t end = steps_end(a.sb);
-  FwdStep f = a.step;
   place_fwd<Tio>(f, a.sb, a.sb.s0);
-  prefetch(f);
+  load_points(pre, npts, load);
   for (int64_t s = a.sb.s0; s < end; ++s) {
     const int64_t t = f.t;
     const Tio* hp = static_cast<const Tio*>(f.hprev);
     if (a.ck.k && s % a.ck.k == 0) {  // keep the state entering the step: this block's units
       Tio* kh = static_cast<Tio*>(a.ck.h) + (s / a.ck.k) * B * H;
       float* kc = a.ck.c ? a.ck.c + (s / a.ck.k) * B * H : nullptr;
-      for (int e = tid; e < npts; e += nt) {
+      for (int e = threadIdx.x; e < npts; e += blockDim.x) {
         const int64_t b = e / Ue, j = j0 + e % Ue;
         kh[b * H + j] = hp[b * f.hprev_ld + j];
         if (kc) kc[b * H + j] = f.cprev[b * f.cprev_ld + j];
       }
     }
-    auto skip = [&](int b0, int n) {
-      for (int i = 0; i < n; ++i)
-        if (valid_step(f.lengths, f.mask, t, B, b0 + i)) return false;
-      return true;
-    };
+    auto skip = [&](int b0, int n) { return none_run(f.lengths, f.mask, t, B, b0, n); };
     const bool vec = vec_ok<Tio>(hp, H, f.hprev_ld);
     // cluster mode: this step's state buffer, and the next step's
     Tio* cur = cl ? xs + ((s - a.sb.s0) & 1) * B * ld : xs;
@@ -749,15 +829,20 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
       block_products<Tio>(w, cur, ld, rows, b_lo, b_hi, parts, acc, GU, B * GU, skip);
       __syncthreads();
     }
+    finish_points(pre, npts, load, [&](int e, const FwdIn<C>& in) {
+      const int b = e / Ue, u = e % Ue;
+      float gh[G];
 #pragma unroll
-    for (int q = 0; q < kPrefetch; ++q)
-      if (tid + q * nt < npts) finish(f, tid + q * nt, pre[q], next);
-    for (int e = tid + kPrefetch * nt; e < npts; e += nt)
-      finish(f, e, fwd_load<C, Tio>(f, e / Ue, j0 + e % Ue), next);
+      for (int g = 0; g < G; ++g)
+        gh[g] = sum_parts(acc + static_cast<int64_t>(b) * GU + g * Ue + u, parts, B * GU);
+      const Tio hv = fwd_finish<C, Tio>(f, b, j0 + u, in, gh);
+      if (next)  // (cluster: into the buffer every block reads next)
+        for (int r = 0; r < cl; ++r) *cluster_map(next + b * ld + j0 + u, r) = hv;
+    });
     if (s + 1 < end) {  // (this thread wrote the state and cell its elements read next)
       f = a.step;
       place_fwd<Tio>(f, a.sb, s + 1);
-      prefetch(f);
+      load_points(pre, npts, load);
     }
     if (cl)
       cluster_barrier();
@@ -803,7 +888,7 @@ bool launch_persistent(void (*kernel)(Params), const Problem& p, bool backward, 
                                 "kernel does not fit this problem");
   if (launch_persistent(kernel, a.c, p.device, st, a)) return true;
   if (!a.c.cluster) return false;
-  a.c = persistent_grid_layout(p, backward);  // no room for the cluster now: grid mode
+  a.c = layout_for(p, backward, 0);  // no room for the cluster now: grid mode
   return a.c.ok && launch_persistent(kernel, a.c, p.device, st, a);
 }
 
@@ -922,7 +1007,7 @@ template <Cell C, typename Tio>
 __device__ __forceinline__ void bwd_finish(const BwdStep& s, int64_t b, int64_t j, const BwdIn& in,
                                            Tio (&rec)[4]) {
   const int64_t H = s.H, i = b * H + j;
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int G = kGates<C>;
   const int64_t GH = G * H;
   const bool proj = C == Cell::Lstm && s.dm;
   float dh;
@@ -1016,7 +1101,7 @@ struct PersistentBwdParams {
 
 template <Cell C, typename Tio>
 __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(PersistentBwdParams a) {
-  constexpr int G = C == Cell::Lstm ? 4 : C == Cell::Gru ? 3 : 1;
+  constexpr int G = kGates<C>;
   FUSEDRNN_SHARED_BYTES(smem_raw);
   const int64_t H = a.step.H, B = a.step.B, GH = G * H;
   const int U = a.c.U, ld = a.c.ld, bc = a.c.bc, parts = a.c.ks;
@@ -1028,17 +1113,14 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
   const int nbuf = cl ? 2 : 1;
   float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(nbuf) * bc * ld);  // [parts][B][U]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int tid = threadIdx.x, nt = blockDim.x, npts = static_cast<int>(B) * Ue;
+  const int npts = static_cast<int>(B) * Ue;
   const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
-  const Tio zero = from_f<Tio>(0.f);
-  for (int64_t e = tid; e < GH * Ue; e += nt) {  // (reads along the units: coalesced)
+  for (int64_t e = threadIdx.x; e < GH * Ue; e += blockDim.x) {  // (along the units: coalesced)
     const int64_t row = e / Ue, u = e % Ue;
     wt[u * ld + row] = w_hh[row * H + j0 + u];
   }
-  for (int u = warp; u < Ue; u += nwarps)
-    for (int k = static_cast<int>(GH) + lane; k < ld; k += 32) wt[u * ld + k] = zero;
-  for (int r = warp; r < nbuf * bc; r += nwarps)
-    for (int k = static_cast<int>(GH) + lane; k < ld; k += 32) xs[r * ld + k] = zero;
+  zero_pads(wt, Ue, static_cast<int>(GH), ld);
+  zero_pads(xs, nbuf * bc, static_cast<int>(GH), ld);
   const Tio* dgh = static_cast<const Tio*>(C == Cell::Gru ? a.step.dgh : a.step.dgx);
   const Problem& p = a.sb.p;
   // dh[b, j0 + u] += the product of step t's dgates with the block's columns,
@@ -1046,11 +1128,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
   // the blocks wrote step t's dgates into buffer `buf` of every block.
   auto recurrent = [&](int64_t t, const Tio* buf) {
     auto runs = [&](int64_t b) { return valid_step(a.step.lengths, a.step.mask, t, B, b); };
-    auto skip = [&](int b0, int n) {
-      for (int i = 0; i < n; ++i)
-        if (runs(b0 + i)) return false;
-      return true;
-    };
+    auto skip = [&](int b0, int n) { return none_run(a.step.lengths, a.step.mask, t, B, b0, n); };
     const bool vec = vec_ok<Tio>(dgh, GH, GH);
     for (int b_lo = 0; b_lo < B; b_lo += bc) {
       const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
@@ -1063,64 +1141,44 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
       block_products<Tio>(wt, cl ? buf : xs, ld, Ue, b_lo, b_hi, parts, acc, U, B * U, skip);
       __syncthreads();
     }
-    for (int e = tid; e < npts; e += nt) {
+    for (int e = threadIdx.x; e < npts; e += blockDim.x) {  // (finish_points' thread)
       const int b = e / Ue, u = e % Ue;
-      if (!runs(b)) continue;
-      const float* pa = acc + static_cast<int64_t>(b) * U + u;
-      float v = pa[0];
-      for (int ks = 1; ks < parts; ++ks) v += pa[ks * B * U];
-      a.step.dh[b * H + j0 + u] += v;
+      if (runs(b)) a.step.dh[b * H + j0 + u] += sum_parts(acc + static_cast<int64_t>(b) * U + u, parts, B * U);
     }
   };
-  // Pointwise element e = b * Ue + u goes to thread e mod nt, every step (as
-  // its dh in recurrent); the first kPrefetch of a thread have their inputs
-  // loaded a step ahead.
-  BwdIn pre[kPrefetch];
-  auto prefetch = [&](const BwdStep& fs) {
-#pragma unroll
-    for (int q = 0; q < kPrefetch; ++q) {
-      const int e = tid + q * nt;
-      if (e < npts) pre[q] = bwd_load<C, Tio>(fs, e / Ue, j0 + e % Ue);
-    }
-  };
-  int64_t t_done = -1;  // the step whose dgates the next recurrent product reads
+  // Pointwise element e = b * Ue + u (load_points, finish_points; recurrent
+  // adds to its dh on the same thread).
   BwdStep f = a.step;
+  BwdIn pre[kPrefetch];
+  auto load = [&](int e) { return bwd_load<C, Tio>(f, e / Ue, j0 + e % Ue); };
+  int64_t t_done = -1;  // the step whose dgates the next recurrent product reads
   if (steps_end(a.sb) > a.sb.s0) {
     place_bwd<Tio>(f, a.sb, steps_end(a.sb) - 1);
-    prefetch(f);
+    load_points(pre, npts, load);
   }
   // cluster mode: step s writes its dgates to buffer (end - 1 - s) & 1
   auto buffer = [&](int64_t s) { return cl ? xs + ((steps_end(a.sb) - 1 - s) & 1) * B * ld : xs; };
-  // One element's step; in cluster mode its dgates go to every block's buffer.
-  auto finish = [&](int64_t s, int64_t b, int64_t j, const BwdIn& in) {
-    Tio rec[4];
-    bwd_finish<C, Tio>(f, b, j, in, rec);
-    if (cl && in.valid) {
-      Tio* dst = buffer(s) + b * ld + j;
-      for (int r = 0; r < cl; ++r) {
-        Tio* d = cluster_map(dst, r);
-#pragma unroll
-        for (int g = 0; g < G; ++g) d[g * H] = rec[g];
-      }
-    }
-  };
   for (int64_t s = steps_end(a.sb) - 1; s >= a.sb.s0; --s) {
     if (t_done >= 0) recurrent(t_done, buffer(s + 1));
     __syncthreads();
-#pragma unroll
-    for (int q = 0; q < kPrefetch; ++q) {
-      const int e = tid + q * nt;
-      if (e < npts) finish(s, e / Ue, j0 + e % Ue, pre[q]);
-    }
-    for (int e = tid + kPrefetch * nt; e < npts; e += nt) {
+    finish_points(pre, npts, load, [&](int e, const BwdIn& in) {
       const int64_t b = e / Ue, j = j0 + e % Ue;
-      finish(s, b, j, bwd_load<C, Tio>(f, b, j));
-    }
+      Tio rec[4];
+      bwd_finish<C, Tio>(f, b, j, in, rec);
+      if (cl && in.valid) {  // (cluster: its dgates into every block's buffer)
+        Tio* dst = buffer(s) + b * ld + j;
+        for (int r = 0; r < cl; ++r) {
+          Tio* d = cluster_map(dst, r);
+#pragma unroll
+          for (int g = 0; g < G; ++g) d[g * H] = rec[g];
+        }
+      }
+    });
     t_done = f.t;
     if (s > a.sb.s0) {  // (this thread wrote the dc its elements read next)
       f = a.step;
       place_bwd<Tio>(f, a.sb, s - 1);
-      prefetch(f);
+      load_points(pre, npts, load);
     }
     if (cl)
       cluster_barrier();
@@ -1764,64 +1822,6 @@ Algo choose_algo(const Problem& p) {
   return Algo::Standard;
 }
 
-// The layout for a problem: forward multiplies G*U rows of W_hh by the state
-// (K = H); backward U columns of W_hh by the gate gradients (K = G*H).
-// cluster: the cluster mode's, one cluster of up to that many blocks (0: grid mode).
-static PersistentLayout persistent_layout(const Problem& p, bool backward, int cluster) {
-  PersistentLayout c;
-  // (no projection: the persistent kernels keep only W_hh on chip)
-  if (p.B < 1 || p.H < 1 || p.T < 1 || p.proj) return c;
-  int sms = 0, optin = 0, launch = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) !=
-          cudaSuccess ||
-      cudaDeviceGetAttribute(&launch, cluster ? cudaDevAttrClusterLaunch : cudaDevAttrCooperativeLaunch,
-                             p.device) != cudaSuccess) {
-    cudaGetLastError();
-    return c;
-  }
-  if (cluster) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.device) != cudaSuccess) {
-      cudaGetLastError();
-      return c;
-    }
-    if (major < 9) return c;
-  }
-  const int64_t es = static_cast<int64_t>(dtype_size(p.dtype)), V = 16 / es, G = p.G(), H = p.H;
-  // One block per multiprocessor (cluster: per block of the cluster), or
-  // fewer with more units each when FUSEDRNN_CUDA_PERSISTENT_UNITS asks for
-  // at least that many per block (a benchmark knob, as FUSEDRNN_CUDA_ALGO:
-  // fewer blocks meet at the barrier).
-  const char* umin_env = std::getenv("FUSEDRNN_CUDA_PERSISTENT_UNITS");
-  const int64_t umin = umin_env ? std::max(1, std::atoi(umin_env)) : 1;
-  const int64_t per = cluster ? std::min<int64_t>(sms, cluster) : sms;
-  const int64_t U = std::min(H, std::max((H + per - 1) / per, umin));
-  const int64_t K = backward ? G * H : H, ld = (K + V - 1) / V * V;
-  const int64_t rows = backward ? U : G * U, w = rows * ld * es, avail = optin;
-  const int64_t warps = kPersistentThreads / 32, nbuf = cluster ? 2 : 1;
-  auto fit_bc = [&](int64_t ks) {  // vectors staged at once, with ks parts of products
-    const int64_t left = avail - w - ks * p.B * rows * 4;
-    const int64_t n = left < nbuf * ld * es ? 0 : std::min(p.B, left / (nbuf * ld * es));
-    return cluster && n < p.B ? int64_t{0} : n;  // (cluster: the whole batch)
-  };
-  int64_t ks = 1, bc = fit_bc(1);
-  if (bc < 1) return c;
-  const int64_t tiles = (rows + kRT - 1) / kRT * ((bc + kBT - 1) / kBT);
-  ks = std::max<int64_t>(1, std::min(warps / tiles, (ld / V + 31) / 32));
-  while (ks > 1 && fit_bc(ks) < bc) --ks;  // split k only where it costs no staging room
-  c.U = static_cast<int>(U);
-  c.blocks = static_cast<int>((H + U - 1) / U);
-  c.ld = static_cast<int>(ld);
-  c.bc = static_cast<int>(bc);
-  c.ks = static_cast<int>(ks);
-  c.cluster = cluster ? c.blocks : 0;
-  c.smem = static_cast<std::size_t>(w + nbuf * bc * ld * es + ks * p.B * rows * 4);
-  c.ok = launch && c.blocks <= (cluster ? cluster : sms) && ld <= INT32_MAX / 2 &&
-         c.smem <= static_cast<std::size_t>(optin);
-  return c;
-}
-
 // The layout the persistent kernels run with: the cluster mode's when
 // FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1 asks for it and a cluster of 8, else 16,
 // blocks holds the problem; else the grid's.
@@ -1829,15 +1829,11 @@ PersistentLayout persistent_layout(const Problem& p, bool backward) {
   const char* e = std::getenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER");
   if (e && std::string(e) == "1") {
     for (int size : kClusterSizes) {
-      const PersistentLayout c = persistent_layout(p, backward, size);
+      const PersistentLayout c = layout_for(p, backward, size);
       if (c.ok) return c;
     }
   }
-  return persistent_layout(p, backward, 0);
-}
-
-PersistentLayout persistent_grid_layout(const Problem& p, bool backward) {
-  return persistent_layout(p, backward, 0);
+  return layout_for(p, backward, 0);
 }
 
 bool persistent_fits(const Problem& p) {

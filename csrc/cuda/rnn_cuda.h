@@ -130,9 +130,6 @@ struct PersistentLayout {
   bool ok = false;
 };
 PersistentLayout persistent_layout(const Problem& p, bool backward);
-// The grid mode's layout, whatever FUSEDRNN_CUDA_PERSISTENT_CLUSTER says (the
-// fallback when a cluster cannot be resident at launch).
-PersistentLayout persistent_grid_layout(const Problem& p, bool backward);
 
 // Forward. cache is null for inference, else a Cache made for (p, in), which
 // forward fills. y [T, B, P] (or [B, T, P]), h_n [B, P], c_n [B, H] (lstm).
