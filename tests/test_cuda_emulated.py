@@ -295,6 +295,18 @@ def test_persistent_refuses_what_does_not_fit():
     assert emu.choose_algo("lstm", "float32", 1, 1, 1, 16, 0) == "persistent"
 
 
+def layouts(cell, dtype, B, H):
+    """The persistent forward and backward kernels' layouts for (B, H) here."""
+    return [emu.persistent_layout(cell, dtype, B, H, backward, 0) for backward in (False, True)]
+
+
+def assert_same_outputs(out, expected):
+    """Every output and gradient of run() the same, bit for bit."""
+    for k, (a, _) in out.items():
+        if a is not None:
+            assert np.array_equal(a, expected[k][0]), k
+
+
 def small_smem(dtype, B, H, cell="lstm"):
     """FUSEDRNN_EMU_SMEM for which both persistent kernels fit but stage only
     part of a batch of B rows at a time (6 of them forward)."""
@@ -313,10 +325,9 @@ def test_persistent_stages_the_batch_in_parts(semantics, dtype, monkeypatch, rng
     pointwise elements than the ones it loads a step early."""
     T, B, I, H = 4, 20, 6, 40
     monkeypatch.setenv("FUSEDRNN_EMU_SMEM", str(small_smem(dtype, B, H)))
-    for backward in (False, True):
-        lay = emu.persistent_layout("lstm", dtype, B, H, backward, 0)
+    for lay, ld in zip(layouts("lstm", dtype, B, H), (H, 4 * H)):
         assert lay["ok"] and 1 <= lay["bc"] < B, lay
-        assert lay["ld"] == (H if not backward else 4 * H) and lay["ks"] == 1
+        assert lay["ld"] == ld and lay["ks"] == 1
     assert B * lay["U"] > 2 * 64  # (kPrefetch elements of 64 emulated threads)
     kw = {"batch_first": True, "mask": True} if semantics == "batch_first_mask" else {}
     args, pkw, dy, dh_n, dc_n = make_problem("lstm", T, B, I, H, np.float64, rng, **kw)
@@ -333,8 +344,7 @@ def test_persistent_splits_k_among_warps(cell, H, sms, split, monkeypatch, rng):
     added in order (backward of an LSTM with 3 units per block; both kernels
     of an Elman cell with 4 units per block and rows of 132 floats)."""
     monkeypatch.setenv("FUSEDRNN_EMU_SMS", str(sms))
-    for backward, ks in zip((False, True), split):
-        assert emu.persistent_layout(cell, "float32", 5, H, backward, 0)["ks"] == ks
+    assert tuple(lay["ks"] for lay in layouts(cell, "float32", 5, H)) == split
     problem = make_problem(cell, 3, 5, 4, H, np.float64, rng, lengths=True)
     out, _, _ = run(cell, problem, "float32", "persistent")
     check(out, TOL["float32"])
@@ -345,16 +355,11 @@ def test_persistent_units_per_block_knob(units, blocks, monkeypatch, rng):
     """FUSEDRNN_CUDA_PERSISTENT_UNITS: at least that many hidden units per block
     (at most H), so fewer blocks; the results do not depend on it."""
     monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_UNITS", units)
-    for backward in (False, True):
-        lay = emu.persistent_layout("gru", "float32", 5, 7, backward, 0)
+    for lay in layouts("gru", "float32", 5, 7):
         assert (lay["U"], lay["blocks"]) == (min(int(units), 7), blocks), lay
     problem = make_problem("gru", 5, 5, 6, 7, np.float64, rng, reverse=True, lengths=True)
     out, _, _ = run("gru", problem, "float32", "persistent")
     check(out, TOL["float32"])
-
-
-def layouts(cell, dtype, B, H):
-    return [emu.persistent_layout(cell, dtype, B, H, backward, 0) for backward in (False, True)]
 
 
 @pytest.mark.parametrize("semantics", list(SEMANTICS))
@@ -374,9 +379,7 @@ def test_persistent_cluster_mode_equals_grid_mode(cell, semantics, monkeypatch, 
         out, cache, _ = run(cell, problem, "float32", "persistent")
         check(out, TOL["float32"])
         results[mode] = out
-    for k, (a, _) in results["1"].items():
-        if a is not None:
-            assert np.array_equal(a, results["0"][k][0]), k
+    assert_same_outputs(results["1"], results["0"])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -438,9 +441,7 @@ def test_persistent_cluster_that_cannot_be_resident_runs_in_grid_mode(monkeypatc
     monkeypatch.setenv("FUSEDRNN_EMU_MAX_CLUSTER", "4")
     out, cache, _ = run("gru", problem, "float32", "persistent")
     assert cache.algo == "persistent"
-    for k, (a, _) in out.items():
-        if a is not None:
-            assert np.array_equal(a, expected[k][0]), k
+    assert_same_outputs(out, expected)
 
 
 def test_persistent_cluster_mode_falls_back_to_grid_mode(monkeypatch, rng):

@@ -345,8 +345,6 @@ inline grid_group this_grid() { return {}; }
 // (a cluster launch here is one cluster: the whole grid)
 struct cluster_group {
   void sync() const { ::emu::ctx().grid_barrier->wait(); }
-  unsigned block_rank() const { return ::emu::ctx().block.x; }
-  unsigned num_blocks() const { return ::emu::ctx().grid_dim.x; }
   template <typename T>
   T* map_shared_rank(T* p, int rank) const { return ::emu::map_shared_rank(p, rank); }
 };

@@ -40,8 +40,7 @@ void launch_cooperative(void (*kernel)(Arg), int blocks, int threads, std::size_
 
 // One thread-block cluster of `blocks` blocks (sm_90 and later): its blocks
 // are resident together and share their shared memory.
-template <typename Arg>
-cudaLaunchConfig_t cluster_config(int blocks, int threads, std::size_t smem, cudaStream_t stream,
+inline cudaLaunchConfig_t cluster_config(int blocks, int threads, std::size_t smem, cudaStream_t stream,
                                   cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(blocks);
@@ -61,7 +60,7 @@ template <typename Arg>
 void launch_cluster(void (*kernel)(Arg), int blocks, int threads, std::size_t smem,
                     cudaStream_t stream, Arg& arg) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config<Arg>(blocks, threads, smem, stream, &attr);
+  const cudaLaunchConfig_t cfg = cluster_config(blocks, threads, smem, stream, &attr);
   check(cudaLaunchKernelEx(&cfg, kernel, arg), "cudaLaunchKernelEx (cluster)");
 }
 
@@ -69,7 +68,7 @@ void launch_cluster(void (*kernel)(Arg), int blocks, int threads, std::size_t sm
 template <typename Arg>
 int max_active_clusters(void (*kernel)(Arg), int blocks, int threads, std::size_t smem) {
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config<Arg>(blocks, threads, smem, nullptr, &attr);
+  const cudaLaunchConfig_t cfg = cluster_config(blocks, threads, smem, nullptr, &attr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<const void*>(kernel), &cfg) !=
       cudaSuccess) {
