@@ -750,7 +750,7 @@ def test_algo_selection(fake_cuda, monkeypatch):
         return fake_cuda.forward_calls[-1]["algo"]
 
     assert algo_of() == "auto"
-    for a in ("standard", "persistent", "auto"):
+    for a in ("standard", "persistent", "benchmark", "auto"):
         monkeypatch.setenv("FUSEDRNN_CUDA_ALGO", a)
         assert algo_of() == a
         args, kw = fake_call("gru")
@@ -761,8 +761,8 @@ def test_algo_selection(fake_cuda, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CUDA_ALGO", "")
     assert algo_of() == "auto"
     monkeypatch.setenv("FUSEDRNN_CUDA_ALGO", "fastest")
-    with pytest.raises(ValueError, match=r"FUSEDRNN_CUDA_ALGO must be auto, standard or "
-                                         r"persistent, got 'fastest'"):
+    with pytest.raises(ValueError, match=r"FUSEDRNN_CUDA_ALGO must be auto, standard, "
+                                         r"persistent or benchmark, got 'fastest'"):
         algo_of()
 
 
@@ -974,6 +974,9 @@ def test_bench_cuda_bookkeeping_on_cpu_tensors(monkeypatch, tmp_path):
             rows += bc._run_case(torch_, cpu, "test-cpu", case, prob, names, 2, 0.0, out)
     assert ("forward+backward", True) in seen_ck and ("forward", True) not in seen_ck
     assert all(r.algo == "auto" for r in rows if r.provider == "fusedrnn.ckpt")
+    # (nothing timed here: benchmark mode's table is empty, so the label says standard)
+    assert {r.algo for r in rows if r.provider == "fusedrnn.benchmark"} == {
+        "bench:standard", "bench:standard/standard"}
     text = out.getvalue()
     assert "fusedrnn.persistent does not fit lstm" in text
     assert not any(r.provider == "fusedrnn.persistent" for r in rows)
@@ -1110,7 +1113,8 @@ def check_gpu(cell, problem, dtype, algo, tol=None, forward_only=False):
         assert tuple(a.shape) == r.shape, name
         assert_close(name, to_host(a), r, tol)
     assert isinstance(cache, _device.DeviceCache) and cache.nbytes >= 0
-    if algo != "auto" and args[0].shape[0] * args[0].shape[1] > 0:  # (T*B = 0: nothing ran)
+    if algo not in ("auto", "benchmark") and args[0].shape[0] * args[0].shape[1] > 0:
+        # (T*B = 0: nothing ran; auto and benchmark pick one)
         assert cache.algo == algo
     if forward_only:
         return dev, (y, h_n, c_n), cache, None
@@ -1269,6 +1273,35 @@ def test_auto_algorithm(cell, rng):
     *_, cache, _ = check_gpu(cell, problem, "float32", "auto")
     assert cache.algo == _device._cuda.choose_algo(cell, "float32", 6, 4, 5, 24, 0)
     assert cache.algo in ALGOS
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_benchmark_mode(cell, dtype, rng):
+    """algo 'benchmark' (FUSEDRNN_CUDA_ALGO=benchmark): the first call times both
+    algorithms on the device, forward and backward apart, and keeps the faster; its
+    results are the reference's, and a second call's are bitwise the first's."""
+    cuda = _device._cuda
+    cuda.benchmark_clear()
+    try:
+        problem = make_gpu_problem(cell, 20, 8, 64, 256, rng, lengths="unsorted")
+        dev, out, cache, grads = check_gpu(cell, problem, dtype, "benchmark")
+        table = {e["pass"]: e for e in cuda.benchmark_table()}
+        assert set(table) == {"forward+cache", "backward"}, table
+        for e in table.values():
+            assert e["ms_standard"] > 0 and e["ms_persistent"] > 0, e
+            faster = "persistent" if e["ms_persistent"] < e["ms_standard"] else "standard"
+            assert e["algo"] == faster, e
+        assert cache.algo == table["forward+cache"]["algo"]
+        _, out2, _, grads2 = check_gpu(cell, problem, dtype, "benchmark")
+        assert {e["pass"]: e for e in cuda.benchmark_table()} == table  # not timed again
+        for a, b in zip(out, out2):
+            assert a is None or torch.equal(a, b)
+        for k in GRAD_KEYS:
+            assert grads[k] is None or torch.equal(grads[k], grads2[k]), k
+    finally:
+        cuda.benchmark_clear()
 
 
 @gpu

@@ -69,7 +69,8 @@ def run(cell, problem, dtype, algo):
     w_hr = kw.get("w_hr")  # projection: on the device too, rounded for the reference
     dkw, rkw = {**kw, "w_hr": to_device(w_hr, dtype)}, {**kw, "w_hr": rounded(w_hr, dtype)}
     y, h_n, c_n, cache = _device.forward(cell, *dev, **dkw, algo=algo)
-    assert cache.algo == algo or np.prod(y.shape) == 0  # nothing to run: no algorithm
+    # (nothing to run: no algorithm; benchmark mode: the one it picked)
+    assert cache.algo == algo or np.prod(y.shape) == 0 or algo == "benchmark"
     g = fusedrnn.backward(cache, to_device(dy, dtype), to_device(dh_n, dtype), to_device(dc_n, dtype))
     ry, rh_n, rc_n, rcache = reference.forward(cell, *ref_in, **rkw)
     rg = reference.backward(rcache, rounded(dy, dtype), rounded(dh_n, dtype), rounded(dc_n, dtype))
@@ -762,3 +763,149 @@ def test_checkpoint_arguments(rng):
     y, _, _, none = _device.forward("gru", *dev, **kw, checkpoint=2, training=False)
     assert none is None
     assert np.array_equal(y.get(), _device.forward("gru", *dev, **kw, training=False)[0].get())
+
+
+# ------------------------------------------------------------- benchmark mode
+
+#: emulated milliseconds that make one algorithm lose benchmark mode's timing:
+#: added to the events' clock per cooperative launch (the persistent kernels)
+#: or per GEMM (the standard algorithm runs several per step)
+SLOW = {"persistent": "FUSEDRNN_EMU_COOP_DELAY_MS", "standard": "FUSEDRNN_EMU_GEMM_DELAY_MS"}
+OTHER = {"persistent": "standard", "standard": "persistent"}
+
+
+@pytest.fixture
+def tuning():
+    """Benchmark mode's decisions, forgotten before and after the test."""
+    emu.benchmark_clear()
+    yield
+    emu.benchmark_clear()
+
+
+def table():
+    return {e["pass"]: e for e in emu.benchmark_table()}
+
+
+@pytest.mark.parametrize("slow", ["persistent", "standard"])
+def test_benchmark_mode_keeps_the_faster_algorithm(slow, tuning, monkeypatch, rng):
+    """The first call times both algorithms and returns the winner's results
+    (bitwise those of a plain call with that algorithm), forward and backward;
+    later calls run the winner without timing again."""
+    fast = OTHER[slow]
+    problem = make_problem("lstm", 6, 4, 5, 7, np.float64, rng, lengths=True)
+    plain = {a: run_all("lstm", problem, algo=a)[0] for a in ALGOS}
+    # (the algorithms' sums differ in order, so a run of the wrong one would show)
+    assert not np.array_equal(plain["standard"]["y"], plain["persistent"]["y"])
+    assert not np.array_equal(plain["standard"]["dw_hh"], plain["persistent"]["dw_hh"])
+    monkeypatch.setenv(SLOW[slow], "100000")
+    emu.take_gemm_log()
+    got, cache = run_all("lstm", problem, algo="benchmark")
+    first_log = emu.take_gemm_log()
+    assert cache.algo == fast
+    assert_same(plain[fast], got, "first call")
+    t = table()
+    assert set(t) == {"forward+cache", "backward"}
+    for e in t.values():
+        assert e["algo"] == fast
+        assert e["ms_" + slow] >= e["ms_" + fast] + 1e5 and e["ms_" + fast] >= 0
+        assert (e["cell"], e["dtype"], e["T"], e["B"], e["I"], e["H"], e["P"]) == \
+            ("lstm", "float32", 6, 4, 5, 7, 7)
+        assert (e["lengths"], e["mask"], e["reverse"], e["checkpoint"]) == (True, False, False, 0)
+    # again: no timing (the products are those of one plain call)
+    run_all("lstm", problem, algo=fast)
+    one_log = emu.take_gemm_log()
+    assert len(first_log) > len(one_log)
+    again, cache = run_all("lstm", problem, algo="benchmark")
+    assert sorted(emu.take_gemm_log()) == sorted(one_log)
+    assert cache.algo == fast
+    assert_same(plain[fast], again, "second call")
+    assert table() == t
+
+
+def test_benchmark_mode_tunes_backward_apart(tuning, monkeypatch, rng):
+    """Backward is timed on its own: here forward keeps the standard algorithm
+    and backward the persistent kernel (no per-step products backward), with
+    the reference's gradients; inference and training forward are separate keys."""
+    T, B, I, H = 6, 4, 5, 7
+    args, kw, dy, dh_n, dc_n = make_problem("gru", T, B, I, H, np.float64, rng, reverse=True)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    monkeypatch.setenv(SLOW["persistent"], "100000")
+    y, h_n, _, cache = _device.forward("gru", *dev, **kw, algo="benchmark")
+    _device.forward("gru", *dev, **kw, training=False, algo="benchmark")
+    monkeypatch.delenv(SLOW["persistent"])
+    monkeypatch.setenv(SLOW["standard"], "100000")
+    emu.take_gemm_log()
+    g = fusedrnn.backward(cache, to_device(dy, "float32"), to_device(dh_n, "float32"))
+    t = table()
+    assert {p: e["algo"] for p, e in t.items()} == {
+        "forward+cache": "standard", "forward": "standard", "backward": "persistent"}
+    assert cache.algo == "standard"
+    emu.take_gemm_log()
+    g2 = fusedrnn.backward(cache, to_device(dy, "float32"), to_device(dh_n, "float32"))
+    log = emu.take_gemm_log()
+    assert len(log) == 3, log  # dx, dW_ih, dW_hh only: the steps ran in the persistent kernel
+    ry, rh_n, _, rcache = reference.forward("gru", *[rounded(a, "float32") for a in args[1:]], **kw)
+    rg = reference.backward(rcache, rounded(dy, "float32"), rounded(dh_n, "float32"))
+    check({"y": (host(y), ry), "h_n": (host(h_n), rh_n),
+           **{"d" + k: (host(g[k]), rg[k]) for k in GRADS}}, TOL["float32"])
+    for k in GRADS:
+        if g[k] is not None:
+            assert np.array_equal(g[k].get(), g2[k].get()), k
+
+
+@pytest.mark.parametrize("fwd,bwd", [("persistent", "standard"), ("standard", "persistent")])
+def test_benchmark_mode_checkpointed(fwd, bwd, tuning, monkeypatch, rng):
+    """With checkpoint=k the recomputation runs forward's algorithm and the
+    backward steps the one timed for backward: the results are bitwise those of
+    the full cache with the same two algorithms, and the reference's."""
+    args, kw, dy, dh_n, dc_n = problem = make_problem("lstm", 7, 5, 6, 7, np.float64, rng,
+                                                      mask=True)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    got = {}
+    for k in (False, 2):
+        monkeypatch.setenv(SLOW[bwd], "100000")
+        y, h_n, c_n, cache = _device.forward("lstm", *dev, **kw, checkpoint=k, algo="benchmark")
+        monkeypatch.delenv(SLOW[bwd])
+        monkeypatch.setenv(SLOW[fwd], "100000")
+        g = fusedrnn.backward(cache, *[to_device(a, "float32") for a in (dy, dh_n, dc_n)])
+        monkeypatch.delenv(SLOW[fwd])
+        assert (cache.checkpoint, cache.algo) == (int(k), fwd)
+        got[k] = {"y": host(y), "h_n": host(h_n), "c_n": host(c_n),
+                  **{"d" + n: host(g[n]) for n in GRADS}}
+    t = {(e["pass"], e["checkpoint"]): e["algo"] for e in emu.benchmark_table()}
+    assert t == {("forward+cache", 0): fwd, ("backward", 0): bwd,
+                 ("forward+cache", 2): fwd, ("backward", 2): bwd}
+    assert_same(got[False], got[2], "checkpoint=2")
+    ref, _, _ = run("lstm", problem, "float32", "standard")
+    check({k: (got[2][k], r) for k, (_, r) in ref.items()}, TOL["float32"])
+
+
+def test_benchmark_mode_without_a_choice_or_while_capturing(tuning, monkeypatch, rng):
+    """Nothing is timed when only the standard algorithm can run (projection,
+    or W_hh does not fit), or when the stream is being captured into a graph
+    (then auto's pick runs); results stay the reference's."""
+    problem = make_problem("lstm", 5, 3, 4, 6, np.float64, rng, proj=3)
+    out, cache, _ = run("lstm", problem, "float32", "benchmark")
+    check(out, TOL["float32"])
+    assert cache.algo == "standard" and emu.benchmark_table() == []
+    monkeypatch.setenv("FUSEDRNN_EMU_CAPTURING", "1")
+    problem = make_problem("rnn_tanh", 5, 3, 4, 6, np.float64, rng)
+    out, cache, _ = run("rnn_tanh", problem, "float32", "benchmark")
+    check(out, TOL["float32"])
+    assert cache.algo == emu.choose_algo("rnn_tanh", "float32", 5, 3, 4, 6, 0) == "persistent"
+    assert emu.benchmark_table() == []
+    monkeypatch.delenv("FUSEDRNN_EMU_CAPTURING")
+    run("rnn_tanh", problem, "float32", "benchmark")
+    assert len(emu.benchmark_table()) == 2
+
+
+def test_benchmark_mode_from_the_environment(tuning, monkeypatch, rng):
+    """FUSEDRNN_CUDA_ALGO=benchmark turns it on; a wrong value names the choices."""
+    args, kw, *_ = make_problem("gru", 4, 2, 3, 5, np.float64, rng)
+    dev = [to_device(a, "float32") for a in args[1:]]
+    monkeypatch.setenv("FUSEDRNN_CUDA_ALGO", "benchmark")
+    _device.forward("gru", *dev, **kw, training=False)
+    assert [e["pass"] for e in emu.benchmark_table()] == ["forward"]
+    monkeypatch.setenv("FUSEDRNN_CUDA_ALGO", "fastest")
+    with pytest.raises(ValueError, match="benchmark"):
+        _device.forward("gru", *dev, **kw, training=False)

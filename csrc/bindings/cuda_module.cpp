@@ -48,7 +48,9 @@ Algo parse_algo(const std::string& s) {
   if (s == "auto") return Algo::Auto;
   if (s == "standard") return Algo::Standard;
   if (s == "persistent") return Algo::Persistent;
-  throw py::value_error("algo must be 'auto', 'standard' or 'persistent', got '" + s + "'");
+  if (s == "benchmark") return Algo::Benchmark;
+  throw py::value_error("algo must be 'auto', 'standard', 'persistent' or 'benchmark', got '" +
+                        s + "'");
 }
 
 const char* algo_name(Algo a) {
@@ -56,6 +58,7 @@ const char* algo_name(Algo a) {
     case Algo::Auto: return "auto";
     case Algo::Standard: return "standard";
     case Algo::Persistent: return "persistent";
+    case Algo::Benchmark: return "benchmark";
   }
   return "?";
 }
@@ -269,6 +272,31 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
     p.T = T; p.B = B; p.I = I; p.H = H; p.P = H; p.device = device;
     return std::string(algo_name(choose_algo(p)));
   });
+
+  m.def("benchmark_table", [] {
+    static const char* passes[] = {"forward", "forward+cache", "backward"};
+    py::list out;
+    for (const auto& [k, t] : benchmark_table()) {
+      py::dict d;
+      d["pass"] = passes[k.pass];
+      d["device"] = k.device;
+      d["cell"] = cell_name(k.cell);
+      d["dtype"] = dtype_name(k.dtype);
+      d["T"] = k.T; d["B"] = k.B; d["I"] = k.I; d["H"] = k.H; d["P"] = k.P;
+      d["checkpoint"] = k.checkpoint;
+      d["lengths"] = k.lengths; d["mask"] = k.mask;
+      d["reverse"] = k.reverse; d["batch_first"] = k.batch_first;
+      d["cluster"] = k.cluster; d["units"] = k.units;
+      d["algo"] = algo_name(t.algo);
+      d["ms_standard"] = t.ms_standard;
+      d["ms_persistent"] = t.ms_persistent;
+      out.append(d);
+    }
+    return out;
+  }, "Benchmark mode's decisions so far (FUSEDRNN_CUDA_ALGO=benchmark): one dict per key "
+     "with the algorithm picked and the times (ms, the faster of two runs) that decided.");
+  m.def("benchmark_clear", [] { benchmark_clear(); },
+        "Forget benchmark mode's decisions: the next call with each key times again.");
 
   m.def("persistent_fits", [](const std::string& cell, const std::string& dtype, int64_t T,
                               int64_t B, int64_t I, int64_t H, int device) {

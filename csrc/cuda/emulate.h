@@ -11,7 +11,9 @@
 //   __shfl_xor_sync through per-warp exchange slots.
 // - Device memory is host memory. Fresh allocations are filled with 0xff bytes
 //   (NaN as floats), so a read of memory no kernel wrote shows up in results.
-// - Streams are ignored: everything is synchronous, in call order.
+// - Streams are ignored: everything is synchronous, in call order. Events
+//   record the host's clock (plus FUSEDRNN_EMU_COOP_DELAY_MS per cooperative
+//   launch and FUSEDRNN_EMU_GEMM_DELAY_MS per GEMM, for benchmark-mode tests).
 // - cuBLAS's GemmEx is a plain column-major loop with float accumulation
 //   (cublas_dyn.cpp).
 // - The emulated device has FUSEDRNN_EMU_SMS multiprocessors (default 4) and
@@ -23,6 +25,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -428,11 +432,52 @@ using cudaMemPool_t = struct CUmemPoolHandle_st*;
 enum cudaMemPoolAttr { cudaMemPoolAttrReleaseThreshold = 4 };
 inline cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* p, int) { *p = nullptr; return cudaSuccess; }
 inline cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
+// Events hold the time they were recorded (everything is synchronous): the
+// host's steady clock plus the emulated delays below.
+struct CUevent_st {
+  double ms = 0;
+};
+namespace emu {
+// Milliseconds added to the events' clock by FUSEDRNN_EMU_COOP_DELAY_MS per
+// cooperative (or cluster) launch and FUSEDRNN_EMU_GEMM_DELAY_MS per GEMM, so
+// tests can make either algorithm the slower one in benchmark mode.
+inline std::atomic<int64_t>& delay_us() {
+  static std::atomic<int64_t> us{0};
+  return us;
+}
+inline void add_delay(const char* env) {
+  const char* e = std::getenv(env);
+  if (e) delay_us() += static_cast<int64_t>(std::atof(e) * 1000.0);
+}
+}  // namespace emu
+constexpr unsigned cudaEventDefault = 0;
 constexpr unsigned cudaEventDisableTiming = 2;
-inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { *e = nullptr; return cudaSuccess; }
-inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
+  *e = new CUevent_st();
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
+  const auto now = std::chrono::steady_clock::now().time_since_epoch();
+  e->ms = std::chrono::duration<double, std::milli>(now).count() + emu::delay_us().load() / 1000.0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
+  *ms = static_cast<float>(b->ms - a->ms);
+  return cudaSuccess;
+}
 inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
-inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete e;
+  return cudaSuccess;
+}
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+// FUSEDRNN_EMU_CAPTURING=1: every stream reports a capture under way.
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* s) {
+  const char* e = std::getenv("FUSEDRNN_EMU_CAPTURING");
+  *s = e && std::string(e) == "1" ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void* p) {
   a->type = cudaMemoryTypeDevice;
@@ -447,12 +492,14 @@ namespace cuda {
 template <typename Arg>
 void launch_cooperative(void (*kernel)(Arg), int blocks, int threads, std::size_t smem,
                         cudaStream_t, Arg& arg) {
+  ::emu::add_delay("FUSEDRNN_EMU_COOP_DELAY_MS");
   ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
 }
 // One cluster of `blocks` blocks (as a cooperative launch here).
 template <typename Arg>
 void launch_cluster(void (*kernel)(Arg), int blocks, int threads, std::size_t smem,
                     cudaStream_t, Arg& arg) {
+  ::emu::add_delay("FUSEDRNN_EMU_COOP_DELAY_MS");
   ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
 }
 // Clusters of `blocks` that can be resident at once: one here, or none

@@ -21,10 +21,13 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
+#include <map>
 #include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "cells/gru.h"
 #include "cells/lstm.h"
@@ -1483,7 +1486,7 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
 
 template <Cell C, typename Tio>
 void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* dh_n,
-                   const void* dc_n, const Grads& g) {
+                   const void* dc_n, const Grads& g, Algo algo) {
   const Problem& p = c.p;
   DeviceGuard guard(p.device);
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, P = p.P, G = p.G(), GH = G * H, N = p.N();
@@ -1589,7 +1592,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
                           nullptr, nullptr, const_cast<float*>(c0f), nullptr, nullptr};
     const float* gates = c.at<float>(c.gates_off);
     bool persistent_done = false;
-    if (c.algo == Algo::Persistent && persistent_bwd_config(p).ok) {
+    if (algo == Algo::Persistent && persistent_bwd_config(p).ok) {
       PersistentBwdParams a{base, sb, whh, g.h0 != nullptr, {}};
       a.step.gates = gates;
       a.step.cs = cs;
@@ -1637,8 +1640,10 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
       check(cudaMemcpyAsync(d_lrow, lrow.data(), R * sizeof(int32_t), cudaMemcpyHostToDevice, st),
             "cudaMemcpyAsync");
     float* gx = scratch.alloc<float>(most * GH);
-    const bool persistent = c.algo == Algo::Persistent && persistent_config(p).ok &&
-                            persistent_bwd_config(p).ok;
+    // the recomputation runs the algorithm forward ran, so that its values
+    // are forward's; the backward steps run `algo`
+    const bool persistent_fwd = c.algo == Algo::Persistent && persistent_config(p).ok;
+    const bool persistent_bwd = algo == Algo::Persistent && persistent_bwd_config(p).ok;
     const Tio* ckh = c.at<Tio>(c.ckh_off);
     const float* ckc = lstm ? c.at<float>(c.ckc_off) : nullptr;
     FwdStep fb{};
@@ -1662,16 +1667,15 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
             "cudaMemcpyAsync");
       FwdStep f = fb;
       f.gx_row0 = lo;
-      // the algorithm forward ran, so that the recomputed values are forward's
       bool done = false;
-      if (persistent) {
+      if (persistent_fwd) {
         PersistentParams a{f, sb, whh, Checkpoints{}, {}};
         a.step.gh = nullptr;
         done = launch_persistent_fwd<C, Tio>(p, st, a);
       }
       if (!done) forward_steps<C, Tio>(p, run, f, sb, s0, s1, whh, whr, packed, nullptr);
       done = false;
-      if (persistent) {
+      if (persistent_bwd) {
         PersistentBwdParams a{base, sb, whh, g.h0 != nullptr, {}};
         a.step.gates = gates;
         a.step.cs = cs;
@@ -1840,8 +1844,137 @@ bool persistent_fits(const Problem& p) {
   return persistent_config(p).ok;
 }
 
+bool TuneKey::operator<(const TuneKey& o) const {
+  auto tie = [](const TuneKey& k) {
+    return std::make_tuple(k.pass, k.device, static_cast<int>(k.cell), static_cast<int>(k.dtype),
+                           k.T, k.B, k.I, k.H, k.P, k.checkpoint, k.lengths, k.mask, k.reverse,
+                           k.batch_first, k.cluster, k.units);
+  };
+  return tie(*this) < tie(o);
+}
+
+namespace {
+
+std::mutex g_tuned_mutex;
+std::map<TuneKey, Tuned> g_tuned;
+
+TuneKey tune_key(const Problem& p, int pass, bool lengths, bool mask, int64_t checkpoint) {
+  TuneKey k;
+  k.pass = pass;
+  k.device = p.device;
+  k.cell = p.cell;
+  k.dtype = p.dtype;
+  k.T = p.T; k.B = p.B; k.I = p.I; k.H = p.H; k.P = p.P;
+  k.checkpoint = checkpoint;
+  k.lengths = lengths;
+  k.mask = mask;
+  k.reverse = p.reverse;
+  k.batch_first = p.batch_first;
+  // the persistent kernels' knobs change what is timed
+  const char* cl = std::getenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER");
+  k.cluster = cl && std::string(cl) == "1";
+  const char* u = std::getenv("FUSEDRNN_CUDA_PERSISTENT_UNITS");
+  k.units = u ? std::max(1, std::atoi(u)) : 1;
+  return k;
+}
+
+// Milliseconds that run() takes on stream st, between two CUDA events.
+template <typename F>
+float time_on(cudaStream_t st, F&& run) {
+  cudaEvent_t ev[2] = {nullptr, nullptr};
+  struct Destroy {
+    cudaEvent_t* ev;
+    ~Destroy() {
+      for (int i = 0; i < 2; ++i)
+        if (ev[i]) cudaEventDestroy(ev[i]);
+    }
+  } destroy{ev};
+  for (auto& e : ev) check(cudaEventCreateWithFlags(&e, cudaEventDefault), "cudaEventCreate");
+  check(cudaEventRecord(ev[0], st), "cudaEventRecord");
+  run();
+  check(cudaEventRecord(ev[1], st), "cudaEventRecord");
+  check(cudaEventSynchronize(ev[1]), "cudaEventSynchronize");
+  float ms = 0.f;
+  check(cudaEventElapsedTime(&ms, ev[0], ev[1]), "cudaEventElapsedTime");
+  return ms;
+}
+
+// Whether work on st is being captured into a graph (where nothing can be timed).
+bool capturing(cudaStream_t st) {
+  cudaStreamCaptureStatus s = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(st, &s) != cudaSuccess) {
+    cudaGetLastError();
+    return true;  // unknown: do not time
+  }
+  return s != cudaStreamCaptureStatusNone;
+}
+
+// Benchmark mode (rnn_cuda.h): run(a) runs the call with algorithm a. The
+// call ends with a run of the algorithm that is (or was) picked for key.
+template <typename Run>
+void run_tuned(const TuneKey& key, cudaStream_t st, bool persistent_can, Algo fallback,
+               Run&& run) {
+  if (!persistent_can) {  // nothing to choose
+    run(Algo::Standard);
+    return;
+  }
+  Algo known = Algo::Auto;
+  {
+    std::lock_guard<std::mutex> lock(g_tuned_mutex);
+    auto it = g_tuned.find(key);
+    if (it != g_tuned.end()) known = it->second.algo;
+  }
+  if (known != Algo::Auto) {
+    run(known);
+    return;
+  }
+  if (capturing(st)) {
+    run(fallback);
+    return;
+  }
+  const Algo cands[2] = {Algo::Standard, Algo::Persistent};
+  float best[2] = {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity()};
+  for (Algo a : cands) run(a);  // warm-up: first launches, cuBLAS's setup
+  for (int rep = 0; rep < 2; ++rep)
+    for (int i = 0; i < 2; ++i)
+      best[i] = std::min(best[i], time_on(st, [&] { run(cands[i]); }));
+  Tuned t;
+  t.ms_standard = best[0];
+  t.ms_persistent = best[1];
+  t.algo = best[1] < best[0] ? Algo::Persistent : Algo::Standard;
+  if (t.algo != cands[1]) run(t.algo);  // the call's results are the winner's
+  std::lock_guard<std::mutex> lock(g_tuned_mutex);
+  g_tuned[key] = t;
+}
+
+}  // namespace
+
+std::vector<std::pair<TuneKey, Tuned>> benchmark_table() {
+  std::lock_guard<std::mutex> lock(g_tuned_mutex);
+  return {g_tuned.begin(), g_tuned.end()};
+}
+
+void benchmark_clear() {
+  std::lock_guard<std::mutex> lock(g_tuned_mutex);
+  g_tuned.clear();
+}
+
 void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
              Algo algo) {
+  auto run = [&](Algo a, bool required) {
+    dispatch(p.cell, p.dtype, [&](auto cell_tag, auto type_tag) {
+      forward_impl<decltype(cell_tag)::value, decltype(type_tag)>(p, in, y, h_n, c_n, cache, a,
+                                                                   required);
+    });
+  };
+  if (algo == Algo::Benchmark) {
+    if (cache) cache->benchmark = true;
+    const int64_t k = cache ? cache->ck : 0;
+    const TuneKey key = tune_key(p, cache ? 1 : 0, !in.lengths.empty(), !in.mask.empty(), k);
+    const bool can = p.N() > 0 && !p.proj && persistent_fits(p);
+    run_tuned(key, p.stream, can, choose_algo(p), [&](Algo a) { run(a, false); });
+    return;
+  }
   const bool required = algo == Algo::Persistent;  // asked for, not chosen
   if (algo == Algo::Auto) algo = choose_algo(p);
   if (algo == Algo::Persistent && p.N() > 0 && p.proj)
@@ -1850,17 +1983,25 @@ void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_
   if (algo == Algo::Persistent && p.N() > 0 && !persistent_fits(p))
     throw std::invalid_argument("algo 'persistent' cannot run this problem on this device "
                                 "(W_hh's slices do not fit the blocks' shared memory)");
-  dispatch(p.cell, p.dtype, [&](auto cell_tag, auto type_tag) {
-    forward_impl<decltype(cell_tag)::value, decltype(type_tag)>(p, in, y, h_n, c_n, cache, algo,
-                                                                 required);
-  });
+  run(algo, required);
 }
 
 void backward(const Cache& cache, cudaStream_t stream, const void* dy, const void* dh_n,
               const void* dc_n, const Grads& g) {
-  dispatch(cache.p.cell, cache.p.dtype, [&](auto cell_tag, auto type_tag) {
-    backward_impl<decltype(cell_tag)::value, decltype(type_tag)>(cache, stream, dy, dh_n, dc_n, g);
-  });
+  const Problem& p = cache.p;
+  auto run = [&](Algo a) {
+    dispatch(p.cell, p.dtype, [&](auto cell_tag, auto type_tag) {
+      backward_impl<decltype(cell_tag)::value, decltype(type_tag)>(cache, stream, dy, dh_n, dc_n,
+                                                                    g, a);
+    });
+  };
+  if (!cache.benchmark) {
+    run(cache.algo);  // the algorithm forward ran
+    return;
+  }
+  const TuneKey key = tune_key(p, 2, !cache.lengths.empty(), !cache.mask.empty(), cache.ck);
+  const bool can = p.N() > 0 && !p.proj && persistent_bwd_config(p).ok;
+  run_tuned(key, stream, can, cache.algo, run);
 }
 
 }  // namespace cuda

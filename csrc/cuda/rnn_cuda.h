@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fusedrnn/common.h"
@@ -28,7 +29,9 @@ namespace fusedrnn {
 namespace cuda {
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
-enum class Algo : int { Auto = 0, Standard = 1, Persistent = 2 };
+// Benchmark: time the algorithms that can run a problem on its first call and
+// keep the fastest for the problem's key (see benchmark_table below).
+enum class Algo : int { Auto = 0, Standard = 1, Persistent = 2, Benchmark = 3 };
 
 inline std::size_t dtype_size(DType d) { return d == DType::F32 ? 4 : 2; }
 
@@ -77,6 +80,7 @@ class Cache {
   std::vector<int32_t> lengths;
   std::vector<uint8_t> mask;
   Algo algo = Algo::Standard;  // the algorithm forward ran
+  bool benchmark = false;      // forward ran in benchmark mode: so does backward
   // The stream of the last call that used the memory (forward's, then each
   // backward's): the memory is freed in that stream's order.
   mutable cudaStream_t last_stream = nullptr;
@@ -130,6 +134,36 @@ struct PersistentLayout {
   bool ok = false;
 };
 PersistentLayout persistent_layout(const Problem& p, bool backward);
+
+// Benchmark mode (Algo::Benchmark, FUSEDRNN_CUDA_ALGO=benchmark). The first
+// call with a key times each algorithm that can run it (standard; persistent
+// where it fits) on the call's stream: each once untimed, then twice,
+// interleaved, between CUDA events; the smaller of a candidate's two times
+// counts, and the persistent kernels must be strictly faster to win. The call
+// then returns the winner's results (it runs last), and later calls with the
+// key run the winner without timing. Forward (inference and training apart)
+// and backward are timed separately, so a training step may run forward with
+// one algorithm and backward with the other. The key is the problem's shape
+// and options, not the values of lengths or mask. A stream being captured
+// into a CUDA graph cannot be timed: such a call runs Algo::Auto's pick and
+// records nothing.
+struct TuneKey {
+  int pass = 0;  // 0: forward, inference; 1: forward, training; 2: backward
+  int device = 0;
+  Cell cell = Cell::Lstm;
+  DType dtype = DType::F32;
+  int64_t T = 0, B = 0, I = 0, H = 0, P = 0, checkpoint = 0;
+  bool lengths = false, mask = false, reverse = false, batch_first = false;
+  bool cluster = false;  // FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1
+  int units = 1;         // FUSEDRNN_CUDA_PERSISTENT_UNITS
+  bool operator<(const TuneKey& o) const;
+};
+struct Tuned {
+  Algo algo = Algo::Standard;
+  float ms_standard = -1.f, ms_persistent = -1.f;  // the times that decided
+};
+std::vector<std::pair<TuneKey, Tuned>> benchmark_table();
+void benchmark_clear();
 
 // Forward. cache is null for inference, else a Cache made for (p, in), which
 // forward fills. y [T, B, P] (or [B, T, P]), h_n [B, P], c_n [B, H] (lstm).

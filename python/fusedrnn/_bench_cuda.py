@@ -13,6 +13,9 @@ CUDA tensors as inputs and outputs:
   one fused pointwise kernel);
 - ``fusedrnn.persistent``: the persistent kernel (W_hh on chip for all steps),
   only where it fits the device (a note says where it was skipped);
+- ``fusedrnn.benchmark``:  benchmark mode (FUSEDRNN_CUDA_ALGO=benchmark): the
+  first call times both algorithms, forward and backward apart, and keeps the
+  faster (the ``algo`` column says which: ``bench:<forward>/<backward>``);
 - ``torch``:               ``torch.nn.RNN``/``LSTM``/``GRU`` on CUDA, i.e. cuDNN
   where cuDNN takes the dtype.
 
@@ -59,12 +62,14 @@ __all__ = ["add_arguments", "run", "PROVIDERS", "DEFAULT_PROVIDERS", "DTYPES", "
            "QUICK_SHAPES", "CSV_COLUMNS", "flops"]
 
 FORWARD, FORWARD_BACKWARD, PASSES = _bench.FORWARD, _bench.FORWARD_BACKWARD, _bench.PASSES
-PROVIDERS = ("fusedrnn", "fusedrnn.standard", "fusedrnn.persistent", "fusedrnn.ckpt", "torch")
+PROVIDERS = ("fusedrnn", "fusedrnn.standard", "fusedrnn.persistent", "fusedrnn.benchmark",
+             "fusedrnn.ckpt", "torch")
 #: fusedrnn.ckpt (checkpoint=True, forward+backward only) on request
-DEFAULT_PROVIDERS = ("fusedrnn", "fusedrnn.standard", "fusedrnn.persistent", "torch")
+DEFAULT_PROVIDERS = ("fusedrnn", "fusedrnn.standard", "fusedrnn.persistent", "fusedrnn.benchmark",
+                     "torch")
 #: provider -> the ``algo`` argument of fusedrnn's device forward
 ALGOS = {"fusedrnn": "auto", "fusedrnn.standard": "standard", "fusedrnn.persistent": "persistent",
-         "fusedrnn.ckpt": "auto"}
+         "fusedrnn.benchmark": "benchmark", "fusedrnn.ckpt": "auto"}
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_DTYPES = ("float32", "bfloat16")
 
@@ -534,6 +539,24 @@ def _algo_of(dev, case: Case, provider: str) -> str:
     return algo
 
 
+def _benchmark_label(case: Case) -> str:
+    """What benchmark mode picked for the case (after its first call), as
+    bench:<forward> or bench:<forward>/<backward>."""
+    from . import _device  # noqa: PLC0415
+
+    passes = ["forward"] if case.pass_ == FORWARD else ["forward+cache", "backward"]
+    try:
+        table = _device._cuda.benchmark_table()
+    except Exception:  # noqa: BLE001 - informational
+        return "benchmark"
+    picked = {e["pass"]: e["algo"] for e in table
+              if (e["cell"], e["dtype"], e["T"], e["B"], e["I"], e["H"]) ==
+              (case.cell, case.dtype, case.T, case.B, case.I, case.H)
+              and not (e["lengths"] or e["mask"] or e["checkpoint"])}
+    # (nothing recorded: only the standard algorithm could run)
+    return "bench:" + "/".join(picked.get(p, "standard") for p in passes)
+
+
 def _run_case(torch, dev, dev_name, case, prob, names, repeats, min_sample_s, out) -> List[Row]:
     """Check, then time, one case; one Row per provider that ran (or failed)."""
     rows: Dict[str, Row] = {}
@@ -548,6 +571,8 @@ def _run_case(torch, dev, dev_name, case, prob, names, repeats, min_sample_s, ou
                 call, named = bind_fusedrnn(case, prob, ALGOS[n], **ck)
             try:
                 outputs[n] = named(call())  # first call: the check, and a warm-up
+                if n == "fusedrnn.benchmark":
+                    row.algo = _benchmark_label(case)
             except ValueError as e:
                 if n == "fusedrnn.persistent" and "persistent" in str(e):
                     print(f"  note: fusedrnn.persistent does not fit {case.cell} T={case.T} "

@@ -369,8 +369,9 @@ class DeviceCache:
 
 def _algo() -> str:
     a = os.environ.get("FUSEDRNN_CUDA_ALGO", "auto") or "auto"
-    if a not in ("auto", "standard", "persistent"):
-        raise ValueError(f"FUSEDRNN_CUDA_ALGO must be auto, standard or persistent, got {a!r}")
+    if a not in ("auto", "standard", "persistent", "benchmark"):
+        raise ValueError("FUSEDRNN_CUDA_ALGO must be auto, standard, persistent or benchmark, "
+                         f"got {a!r}")
     return a
 
 
