@@ -19,7 +19,9 @@
 #              then the persistent kernels again in cluster mode
 #   racecheck  compute-sanitizer --tool racecheck on the same, persistent kernels (the
 #              only ones with shared memory), grid and cluster mode
-#   bench      python -m fusedrnn bench --device cuda (full grid) -> $OUT
+#   bench      python -m fusedrnn bench --device cuda (full grid) -> $OUT, then
+#              bench/rule_report.py on its CSV (auto's picks against the faster
+#              algorithm) -> $OUT/cuda-<gpu>-rule.txt
 #   units      bench/persistent_units.py: the persistent kernels with fewer, larger
 #              blocks (FUSEDRNN_CUDA_PERSISTENT_UNITS), float32 -> $OUT
 #
@@ -265,7 +267,12 @@ racecheck() { sanitize racecheck persistent && sanitize racecheck persistent clu
 
 bench() {
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of options
-  (cd "$WORK" && timeout 300 "$PY" -m fusedrnn bench --device cuda --out "$OUT" ${BENCH_ARGS:-})
+  (cd "$WORK" && timeout 300 "$PY" -m fusedrnn bench --device cuda --out "$OUT" ${BENCH_ARGS:-}) ||
+    return
+  # how well auto's rule picked, from the CSV just written (the newest in $OUT)
+  local csv
+  csv="$(ls -t "$OUT"/cuda-*.csv | head -n 1)"
+  "$PY" "$ROOT/bench/rule_report.py" "$csv" | tee "${csv%.csv}-rule.txt"
 }
 
 units() {  # the persistent kernels with fewer, larger blocks (bench/persistent_units.py)

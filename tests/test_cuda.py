@@ -894,6 +894,60 @@ def test_persistent_units_sweep_quick(tmp_path):
     assert len(list(tmp_path.glob("persistent-units-*.txt"))) == 1
 
 
+RULE_REPORT = PERSISTENT_UNITS.parent / "rule_report.py"
+RESULTS = PERSISTENT_UNITS.parent / "results"
+
+
+def rule_report(*args):
+    r = subprocess.run([sys.executable, str(RULE_REPORT), *map(str, args)], capture_output=True,
+                       text=True, timeout=60)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_rule_report_on_the_h200_results():
+    """bench/rule_report.py reproduces the counts docs/cuda.md gives for the H200 runs:
+    13 of 108 cases slower than cuDNN; at B = 16, the rule's pick within 5% of the
+    faster algorithm in 31 of 36 cases, the worst 1.99x."""
+    rc, out, err = rule_report(RESULTS / "cuda-nvidia-h200.csv")
+    assert rc == 0, err
+    assert "auto slower than torch: 13 of 108;" in out
+    rc, out, err = rule_report(RESULTS / "cuda-nvidia-h200-b16.csv")
+    assert rc == 0, err
+    assert "within 5% of the faster algorithm: 31 of 36" in out
+    assert ("worst miss: rnn_tanh 100 16 1024 bfloat16 forward: persistent took 1.99x "
+            "standard's time") in out
+    assert "faster algorithm, lstm float32" in out
+
+
+def test_rule_report_counts_misses_and_benchmark_mode(tmp_path):
+    """A made-up CSV: auto picks the slower algorithm in one case of two, benchmark
+    mode the faster in both; failed rows are left out."""
+    cols = ("device,cell,T,B,I,H,pass,dtype,provider,algo,ms,ms_min,ms_max,calls_per_sample,"
+            "repeats,gflops,speedup_vs_torch,max_rel_err,check")
+    rows = []
+    for H, std, per, pick in ((256, 2.0, 1.0, "persistent"), (512, 2.0, 1.0, "standard")):
+        case = f"X,lstm,100,8,{H},{H},forward,float32"
+        rows += [f"{case},fusedrnn,auto:{pick},{std if pick == 'standard' else per},,,,,,,,ok",
+                 f"{case},fusedrnn.standard,standard,{std},,,,,,,,ok",
+                 f"{case},fusedrnn.persistent,persistent,{per},,,,,,,,ok",
+                 f"{case},fusedrnn.benchmark,bench:persistent,{per},,,,,,,,ok",
+                 f"{case},torch,cudnn,1.5,,,,,,,,ok",
+                 f"{case},fusedrnn.ckpt,auto,0.001,,,,,,,,error: failed"]
+    path = tmp_path / "r.csv"
+    path.write_text("\n".join([cols, *rows]) + "\n")
+    rc, out, err = rule_report(path)
+    assert rc == 0, err
+    assert "within 5% of the faster algorithm: 1 of 2" in out
+    assert "worst miss: lstm 100 8 512 float32 forward: standard took 2.00x persistent's" in out
+    assert "benchmark mode within 5% of the faster algorithm: 2 of 2" in out
+    # auto at 1.0 ms and 2.0 ms against torch's 1.5 ms: one below 1x, both below 2x (B = 8)
+    assert "auto slower than torch: 1 of 2; below the target (1x, 2x at B <= 8): 2;" in out
+    assert "      8      P/-      P/-" in out
+    empty = tmp_path / "e.csv"
+    empty.write_text(cols + "\n")
+    assert rule_report(empty)[0] == 1
+
+
 def test_bench_cuda_options_parse():
     from fusedrnn.__main__ import build_parser
     from fusedrnn import _bench_cuda
