@@ -767,11 +767,22 @@ def test_checkpoint_arguments(rng):
 
 # ------------------------------------------------------------- benchmark mode
 
-#: emulated milliseconds that make one algorithm lose benchmark mode's timing:
-#: added to the events' clock per cooperative launch (the persistent kernels)
-#: or per GEMM (the standard algorithm runs several per step)
-SLOW = {"persistent": "FUSEDRNN_EMU_COOP_DELAY_MS", "standard": "FUSEDRNN_EMU_GEMM_DELAY_MS"}
-OTHER = {"persistent": "standard", "standard": "persistent"}
+#: emulated milliseconds that make a variant lose benchmark mode's timing, added
+#: to the events' clock per cooperative launch (the persistent kernels in grid
+#: mode), per cluster launch, or per GEMM (the standard algorithm runs one a step)
+DELAYS = {"grid": "FUSEDRNN_EMU_COOP_DELAY_MS", "cluster": "FUSEDRNN_EMU_CLUSTER_DELAY_MS",
+          "standard": "FUSEDRNN_EMU_GEMM_DELAY_MS"}
+VARIANTS = tuple(DELAYS)
+
+
+def slow(monkeypatch, *variants):
+    """Make the given variants ("persistent": grid and cluster) the slow ones, and no other."""
+    names = {v for x in variants for v in (("grid", "cluster") if x == "persistent" else (x,))}
+    for v, env in DELAYS.items():
+        if v in names:
+            monkeypatch.setenv(env, "100000")
+        else:
+            monkeypatch.delenv(env, raising=False)
 
 
 @pytest.fixture
@@ -786,40 +797,65 @@ def table():
     return {e["pass"]: e for e in emu.benchmark_table()}
 
 
-@pytest.mark.parametrize("slow", ["persistent", "standard"])
-def test_benchmark_mode_keeps_the_faster_algorithm(slow, tuning, monkeypatch, rng):
-    """The first call times both algorithms and returns the winner's results
+def variant(e):
+    """The variant a table entry picked."""
+    return "standard" if e["algo"] == "standard" else "cluster" if e["cluster"] else "grid"
+
+
+@pytest.mark.parametrize("fast", VARIANTS)
+def test_benchmark_mode_keeps_the_fastest_variant(fast, tuning, monkeypatch, rng):
+    """The first call times the three variants and returns the winner's results
     (bitwise those of a plain call with that algorithm), forward and backward;
     later calls run the winner without timing again."""
-    fast = OTHER[slow]
     problem = make_problem("lstm", 6, 4, 5, 7, np.float64, rng, lengths=True)
     plain = {a: run_all("lstm", problem, algo=a)[0] for a in ALGOS}
     # (the algorithms' sums differ in order, so a run of the wrong one would show)
     assert not np.array_equal(plain["standard"]["y"], plain["persistent"]["y"])
     assert not np.array_equal(plain["standard"]["dw_hh"], plain["persistent"]["dw_hh"])
-    monkeypatch.setenv(SLOW[slow], "100000")
+    algo = "standard" if fast == "standard" else "persistent"
+    assert all(lay["ok"] for lay in layouts("lstm", "float32", 4, 7))
+    slow(monkeypatch, *(v for v in VARIANTS if v != fast))
     emu.take_gemm_log()
     got, cache = run_all("lstm", problem, algo="benchmark")
     first_log = emu.take_gemm_log()
-    assert cache.algo == fast
-    assert_same(plain[fast], got, "first call")
+    assert cache.algo == algo
+    assert_same(plain[algo], got, "first call")
     t = table()
     assert set(t) == {"forward+cache", "backward"}
     for e in t.values():
-        assert e["algo"] == fast
-        assert e["ms_" + slow] >= e["ms_" + fast] + 1e5 and e["ms_" + fast] >= 0
+        assert variant(e) == fast, e
+        for v in VARIANTS:
+            if v != fast:
+                assert e["ms_" + ("persistent" if v == "grid" else v)] >= \
+                    e["ms_" + ("persistent" if fast == "grid" else fast)] + 9e4, e
         assert (e["cell"], e["dtype"], e["T"], e["B"], e["I"], e["H"], e["P"]) == \
             ("lstm", "float32", 6, 4, 5, 7, 7)
         assert (e["lengths"], e["mask"], e["reverse"], e["checkpoint"]) == (True, False, False, 0)
     # again: no timing (the products are those of one plain call)
-    run_all("lstm", problem, algo=fast)
+    run_all("lstm", problem, algo=algo)
     one_log = emu.take_gemm_log()
     assert len(first_log) > len(one_log)
     again, cache = run_all("lstm", problem, algo="benchmark")
     assert sorted(emu.take_gemm_log()) == sorted(one_log)
-    assert cache.algo == fast
-    assert_same(plain[fast], again, "second call")
+    assert cache.algo == algo
+    assert_same(plain[algo], again, "second call")
     assert table() == t
+
+
+def test_benchmark_mode_leaves_out_what_does_not_fit(tuning, monkeypatch, rng):
+    """A cluster that cannot hold W_hh is no candidate (ms_cluster -1); grid mode is."""
+    # (4 emulated multiprocessors: a cluster has 4 blocks, as the grid; FUSEDRNN_EMU_SMEM
+    # as small_smem's lets the grid's blocks stage the batch in parts, which a cluster cannot)
+    monkeypatch.setenv("FUSEDRNN_EMU_SMEM", str(small_smem("float32", 20, 16)))
+    monkeypatch.setenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER", "1")
+    lay = layouts("lstm", "float32", 20, 16)
+    assert all(x["ok"] and not x["cluster"] for x in lay), lay
+    slow(monkeypatch, "standard")
+    problem = make_problem("lstm", 4, 20, 3, 16, np.float64, rng)
+    out, cache, _ = run("lstm", problem, "float32", "benchmark")
+    check(out, TOL["float32"])
+    for e in table().values():
+        assert variant(e) == "grid" and e["ms_cluster"] == -1 and e["ms_standard"] > 1e5, e
 
 
 def test_benchmark_mode_tunes_backward_apart(tuning, monkeypatch, rng):
@@ -829,11 +865,10 @@ def test_benchmark_mode_tunes_backward_apart(tuning, monkeypatch, rng):
     T, B, I, H = 6, 4, 5, 7
     args, kw, dy, dh_n, dc_n = make_problem("gru", T, B, I, H, np.float64, rng, reverse=True)
     dev = [to_device(a, "float32") for a in args[1:]]
-    monkeypatch.setenv(SLOW["persistent"], "100000")
+    slow(monkeypatch, "persistent")
     y, h_n, _, cache = _device.forward("gru", *dev, **kw, algo="benchmark")
     _device.forward("gru", *dev, **kw, training=False, algo="benchmark")
-    monkeypatch.delenv(SLOW["persistent"])
-    monkeypatch.setenv(SLOW["standard"], "100000")
+    slow(monkeypatch, "standard")
     emu.take_gemm_log()
     g = fusedrnn.backward(cache, to_device(dy, "float32"), to_device(dh_n, "float32"))
     t = table()
@@ -853,26 +888,36 @@ def test_benchmark_mode_tunes_backward_apart(tuning, monkeypatch, rng):
             assert np.array_equal(g[k].get(), g2[k].get()), k
 
 
-@pytest.mark.parametrize("fwd,bwd", [("persistent", "standard"), ("standard", "persistent")])
+@pytest.mark.parametrize("fwd,bwd", [("grid", "standard"), ("standard", "grid"),
+                                     ("cluster", "standard"), ("standard", "cluster"),
+                                     ("cluster", "grid")])
 def test_benchmark_mode_checkpointed(fwd, bwd, tuning, monkeypatch, rng):
-    """With checkpoint=k the recomputation runs forward's algorithm and the
+    """With checkpoint=k the recomputation runs forward's variant and the
     backward steps the one timed for backward: the results are bitwise those of
-    the full cache with the same two algorithms, and the reference's."""
+    the full cache with the same two variants, and the reference's."""
     args, kw, dy, dh_n, dc_n = problem = make_problem("lstm", 7, 5, 6, 7, np.float64, rng,
                                                       mask=True)
     dev = [to_device(a, "float32") for a in args[1:]]
     got = {}
     for k in (False, 2):
-        monkeypatch.setenv(SLOW[bwd], "100000")
+        slow(monkeypatch, *(v for v in VARIANTS if v != fwd))
         y, h_n, c_n, cache = _device.forward("lstm", *dev, **kw, checkpoint=k, algo="benchmark")
-        monkeypatch.delenv(SLOW[bwd])
-        monkeypatch.setenv(SLOW[fwd], "100000")
+        slow(monkeypatch, *(v for v in VARIANTS if v != bwd))
         g = fusedrnn.backward(cache, *[to_device(a, "float32") for a in (dy, dh_n, dc_n)])
-        monkeypatch.delenv(SLOW[fwd])
-        assert (cache.checkpoint, cache.algo) == (int(k), fwd)
+        slow(monkeypatch)
+        # a second backward (decided now): the recomputation's launches are forward's
+        # variant, the backward steps' backward's (4 segments of 2, 2, 2, 1 steps)
+        emu.take_launch_log()
+        g2 = fusedrnn.backward(cache, *[to_device(a, "float32") for a in (dy, dh_n, dc_n)])
+        kinds = {"standard": [], "grid": ["grid"], "cluster": ["cluster"]}
+        want = kinds[bwd] if not k else (kinds[fwd] + kinds[bwd]) * 4
+        assert emu.take_launch_log() == want
+        assert_same({n: host(g[n]) for n in GRADS}, {n: host(g2[n]) for n in GRADS}, "again")
+        assert cache.checkpoint == int(k)
+        assert cache.algo == ("standard" if fwd == "standard" else "persistent")
         got[k] = {"y": host(y), "h_n": host(h_n), "c_n": host(c_n),
                   **{"d" + n: host(g[n]) for n in GRADS}}
-    t = {(e["pass"], e["checkpoint"]): e["algo"] for e in emu.benchmark_table()}
+    t = {(e["pass"], e["checkpoint"]): variant(e) for e in emu.benchmark_table()}
     assert t == {("forward+cache", 0): fwd, ("backward", 0): bwd,
                  ("forward+cache", 2): fwd, ("backward", 2): bwd}
     assert_same(got[False], got[2], "checkpoint=2")

@@ -152,6 +152,9 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
 #ifdef FUSEDRNN_CUDA_EMULATE
   m.def("take_gemm_log", &take_gemm_log,
         "(m, n, k) of every GEMM run since the last call, in order (the emulator only).");
+  m.def("take_launch_log", &::emu::take_launch_log,
+        "'grid' or 'cluster' for every persistent launch since the last call, in order "
+        "(the emulator only).");
 #endif
   m.def("cublas_values", []() {
     py::dict d;
@@ -286,15 +289,18 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
       d["checkpoint"] = k.checkpoint;
       d["lengths"] = k.lengths; d["mask"] = k.mask;
       d["reverse"] = k.reverse; d["batch_first"] = k.batch_first;
-      d["cluster"] = k.cluster; d["units"] = k.units;
-      d["algo"] = algo_name(t.algo);
-      d["ms_standard"] = t.ms_standard;
-      d["ms_persistent"] = t.ms_persistent;
+      d["units"] = k.units;
+      d["algo"] = t.pick == Variant::Standard ? "standard" : "persistent";
+      d["cluster"] = t.pick == Variant::Cluster;
+      d["ms_standard"] = t.ms[static_cast<int>(Variant::Standard)];
+      d["ms_persistent"] = t.ms[static_cast<int>(Variant::Grid)];
+      d["ms_cluster"] = t.ms[static_cast<int>(Variant::Cluster)];
       out.append(d);
     }
     return out;
   }, "Benchmark mode's decisions so far (FUSEDRNN_CUDA_ALGO=benchmark): one dict per key "
-     "with the algorithm picked and the times (ms, the faster of two runs) that decided.");
+     "with the algorithm picked (cluster: the persistent kernels in cluster mode) and the "
+     "times (ms, the faster of two runs; -1 for a variant that could not run) that decided.");
   m.def("benchmark_clear", [] { benchmark_clear(); },
         "Forget benchmark mode's decisions: the next call with each key times again.");
 

@@ -12,8 +12,8 @@
 // - Device memory is host memory. Fresh allocations are filled with 0xff bytes
 //   (NaN as floats), so a read of memory no kernel wrote shows up in results.
 // - Streams are ignored: everything is synchronous, in call order. Events
-//   record the host's clock (plus FUSEDRNN_EMU_COOP_DELAY_MS per cooperative
-//   launch and FUSEDRNN_EMU_GEMM_DELAY_MS per GEMM, for benchmark-mode tests).
+//   record the host's clock (plus the delays of FUSEDRNN_EMU_COOP_DELAY_MS,
+//   _CLUSTER_DELAY_MS and _GEMM_DELAY_MS, for benchmark-mode tests).
 // - cuBLAS's GemmEx is a plain column-major loop with float accumulation
 //   (cublas_dyn.cpp).
 // - The emulated device has FUSEDRNN_EMU_SMS multiprocessors (default 4) and
@@ -439,8 +439,9 @@ struct CUevent_st {
 };
 namespace emu {
 // Milliseconds added to the events' clock by FUSEDRNN_EMU_COOP_DELAY_MS per
-// cooperative (or cluster) launch and FUSEDRNN_EMU_GEMM_DELAY_MS per GEMM, so
-// tests can make either algorithm the slower one in benchmark mode.
+// cooperative launch, FUSEDRNN_EMU_CLUSTER_DELAY_MS per cluster launch and
+// FUSEDRNN_EMU_GEMM_DELAY_MS per GEMM, so tests can make any of benchmark
+// mode's variants (persistent in grid or cluster mode, standard) the slower.
 inline std::atomic<int64_t>& delay_us() {
   static std::atomic<int64_t> us{0};
   return us;
@@ -448,6 +449,17 @@ inline std::atomic<int64_t>& delay_us() {
 inline void add_delay(const char* env) {
   const char* e = std::getenv(env);
   if (e) delay_us() += static_cast<int64_t>(std::atof(e) * 1000.0);
+}
+// The persistent launches since the last take_launch_log(): "grid" for a
+// cooperative launch, "cluster" for a cluster launch (tests check which ran).
+inline std::vector<std::string>& launch_log() {
+  static std::vector<std::string> log;
+  return log;
+}
+inline std::vector<std::string> take_launch_log() {
+  std::vector<std::string> out;
+  out.swap(launch_log());
+  return out;
 }
 }  // namespace emu
 constexpr unsigned cudaEventDefault = 0;
@@ -493,13 +505,15 @@ template <typename Arg>
 void launch_cooperative(void (*kernel)(Arg), int blocks, int threads, std::size_t smem,
                         cudaStream_t, Arg& arg) {
   ::emu::add_delay("FUSEDRNN_EMU_COOP_DELAY_MS");
+  ::emu::launch_log().push_back("grid");
   ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
 }
 // One cluster of `blocks` blocks (as a cooperative launch here).
 template <typename Arg>
 void launch_cluster(void (*kernel)(Arg), int blocks, int threads, std::size_t smem,
                     cudaStream_t, Arg& arg) {
-  ::emu::add_delay("FUSEDRNN_EMU_COOP_DELAY_MS");
+  ::emu::add_delay("FUSEDRNN_EMU_CLUSTER_DELAY_MS");
+  ::emu::launch_log().push_back("cluster");
   ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
 }
 // Clusters of `blocks` that can be resident at once: one here, or none

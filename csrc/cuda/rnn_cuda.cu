@@ -896,7 +896,7 @@ bool launch_persistent(void (*kernel)(Params), const Problem& p, bool backward, 
 }
 
 template <Cell C, typename Tio>
-bool launch_persistent_fwd(const Problem& p, cudaStream_t st, PersistentParams a) {
+bool launch_persistent_fwd(const Problem& p, cudaStream_t st, PersistentParams& a) {
   return launch_persistent(persistent_fwd<C, Tio>, p, false, st, a);
 }
 
@@ -1195,7 +1195,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
 PersistentLayout persistent_bwd_config(const Problem& p) { return persistent_layout(p, true); }
 
 template <Cell C, typename Tio>
-bool launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParams a) {
+bool launch_persistent_bwd(const Problem& p, cudaStream_t st, PersistentBwdParams& a) {
   return launch_persistent(persistent_bwd<C, Tio>, p, true, st, a);
 }
 
@@ -1470,7 +1470,10 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
     PersistentParams a{base, sb, w_hh, ck, {}};
     a.step.gh = nullptr;  // the products stay in shared memory
     if (launch_persistent_fwd<C, Tio>(p, st, a)) {
-      if (cache) cache->algo = Algo::Persistent;
+      if (cache) {
+        cache->algo = Algo::Persistent;
+        cache->fwd_cluster = a.c.cluster > 0;  // (a checkpointed backward recomputes so)
+      }
       check(cudaGetLastError(), "fusedrnn forward (persistent)");
       return;
     }
@@ -1486,8 +1489,13 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
 
 template <Cell C, typename Tio>
 void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* dh_n,
-                   const void* dc_n, const Grads& g, Algo algo) {
+                   const void* dc_n, const Grads& g, Algo algo, int cluster) {
   const Problem& p = c.p;
+  // the backward steps' persistent kernel (cluster: its mode), and a
+  // checkpointed recomputation's, which runs as forward did
+  Problem pb = p, pf = p;
+  pb.cluster = cluster;
+  pf.cluster = c.fwd_cluster;
   DeviceGuard guard(p.device);
   const int64_t T = p.T, B = p.B, I = p.I, H = p.H, P = p.P, G = p.G(), GH = G * H, N = p.N();
   const int64_t bs = p.bstride();
@@ -1592,11 +1600,11 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
                           nullptr, nullptr, const_cast<float*>(c0f), nullptr, nullptr};
     const float* gates = c.at<float>(c.gates_off);
     bool persistent_done = false;
-    if (algo == Algo::Persistent && persistent_bwd_config(p).ok) {
+    if (algo == Algo::Persistent && persistent_bwd_config(pb).ok) {
       PersistentBwdParams a{base, sb, whh, g.h0 != nullptr, {}};
       a.step.gates = gates;
       a.step.cs = cs;
-      persistent_done = launch_persistent_bwd<C, Tio>(p, st, a);
+      persistent_done = launch_persistent_bwd<C, Tio>(pb, st, a);
     }
     if (!persistent_done) backward_steps(sb, gates, T - 1, 0);
     hrows = hs;
@@ -1642,8 +1650,8 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
     float* gx = scratch.alloc<float>(most * GH);
     // the recomputation runs the algorithm forward ran, so that its values
     // are forward's; the backward steps run `algo`
-    const bool persistent_fwd = c.algo == Algo::Persistent && persistent_config(p).ok;
-    const bool persistent_bwd = algo == Algo::Persistent && persistent_bwd_config(p).ok;
+    const bool persistent_fwd = c.algo == Algo::Persistent && persistent_config(pf).ok;
+    const bool persistent_bwd = algo == Algo::Persistent && persistent_bwd_config(pb).ok;
     const Tio* ckh = c.at<Tio>(c.ckh_off);
     const float* ckc = lstm ? c.at<float>(c.ckc_off) : nullptr;
     FwdStep fb{};
@@ -1671,7 +1679,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
       if (persistent_fwd) {
         PersistentParams a{f, sb, whh, Checkpoints{}, {}};
         a.step.gh = nullptr;
-        done = launch_persistent_fwd<C, Tio>(p, st, a);
+        done = launch_persistent_fwd<C, Tio>(pf, st, a);
       }
       if (!done) forward_steps<C, Tio>(p, run, f, sb, s0, s1, whh, whr, packed, nullptr);
       done = false;
@@ -1679,7 +1687,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
         PersistentBwdParams a{base, sb, whh, g.h0 != nullptr, {}};
         a.step.gates = gates;
         a.step.cs = cs;
-        done = launch_persistent_bwd<C, Tio>(p, st, a);
+        done = launch_persistent_bwd<C, Tio>(pb, st, a);
       }
       if (!done) backward_steps(sb, gates, s1 - 1, s0);
       if (rows > 0)  // the states entering the segment's rows, for dW_hh
@@ -1831,7 +1839,7 @@ Algo choose_algo(const Problem& p) {
 // blocks holds the problem; else the grid's.
 PersistentLayout persistent_layout(const Problem& p, bool backward) {
   const char* e = std::getenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER");
-  if (e && std::string(e) == "1") {
+  if (p.cluster < 0 ? e && std::string(e) == "1" : p.cluster > 0) {
     for (int size : kClusterSizes) {
       const PersistentLayout c = layout_for(p, backward, size);
       if (c.ok) return c;
@@ -1848,7 +1856,7 @@ bool TuneKey::operator<(const TuneKey& o) const {
   auto tie = [](const TuneKey& k) {
     return std::make_tuple(k.pass, k.device, static_cast<int>(k.cell), static_cast<int>(k.dtype),
                            k.T, k.B, k.I, k.H, k.P, k.checkpoint, k.lengths, k.mask, k.reverse,
-                           k.batch_first, k.cluster, k.units);
+                           k.batch_first, k.units);
   };
   return tie(*this) < tie(o);
 }
@@ -1870,9 +1878,7 @@ TuneKey tune_key(const Problem& p, int pass, bool lengths, bool mask, int64_t ch
   k.mask = mask;
   k.reverse = p.reverse;
   k.batch_first = p.batch_first;
-  // the persistent kernels' knobs change what is timed
-  const char* cl = std::getenv("FUSEDRNN_CUDA_PERSISTENT_CLUSTER");
-  k.cluster = cl && std::string(cl) == "1";
+  // (the knob changes what the persistent variants are)
   const char* u = std::getenv("FUSEDRNN_CUDA_PERSISTENT_UNITS");
   k.units = u ? std::max(1, std::atoi(u)) : 1;
   return k;
@@ -1909,42 +1915,70 @@ bool capturing(cudaStream_t st) {
   return s != cudaStreamCaptureStatusNone;
 }
 
-// Benchmark mode (rnn_cuda.h): run(a) runs the call with algorithm a. The
-// call ends with a run of the algorithm that is (or was) picked for key.
+// The variants that can run p (benchmark mode): the standard algorithm, and
+// the persistent kernels in grid mode and in cluster mode where each fits.
+std::vector<Variant> variants(const Problem& p, bool backward) {
+  std::vector<Variant> v{Variant::Standard};
+  if (p.N() == 0 || p.proj) return v;
+  for (int cl : {0, 1}) {
+    Problem q = p;
+    q.cluster = cl;
+    const PersistentLayout c = persistent_layout(q, backward);
+    if (c.ok && (c.cluster > 0) == (cl == 1)) v.push_back(cl ? Variant::Cluster : Variant::Grid);
+  }
+  return v;
+}
+
+// Benchmark mode (rnn_cuda.h): run(v) runs the call with variant v. The call
+// ends with a run of the variant that is (or was) picked for key.
 template <typename Run>
-void run_tuned(const TuneKey& key, cudaStream_t st, bool persistent_can, Algo fallback,
-               Run&& run) {
-  if (!persistent_can) {  // nothing to choose
-    run(Algo::Standard);
+void run_tuned(const TuneKey& key, cudaStream_t st, const std::vector<Variant>& cands,
+               Variant fallback, Run&& run) {
+  if (cands.size() == 1) {  // nothing to choose
+    run(cands[0]);
     return;
   }
-  Algo known = Algo::Auto;
+  bool known = false;
+  Variant pick = Variant::Standard;
   {
     std::lock_guard<std::mutex> lock(g_tuned_mutex);
     auto it = g_tuned.find(key);
-    if (it != g_tuned.end()) known = it->second.algo;
+    if (it != g_tuned.end()) {
+      known = true;
+      pick = it->second.pick;
+    }
   }
-  if (known != Algo::Auto) {
-    run(known);
+  if (known) {
+    run(pick);
     return;
   }
   if (capturing(st)) {
     run(fallback);
     return;
   }
-  const Algo cands[2] = {Algo::Standard, Algo::Persistent};
-  float best[2] = {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity()};
-  for (Algo a : cands) run(a);  // warm-up: first launches, cuBLAS's setup
+  const std::size_t n = cands.size();
+  std::vector<float> best(n, std::numeric_limits<float>::infinity());
+  for (Variant v : cands) run(v);  // warm-up: first launches, cuBLAS's setup
   for (int rep = 0; rep < 2; ++rep)
-    for (int i = 0; i < 2; ++i)
+    for (std::size_t i = 0; i < n; ++i)
       best[i] = std::min(best[i], time_on(st, [&] { run(cands[i]); }));
+  std::size_t win = 0;
+  for (std::size_t i = 1; i < n; ++i)
+    if (best[i] < best[win]) win = i;
   Tuned t;
-  t.ms_standard = best[0];
-  t.ms_persistent = best[1];
-  t.algo = best[1] < best[0] ? Algo::Persistent : Algo::Standard;
-  if (t.algo != cands[1]) run(t.algo);  // the call's results are the winner's
+  t.pick = cands[win];
+  for (std::size_t i = 0; i < n; ++i) t.ms[static_cast<int>(cands[i])] = best[i];
+  if (win + 1 != n) run(t.pick);  // the call's results are the winner's
   std::lock_guard<std::mutex> lock(g_tuned_mutex);
   g_tuned[key] = t;
+}
+
+Algo algo_of(Variant v) { return v == Variant::Standard ? Algo::Standard : Algo::Persistent; }
+
+// Auto's pick as a variant (cluster mode as FUSEDRNN_CUDA_PERSISTENT_CLUSTER says).
+Variant auto_variant(const Problem& p, bool backward) {
+  if (choose_algo(p) == Algo::Standard) return Variant::Standard;
+  return persistent_layout(p, backward).cluster > 0 ? Variant::Cluster : Variant::Grid;
 }
 
 }  // namespace
@@ -1961,9 +1995,9 @@ void benchmark_clear() {
 
 void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_n, Cache* cache,
              Algo algo) {
-  auto run = [&](Algo a, bool required) {
-    dispatch(p.cell, p.dtype, [&](auto cell_tag, auto type_tag) {
-      forward_impl<decltype(cell_tag)::value, decltype(type_tag)>(p, in, y, h_n, c_n, cache, a,
+  auto run = [&](const Problem& q, Algo a, bool required) {
+    dispatch(q.cell, q.dtype, [&](auto cell_tag, auto type_tag) {
+      forward_impl<decltype(cell_tag)::value, decltype(type_tag)>(q, in, y, h_n, c_n, cache, a,
                                                                    required);
     });
   };
@@ -1971,8 +2005,11 @@ void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_
     if (cache) cache->benchmark = true;
     const int64_t k = cache ? cache->ck : 0;
     const TuneKey key = tune_key(p, cache ? 1 : 0, !in.lengths.empty(), !in.mask.empty(), k);
-    const bool can = p.N() > 0 && !p.proj && persistent_fits(p);
-    run_tuned(key, p.stream, can, choose_algo(p), [&](Algo a) { run(a, false); });
+    run_tuned(key, p.stream, variants(p, false), auto_variant(p, false), [&](Variant v) {
+      Problem q = p;
+      if (v != Variant::Standard) q.cluster = v == Variant::Cluster;
+      run(q, algo_of(v), false);
+    });
     return;
   }
   const bool required = algo == Algo::Persistent;  // asked for, not chosen
@@ -1983,25 +2020,29 @@ void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_
   if (algo == Algo::Persistent && p.N() > 0 && !persistent_fits(p))
     throw std::invalid_argument("algo 'persistent' cannot run this problem on this device "
                                 "(W_hh's slices do not fit the blocks' shared memory)");
-  run(algo, required);
+  run(p, algo, required);
 }
 
 void backward(const Cache& cache, cudaStream_t stream, const void* dy, const void* dh_n,
               const void* dc_n, const Grads& g) {
   const Problem& p = cache.p;
-  auto run = [&](Algo a) {
+  auto run = [&](Algo a, int cluster) {
     dispatch(p.cell, p.dtype, [&](auto cell_tag, auto type_tag) {
       backward_impl<decltype(cell_tag)::value, decltype(type_tag)>(cache, stream, dy, dh_n, dc_n,
-                                                                    g, a);
+                                                                    g, a, cluster);
     });
   };
   if (!cache.benchmark) {
-    run(cache.algo);  // the algorithm forward ran
+    run(cache.algo, -1);  // the algorithm forward ran; cluster mode as the environment says
     return;
   }
   const TuneKey key = tune_key(p, 2, !cache.lengths.empty(), !cache.mask.empty(), cache.ck);
-  const bool can = p.N() > 0 && !p.proj && persistent_bwd_config(p).ok;
-  run_tuned(key, stream, can, cache.algo, run);
+  const Variant fallback = cache.algo == Algo::Standard ? Variant::Standard
+                           : persistent_bwd_config(p).cluster > 0 ? Variant::Cluster
+                                                                  : Variant::Grid;
+  run_tuned(key, stream, variants(p, true), fallback, [&](Variant v) {
+    run(algo_of(v), v == Variant::Cluster ? 1 : 0);
+  });
 }
 
 }  // namespace cuda

@@ -44,6 +44,9 @@ struct Problem {
   bool reverse = false, batch_first = false;
   int device = 0;
   cudaStream_t stream = nullptr;
+  // The persistent kernels' cluster mode: 1 asked for, 0 not, -1 as
+  // FUSEDRNN_CUDA_PERSISTENT_CLUSTER says (benchmark mode sets it per candidate).
+  int cluster = -1;
   int G() const { return gates_of(cell); }
   int64_t N() const { return T * B; }
   // (host and device: the persistent kernels place their steps with these)
@@ -80,6 +83,7 @@ class Cache {
   std::vector<int32_t> lengths;
   std::vector<uint8_t> mask;
   Algo algo = Algo::Standard;  // the algorithm forward ran
+  int fwd_cluster = -1;        // persistent: whether forward ran in cluster mode (1) or not (0)
   bool benchmark = false;      // forward ran in benchmark mode: so does backward
   // The stream of the last call that used the memory (forward's, then each
   // backward's): the memory is freed in that stream's order.
@@ -136,17 +140,18 @@ struct PersistentLayout {
 PersistentLayout persistent_layout(const Problem& p, bool backward);
 
 // Benchmark mode (Algo::Benchmark, FUSEDRNN_CUDA_ALGO=benchmark). The first
-// call with a key times each algorithm that can run it (standard; persistent
-// where it fits) on the call's stream: each once untimed, then twice,
-// interleaved, between CUDA events; the smaller of a candidate's two times
-// counts, and the persistent kernels must be strictly faster to win. The call
-// then returns the winner's results (it runs last), and later calls with the
-// key run the winner without timing. Forward (inference and training apart)
-// and backward are timed separately, so a training step may run forward with
-// one algorithm and backward with the other. The key is the problem's shape
-// and options, not the values of lengths or mask. A stream being captured
-// into a CUDA graph cannot be timed: such a call runs Algo::Auto's pick and
-// records nothing.
+// call with a key times each variant that can run it (the standard
+// algorithm; the persistent kernels in grid mode where they fit, and in
+// cluster mode where that fits too) on the call's stream: each once untimed,
+// then twice, interleaved, between CUDA events; the smaller of a candidate's
+// two times counts, and a later candidate must be strictly faster to win. The
+// call then returns the winner's results (it runs last), and later calls
+// with the key run the winner without timing. Forward (inference and
+// training apart) and backward are timed separately, so a training step may
+// run forward with one variant and backward with another. The key is the
+// problem's shape and options, not the values of lengths or mask. A stream
+// being captured into a CUDA graph cannot be timed: such a call runs
+// Algo::Auto's pick and records nothing.
 struct TuneKey {
   int pass = 0;  // 0: forward, inference; 1: forward, training; 2: backward
   int device = 0;
@@ -154,13 +159,13 @@ struct TuneKey {
   DType dtype = DType::F32;
   int64_t T = 0, B = 0, I = 0, H = 0, P = 0, checkpoint = 0;
   bool lengths = false, mask = false, reverse = false, batch_first = false;
-  bool cluster = false;  // FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1
-  int units = 1;         // FUSEDRNN_CUDA_PERSISTENT_UNITS
+  int units = 1;  // FUSEDRNN_CUDA_PERSISTENT_UNITS
   bool operator<(const TuneKey& o) const;
 };
+enum class Variant : int { Standard = 0, Grid = 1, Cluster = 2 };  // Grid, Cluster: persistent
 struct Tuned {
-  Algo algo = Algo::Standard;
-  float ms_standard = -1.f, ms_persistent = -1.f;  // the times that decided
+  Variant pick = Variant::Standard;
+  float ms[3] = {-1.f, -1.f, -1.f};  // per variant, the time that decided (-1: not a candidate)
 };
 std::vector<std::pair<TuneKey, Tuned>> benchmark_table();
 void benchmark_clear();

@@ -14,8 +14,10 @@ CUDA tensors as inputs and outputs:
 - ``fusedrnn.persistent``: the persistent kernel (W_hh on chip for all steps),
   only where it fits the device (a note says where it was skipped);
 - ``fusedrnn.benchmark``:  benchmark mode (FUSEDRNN_CUDA_ALGO=benchmark): the
-  first call times both algorithms, forward and backward apart, and keeps the
-  faster (the ``algo`` column says which: ``bench:<forward>/<backward>``);
+  first call times the standard algorithm and the persistent kernels in grid
+  and in cluster mode, forward and backward apart, and keeps the fastest (the
+  ``algo`` column says which: ``bench:<forward>/<backward>``, each standard,
+  persistent or cluster);
 - ``torch``:               ``torch.nn.RNN``/``LSTM``/``GRU`` on CUDA, i.e. cuDNN
   where cuDNN takes the dtype.
 
@@ -549,7 +551,7 @@ def _benchmark_label(case: Case) -> str:
         table = _device._cuda.benchmark_table()
     except Exception:  # noqa: BLE001 - informational
         return "benchmark"
-    picked = {e["pass"]: e["algo"] for e in table
+    picked = {e["pass"]: "cluster" if e["cluster"] else e["algo"] for e in table
               if (e["cell"], e["dtype"], e["T"], e["B"], e["I"], e["H"]) ==
               (case.cell, case.dtype, case.T, case.B, case.I, case.H)
               and not (e["lengths"] or e["mask"] or e["checkpoint"])}
