@@ -170,9 +170,9 @@ tests() {
 write_tiny() {  # the sanitizers' workload: no torch, small arrays, every algorithm
   cat > "$WORK/tiny.py" <<'EOF'
 """The sanitizers' workload: lstm and gru, forward+backward and inference, with each
-algorithm, with lengths, with a mask, and reversed batch-first; the projected lstm and
-checkpointed caches (standard algorithm); float32 DeviceArray inputs (no torch: a short
-run under the sanitizer)."""
+algorithm, with lengths, with a mask, and reversed batch-first; the projected lstm (each
+algorithm) and checkpointed caches (standard algorithm); float32 DeviceArray inputs (no
+torch: a short run under the sanitizer)."""
 import os
 import sys
 
@@ -214,7 +214,7 @@ if "persistent" in algos:  # H = 300: the forward's k split among warps (H = 40:
     g = fusedrnn.backward(cache, d(T, B, H2))
     assert all(np.isfinite(v.get()).all() for v in g.values() if v is not None)
     print("lstm H=300 persistent ok")
-if "standard" in algos:  # the LSTM projection (standard algorithm only), P = 24 < H
+for algo in algos:  # the LSTM projection, P = 24 < H (persistent: forward, in grid mode)
     P = 24
     for kw in ({"lengths": np.array([5, 0, 3])}, {"mask": rng.random((T, B)) < 0.6},
                {"reverse": True, "batch_first": True}):
@@ -223,10 +223,11 @@ if "standard" in algos:  # the LSTM projection (standard algorithm only), P = 24
         x = d(B, T, I) if bf else d(T, B, I)
         y, h_n, c_n, cache = _device.forward("lstm", x, d(4 * H, I), d(4 * H, P), d(4 * H),
                                              d(4 * H), d(B, P), d(B, H), w_hr=d(P, H),
-                                             algo="standard", **kw)
+                                             algo=algo, **kw)
         g = fusedrnn.backward(cache, d(*y.shape), d(B, P), d(B, H))
         assert all(np.isfinite(v.get()).all() for v in g.values() if v is not None)
-    print("lstm projection standard ok")
+    print("lstm projection", algo, "ok")
+if "standard" in algos:
     for cell in ("lstm", "gru"):  # checkpointed caches (standard algorithm), k = 2
         G = fusedrnn.CELLS[cell]
         for kw in ({"lengths": np.array([5, 0, 3])}, {"reverse": True, "batch_first": True}):

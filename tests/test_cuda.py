@@ -696,10 +696,11 @@ def test_projection_and_checkpoint_plumbing(fake_cuda, batch_first):
     shapes = {"h0": (B_, P), "c0": (B_, H_), "w_hh": (GH, P), "w_hr": (P, H_)}
     for k, shape in shapes.items():
         assert g[k].shape == shape and b["d" + k] == g[k].ptr, k
-    # the persistent kernels have no projection: asked for, a clear error before the device
-    with pytest.raises(ValueError, match=r"algo 'persistent' has no LSTM projection \(w_hr\)"):
-        _device.forward("lstm", **args, **kw, w_hr=w_hr, algo="persistent")
-    assert len(fake_cuda.forward_calls) == 1
+    # the persistent forward projects too: algo and w_hr reach the kernels
+    _device.forward("lstm", **args, **kw, w_hr=w_hr, algo="persistent")
+    assert len(fake_cuda.forward_calls) == 2
+    assert (fake_cuda.forward_calls[1]["w_hr"], fake_cuda.forward_calls[1]["algo"]) == (
+        w_hr.ptr, "persistent")
     assert fake_cuda.forward_calls[0]["checkpoint"] == 0
     # checkpoint: k reaches the kernels (True: ceil(sqrt(T)) = 2), only when training
     for ck, want in ((True, 2), (3, 3), (False, 0)):
@@ -1204,10 +1205,12 @@ def test_matches_reference(cell, semantics, dtype, algo, rng):
 @pytest.mark.parametrize("P", [5, 24])
 def test_projection_matches_reference(P, semantics, dtype, rng):
     """LSTM with projection (P smaller and larger than H = 17): the standard algorithm,
-    which auto picks (the persistent kernels have no projection)."""
+    which auto picks, and the persistent forward (W_hr's rows split among the blocks;
+    backward then runs the standard steps)."""
     problem = make_gpu_problem("lstm", 7, 5, 6, 17, rng, proj=P, **GPU_SEMANTICS[semantics])
     _, _, cache, grads = check_gpu("lstm", problem, dtype, "auto")
     assert cache.algo == "standard" and tuple(grads["w_hr"].shape) == (P, 17)
+    check_gpu("lstm", problem, dtype, "persistent")
 
 
 @gpu
@@ -1220,8 +1223,6 @@ def test_checkpoint_matches_reference_and_full_cache(cell, P, dtype, algo, rng):
     within the bounds of the reference, and (float32) within 1e-5 of the full cache's
     (cuBLAS may sum a segment's input projection in another order than the whole
     one's)."""
-    if P and algo == "persistent":
-        pytest.skip("the persistent kernels have no projection")
     for semantics, k in (("plain", True), ("lengths_unsorted", 2), ("reverse_mask", 3),
                          ("batch_first_lengths", 7), ("no_state", 1)):
         problem = make_gpu_problem(cell, 7, 5, 6, 17, rng, proj=P, **GPU_SEMANTICS[semantics])
@@ -1241,8 +1242,9 @@ def test_checkpoint_matches_reference_and_full_cache(cell, P, dtype, algo, rng):
 def test_projection_moderate_shape(rng):
     """T=20, B=8, H=256, P=128 (torch.nn's proj_size < hidden_size), unsorted lengths."""
     problem = make_gpu_problem("lstm", 20, 8, 64, 256, rng, lengths="unsorted", proj=128)
-    check_gpu("lstm", problem, "float32", "standard")
-    check_gpu("lstm", problem, "bfloat16", "standard")
+    for algo in ALGOS:
+        check_gpu("lstm", problem, "float32", algo)
+        check_gpu("lstm", problem, "bfloat16", algo)
 
 
 @gpu

@@ -114,15 +114,20 @@ def expected_gemms(algo, G, I, H, running, P=None):
     running[t] running rows: the input projection and the three deferred
     weight-gradient products over the rows that run, and (standard algorithm)
     each step's recurrent product forward and backward over its running rows.
-    With a projection of size P (lstm, standard only) also each step's h = W_hr m
-    and dm = dh W_hr over its running rows, and the deferred dW_hr.
-    Products with no rows are not run."""
+    With a projection of size P (lstm) also the deferred dW_hr and each step's
+    dm = dh W_hr over its running rows, and (standard algorithm) h = W_hr m; the
+    persistent kernel projects inside forward, and backward then runs the
+    standard steps. Products with no rows are not run."""
     R, K = sum(running), P or H
     log = [(G * H, R, I), (I, R, G * H), (I, G * H, R), (K, G * H, R)] if R else []
     if algo == "standard":  # the persistent kernels multiply inside
-        log += [(G * H, n, K) for n in running if n] + [(K, n, G * H) for n in running if n]
+        log += [(G * H, n, K) for n in running if n]
+    if algo == "standard" or P:
+        log += [(K, n, G * H) for n in running if n]
     if P and R:
-        log += [(H, P, R)] + [(P, n, H) for n in running if n] + [(H, n, P) for n in running if n]
+        log += [(H, P, R)] + [(H, n, P) for n in running if n]
+        if algo == "standard":
+            log += [(P, n, H) for n in running if n]
     return sorted(log)
 
 
@@ -166,9 +171,8 @@ def test_unwanted_input_gradients_are_not_computed(cell, P, algo, rng):
     wanted comes back as None, its product is not run (no dx GEMM; without dh0, no
     recurrent GEMM for the first step in the standard algorithm, of width P with a
     projection), and every other gradient is bitwise the one of a backward that
-    computes them all."""
-    if P and algo == "persistent":
-        pytest.skip("the persistent kernels have no projection")
+    computes them all. (With a projection the persistent kernel runs forward only:
+    backward runs the standard steps.)"""
     T, B, I, H = 7, 5, 6, 7
     G = fusedrnn.CELLS[cell]
     for semantics in ("plain", "lengths", "reverse_mask", "batch_first_lengths"):
@@ -189,7 +193,7 @@ def test_unwanted_input_gradients_are_not_computed(cell, P, algo, rng):
             want_log = list(full_log)
             if not need[0] and R:
                 want_log.remove((I, R, G * H))  # dx
-            if not need[1] and algo == "standard" and first:
+            if not need[1] and (algo == "standard" or P) and first:
                 want_log.remove((P or H, first, G * H))  # the first step's dh product
             assert log == sorted(want_log), (semantics, need)
             assert_wanted_gradients(g, full, need, GRADS, semantics, host)
@@ -214,12 +218,14 @@ def test_empty(cell, T, B, algo, rng):
 
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("semantics", ["lengths", "mask"])
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_nan_in_skipped_steps_stays_out(cell, semantics, algo, rng):
+@pytest.mark.parametrize("cell,P", [("lstm", 0), ("gru", 0), ("lstm", 3)],
+                         ids=["lstm", "gru", "lstm_projection"])
+def test_nan_in_skipped_steps_stays_out(cell, P, semantics, algo, rng):
     """x at padded or masked-out steps may hold anything, NaN included: the
     results equal those with zeros there (the cache keeps only the valid rows of
     x for dW_ih = dgates^T x, where 0 * NaN would be NaN)."""
-    args, kw, dy, dh_n, dc_n = make_problem(cell, 6, 4, 5, 7, np.float64, rng, **{semantics: True})
+    args, kw, dy, dh_n, dc_n = make_problem(cell, 6, 4, 5, 7, np.float64, rng, proj=P,
+                                            **{semantics: True})
     x = args[1]
     skipped = ~valid_steps(kw, 6, 4)
     assert skipped.any()
@@ -337,6 +343,36 @@ def test_persistent_stages_the_batch_in_parts(semantics, dtype, monkeypatch, rng
         pkw["reverse"] = True
     out, cache, _ = run("lstm", (args, pkw, dy, dh_n, dc_n), dtype, "persistent")
     check(out, TOL[dtype])
+
+
+@pytest.mark.parametrize("P", [13, 50])
+@pytest.mark.parametrize("semantics", ["tiles_end", "batch_first_mask"])
+def test_persistent_projection_stages_the_batch_in_parts(semantics, P, monkeypatch, rng):
+    """The projected persistent forward with room for 6 staged rows of 20: the
+    state (P values) and then o * tanh(c) (H values) go through the same rooms,
+    each with its own padded length (P = 13 and 50 around H = 40; 13 pads)."""
+    T, B, I, H = 4, 20, 6, 40
+    lay = emu.persistent_layout("lstm", "float32", B, H, False, 0, P)
+    assert lay["ok"] and lay["V"] == -(-P // lay["blocks"]) and lay["ldm"] == H
+    GU, es = 4 * lay["U"], 4
+    smem = ((GU * lay["ld"] + lay["V"] * lay["ldm"]) * es + B * max(GU, lay["V"]) * 4
+            + 6 * max(lay["ld"], lay["ldm"]) * es)
+    monkeypatch.setenv("FUSEDRNN_EMU_SMEM", str(smem))
+    lay = emu.persistent_layout("lstm", "float32", B, H, False, 0, P)
+    assert lay["ok"] and lay["bc"] == 6 and lay["ks"] == 1 and lay["ld"] == -(-P // 4) * 4, lay
+    assert not emu.persistent_layout("lstm", "float32", B, H, True, 0, P)["ok"]  # (no backward)
+    kw = {"batch_first": True, "mask": True} if semantics == "batch_first_mask" else {}
+    args, pkw, dy, dh_n, dc_n = make_problem("lstm", T, B, I, H, np.float64, rng, proj=P, **kw)
+    if semantics == "tiles_end":  # rows 8..15 (the second tile) end after one step
+        pkw["lengths"] = np.array([T] * 8 + [1] * 8 + [0, 2, T, 3])
+        pkw["reverse"] = True
+    out, cache, _ = run("lstm", (args, pkw, dy, dh_n, dc_n), "float32", "persistent")
+    check(out, TOL["float32"])
+    y, h_n, c_n, none = _device.forward("lstm", *[to_device(a, "float32") for a in args[1:]],
+                                        **{**pkw, "w_hr": to_device(pkw["w_hr"], "float32")},
+                                        training=False, algo="persistent")
+    assert_same_outputs({"y": (host(y), None), "h_n": (host(h_n), None),
+                         "c_n": (host(c_n), None)}, out)
 
 
 @pytest.mark.parametrize("cell,H,sms,split", [("lstm", 40, 16, (1, 2)), ("rnn_tanh", 130, 40, (2, 2))])
@@ -512,14 +548,17 @@ def test_device_array_exports_dlpack():
 # ------------------------------------------------------------- projection
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("P", [3, 9])
 @pytest.mark.parametrize("semantics", list(SEMANTICS))
-def test_projection_matches_reference(semantics, P, rng):
+def test_projection_matches_reference(semantics, P, algo, rng):
     """LSTM with projection (w_hr [P, H], the state h = W_hr (o * tanh c) has P
-    values), P smaller and larger than H = 7: the standard algorithm, which
-    auto picks, against the reference, every gradient including dW_hr."""
+    values), P smaller and larger than H = 7, against the reference, every
+    gradient including dW_hr: the standard algorithm, which auto picks, and the
+    persistent forward (4 blocks of 2, 2, 2, 1 units and 1 or 3 of the P
+    values each; backward then runs the standard steps)."""
     problem = make_problem("lstm", 7, 5, 6, 7, np.float64, rng, proj=P, **SEMANTICS[semantics])
-    out, cache, g = run("lstm", problem, "float32", "standard")
+    out, cache, g = run("lstm", problem, "float32", algo)
     check(out, TOL["float32"])
     assert g["w_hr"].shape == (P, 7) and g["h0"].shape == (5, P) and g["c0"].shape == (5, 7)
     assert cache.P == P
@@ -533,11 +572,13 @@ def test_projection_matches_reference(semantics, P, rng):
 @pytest.mark.parametrize("semantics", ["plain", "reverse_lengths", "batch_first_mask"])
 def test_projection_16bit_matches_reference(semantics, dtype, rng):
     problem = make_problem("lstm", 7, 5, 6, 7, np.float64, rng, proj=4, **SEMANTICS[semantics])
-    out, _, _ = run("lstm", problem, dtype, "standard")
-    check(out, TOL[dtype])
+    for algo in ALGOS:
+        out, _, _ = run("lstm", problem, dtype, algo)
+        check(out, TOL[dtype])
 
 
-def test_projection_products_cover_valid_steps_only(rng):
+@pytest.mark.parametrize("algo", ALGOS)
+def test_projection_products_cover_valid_steps_only(algo, rng):
     """With projection too, every product (the recurrent ones of width P, h = W_hr m,
     dm = dh W_hr, dW_hr) covers only the valid steps' rows, sorted lengths or not."""
     T, B, I, H, P = 7, 5, 6, 7, 3
@@ -553,10 +594,10 @@ def test_projection_products_cover_valid_steps_only(rng):
             if batch_first and "mask" in case:
                 kw["mask"] = case["mask"].T
             emu.take_gemm_log()
-            out, _, _ = run("lstm", (args, kw, dy, dh_n, dc_n), "float32", "standard")
+            out, _, _ = run("lstm", (args, kw, dy, dh_n, dc_n), "float32", algo)
             check(out, TOL["float32"])
             log = sorted(tuple(g) for g in emu.take_gemm_log())
-            assert log == expected_gemms("standard", 4, I, H, running, P), (case, reverse)
+            assert log == expected_gemms(algo, 4, I, H, running, P), (case, reverse)
 
 
 def test_projection_inference_equals_training_forward(rng):
@@ -598,8 +639,6 @@ def test_projection_errors(rng):
     T, B, I, H, P = 3, 2, 4, 5, 2
     d = lambda *s: fusedrnn.DeviceArray.from_host(np.zeros(s, np.float32))  # noqa: E731
     x, w_ih, w_hh, w_hr = d(T, B, I), d(4 * H, I), d(4 * H, P), d(P, H)
-    with pytest.raises(ValueError, match="persistent.*projection"):
-        _device.forward("lstm", x, w_ih, w_hh, w_hr=w_hr, algo="persistent")
     with pytest.raises(ValueError, match="w_hr .*only used by cell 'lstm'"):
         _device.forward("gru", x, d(3 * H, I), d(3 * H, P), w_hr=w_hr)
     with pytest.raises(ValueError, match=r"w_hh must have shape \[4\*H, P\]"):
@@ -639,12 +678,12 @@ def assert_same(a, b, label):
 
 
 #: (cell, P, semantics, algo): the standard algorithm everywhere; the persistent
-#: kernels (no projection; slow to emulate, tenfold under AddressSanitizer) on three
+#: kernels (slow to emulate, tenfold under AddressSanitizer) on four, one projected
 CHECKPOINT_CASES = (
     [(c, P, sem, "standard") for c, P in (("lstm", 0), ("gru", 0), ("rnn_tanh", 0), ("lstm", 3))
      for sem in SEMANTICS]
     + [("lstm", 0, "reverse_lengths", "persistent"), ("gru", 0, "batch_first_mask", "persistent"),
-       ("lstm", 0, "no_h0", "persistent")])
+       ("lstm", 0, "no_h0", "persistent"), ("lstm", 3, "batch_first_lengths", "persistent")])
 
 
 @pytest.mark.parametrize("cell,P,semantics,algo", CHECKPOINT_CASES,
@@ -926,13 +965,25 @@ def test_benchmark_mode_checkpointed(fwd, bwd, tuning, monkeypatch, rng):
 
 
 def test_benchmark_mode_without_a_choice_or_while_capturing(tuning, monkeypatch, rng):
-    """Nothing is timed when only the standard algorithm can run (projection,
-    or W_hh does not fit), or when the stream is being captured into a graph
-    (then auto's pick runs); results stay the reference's."""
+    """Nothing is timed when only the standard algorithm can run (W_hh does not
+    fit; a projected backward), or when the stream is being captured into a
+    graph (then auto's pick runs); results stay the reference's."""
     problem = make_problem("lstm", 5, 3, 4, 6, np.float64, rng, proj=3)
+    slow(monkeypatch, "standard")
+    out, cache, _ = run("lstm", problem, "float32", "benchmark")
+    check(out, TOL["float32"])
+    # the projected forward between standard and grid mode; its backward has no choice
+    assert cache.algo == "persistent" and variant(table()["forward+cache"]) == "grid"
+    assert set(table()) == {"forward+cache"}
+    slow(monkeypatch)
+    emu.benchmark_clear()
+    monkeypatch.setenv("FUSEDRNN_EMU_SMEM", "256")
+    assert not any(lay["ok"] for lay in layouts("lstm", "float32", 3, 6))
+    problem = make_problem("lstm", 5, 3, 4, 6, np.float64, rng)
     out, cache, _ = run("lstm", problem, "float32", "benchmark")
     check(out, TOL["float32"])
     assert cache.algo == "standard" and emu.benchmark_table() == []
+    monkeypatch.delenv("FUSEDRNN_EMU_SMEM")
     monkeypatch.setenv("FUSEDRNN_EMU_CAPTURING", "1")
     problem = make_problem("rnn_tanh", 5, 3, 4, 6, np.float64, rng)
     out, cache, _ = run("rnn_tanh", problem, "float32", "benchmark")

@@ -314,18 +314,22 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
      "block count, cooperative launch); residency is checked again at launch.");
 
   m.def("persistent_layout", [](const std::string& cell, const std::string& dtype, int64_t B,
-                                int64_t H, bool backward, int device) {
+                                int64_t H, bool backward, int device, int64_t P) {
     Problem p;
     p.cell = parse_cell(cell); p.dtype = parse_dtype(dtype);
-    p.T = 1; p.B = B; p.I = 1; p.H = H; p.P = H; p.device = device;
+    if (P && p.cell != Cell::Lstm) throw py::value_error("P (projection) is for cell 'lstm' only");
+    p.T = 1; p.B = B; p.I = 1; p.H = H; p.P = P ? P : H; p.proj = P != 0; p.device = device;
     const PersistentLayout c = persistent_layout(p, backward);
     py::dict d;
     d["U"] = c.U; d["blocks"] = c.blocks; d["ld"] = c.ld; d["bc"] = c.bc; d["ks"] = c.ks;
-    d["cluster"] = c.cluster; d["smem"] = c.smem; d["ok"] = c.ok;
+    d["cluster"] = c.cluster; d["V"] = c.V; d["ldm"] = c.ldm; d["smem"] = c.smem; d["ok"] = c.ok;
     return d;
   }, "The persistent forward (or backward) kernel's layout on this device: units per block "
      "(U), blocks, padded row length (ld), vectors staged at once (bc), k splits (ks), shared "
-     "memory bytes, and whether it fits.");
+     "memory bytes, and whether it fits; with a projection of size P (forward only), W_hr "
+     "rows per block (V) and their padded length (ldm).",
+     py::arg("cell"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("backward"),
+     py::arg("device"), py::arg("P") = 0);
 
   m.def(
       "forward",

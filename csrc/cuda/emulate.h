@@ -339,6 +339,7 @@ inline float shfl_xor(float v, int off) {
 
 inline void __syncthreads() { ::emu::ctx().shared->block_barrier->wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int off) { return ::emu::shfl_xor(v, off); }
+using std::max;
 using std::min;
 
 namespace cooperative_groups {

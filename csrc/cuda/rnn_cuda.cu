@@ -688,12 +688,15 @@ constexpr int kPersistentThreads = 256;
 constexpr int kClusterSizes[] = {8, 16};
 
 // The layout for a problem: forward multiplies G*U rows of W_hh by the state
-// (K = H); backward U columns of W_hh by the gate gradients (K = G*H).
+// (K = P, which is H without projection) and, with projection, V rows of
+// W_hr by the step's o * tanh(c) (K = H); backward U columns of W_hh by the
+// gate gradients (K = G*H).
 // cluster: the cluster mode's, one cluster of up to that many blocks (0: grid mode).
 PersistentLayout layout_for(const Problem& p, bool backward, int cluster) {
   PersistentLayout c;
-  // (no projection: the persistent kernels keep only W_hh on chip)
-  if (p.B < 1 || p.H < 1 || p.T < 1 || p.proj) return c;
+  if (p.B < 1 || p.H < 1 || p.T < 1) return c;
+  // (projection: forward only, in grid mode)
+  if (p.proj && (backward || cluster || p.P < 1)) return c;
   int sms = 0, optin = 0, launch = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) !=
@@ -720,12 +723,17 @@ PersistentLayout layout_for(const Problem& p, bool backward, int cluster) {
   const int64_t umin = umin_env ? std::max(1, std::atoi(umin_env)) : 1;
   const int64_t per = cluster ? std::min<int64_t>(sms, cluster) : sms;
   const int64_t U = std::min(H, std::max((H + per - 1) / per, umin));
-  const int64_t K = backward ? G * H : H, ld = (K + V - 1) / V * V;
-  const int64_t rows = backward ? U : G * U, w = rows * ld * es, avail = optin;
+  const int64_t K = backward ? G * H : p.P, ld = (K + V - 1) / V * V;
+  const int64_t blocks = (H + U - 1) / U;
+  // projection: PV rows of W_hr per block, rows of ldm values
+  const int64_t PV = p.proj ? (p.P + blocks - 1) / blocks : 0, ldm = p.proj ? (H + V - 1) / V * V : 0;
+  const int64_t rows = backward ? U : G * U, w = (rows * ld + PV * ldm) * es, avail = optin;
+  // a staged vector's room, and the products per vector
+  const int64_t lds = std::max(ld, ldm), prods = std::max(rows, PV);
   const int64_t warps = kPersistentThreads / 32, nbuf = cluster ? 2 : 1;
   auto fit_bc = [&](int64_t ks) {  // vectors staged at once, with ks parts of products
-    const int64_t left = avail - w - ks * p.B * rows * 4;
-    const int64_t n = left < nbuf * ld * es ? 0 : std::min(p.B, left / (nbuf * ld * es));
+    const int64_t left = avail - w - ks * p.B * prods * 4;
+    const int64_t n = left < nbuf * lds * es ? 0 : std::min(p.B, left / (nbuf * lds * es));
     return cluster && n < p.B ? int64_t{0} : n;  // (cluster: the whole batch)
   };
   int64_t ks = 1, bc = fit_bc(1);
@@ -734,13 +742,15 @@ PersistentLayout layout_for(const Problem& p, bool backward, int cluster) {
   ks = std::max<int64_t>(1, std::min(warps / tiles, (ld / V + 31) / 32));
   while (ks > 1 && fit_bc(ks) < bc) --ks;  // split k only where it costs no staging room
   c.U = static_cast<int>(U);
-  c.blocks = static_cast<int>((H + U - 1) / U);
+  c.blocks = static_cast<int>(blocks);
   c.ld = static_cast<int>(ld);
+  c.V = static_cast<int>(PV);
+  c.ldm = static_cast<int>(ldm);
   c.bc = static_cast<int>(bc);
   c.ks = static_cast<int>(ks);
   c.cluster = cluster ? c.blocks : 0;
-  c.smem = static_cast<std::size_t>(w + nbuf * bc * ld * es + ks * p.B * rows * 4);
-  c.ok = launch && c.blocks <= (cluster ? cluster : sms) && ld <= INT32_MAX / 2 &&
+  c.smem = static_cast<std::size_t>(w + nbuf * bc * lds * es + ks * p.B * prods * 4);
+  c.ok = launch && c.blocks <= (cluster ? cluster : sms) && lds <= INT32_MAX / 2 &&
          c.smem <= static_cast<std::size_t>(optin);
   return c;
 }
@@ -764,6 +774,7 @@ struct PersistentParams {
   const void* w_hh;
   Checkpoints ck;  // a checkpointed forward: where the state every ck.k steps goes
   PersistentLayout c;  // (set at launch)
+  const void* w_hr = nullptr;  // projection: [P, H] (step.m: where o * tanh(c) goes)
 };
 
 std::mutex& persistent_launch_mutex() {
@@ -773,27 +784,52 @@ std::mutex& persistent_launch_mutex() {
 
 PersistentLayout persistent_config(const Problem& p) { return persistent_layout(p, false); }
 
+// Stages n values of a vector (src) in a row of ld values in shared memory,
+// by one warp, with zeros in the row's pad [n, ld).
+template <typename Tio>
+__device__ __forceinline__ void stage_row(Tio* dst, const Tio* src, int n, int ld, bool vec,
+                                          int lane) {
+  warp_copy<Tio>(dst, src, n, vec, lane);
+  const Tio zero = from_f<Tio>(0.f);
+  for (int k = n + lane; k < ld; k += 32) dst[k] = zero;
+}
+
 template <Cell C, typename Tio>
 __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(PersistentParams a) {
   constexpr int G = FwdIn<C>::G;
   FUSEDRNN_SHARED_BYTES(smem_raw);
-  const int64_t H = a.step.H, B = a.step.B;
+  const int64_t H = a.step.H, B = a.step.B, P = a.step.P;
   const int U = a.c.U, ld = a.c.ld, bc = a.c.bc, parts = a.c.ks, GU = G * U;
   const int cl = a.c.cluster;  // cluster mode: its blocks (bc = B, two state buffers)
+  // projection (lstm): this block's V rows of W_hr, p0 on; o * tanh(c) rows of ldm values
+  const bool proj = C == Cell::Lstm && a.w_hr;
+  const int V = proj ? a.c.V : 0, ldm = a.c.ldm;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * V;
+  const int Ve = proj ? static_cast<int>(max(int64_t{0}, min(static_cast<int64_t>(V), P - p0))) : 0;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * U;
   const int Ue = static_cast<int>(min(static_cast<int64_t>(U), H - j0)), rows = G * Ue;
+  const int AR = max(GU, V);  // products per vector
   Tio* w = reinterpret_cast<Tio*>(smem_raw);  // [rows][ld]: row g*Ue + u is W_hh's g*H + j0 + u
-  Tio* xs = w + static_cast<int64_t>(GU) * ld;  // [bc][ld] staged state rows ([2][B][ld] cluster)
+  Tio* wr = w + static_cast<int64_t>(GU) * ld;  // [V][ldm]: row v is W_hr's p0 + v
+  Tio* xs = wr + static_cast<int64_t>(V) * ldm;  // [bc][ld] staged state rows ([2][B][ld] cluster)
   const int nbuf = cl ? 2 : 1;
-  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(nbuf) * bc * ld);  // [parts][B][GU]
+  const int lds = max(ld, ldm);  // (projection: the same rooms hold o * tanh(c) rows)
+  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(nbuf) * bc * lds);  // [parts][B][AR]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
   for (int lr = warp; lr < rows; lr += nwarps) {
-    const Tio* src = w_hh + ((lr / Ue) * H + j0 + lr % Ue) * H;
-    for (int k = lane; k < H; k += 32) w[lr * ld + k] = src[k];
+    const Tio* src = w_hh + ((lr / Ue) * H + j0 + lr % Ue) * P;
+    for (int k = lane; k < P; k += 32) w[lr * ld + k] = src[k];
   }
-  zero_pads(w, rows, static_cast<int>(H), ld);
-  zero_pads(xs, nbuf * bc, static_cast<int>(H), ld);
+  zero_pads(w, rows, static_cast<int>(P), ld);
+  if (proj) {
+    const Tio* w_hr = static_cast<const Tio*>(a.w_hr);
+    for (int v = warp; v < Ve; v += nwarps)
+      for (int k = lane; k < H; k += 32) wr[v * ldm + k] = w_hr[(p0 + v) * H + k];
+    zero_pads(wr, Ve, static_cast<int>(H), ldm);
+  } else {  // (projection: each staging writes its rows' pads)
+    zero_pads(xs, nbuf * bc, static_cast<int>(H), ld);
+  }
 
   // Pointwise element e = b * Ue + u (load_points, finish_points).
   const int npts = static_cast<int>(B) * Ue;
@@ -807,29 +843,39 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
   for (int64_t s = a.sb.s0; s < end; ++s) {
     const int64_t t = f.t;
     const Tio* hp = static_cast<const Tio*>(f.hprev);
-    if (a.ck.k && s % a.ck.k == 0) {  // keep the state entering the step: this block's units
-      Tio* kh = static_cast<Tio*>(a.ck.h) + (s / a.ck.k) * B * H;
+    if (a.ck.k && s % a.ck.k == 0) {  // keep the state entering the step: this block's part
+      Tio* kh = static_cast<Tio*>(a.ck.h) + (s / a.ck.k) * B * P;
       float* kc = a.ck.c ? a.ck.c + (s / a.ck.k) * B * H : nullptr;
-      for (int e = threadIdx.x; e < npts; e += blockDim.x) {
+      const int64_t q0 = proj ? p0 : j0;  // (the state's values: the block's P slice, or units)
+      const int nq = proj ? Ve : Ue;
+      for (int e = threadIdx.x; e < static_cast<int>(B) * nq; e += blockDim.x) {
+        const int64_t b = e / nq, q = q0 + e % nq;
+        kh[b * P + q] = hp[b * f.hprev_ld + q];
+      }
+      for (int e = threadIdx.x; kc && e < npts; e += blockDim.x) {
         const int64_t b = e / Ue, j = j0 + e % Ue;
-        kh[b * H + j] = hp[b * f.hprev_ld + j];
-        if (kc) kc[b * H + j] = f.cprev[b * f.cprev_ld + j];
+        kc[b * H + j] = f.cprev[b * f.cprev_ld + j];
       }
     }
     auto skip = [&](int b0, int n) { return none_run(f.lengths, f.mask, t, B, b0, n); };
-    const bool vec = vec_ok<Tio>(hp, H, f.hprev_ld);
+    const bool vec = vec_ok<Tio>(hp, P, f.hprev_ld);
     // cluster mode: this step's state buffer, and the next step's
     Tio* cur = cl ? xs + ((s - a.sb.s0) & 1) * B * ld : xs;
     Tio* next = cl && s + 1 < end ? xs + ((s - a.sb.s0 + 1) & 1) * B * ld : nullptr;
     for (int b_lo = 0; b_lo < B; b_lo += bc) {
       const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
       if (!cl || s == a.sb.s0) {  // (cluster: the other blocks wrote the state here)
-        for (int b = b_lo + warp; b < b_hi; b += nwarps)
-          if (cl || valid_step(f.lengths, f.mask, t, B, b))  // (cluster: every row, once)
+        for (int b = b_lo + warp; b < b_hi; b += nwarps) {
+          if (!cl && !valid_step(f.lengths, f.mask, t, B, b)) continue;  // (cluster: every row, once)
+          if (proj)
+            stage_row<Tio>(cur + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(P), ld, vec,
+                           lane);
+          else
             warp_copy<Tio>(cur + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(H), vec, lane);
+        }
       }
       __syncthreads();
-      block_products<Tio>(w, cur, ld, rows, b_lo, b_hi, parts, acc, GU, B * GU, skip);
+      block_products<Tio>(w, cur, ld, rows, b_lo, b_hi, parts, acc, AR, B * AR, skip);
       __syncthreads();
     }
     finish_points(pre, npts, load, [&](int e, const FwdIn<C>& in) {
@@ -837,11 +883,37 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
       float gh[G];
 #pragma unroll
       for (int g = 0; g < G; ++g)
-        gh[g] = sum_parts(acc + static_cast<int64_t>(b) * GU + g * Ue + u, parts, B * GU);
+        gh[g] = sum_parts(acc + static_cast<int64_t>(b) * AR + g * Ue + u, parts, B * AR);
       const Tio hv = fwd_finish<C, Tio>(f, b, j0 + u, in, gh);
       if (next)  // (cluster: into the buffer every block reads next)
         for (int r = 0; r < cl; ++r) *cluster_map(next + b * ld + j0 + u, r) = hv;
     });
+    if constexpr (C == Cell::Lstm) {
+      if (proj) {  // h = W_hr (o * tanh c) of the rows that run, once every block wrote its units
+        cooperative_groups::this_grid().sync();
+        const Tio* m = static_cast<const Tio*>(f.m);
+        const bool mvec = vec_ok<Tio>(m, H, H);
+        for (int b_lo = 0; b_lo < B; b_lo += bc) {
+          const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
+          for (int b = b_lo + warp; b < b_hi; b += nwarps) {
+            if (!valid_step(f.lengths, f.mask, t, B, b)) continue;
+            const int64_t r = f.prow ? f.prow[t * B + b] : f.row0 + b * f.bstride;  // (m's row: gx's)
+            stage_row<Tio>(xs + (b - b_lo) * ldm, m + r * H, static_cast<int>(H), ldm, mvec, lane);
+          }
+          __syncthreads();
+          block_products<Tio>(wr, xs, ldm, Ve, b_lo, b_hi, parts, acc, AR, B * AR, skip);
+          __syncthreads();
+        }
+        // the state's values p0 + v: the product for a row that runs, else the carried state
+        for (int e = threadIdx.x; e < static_cast<int>(B) * Ve; e += blockDim.x) {
+          const int64_t b = e / Ve, k = p0 + e % Ve;
+          const bool valid = valid_step(f.lengths, f.mask, t, B, b);
+          const Tio hv = valid ? from_f<Tio>(sum_parts(acc + b * AR + e % Ve, parts, B * AR))
+                               : hp[b * f.hprev_ld + k];
+          store_state<Tio>(f, b, k, P, valid, hv);
+        }
+      }
+    }
     if (s + 1 < end) {  // (this thread wrote the state and cell its elements read next)
       f = a.step;
       place_fwd<Tio>(f, a.sb, s + 1);
@@ -1469,6 +1541,7 @@ void forward_impl(const Problem& p, const ForwardIn& in, void* y, void* h_n, voi
   if (algo == Algo::Persistent) {
     PersistentParams a{base, sb, w_hh, ck, {}};
     a.step.gh = nullptr;  // the products stay in shared memory
+    a.w_hr = proj ? in.w_hr : nullptr;
     if (launch_persistent_fwd<C, Tio>(p, st, a)) {
       if (cache) {
         cache->algo = Algo::Persistent;
@@ -1679,6 +1752,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
       if (persistent_fwd) {
         PersistentParams a{f, sb, whh, Checkpoints{}, {}};
         a.step.gh = nullptr;
+        a.w_hr = whr;
         done = launch_persistent_fwd<C, Tio>(pf, st, a);
       }
       if (!done) forward_steps<C, Tio>(p, run, f, sb, s0, s1, whh, whr, packed, nullptr);
@@ -1830,7 +1904,9 @@ Algo choose_algo(const Problem& p) {
   // (cuda-nvidia-h200-b16.txt), this rule's pick was within 5% of the faster
   // one in 31 of 36 cases; the worst, rnn_tanh H = 1024 bfloat16 forward
   // (B * G * H = 16384 exactly), took 1.99x the standard algorithm's time.
-  if (p.B <= 16 && p.B * p.G() * p.H <= 16384 && persistent_fits(p)) return Algo::Persistent;
+  // With projection the persistent forward is unmeasured: the standard algorithm.
+  if (!p.proj && p.B <= 16 && p.B * p.G() * p.H <= 16384 && persistent_fits(p))
+    return Algo::Persistent;
   return Algo::Standard;
 }
 
@@ -1919,7 +1995,7 @@ bool capturing(cudaStream_t st) {
 // the persistent kernels in grid mode and in cluster mode where each fits.
 std::vector<Variant> variants(const Problem& p, bool backward) {
   std::vector<Variant> v{Variant::Standard};
-  if (p.N() == 0 || p.proj) return v;
+  if (p.N() == 0) return v;
   for (int cl : {0, 1}) {
     Problem q = p;
     q.cluster = cl;
@@ -2014,9 +2090,6 @@ void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_
   }
   const bool required = algo == Algo::Persistent;  // asked for, not chosen
   if (algo == Algo::Auto) algo = choose_algo(p);
-  if (algo == Algo::Persistent && p.N() > 0 && p.proj)
-    throw std::invalid_argument("algo 'persistent' has no LSTM projection (w_hr); use 'standard' "
-                                "or 'auto'");
   if (algo == Algo::Persistent && p.N() > 0 && !persistent_fits(p))
     throw std::invalid_argument("algo 'persistent' cannot run this problem on this device "
                                 "(W_hh's slices do not fit the blocks' shared memory)");

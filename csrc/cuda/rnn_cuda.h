@@ -131,9 +131,13 @@ bool persistent_fits(const Problem& p);
 // keeps the whole batch's vectors in two buffers (bc = B) and exchanges them
 // through distributed shared memory (sm_90; FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1;
 // 8 blocks, or 16 where 8 cannot hold W_hh).
+// LSTM projection (forward, grid mode only): each block also keeps V rows of
+// W_hr (K = H, rows of ldm values), the state's P values are split among the
+// blocks V at a time, and W_hh's rows have K = P.
 // ok: it fits (shared memory, blocks, cooperative or cluster launch).
 struct PersistentLayout {
   int U = 0, blocks = 0, ld = 0, bc = 0, ks = 1, cluster = 0;
+  int V = 0, ldm = 0;  // projection only
   std::size_t smem = 0;
   bool ok = false;
 };

@@ -481,9 +481,6 @@ def forward(cell, x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, *, leng
     k = _validate._checkpoint(checkpoint, T)  # (checked whether training or not, as on the CPU)
     k = k if training else 0
     algo = algo or _algo()
-    if whr is not None and algo == "persistent":
-        raise ValueError("algo 'persistent' has no LSTM projection (w_hr); "
-                         "use 'standard' or 'auto'")
     _require_cuda()
     if xv.device < 0:  # a size-0 x has no pointer: its device is the weights'
         xv = xv._replace(device=whh.device if whh.device >= 0 else wih.device)
