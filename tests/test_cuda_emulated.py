@@ -345,8 +345,7 @@ def test_persistent_stages_the_batch_in_parts(semantics, dtype, monkeypatch, rng
     check(out, TOL[dtype])
 
 
-@pytest.mark.parametrize("P", [13, 50])
-@pytest.mark.parametrize("semantics", ["tiles_end", "batch_first_mask"])
+@pytest.mark.parametrize("semantics,P", [("tiles_end", 13), ("batch_first_mask", 50)])
 def test_persistent_projection_stages_the_batch_in_parts(semantics, P, monkeypatch, rng):
     """The projected persistent forward with room for 6 staged rows of 20: the
     state (P values) and then o * tanh(c) (H values) go through the same rooms,
@@ -927,14 +926,13 @@ def test_benchmark_mode_tunes_backward_apart(tuning, monkeypatch, rng):
             assert np.array_equal(g[k].get(), g2[k].get()), k
 
 
-@pytest.mark.parametrize("fwd,bwd", [("grid", "standard"), ("standard", "grid"),
-                                     ("cluster", "standard"), ("standard", "cluster"),
-                                     ("cluster", "grid")])
+@pytest.mark.parametrize("fwd,bwd", [("grid", "standard"), ("standard", "cluster"),
+                                     ("cluster", "grid")])  # (each variant in each role)
 def test_benchmark_mode_checkpointed(fwd, bwd, tuning, monkeypatch, rng):
     """With checkpoint=k the recomputation runs forward's variant and the
     backward steps the one timed for backward: the results are bitwise those of
     the full cache with the same two variants, and the reference's."""
-    args, kw, dy, dh_n, dc_n = problem = make_problem("lstm", 7, 5, 6, 7, np.float64, rng,
+    args, kw, dy, dh_n, dc_n = problem = make_problem("lstm", 5, 3, 4, 5, np.float64, rng,
                                                       mask=True)
     dev = [to_device(a, "float32") for a in args[1:]]
     got = {}
@@ -945,11 +943,11 @@ def test_benchmark_mode_checkpointed(fwd, bwd, tuning, monkeypatch, rng):
         g = fusedrnn.backward(cache, *[to_device(a, "float32") for a in (dy, dh_n, dc_n)])
         slow(monkeypatch)
         # a second backward (decided now): the recomputation's launches are forward's
-        # variant, the backward steps' backward's (4 segments of 2, 2, 2, 1 steps)
+        # variant, the backward steps' backward's (3 segments of 2, 2, 1 steps)
         emu.take_launch_log()
         g2 = fusedrnn.backward(cache, *[to_device(a, "float32") for a in (dy, dh_n, dc_n)])
         kinds = {"standard": [], "grid": ["grid"], "cluster": ["cluster"]}
-        want = kinds[bwd] if not k else (kinds[fwd] + kinds[bwd]) * 4
+        want = kinds[bwd] if not k else (kinds[fwd] + kinds[bwd]) * 3
         assert emu.take_launch_log() == want
         assert_same({n: host(g[n]) for n in GRADS}, {n: host(g2[n]) for n in GRADS}, "again")
         assert cache.checkpoint == int(k)
