@@ -214,7 +214,7 @@ if "persistent" in algos:  # H = 300: the forward's k split among warps (H = 40:
     g = fusedrnn.backward(cache, d(T, B, H2))
     assert all(np.isfinite(v.get()).all() for v in g.values() if v is not None)
     print("lstm H=300 persistent ok")
-for algo in algos:  # the LSTM projection, P = 24 < H (persistent: forward, in grid mode)
+for algo in algos:  # the LSTM projection, P = 24 < H (persistent: in grid mode)
     P = 24
     for kw in ({"lengths": np.array([5, 0, 3])}, {"mask": rng.random((T, B)) < 0.6},
                {"reverse": True, "batch_first": True}):

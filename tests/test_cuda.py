@@ -1205,8 +1205,8 @@ def test_matches_reference(cell, semantics, dtype, algo, rng):
 @pytest.mark.parametrize("P", [5, 24])
 def test_projection_matches_reference(P, semantics, dtype, rng):
     """LSTM with projection (P smaller and larger than H = 17): the standard algorithm,
-    which auto picks, and the persistent forward (W_hr's rows split among the blocks;
-    backward then runs the standard steps)."""
+    which auto picks, and the persistent kernels (W_hr's rows split among the blocks
+    forward, its columns backward)."""
     problem = make_gpu_problem("lstm", 7, 5, 6, 17, rng, proj=P, **GPU_SEMANTICS[semantics])
     _, _, cache, grads = check_gpu("lstm", problem, dtype, "auto")
     assert cache.algo == "standard" and tuple(grads["w_hr"].shape) == (P, 17)

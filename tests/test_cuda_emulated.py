@@ -114,20 +114,17 @@ def expected_gemms(algo, G, I, H, running, P=None):
     running[t] running rows: the input projection and the three deferred
     weight-gradient products over the rows that run, and (standard algorithm)
     each step's recurrent product forward and backward over its running rows.
-    With a projection of size P (lstm) also the deferred dW_hr and each step's
-    dm = dh W_hr over its running rows, and (standard algorithm) h = W_hr m; the
-    persistent kernel projects inside forward, and backward then runs the
-    standard steps. Products with no rows are not run."""
+    With a projection of size P (lstm) also the deferred dW_hr and (standard
+    algorithm) each step's h = W_hr m and dm = dh W_hr over its running rows.
+    Products with no rows are not run."""
     R, K = sum(running), P or H
     log = [(G * H, R, I), (I, R, G * H), (I, G * H, R), (K, G * H, R)] if R else []
     if algo == "standard":  # the persistent kernels multiply inside
-        log += [(G * H, n, K) for n in running if n]
-    if algo == "standard" or P:
-        log += [(K, n, G * H) for n in running if n]
+        log += [(G * H, n, K) for n in running if n] + [(K, n, G * H) for n in running if n]
     if P and R:
-        log += [(H, P, R)] + [(H, n, P) for n in running if n]
+        log += [(H, P, R)]
         if algo == "standard":
-            log += [(P, n, H) for n in running if n]
+            log += [(P, n, H) for n in running if n] + [(H, n, P) for n in running if n]
     return sorted(log)
 
 
@@ -171,8 +168,7 @@ def test_unwanted_input_gradients_are_not_computed(cell, P, algo, rng):
     wanted comes back as None, its product is not run (no dx GEMM; without dh0, no
     recurrent GEMM for the first step in the standard algorithm, of width P with a
     projection), and every other gradient is bitwise the one of a backward that
-    computes them all. (With a projection the persistent kernel runs forward only:
-    backward runs the standard steps.)"""
+    computes them all."""
     T, B, I, H = 7, 5, 6, 7
     G = fusedrnn.CELLS[cell]
     for semantics in ("plain", "lengths", "reverse_mask", "batch_first_lengths"):
@@ -193,7 +189,7 @@ def test_unwanted_input_gradients_are_not_computed(cell, P, algo, rng):
             want_log = list(full_log)
             if not need[0] and R:
                 want_log.remove((I, R, G * H))  # dx
-            if not need[1] and (algo == "standard" or P) and first:
+            if not need[1] and algo == "standard" and first:
                 want_log.remove((P or H, first, G * H))  # the first step's dh product
             assert log == sorted(want_log), (semantics, need)
             assert_wanted_gradients(g, full, need, GRADS, semantics, host)
@@ -302,9 +298,9 @@ def test_persistent_refuses_what_does_not_fit():
     assert emu.choose_algo("lstm", "float32", 1, 1, 1, 16, 0) == "persistent"
 
 
-def layouts(cell, dtype, B, H):
-    """The persistent forward and backward kernels' layouts for (B, H) here."""
-    return [emu.persistent_layout(cell, dtype, B, H, backward, 0) for backward in (False, True)]
+def layouts(cell, dtype, B, H, P=0):
+    """The persistent forward and backward kernels' layouts for (B, H) here (P: projection)."""
+    return [emu.persistent_layout(cell, dtype, B, H, backward, 0, P) for backward in (False, True)]
 
 
 def assert_same_outputs(out, expected):
@@ -347,19 +343,23 @@ def test_persistent_stages_the_batch_in_parts(semantics, dtype, monkeypatch, rng
 
 @pytest.mark.parametrize("semantics,P", [("tiles_end", 13), ("batch_first_mask", 50)])
 def test_persistent_projection_stages_the_batch_in_parts(semantics, P, monkeypatch, rng):
-    """The projected persistent forward with room for 6 staged rows of 20: the
-    state (P values) and then o * tanh(c) (H values) go through the same rooms,
-    each with its own padded length (P = 13 and 50 around H = 40; 13 pads)."""
+    """The projected persistent kernels with room for about 6 staged rows of 20:
+    forward stages the state (P values), then o * tanh(c) (H values); backward
+    the gate gradients (4H), then the state's gradients (P); each through the
+    same rooms with its own padded length (P = 13 and 50 around H = 40; 13 pads)."""
     T, B, I, H = 4, 20, 6, 40
-    lay = emu.persistent_layout("lstm", "float32", B, H, False, 0, P)
-    assert lay["ok"] and lay["V"] == -(-P // lay["blocks"]) and lay["ldm"] == H
-    GU, es = 4 * lay["U"], 4
-    smem = ((GU * lay["ld"] + lay["V"] * lay["ldm"]) * es + B * max(GU, lay["V"]) * 4
-            + 6 * max(lay["ld"], lay["ldm"]) * es)
-    monkeypatch.setenv("FUSEDRNN_EMU_SMEM", str(smem))
-    lay = emu.persistent_layout("lstm", "float32", B, H, False, 0, P)
-    assert lay["ok"] and lay["bc"] == 6 and lay["ks"] == 1 and lay["ld"] == -(-P // 4) * 4, lay
-    assert not emu.persistent_layout("lstm", "float32", B, H, True, 0, P)["ok"]  # (no backward)
+    lays = layouts("lstm", "float32", B, H, P)
+    assert all(lay["ok"] and lay["V"] == -(-P // lay["blocks"]) for lay in lays), lays
+    assert [lay["ldm"] for lay in lays] == [H, -(-P // 4) * 4]
+
+    def need(lay):  # shared memory for 6 staged rows
+        rows, rows2 = (4 * lay["U"], lay["V"]) if lay is lays[0] else (lay["V"], lay["U"])
+        return 4 * (rows * lay["ld"] + rows2 * lay["ldm"] + B * max(rows, rows2)
+                    + 6 * max(lay["ld"], lay["ldm"]))
+    monkeypatch.setenv("FUSEDRNN_EMU_SMEM", str(max(need(lay) for lay in lays)))
+    lays = layouts("lstm", "float32", B, H, P)
+    assert all(lay["ok"] and 6 <= lay["bc"] < B and lay["ks"] == 1 for lay in lays), lays
+    assert min(lay["bc"] for lay in lays) == 6
     kw = {"batch_first": True, "mask": True} if semantics == "batch_first_mask" else {}
     args, pkw, dy, dh_n, dc_n = make_problem("lstm", T, B, I, H, np.float64, rng, proj=P, **kw)
     if semantics == "tiles_end":  # rows 8..15 (the second tile) end after one step
@@ -554,8 +554,8 @@ def test_projection_matches_reference(semantics, P, algo, rng):
     """LSTM with projection (w_hr [P, H], the state h = W_hr (o * tanh c) has P
     values), P smaller and larger than H = 7, against the reference, every
     gradient including dW_hr: the standard algorithm, which auto picks, and the
-    persistent forward (4 blocks of 2, 2, 2, 1 units and 1 or 3 of the P
-    values each; backward then runs the standard steps)."""
+    persistent kernels (4 blocks of 2, 2, 2, 1 units and 1 or 3 of the P
+    values each)."""
     problem = make_problem("lstm", 7, 5, 6, 7, np.float64, rng, proj=P, **SEMANTICS[semantics])
     out, cache, g = run("lstm", problem, "float32", algo)
     check(out, TOL["float32"])
@@ -963,16 +963,17 @@ def test_benchmark_mode_checkpointed(fwd, bwd, tuning, monkeypatch, rng):
 
 
 def test_benchmark_mode_without_a_choice_or_while_capturing(tuning, monkeypatch, rng):
-    """Nothing is timed when only the standard algorithm can run (W_hh does not
-    fit; a projected backward), or when the stream is being captured into a
-    graph (then auto's pick runs); results stay the reference's."""
+    """A projected LSTM chooses between the standard algorithm and grid mode
+    (no cluster mode); nothing is timed when only the standard algorithm can
+    run (W_hh does not fit) or when the stream is being captured into a graph
+    (then auto's pick runs); results stay the reference's."""
     problem = make_problem("lstm", 5, 3, 4, 6, np.float64, rng, proj=3)
     slow(monkeypatch, "standard")
     out, cache, _ = run("lstm", problem, "float32", "benchmark")
     check(out, TOL["float32"])
-    # the projected forward between standard and grid mode; its backward has no choice
-    assert cache.algo == "persistent" and variant(table()["forward+cache"]) == "grid"
-    assert set(table()) == {"forward+cache"}
+    assert cache.algo == "persistent" and set(table()) == {"forward+cache", "backward"}
+    for e in table().values():
+        assert variant(e) == "grid" and e["ms_cluster"] == -1, e
     slow(monkeypatch)
     emu.benchmark_clear()
     monkeypatch.setenv("FUSEDRNN_EMU_SMEM", "256")

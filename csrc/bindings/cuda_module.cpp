@@ -326,8 +326,9 @@ PYBIND11_MODULE(FUSEDRNN_CUDA_MODULE, m) {
     return d;
   }, "The persistent forward (or backward) kernel's layout on this device: units per block "
      "(U), blocks, padded row length (ld), vectors staged at once (bc), k splits (ks), shared "
-     "memory bytes, and whether it fits; with a projection of size P (forward only), W_hr "
-     "rows per block (V) and their padded length (ldm).",
+     "memory bytes, and whether it fits; with a projection of size P, the state's values "
+     "per block (V) and the padded length of the W_hr rows (forward) or columns (backward) "
+     "it keeps (ldm).",
      py::arg("cell"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("backward"),
      py::arg("device"), py::arg("P") = 0);
 

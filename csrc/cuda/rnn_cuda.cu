@@ -689,14 +689,15 @@ constexpr int kClusterSizes[] = {8, 16};
 
 // The layout for a problem: forward multiplies G*U rows of W_hh by the state
 // (K = P, which is H without projection) and, with projection, V rows of
-// W_hr by the step's o * tanh(c) (K = H); backward U columns of W_hh by the
-// gate gradients (K = G*H).
+// W_hr by the step's o * tanh(c) (K = H, rows of ldm values). Backward
+// multiplies columns of W_hh by the gate gradients (K = G*H): U, one per
+// unit, or with projection V, one per value of the state, and then U columns
+// of W_hr by the state's gradients (K = P, rows of ldm values).
 // cluster: the cluster mode's, one cluster of up to that many blocks (0: grid mode).
 PersistentLayout layout_for(const Problem& p, bool backward, int cluster) {
   PersistentLayout c;
   if (p.B < 1 || p.H < 1 || p.T < 1) return c;
-  // (projection: forward only, in grid mode)
-  if (p.proj && (backward || cluster || p.P < 1)) return c;
+  if (p.proj && (cluster || p.P < 1)) return c;  // (projection: grid mode only)
   int sms = 0, optin = 0, launch = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device) !=
@@ -725,11 +726,15 @@ PersistentLayout layout_for(const Problem& p, bool backward, int cluster) {
   const int64_t U = std::min(H, std::max((H + per - 1) / per, umin));
   const int64_t K = backward ? G * H : p.P, ld = (K + V - 1) / V * V;
   const int64_t blocks = (H + U - 1) / U;
-  // projection: PV rows of W_hr per block, rows of ldm values
-  const int64_t PV = p.proj ? (p.P + blocks - 1) / blocks : 0, ldm = p.proj ? (H + V - 1) / V * V : 0;
-  const int64_t rows = backward ? U : G * U, w = (rows * ld + PV * ldm) * es, avail = optin;
+  // projection: PV of the state's values per block; the second product's rows
+  const int64_t PV = p.proj ? (p.P + blocks - 1) / blocks : 0;
+  const int64_t K2 = backward ? p.P : H, ldm = p.proj ? (K2 + V - 1) / V * V : 0;
+  // rows of the products with rows of ld values, and of those with ldm values
+  const int64_t rows = backward ? (p.proj ? PV : U) : G * U;
+  const int64_t rows2 = p.proj ? (backward ? U : PV) : 0;
+  const int64_t w = (rows * ld + rows2 * ldm) * es, avail = optin;
   // a staged vector's room, and the products per vector
-  const int64_t lds = std::max(ld, ldm), prods = std::max(rows, PV);
+  const int64_t lds = std::max(ld, ldm), prods = std::max(rows, rows2);
   const int64_t warps = kPersistentThreads / 32, nbuf = cluster ? 2 : 1;
   auto fit_bc = [&](int64_t ks) {  // vectors staged at once, with ks parts of products
     const int64_t left = avail - w - ks * p.B * prods * 4;
@@ -1077,10 +1082,11 @@ __device__ __forceinline__ BwdIn bwd_load(const BwdStep& s, int64_t b, int64_t j
 
 // The rest of a backward step for element (b, j), given bwd_load's values.
 // For a valid step, rec[g] receives what the recurrent product reads (dgh
-// for gru, else dgx), as stored.
+// for gru, else dgx), as stored. With projection, dmv (the persistent
+// kernel's) is the cell output's gradient, else s.dm's element is.
 template <Cell C, typename Tio>
 __device__ __forceinline__ void bwd_finish(const BwdStep& s, int64_t b, int64_t j, const BwdIn& in,
-                                           Tio (&rec)[4]) {
+                                           Tio (&rec)[4], const float* dmv = nullptr) {
   const int64_t H = s.H, i = b * H + j;
   constexpr int G = kGates<C>;
   const int64_t GH = G * H;
@@ -1088,7 +1094,7 @@ __device__ __forceinline__ void bwd_finish(const BwdStep& s, int64_t b, int64_t 
   float dh;
   if (proj) {  // the state's gradient is proj_bwd_step's; this is the cell output's
     if (!in.valid) return;  // dc carries
-    dh = s.dm[(s.dslot ? s.dslot[b] : b) * H + j];
+    dh = dmv ? *dmv : s.dm[(s.dslot ? s.dslot[b] : b) * H + j];
   } else {
     dh = s.dh[i] + in.dy;
     if (!in.valid) {  // no dgates row: invalid steps exist only with packed rows (prow)
@@ -1172,33 +1178,62 @@ struct PersistentBwdParams {
   const void* w_hh;
   bool dh0;  // whether dh0 is wanted: the last recurrent product gives only that
   PersistentLayout c;  // (set at launch)
+  const void* w_hr = nullptr;  // projection: [P, H] (step.dhr: the state's gradients)
 };
 
+// With projection (lstm, grid mode), a step has two phases, each ending at a
+// grid-wide barrier. First the block owns V of the state's P values: dh for
+// them gets the recurrent product (W_hh's columns for them, K = G*H), then,
+// with dy, goes to dhr for a valid row (as proj_bwd_step). Then it owns its
+// units: it stages the valid rows' dhr, multiplies them by W_hr's columns for
+// its units (K = P), which gives the cell output's gradient dm, and runs the
+// cell's pointwise gradient.
 template <Cell C, typename Tio>
 __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(PersistentBwdParams a) {
   constexpr int G = kGates<C>;
   FUSEDRNN_SHARED_BYTES(smem_raw);
-  const int64_t H = a.step.H, B = a.step.B, GH = G * H;
+  const int64_t H = a.step.H, B = a.step.B, GH = G * H, P = a.step.P;
   const int U = a.c.U, ld = a.c.ld, bc = a.c.bc, parts = a.c.ks;
   const int cl = a.c.cluster;  // cluster mode: its blocks (bc = B, two dgates buffers)
+  const bool proj = C == Cell::Lstm && a.w_hr;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * U;
   const int Ue = static_cast<int>(min(static_cast<int64_t>(U), H - j0));
-  Tio* wt = reinterpret_cast<Tio*>(smem_raw);  // [U][ld]: row u is W_hh's column j0 + u
-  Tio* xs = wt + static_cast<int64_t>(U) * ld;  // [bc][ld] staged dgates rows ([2][B][ld] cluster)
+  // The columns of W_hh this block multiplies: its units', or with projection
+  // its V state values' (from c0 on, nc of them).
+  const int NC = proj ? a.c.V : U, ldm = a.c.ldm;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * NC;
+  const int nc = static_cast<int>(max(int64_t{0}, min(static_cast<int64_t>(NC), P - c0)));
+  const int AR = proj ? max(NC, U) : U;  // products per vector
+  Tio* wt = reinterpret_cast<Tio*>(smem_raw);  // [NC][ld]: row u is W_hh's column c0 + u
+  Tio* wr = wt + static_cast<int64_t>(NC) * ld;  // projection: [U][ldm], row u is W_hr's column j0 + u
+  Tio* xs = wr + (proj ? static_cast<int64_t>(U) * ldm : 0);  // [bc][ld] staged rows ([2][B][ld] cluster)
   const int nbuf = cl ? 2 : 1;
-  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(nbuf) * bc * ld);  // [parts][B][U]
+  const int lds = max(ld, ldm);
+  float* acc = reinterpret_cast<float*>(xs + static_cast<int64_t>(nbuf) * bc * lds);  // [parts][B][AR]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int npts = static_cast<int>(B) * Ue;
+  const int npts = static_cast<int>(B) * Ue, ncpts = static_cast<int>(B) * nc;
   const Tio* w_hh = static_cast<const Tio*>(a.w_hh);
-  for (int64_t e = threadIdx.x; e < GH * Ue; e += blockDim.x) {  // (along the units: coalesced)
-    const int64_t row = e / Ue, u = e % Ue;
-    wt[u * ld + row] = w_hh[row * H + j0 + u];
+  for (int64_t e = threadIdx.x; e < GH * nc; e += blockDim.x) {  // (along the columns: coalesced)
+    const int64_t row = e / nc, u = e % nc;
+    wt[u * ld + row] = w_hh[row * P + c0 + u];
   }
-  zero_pads(wt, Ue, static_cast<int>(GH), ld);
-  zero_pads(xs, nbuf * bc, static_cast<int>(GH), ld);
+  zero_pads(wt, nc, static_cast<int>(GH), ld);
+  if (proj) {
+    const Tio* w_hr = static_cast<const Tio*>(a.w_hr);
+    for (int64_t e = threadIdx.x; e < P * Ue; e += blockDim.x) {
+      const int64_t k = e / Ue, u = e % Ue;
+      wr[u * ldm + k] = w_hr[k * H + j0 + u];
+    }
+    zero_pads(wr, Ue, static_cast<int>(P), ldm);
+  } else {  // (projection: each staging writes its rows' pads)
+    zero_pads(xs, nbuf * bc, static_cast<int>(GH), ld);
+  }
   const Tio* dgh = static_cast<const Tio*>(C == Cell::Gru ? a.step.dgh : a.step.dgx);
   const Problem& p = a.sb.p;
-  // dh[b, j0 + u] += the product of step t's dgates with the block's columns,
+  auto row_of = [&](int64_t t, int64_t b) {  // (t, b)'s row of dgx, dgh and dhr
+    return a.step.prow ? a.step.prow[t * B + b] : p.row0(t) + b * p.bstride();
+  };
+  // dh[b, c0 + u] += the product of step t's dgates with the block's columns,
   // for the rows that ran at t (the others have no dgates). Cluster mode:
   // the blocks wrote step t's dgates into buffer `buf` of every block.
   auto recurrent = [&](int64_t t, const Tio* buf) {
@@ -1209,20 +1244,24 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
       const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
       for (int b = b_lo + warp; b < b_hi && !cl; b += nwarps) {
         if (!runs(b)) continue;
-        const int64_t r = a.step.prow ? a.step.prow[t * B + b] : p.row0(t) + b * p.bstride();
-        warp_copy<Tio>(xs + (b - b_lo) * ld, dgh + r * GH, static_cast<int>(GH), vec, lane);
+        const Tio* src = dgh + row_of(t, b) * GH;
+        if (proj)
+          stage_row<Tio>(xs + (b - b_lo) * ld, src, static_cast<int>(GH), ld, vec, lane);
+        else
+          warp_copy<Tio>(xs + (b - b_lo) * ld, src, static_cast<int>(GH), vec, lane);
       }
       __syncthreads();
-      block_products<Tio>(wt, cl ? buf : xs, ld, Ue, b_lo, b_hi, parts, acc, U, B * U, skip);
+      block_products<Tio>(wt, cl ? buf : xs, ld, nc, b_lo, b_hi, parts, acc, AR, B * AR, skip);
       __syncthreads();
     }
-    for (int e = threadIdx.x; e < npts; e += blockDim.x) {  // (finish_points' thread)
-      const int b = e / Ue, u = e % Ue;
-      if (runs(b)) a.step.dh[b * H + j0 + u] += sum_parts(acc + static_cast<int64_t>(b) * U + u, parts, B * U);
+    for (int e = threadIdx.x; e < ncpts; e += blockDim.x) {  // (the thread of element e)
+      const int b = e / nc, u = e % nc;
+      if (runs(b))
+        a.step.dh[b * P + c0 + u] += sum_parts(acc + static_cast<int64_t>(b) * AR + u, parts, B * AR);
     }
   };
-  // Pointwise element e = b * Ue + u (load_points, finish_points; recurrent
-  // adds to its dh on the same thread).
+  // Pointwise element e = b * Ue + u (load_points, finish_points; without
+  // projection recurrent adds to its dh on the same thread).
   BwdStep f = a.step;
   BwdIn pre[kPrefetch];
   auto load = [&](int e) { return bwd_load<C, Tio>(f, e / Ue, j0 + e % Ue); };
@@ -1235,11 +1274,47 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
   auto buffer = [&](int64_t s) { return cl ? xs + ((steps_end(a.sb) - 1 - s) & 1) * B * ld : xs; };
   for (int64_t s = steps_end(a.sb) - 1; s >= a.sb.s0; --s) {
     if (t_done >= 0) recurrent(t_done, buffer(s + 1));
+    if constexpr (C == Cell::Lstm) {
+      if (proj) {
+        // the state's gradient with dy: dhr for a valid row (dh restarts from 0), else dh carries
+        Tio* dhr = static_cast<Tio*>(f.dhr);
+        for (int e = threadIdx.x; e < ncpts; e += blockDim.x) {
+          const int64_t b = e / nc, k = c0 + e % nc;
+          const bool valid = valid_step(f.lengths, f.mask, f.t, B, b);
+          float d = dh_with_dy<Tio>(f, b, k, P, valid);
+          if (valid) {
+            dhr[row_of(f.t, b) * P + k] = from_f<Tio>(d);
+            d = 0.f;
+          }
+          f.dh[b * P + k] = d;
+        }
+        cooperative_groups::this_grid().sync();
+        // dm = dhr W_hr for the block's units, over the rows that run
+        auto skip = [&](int b0, int n) { return none_run(f.lengths, f.mask, f.t, B, b0, n); };
+        const bool vec = vec_ok<Tio>(dhr, P, P);
+        for (int b_lo = 0; b_lo < B; b_lo += bc) {
+          const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
+          for (int b = b_lo + warp; b < b_hi; b += nwarps) {
+            if (!valid_step(f.lengths, f.mask, f.t, B, b)) continue;
+            stage_row<Tio>(xs + (b - b_lo) * ldm, dhr + row_of(f.t, b) * P, static_cast<int>(P),
+                           ldm, vec, lane);
+          }
+          __syncthreads();
+          block_products<Tio>(wr, xs, ldm, Ue, b_lo, b_hi, parts, acc, AR, B * AR, skip);
+          __syncthreads();
+        }
+      }
+    }
     __syncthreads();
     finish_points(pre, npts, load, [&](int e, const BwdIn& in) {
       const int64_t b = e / Ue, j = j0 + e % Ue;
       Tio rec[4];
-      bwd_finish<C, Tio>(f, b, j, in, rec);
+      if (proj) {
+        const float dm = sum_parts(acc + b * AR + e % Ue, parts, B * AR);
+        bwd_finish<C, Tio>(f, b, j, in, rec, &dm);
+      } else {
+        bwd_finish<C, Tio>(f, b, j, in, rec);
+      }
       if (cl && in.valid) {  // (cluster: its dgates into every block's buffer)
         Tio* dst = buffer(s) + b * ld + j;
         for (int r = 0; r < cl; ++r) {
@@ -1623,6 +1698,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
   base.B = B; base.H = H; base.P = P; base.bstride = bs; base.dy = dy; base.dh = dh; base.dc = dc;
   base.dgx = dgx; base.dgh = dgh;
   base.prow = run.d_prow; base.lengths = d_len; base.mask = d_mask; base.dhr = dhr;
+  base.dm = dm;  // (with projection non-null: bwd_load and bwd_finish take the cell output's path)
 
   // Steps s = s_hi down to s_lo, with the saved values of sb (its gates and cell).
   float* dh_packed = run.packed ? scratch.alloc<float>(B * P) : nullptr;
@@ -1677,6 +1753,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
       PersistentBwdParams a{base, sb, whh, g.h0 != nullptr, {}};
       a.step.gates = gates;
       a.step.cs = cs;
+      a.w_hr = whr;
       persistent_done = launch_persistent_bwd<C, Tio>(pb, st, a);
     }
     if (!persistent_done) backward_steps(sb, gates, T - 1, 0);
@@ -1761,6 +1838,7 @@ void backward_impl(const Cache& c, cudaStream_t st, const void* dy, const void* 
         PersistentBwdParams a{base, sb, whh, g.h0 != nullptr, {}};
         a.step.gates = gates;
         a.step.cs = cs;
+        a.w_hr = whr;
         done = launch_persistent_bwd<C, Tio>(pb, st, a);
       }
       if (!done) backward_steps(sb, gates, s1 - 1, s0);

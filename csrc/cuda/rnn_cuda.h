@@ -131,9 +131,11 @@ bool persistent_fits(const Problem& p);
 // keeps the whole batch's vectors in two buffers (bc = B) and exchanges them
 // through distributed shared memory (sm_90; FUSEDRNN_CUDA_PERSISTENT_CLUSTER=1;
 // 8 blocks, or 16 where 8 cannot hold W_hh).
-// LSTM projection (forward, grid mode only): each block also keeps V rows of
-// W_hr (K = H, rows of ldm values), the state's P values are split among the
-// blocks V at a time, and W_hh's rows have K = P.
+// LSTM projection (grid mode only): the state's P values are split among the
+// blocks V at a time. Forward: each block also keeps V rows of W_hr (K = H,
+// rows of ldm values), and W_hh's rows have K = P. Backward: each block keeps
+// the V columns of W_hh of its state values (K = G*H) and the U columns of
+// W_hr of its units (K = P, rows of ldm values).
 // ok: it fits (shared memory, blocks, cooperative or cluster launch).
 struct PersistentLayout {
   int U = 0, blocks = 0, ld = 0, bc = 0, ks = 1, cluster = 0;
