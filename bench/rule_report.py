@@ -75,7 +75,8 @@ def analyse(cases, within: float) -> List[dict]:
 
 
 def fmt(x: Optional[float], spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    """x formatted by spec, or "-" in the same width when there is none."""
+    return format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]))
 
 
 def report(results: List[dict], within: float, out=sys.stdout) -> None:
