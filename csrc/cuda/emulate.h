@@ -457,6 +457,11 @@ inline std::vector<std::string>& launch_log() {
   static std::vector<std::string> log;
   return log;
 }
+// A persistent launch of `kind` ("grid" or "cluster"): its delay (env) and its log entry.
+inline void record_launch(const char* kind, const char* env) {
+  add_delay(env);
+  launch_log().push_back(kind);
+}
 inline std::vector<std::string> take_launch_log() {
   std::vector<std::string> out;
   out.swap(launch_log());
@@ -505,16 +510,14 @@ namespace cuda {
 template <typename Arg>
 void launch_cooperative(void (*kernel)(Arg), int blocks, int threads, std::size_t smem,
                         cudaStream_t, Arg& arg) {
-  ::emu::add_delay("FUSEDRNN_EMU_COOP_DELAY_MS");
-  ::emu::launch_log().push_back("grid");
+  ::emu::record_launch("grid", "FUSEDRNN_EMU_COOP_DELAY_MS");
   ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
 }
 // One cluster of `blocks` blocks (as a cooperative launch here).
 template <typename Arg>
 void launch_cluster(void (*kernel)(Arg), int blocks, int threads, std::size_t smem,
                     cudaStream_t, Arg& arg) {
-  ::emu::add_delay("FUSEDRNN_EMU_CLUSTER_DELAY_MS");
-  ::emu::launch_log().push_back("cluster");
+  ::emu::record_launch("cluster", "FUSEDRNN_EMU_CLUSTER_DELAY_MS");
   ::emu::run_cooperative(blocks, threads, smem, [&] { kernel(arg); });
 }
 // Clusters of `blocks` that can be resident at once: one here, or none
