@@ -2083,15 +2083,22 @@ std::vector<Variant> variants(const Problem& p, bool backward) {
   return v;
 }
 
+Algo algo_of(Variant v) { return v == Variant::Standard ? Algo::Standard : Algo::Persistent; }
+
+// Algorithm a as a variant (cluster mode as FUSEDRNN_CUDA_PERSISTENT_CLUSTER
+// says); Algo::Auto: auto's pick.
+Variant variant_of(Algo a, const Problem& p, bool backward) {
+  if (a == Algo::Auto) a = choose_algo(p);
+  if (a == Algo::Standard) return Variant::Standard;
+  return persistent_layout(p, backward).cluster > 0 ? Variant::Cluster : Variant::Grid;
+}
+
 // Benchmark mode (rnn_cuda.h): run(v) runs the call with variant v. The call
-// ends with a run of the variant that is (or was) picked for key.
+// ends with a run of the variant that is (or was) picked for key. A known
+// key costs one lookup; the candidates are laid out only on a first call,
+// and `fallback` (as a variant) only under capture.
 template <typename Run>
-void run_tuned(const TuneKey& key, cudaStream_t st, const std::vector<Variant>& cands,
-               Variant fallback, Run&& run) {
-  if (cands.size() == 1) {  // nothing to choose
-    run(cands[0]);
-    return;
-  }
+void run_tuned(const TuneKey& key, const Problem& p, bool backward, Algo fallback, Run&& run) {
   bool known = false;
   Variant pick = Variant::Standard;
   {
@@ -2106,8 +2113,13 @@ void run_tuned(const TuneKey& key, cudaStream_t st, const std::vector<Variant>& 
     run(pick);
     return;
   }
-  if (capturing(st)) {
-    run(fallback);
+  const std::vector<Variant> cands = variants(p, backward);
+  if (cands.size() == 1) {  // nothing to choose (and nothing recorded)
+    run(cands[0]);
+    return;
+  }
+  if (capturing(p.stream)) {
+    run(variant_of(fallback, p, backward));
     return;
   }
   const std::size_t n = cands.size();
@@ -2115,7 +2127,7 @@ void run_tuned(const TuneKey& key, cudaStream_t st, const std::vector<Variant>& 
   for (Variant v : cands) run(v);  // warm-up: first launches, cuBLAS's setup
   for (int rep = 0; rep < 2; ++rep)
     for (std::size_t i = 0; i < n; ++i)
-      best[i] = std::min(best[i], time_on(st, [&] { run(cands[i]); }));
+      best[i] = std::min(best[i], time_on(p.stream, [&] { run(cands[i]); }));
   std::size_t win = 0;
   for (std::size_t i = 1; i < n; ++i)
     if (best[i] < best[win]) win = i;
@@ -2125,14 +2137,6 @@ void run_tuned(const TuneKey& key, cudaStream_t st, const std::vector<Variant>& 
   if (win + 1 != n) run(t.pick);  // the call's results are the winner's
   std::lock_guard<std::mutex> lock(g_tuned_mutex);
   g_tuned[key] = t;
-}
-
-Algo algo_of(Variant v) { return v == Variant::Standard ? Algo::Standard : Algo::Persistent; }
-
-// Auto's pick as a variant (cluster mode as FUSEDRNN_CUDA_PERSISTENT_CLUSTER says).
-Variant auto_variant(const Problem& p, bool backward) {
-  if (choose_algo(p) == Algo::Standard) return Variant::Standard;
-  return persistent_layout(p, backward).cluster > 0 ? Variant::Cluster : Variant::Grid;
 }
 
 }  // namespace
@@ -2159,7 +2163,7 @@ void forward(const Problem& p, const ForwardIn& in, void* y, void* h_n, void* c_
     if (cache) cache->benchmark = true;
     const int64_t k = cache ? cache->ck : 0;
     const TuneKey key = tune_key(p, cache ? 1 : 0, !in.lengths.empty(), !in.mask.empty(), k);
-    run_tuned(key, p.stream, variants(p, false), auto_variant(p, false), [&](Variant v) {
+    run_tuned(key, p, false, Algo::Auto, [&](Variant v) {
       Problem q = p;
       if (v != Variant::Standard) q.cluster = v == Variant::Cluster;
       run(q, algo_of(v), false);
@@ -2188,10 +2192,9 @@ void backward(const Cache& cache, cudaStream_t stream, const void* dy, const voi
     return;
   }
   const TuneKey key = tune_key(p, 2, !cache.lengths.empty(), !cache.mask.empty(), cache.ck);
-  const Variant fallback = cache.algo == Algo::Standard ? Variant::Standard
-                           : persistent_bwd_config(p).cluster > 0 ? Variant::Cluster
-                                                                  : Variant::Grid;
-  run_tuned(key, stream, variants(p, true), fallback, [&](Variant v) {
+  Problem pb = p;  // (backward runs on the call's stream)
+  pb.stream = stream;
+  run_tuned(key, pb, true, cache.algo, [&](Variant v) {
     run(algo_of(v), v == Variant::Cluster ? 1 : 0);
   });
 }
