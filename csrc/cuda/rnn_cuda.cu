@@ -790,13 +790,14 @@ std::mutex& persistent_launch_mutex() {
 PersistentLayout persistent_config(const Problem& p) { return persistent_layout(p, false); }
 
 // Stages n values of a vector (src) in a row of ld values in shared memory,
-// by one warp, with zeros in the row's pad [n, ld).
+// by one warp; with pads, zeros go in the row's pad [n, ld) too (rooms that
+// hold rows of two padded lengths; others are zeroed once, at the start).
 template <typename Tio>
 __device__ __forceinline__ void stage_row(Tio* dst, const Tio* src, int n, int ld, bool vec,
-                                          int lane) {
+                                          int lane, bool pads = true) {
   warp_copy<Tio>(dst, src, n, vec, lane);
   const Tio zero = from_f<Tio>(0.f);
-  for (int k = n + lane; k < ld; k += 32) dst[k] = zero;
+  for (int k = n + lane; pads && k < ld; k += 32) dst[k] = zero;
 }
 
 template <Cell C, typename Tio>
@@ -872,11 +873,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_fwd(Persiste
       if (!cl || s == a.sb.s0) {  // (cluster: the other blocks wrote the state here)
         for (int b = b_lo + warp; b < b_hi; b += nwarps) {
           if (!cl && !valid_step(f.lengths, f.mask, t, B, b)) continue;  // (cluster: every row, once)
-          if (proj)
-            stage_row<Tio>(cur + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(P), ld, vec,
-                           lane);
-          else
-            warp_copy<Tio>(cur + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(H), vec, lane);
+          stage_row<Tio>(cur + (b - b_lo) * ld, hp + b * f.hprev_ld, static_cast<int>(P), ld, vec,
+                         lane, proj);
         }
       }
       __syncthreads();
@@ -1244,11 +1242,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1) persistent_bwd(Persiste
       const int b_hi = static_cast<int>(min(B, static_cast<int64_t>(b_lo) + bc));
       for (int b = b_lo + warp; b < b_hi && !cl; b += nwarps) {
         if (!runs(b)) continue;
-        const Tio* src = dgh + row_of(t, b) * GH;
-        if (proj)
-          stage_row<Tio>(xs + (b - b_lo) * ld, src, static_cast<int>(GH), ld, vec, lane);
-        else
-          warp_copy<Tio>(xs + (b - b_lo) * ld, src, static_cast<int>(GH), vec, lane);
+        stage_row<Tio>(xs + (b - b_lo) * ld, dgh + row_of(t, b) * GH, static_cast<int>(GH), ld,
+                       vec, lane, proj);
       }
       __syncthreads();
       block_products<Tio>(wt, cl ? buf : xs, ld, nc, b_lo, b_hi, parts, acc, AR, B * AR, skip);
